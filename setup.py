@@ -1,0 +1,53 @@
+"""efficient_dlm: turn pretrained autoregressive LLMs into fast block-diffusion LLMs (JAX/TPU-first).
+
+`pip install -e ".[test]"` gives the library, the `edlm` command and the test tools. The pins are one
+mutually compatible set, checked together in CI; bump them together.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorstore==0.1.86",
+    "ml-collections==1.1.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "numpy>=2.0,<3",
+    "absl-py>=2.1",
+    "etils[epath]>=1.10",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "pyarrow>=16",
+    "array-record>=0.8",
+    "matplotlib>=3.8",
+]
+TEST = [
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+]
+
+setup(
+    name="efficient_dlm",
+    version="0.1.0",
+    description="Convert pretrained AR LLMs into block-diffusion LLMs with JAX/Flax on TPU.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["efficient_dlm", "efficient_dlm.*", "pallas_kernels", "pallas_kernels.*"]),
+    include_package_data=True,
+    package_data={"efficient_dlm": ["assets/**/*"]},
+    install_requires=CORE,
+    extras_require={
+        "test": TEST,
+        "tpu": ["jax[tpu]==0.10.2"],
+        "hub": ["huggingface_hub>=0.30"],
+    },
+    entry_points={"console_scripts": ["edlm=efficient_dlm.cli:main"]},
+)
