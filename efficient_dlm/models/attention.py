@@ -1,0 +1,114 @@
+"""One attention function with modes, and its XLA reference implementation.
+
+`attention` is what the model calls for training-time patterns (causal, block, bidirectional,
+clean_context; METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
+against a static-shape KV cache (valid slots [start, length) per row) plus the chunk itself.
+`xla_attention` is the oracle every kernel is tested against: GQA by grouping query heads, logits and
+softmax in float32, rows that see no key return zeros instead of NaN.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from efficient_dlm.models.masks import MaskSpec, dense_mask, visible
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+_logged_backends: set[tuple[str, str]] = set()
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask [B or 1, Tq, Tk] bool -> [B, Tq, H, D] in q.dtype."""
+    batch, q_len, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = mask[:, None, None, :, :]
+    logits = jnp.where(mask, logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
+
+
+def resolve_backend(requested: str) -> str:
+    """Maps 'auto' to the platform's choice: TPU -> splash/Pallas kernels, GPU -> gpu, CPU -> xla."""
+    if requested != "auto":
+        return requested
+    platform = jax.default_backend()
+    return {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
+
+
+def _log_once(kind: str, backend: str) -> None:
+    if (kind, backend) not in _logged_backends:
+        _logged_backends.add((kind, backend))
+        logging.getLogger("efficient_dlm").info("attention backend for %s: %s", kind, backend)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    spec: MaskSpec,
+    segment_ids: jax.Array | None = None,
+    backend: str = "xla",
+) -> jax.Array:
+    """Self-attention over one physical sequence with the pattern `spec`, AND-ed with segment ids."""
+    backend = resolve_backend(backend)
+    _log_once(spec.mode, backend)
+    if backend != "xla":
+        from efficient_dlm.models import kernel_dispatch  # kernels are optional, imported only when chosen
+
+        return kernel_dispatch.training_attention(q, k, v, spec, segment_ids, backend)
+    mask = dense_mask(spec, q.shape[1], k.shape[1], segment_ids, segment_ids)
+    return xla_attention(q, k, v, mask)
+
+
+def chunk_visible(mode: str, block_size: int | None, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Visibility inside a decoded chunk from positions: causal, block-causal or bidirectional."""
+    if mode == "causal":
+        return k_pos <= q_pos
+    if mode == "block":
+        return visible(MaskSpec("block", block_size), q_pos, k_pos)
+    if mode == "bidirectional":
+        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=bool)
+    raise ValueError(f"attention mode {mode!r} cannot be used with a KV cache; use causal, block or bidirectional")
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    cache_start: jax.Array,
+    cache_length: jax.Array,
+    positions: jax.Array,
+    mode: str,
+    block_size: int | None = None,
+    backend: str = "xla",
+) -> jax.Array:
+    """Chunk queries q [B, T, H, D] attend to cache slots start <= j < length, plus the chunk's own k/v.
+
+    The cache holds keys/values of finished tokens only (static shape [B, S, Hkv, D]); the chunk's keys
+    are visible to its queries according to `mode` over `positions` [B, T].
+    """
+    backend = resolve_backend(backend)
+    _log_once(f"decode/{mode}", backend)
+    if backend != "xla":
+        from efficient_dlm.models import kernel_dispatch
+
+        return kernel_dispatch.decode_attention(
+            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend
+        )
+    slots = jnp.arange(cache_k.shape[1], dtype=jnp.int32)[None, None, :]
+    cache_mask = (slots >= cache_start[:, None, None]) & (slots < cache_length[:, None, None])
+    cache_mask = jnp.broadcast_to(cache_mask, (q.shape[0], q.shape[1], cache_k.shape[1]))
+    own_mask = chunk_visible(mode, block_size, positions[:, :, None], positions[:, None, :])
+    mask = jnp.concatenate([cache_mask, own_mask], axis=-1)
+    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+    return xla_attention(q, keys, values, mask)

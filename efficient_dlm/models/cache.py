@@ -1,0 +1,38 @@
+"""Static-shape KV cache for decoding: finished tokens' keys and values, per layer and row.
+
+Slots start <= j < length of row b are valid (left padding lives below `start`). Shapes never change
+during a generation, so the sampler compiles once per (batch, cache size).
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from efficient_dlm.models.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    start: jax.Array  # [batch] int32, first valid slot
+    length: jax.Array  # [batch] int32, one past the last valid slot
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+        dtype = cfg.compute_dtype if dtype is None else dtype
+        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), zeros, zeros)
+
+    def write(self, k_new: jax.Array, v_new: jax.Array, offset: jax.Array) -> "KVCache":
+        """Stores chunk keys/values [layers, batch, T, kv_heads, head_dim] at slot `offset` (same for all rows)."""
+        index = (0, 0, offset, 0, 0)
+        k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), index)
+        v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), index)
+        return self.replace(k=k, v=v)

@@ -1,0 +1,195 @@
+"""The decoder-only language model (Llama / Mistral / Qwen2 / Qwen3) as a Flax NNX module.
+
+Layers are created stacked (nnx.vmap, leading logical axis "layers") and run with jax.lax.scan over
+their state, so compile time does not grow with depth; the scan body is rematerialised with the
+configured policy. One forward serves every training pattern (`attention=` mode) and, through
+`decode`, the sampler's chunk-against-KV-cache step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_dlm.models import attention as attn_lib
+from efficient_dlm.models.cache import KVCache
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
+from efficient_dlm.models.masks import MaskSpec
+from efficient_dlm.models.rope import rope_tables
+from efficient_dlm.parallel.rules import constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+
+
+def make_layer(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """One layer; the MoE family swaps in its own layer here."""
+    return DecoderLayer(cfg, rngs=rngs)
+
+
+def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, count: int, make=make_layer) -> nnx.Module:
+    """`count` layers whose parameters are stacked along a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs: nnx.Rngs):
+        return make(cfg, layer_rngs)
+
+    return create(rngs)
+
+
+def run_stacked(layers: nnx.Module, h, cos, sin, attend, caches, remat_policy: str, scan: bool = True):
+    """Applies stacked `layers` in order. caches is a pytree with leading layer axis, or None.
+
+    Returns (h, (k, v) stacked per layer, aux dict stacked per layer).
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(x, xs):
+        layer_state, layer_cache = xs
+        layer = nnx.merge(graphdef, layer_state)
+        x, kv, aux = layer(x, cos, sin, attend, layer_cache)
+        return x, (kv, aux)
+
+    if remat_policy != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        return (lambda out: (out[0], *out[1]))(jax.lax.scan(body, h, (state, caches)))
+    count = jax.tree.leaves(state)[0].shape[0]
+    outs = []
+    for i in range(count):
+        h, out = body(h, jax.tree.map(lambda a: a[i], (state, caches)))
+        outs.append(out)
+    kv, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return h, kv, aux
+
+
+class Decoder(nnx.Module):
+    """Token ids -> logits. `Model(tokens, attention=..., block_size=..., segment_ids=...)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.layers = stacked_layers(cfg, rngs, cfg.num_layers)
+        self.final_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    # ---- pieces, public because the trainer and the sampler compose them -------------------------
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        table = self.embed_tokens.value.astype(self.config.compute_dtype)
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
+
+    def output_embedding(self) -> jax.Array:
+        """[embed, vocab] matrix of the LM head (the tied embedding, transposed, when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.value.T
+        return self.lm_head.value
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head on final-normalised hidden states; logits in float32."""
+        w = self.output_embedding().astype(self.config.compute_dtype)
+        out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab"))
+
+    def _layers(self, h, positions, attend, caches):
+        cos, sin = rope_tables(self.config, positions)
+        h, kv, aux = run_stacked(self.layers, h, cos, sin, attend, caches, self.config.remat_policy, self.config.scan_layers)
+        return self.final_norm(h), kv, aux
+
+    # ---- training / scoring forward --------------------------------------------------------------
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        *,
+        attention: str = "causal",
+        block_size: int | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        embeddings: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Final-normalised hidden states [B, T, E] and per-layer auxiliary outputs (MoE statistics).
+
+        For attention="clean_context", tokens is [x_t ; x_0] of length 2L; positions default to
+        0..L-1 in both halves and segment_ids may be given for one half ([B, L]) or both ([B, 2L]).
+        `embeddings` replaces the token embedding lookup (e.g. noised [MASK] embeddings).
+        """
+        batch, length = tokens.shape
+        stream_len = length // 2 if attention == "clean_context" else length
+        if attention == "clean_context" and length % 2:
+            raise ValueError(f"clean_context input must be [x_t ; x_0] of even length, got {length}")
+        spec = MaskSpec(attention, block_size, stream_len, self.config.sliding_window if attention == "causal" else None)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) % stream_len, (batch, length))
+        elif positions.shape[1] == stream_len and length == 2 * stream_len:
+            positions = jnp.concatenate([positions, positions], axis=1)
+        if segment_ids is not None and segment_ids.shape[1] == stream_len and length == 2 * stream_len:
+            segment_ids = jnp.concatenate([segment_ids, segment_ids], axis=1)
+        backend = self.config.attention_backend
+
+        def attend(q, k, v, _):
+            return attn_lib.attention(q, k, v, spec, segment_ids, backend)
+
+        h = self.embed(tokens) if embeddings is None else embeddings
+        h, _, aux = self._layers(h, positions, attend, None)
+        return h, aux
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention: str = "causal",
+        block_size: int | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, T, vocab] in float32."""
+        h, _ = self.hidden(tokens, attention=attention, block_size=block_size, segment_ids=segment_ids, positions=positions)
+        return self.logits(h)
+
+    # ---- decoding forward ------------------------------------------------------------------------
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        *,
+        attention: str = "bidirectional",
+        block_size: int | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """A chunk of tokens against the KV cache: (final hidden [B, T, E], chunk (k, v) per layer).
+
+        The chunk sees valid cache slots and itself under `attention` (bidirectional for a diffusion
+        block, causal for AR decoding and prefill, block for a multi-block prefill). The cache is not
+        modified; the caller writes the returned keys/values once the chunk is final.
+        """
+        backend = self.config.attention_backend
+
+        def attend(q, k, v, layer_cache):
+            ck, cv = layer_cache
+            return attn_lib.cached_attention(
+                q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend
+            )
+
+        h, kv, _ = self._layers(self.embed(tokens), positions, attend, (cache.k, cache.v))
+        return h, kv
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    """Randomly initialised model (for training from scratch and for tests)."""
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    """The model's structure with ShapeDtypeStruct leaves, allocating nothing (for loading)."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)))

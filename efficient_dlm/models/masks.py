@@ -1,0 +1,86 @@
+"""Attention visibility as predicates over indices (METHOD.md section 1).
+
+Masks are never stored: `visible(spec, q_idx, k_idx)` answers "may query q attend to key k" from
+integer indices alone, so the same definition serves the XLA reference (evaluated on device into a
+boolean tile), splash attention's computable masks and the Pallas kernels. Segment ids (packed
+documents) are AND-ed on top by the callers.
+
+Index convention for `clean_context`: the physical sequence is [x_t ; x_0] of length 2L; index i < L
+is x_t at position i, index i >= L is x_0 at position i - L.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+MODES = ("causal", "block", "bidirectional", "clean_context")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static description of a training-time attention pattern over one physical sequence.
+
+    seq_len is L, the length of one stream (for clean_context the physical length is 2L).
+    sliding_window (causal only) limits keys to the last `sliding_window` positions, as Mistral.
+    """
+
+    mode: str
+    block_size: int | None = None
+    seq_len: int | None = None
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown attention mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode in ("block", "clean_context"):
+            if self.block_size is None or self.block_size <= 0:
+                raise ValueError(f"attention mode {self.mode!r} needs a positive block_size, got {self.block_size}")
+            if self.seq_len is not None and self.seq_len % self.block_size:
+                raise ValueError(f"block_size {self.block_size} does not divide sequence length {self.seq_len}")
+        if self.mode == "clean_context" and self.seq_len is None:
+            raise ValueError("attention mode 'clean_context' needs seq_len (the length L of one stream)")
+
+    @property
+    def physical_len(self) -> int | None:
+        if self.seq_len is None:
+            return None
+        return 2 * self.seq_len if self.mode == "clean_context" else self.seq_len
+
+
+def stream_and_position(spec: MaskSpec, idx):
+    """(stream s, position) of physical index idx: s = 0 for x_t, 1 for x_0 (clean_context only)."""
+    if spec.mode != "clean_context":
+        return jnp.zeros_like(idx), idx
+    stream = (idx >= spec.seq_len).astype(idx.dtype)
+    return stream, idx - stream * spec.seq_len
+
+
+def visible(spec: MaskSpec, q_idx, k_idx):
+    """Boolean visibility for broadcastable integer arrays of query and key physical indices."""
+    if spec.mode == "bidirectional":
+        return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), dtype=bool)
+    if spec.mode == "causal":
+        ok = k_idx <= q_idx
+        if spec.sliding_window is not None:
+            ok = ok & (q_idx - k_idx < spec.sliding_window)
+        return ok
+    if spec.mode == "block":
+        return k_idx // spec.block_size <= q_idx // spec.block_size
+    q_stream, q_pos = stream_and_position(spec, q_idx)
+    k_stream, k_pos = stream_and_position(spec, k_idx)
+    q_block, k_block = q_pos // spec.block_size, k_pos // spec.block_size
+    same_block_same_stream = (q_block == k_block) & (q_stream == k_stream)
+    noisy_sees_clean_past = (q_stream == 0) & (k_stream == 1) & (k_block < q_block)
+    clean_sees_clean_past = (q_stream == 1) & (k_stream == 1) & (k_block <= q_block)
+    return same_block_same_stream | noisy_sees_clean_past | clean_sees_clean_past
+
+
+def dense_mask(spec: MaskSpec, q_len: int, k_len: int, q_segment_ids=None, kv_segment_ids=None):
+    """[batch or 1, q_len, k_len] boolean mask, built on device from indices (XLA reference path)."""
+    q_idx = jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    k_idx = jnp.arange(k_len, dtype=jnp.int32)[None, :]
+    mask = visible(spec, q_idx, k_idx)[None]
+    if q_segment_ids is not None:
+        mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return mask

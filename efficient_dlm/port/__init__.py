@@ -1,0 +1,1 @@
+"""Hugging Face import and export. Only this package knows HF tensor names."""

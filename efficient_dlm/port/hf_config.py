@@ -1,0 +1,105 @@
+"""Hugging Face config.json -> ModelConfig, for the older and the newer transformers formats.
+
+Older files carry `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor", ...}) and
+`torch_dtype`; transformers >= 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}) and
+`dtype`. Family defaults that a config.json may omit (Qwen2's always-on q/k/v bias, Qwen3's QK-norm,
+untied embeddings) are filled in here so the rest of the code never branches on model_type.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+from efficient_dlm.models.config import MODEL_TYPES, ModelConfig
+from efficient_dlm.port.safetensors_io import CheckpointError
+
+_ROPE_FIELDS = {
+    "factor": "rope_factor",
+    "original_max_position_embeddings": "rope_original_max_position_embeddings",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "beta_fast": "rope_beta_fast",
+    "beta_slow": "rope_beta_slow",
+    "mscale": "rope_mscale",
+    "mscale_all_dim": "rope_mscale_all_dim",
+    "attention_factor": "rope_attention_factor",
+    "truncate": "rope_truncate",
+}
+
+
+def read_config_json(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+
+
+def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattens rope_parameters (new) or rope_theta + rope_scaling (old) into ModelConfig fields."""
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = dict(hf.get("rope_scaling") or {})
+    params = {**legacy, **params}
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+    out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    for key, value in params.items():
+        if key in _ROPE_FIELDS and value is not None:
+            out[_ROPE_FIELDS[key]] = value
+        elif key not in ("partial_rotary_factor",) and value is not None:
+            raise CheckpointError(f"unsupported rope parameter {key!r} for rope_type {rope_type!r}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError("partial_rotary_factor != 1 is not supported")
+    return out
+
+
+def _first_token_id(value) -> int | None:
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
+    """ModelConfig for a dense Llama / Mistral / Qwen2 / Qwen3 config.json dictionary."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    if hf.get("mlp_bias"):
+        raise CheckpointError("mlp_bias=True is not supported")
+    heads = hf["num_attention_heads"]
+    sliding = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        sliding = None
+    fields: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=sliding,
+        bos_token_id=_first_token_id(hf.get("bos_token_id")),
+        eos_token_id=_first_token_id(hf.get("eos_token_id")),
+        pad_token_id=_first_token_id(hf.get("pad_token_id")),
+        mask_token_id=hf.get("mask_token_id"),
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    fields.update(rope_fields(hf))
+    try:
+        return ModelConfig(**fields)
+    except ValueError as err:
+        raise CheckpointError(f"config.json: {err}") from None

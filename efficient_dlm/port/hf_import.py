@@ -1,0 +1,123 @@
+"""Import a local Hugging Face model directory into our Flax model, memory-mapped and shard-aware.
+
+Every parameter is built with `jax.make_array_from_callback`: the callback reads, from the
+memory-mapped safetensors, only the slice of the HF tensor(s) that the requested device shard needs,
+applies the layout view of the key map, and casts. On one device that is the whole tensor; on a mesh
+each process touches only its own shards, so a 100B model is never gathered on one host.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.port import keymaps
+from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+from efficient_dlm.port.safetensors_io import CheckpointError, SafetensorsCheckpoint
+
+log = logging.getLogger("efficient_dlm")
+
+
+def _param_paths(state) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
+
+
+def _slice_reader(ckpt: SafetensorsCheckpoint, rule: keymaps.Rule, cfg: ModelConfig, dtype) -> Callable:
+    """callback(index) -> np.ndarray for make_array_from_callback, reading only the requested slice."""
+    names = keymaps.hf_names(rule, cfg)
+    views = [rule.layout.to_ours(ckpt.tensor(name), cfg) for name in names]
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not rule.per_layer:
+            return np.asarray(views[0][index], dtype=dtype)
+        layers = range(len(views))[index[0]]
+        return np.stack([np.asarray(views[i][index[1:]], dtype=dtype) for i in layers])
+
+    return read
+
+
+def check_tensors(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, abstract: dict) -> None:
+    """Missing, unexpected and mis-shaped tensors, each reported by name in one line."""
+    expected: dict[str, keymaps.Rule] = {}
+    for rule in keymaps.rules_for(cfg):
+        for name in keymaps.hf_names(rule, cfg):
+            expected[name] = rule
+    missing = [n for n in expected if n not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{ckpt.directory}: missing tensor(s) {', '.join(missing[:3])}{more}")
+    tied_head = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = [
+        n for n in ckpt.keys() if n not in expected and n not in tied_head and not n.endswith(keymaps.IGNORED_SUFFIXES)
+    ]
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise CheckpointError(f"{ckpt.directory}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
+    for name, rule in expected.items():
+        target = abstract[rule.path].shape
+        want = _hf_shape(rule, cfg, target[1:] if rule.per_layer else target)
+        if tuple(ckpt.shape(name)) != want:
+            raise CheckpointError(f"{ckpt.directory}: tensor {name} has shape {ckpt.shape(name)}, config expects {want}")
+
+
+def _hf_shape(rule: keymaps.Rule, cfg: ModelConfig, target) -> tuple[int, ...]:
+    return tuple(rule.layout.to_hf(np.empty(target, np.uint8), cfg).shape)
+
+
+def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=None, progress: bool = False):
+    """Returns the model's nnx.State filled from the safetensors in `directory`.
+
+    shardings: a state-shaped tree of jax.sharding.Sharding (sharded loading) or None (one device).
+    """
+    ckpt = SafetensorsCheckpoint(directory)
+    state = nnx.state(model_abstract)
+    abstract = _param_paths(state)
+    check_tensors(ckpt, cfg, abstract)
+    flat_shardings = _param_paths(shardings) if shardings is not None else {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    rules = keymaps.rules_for(cfg)
+    covered = {rule.path for rule in rules}
+    uncovered = sorted(set(abstract) - covered)
+    if uncovered:
+        raise CheckpointError(f"no HF tensor maps to parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
+    values = {}
+    for rule in tqdm(rules, desc="import", unit="tensor", disable=not progress):
+        leaf = abstract[rule.path]
+        sharding = flat_shardings.get(rule.path, default)
+        sharding = getattr(sharding, "value", sharding)
+        reader = _slice_reader(ckpt, rule, cfg, leaf.dtype)
+        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader)
+    flat = [(path, leaf.replace(values[tuple(str(p) for p in path)])) for path, leaf in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = False, **overrides: Any):
+    """Loads a local HF directory (config.json + safetensors) as a `Decoder`.
+
+    overrides: ModelConfig fields to change after reading config.json (e.g. attention_backend).
+    mesh: a jax.sharding.Mesh; parameters are created sharded by the logical-axis rules.
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (from_hf takes a local Hugging Face model directory)")
+    start = time.perf_counter()
+    cfg = model_config_from_hf(read_config_json(path), dtype=dtype)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = abstract_model(cfg)
+    shardings = None
+    if mesh is not None:
+        from efficient_dlm.parallel.sharding import state_shardings
+
+        shardings = state_shardings(model, mesh)
+    state = load_hf_params(path, cfg, model, shardings, progress)
+    nnx.update(model, state)
+    log.info("imported %s (%s) in %.1fs", path, cfg.model_type, time.perf_counter() - start)
+    return model
