@@ -85,14 +85,14 @@ class Decoder(nnx.Module):
     # ---- pieces, public because the trainer and the sampler compose them -------------------------
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        table = self.embed_tokens.value.astype(self.config.compute_dtype)
+        table = self.embed_tokens[...].astype(self.config.compute_dtype)
         return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
 
     def output_embedding(self) -> jax.Array:
         """[embed, vocab] matrix of the LM head (the tied embedding, transposed, when tied)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.value.T
-        return self.lm_head.value
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on final-normalised hidden states; logits in float32."""

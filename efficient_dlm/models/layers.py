@@ -49,7 +49,7 @@ class RMSNorm(nnx.Module):
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale.value.astype(dtype) * x32.astype(dtype)
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -73,13 +73,13 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D], k and v [B, T, Hkv, D] after bias, QK-norm and RoPE."""
         dt = self.cfg.compute_dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj.value.astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj.value.astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj.value.astype(dt))
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
         if self.cfg.attention_bias:
-            q = q + self.q_bias.value.astype(dt)
-            k = k + self.k_bias.value.astype(dt)
-            v = v + self.v_bias.value.astype(dt)
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = checkpoint_name(apply_rope(q, cos, sin), "query_proj")
@@ -91,7 +91,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def output(self, attn: jax.Array) -> jax.Array:
-        return jnp.einsum("bthd,hde->bte", attn, self.o_proj.value.astype(self.cfg.compute_dtype))
+        return jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(self.cfg.compute_dtype))
 
 
 class MLP(nnx.Module):
@@ -106,10 +106,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.compute_dtype
-        gate = jnp.einsum("bte,em->btm", x, self.gate_proj.value.astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.up_proj.value.astype(dt))
+        gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btm,me->bte", hidden, self.down_proj.value.astype(dt))
+        return jnp.einsum("btm,me->bte", hidden, self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):

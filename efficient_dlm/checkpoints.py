@@ -1,0 +1,135 @@
+"""Model checkpoints: orbax for the parameters, JSON for the architecture, copied tokenizer files.
+
+Layout of a model checkpoint directory:
+    model_config.json   ModelConfig fields (plus "extra": free-form metadata such as the recipe)
+    params/             orbax StandardCheckpointer output (atomic: written to a temp dir, renamed)
+    tokenizer/          tokenizer.json and friends, when known
+Training checkpoints (train/) reuse `model_config.json` and the tokenizer directory around an orbax
+CheckpointManager; `load` reads either kind (for a training run it picks the latest step).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.decoder import abstract_model
+
+CONFIG_NAME = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def write_model_config(directory: str, cfg: ModelConfig, extra: dict[str, Any] | None = None) -> None:
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    payload = {**cfg.to_dict(), "extra": extra or {}}
+    tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+
+
+def read_model_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: not an efficient_dlm checkpoint (no {CONFIG_NAME})")
+    with open(path) as f:
+        payload = json.load(f)
+    extra = payload.pop("extra", {})
+    return ModelConfig.from_dict(payload), extra
+
+
+def copy_tokenizer(src_dir: str | None, directory: str) -> str | None:
+    """Copies known tokenizer files from src_dir into directory/tokenizer; returns that path or None."""
+    if not src_dir:
+        return None
+    names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src_dir, n))]
+    if not names:
+        return None
+    out = os.path.join(directory, TOKENIZER_DIR)
+    os.makedirs(out, exist_ok=True)
+    for name in names:
+        shutil.copy2(os.path.join(src_dir, name), os.path.join(out, name))
+    return out
+
+
+def tokenizer_dir(directory: str) -> str | None:
+    path = os.path.join(directory, TOKENIZER_DIR)
+    return path if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+
+
+def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None, force: bool = False) -> str:
+    """Writes the model's parameters (orbax) and config; refuses to overwrite unless force."""
+    directory = os.path.abspath(directory)
+    params_path = epath.Path(directory) / PARAMS_DIR
+    if params_path.exists():
+        if not force:
+            raise FileExistsError(f"{directory}: a checkpoint already exists (pass force=True / --overwrite)")
+        params_path.rmtree()
+    write_model_config(directory, model.config, extra)
+    copy_tokenizer(tokenizer_dir, directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_path, nnx.state(model, nnx.Param))
+    return directory
+
+
+def _params_location(directory: str) -> epath.Path:
+    """params/ of a model checkpoint, or the newest step's params of a training run directory."""
+    root = epath.Path(directory)
+    if (root / PARAMS_DIR).exists():
+        return root / PARAMS_DIR
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+    for step in steps:
+        candidate = root / str(step) / "params"
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{directory}: no parameters found (expected {PARAMS_DIR}/ or <step>/params/)")
+
+
+def load(directory: str, *, mesh=None, dtype: str | None = None, **overrides: Any):
+    """Restores a `Decoder` from a checkpoint directory, sharded over `mesh` when given."""
+    cfg, _ = read_model_config(directory)
+    if dtype is not None:
+        overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+    stored_cfg = cfg
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    model = abstract_model(stored_cfg)
+    target = nnx.state(model, nnx.Param)
+    if mesh is not None:
+        from efficient_dlm.parallel.sharding import state_shardings
+
+        shardings = state_shardings(target, mesh)
+        target = jax.tree.map(
+            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), target, shardings
+        )
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(_params_location(directory), target)
+    nnx.update(model, state)
+    if cfg != stored_cfg:
+        model = _with_config(model, cfg)
+    return model
+
+
+def _with_config(model, cfg: ModelConfig):
+    """The same parameters (cast to cfg.param_dtype) under a changed config (dtype, backend, ...)."""
+    fresh = abstract_model(cfg)
+    state = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), nnx.state(model, nnx.Param))
+    nnx.update(fresh, state)
+    return fresh

@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face models made on the fly (the numerics oracle); never downloaded."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+# name -> (config class, model class, overrides). Each exercises an option of the dense family.
+FAMILIES = {
+    "llama_llama3_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=16)),
+    ),
+    "mistral_gqa": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    "qwen3_qknorm_tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=8)),
+    "qwen3_wide_head_dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    "llama_mqa_linear_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=1, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    ),
+    "llama_yarn_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)),
+    ),
+    "qwen2_dynamic_rope": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(max_position_embeddings=8, rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    ),
+}
+
+
+def make_hf_model(name: str, directory: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """Creates, saves (safetensors) and returns the torch model for family option `name`."""
+    config_cls, model_cls, extra = FAMILIES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    # Random (not default-initialised) norms and biases so every tensor matters in parity tests.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+    model = model.to(dtype)
+    model.save_pretrained(directory)
+    return model
