@@ -50,12 +50,42 @@ def model_config(config: ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
+def diffusion_section() -> ConfigDict:
+    """Objective and corruption (METHOD.md sections 2-4). Owned by efficient_dlm/diffusion."""
+    return ConfigDict(dict(objective="block_diffusion", block_size=32))
+
+
+def data_section() -> ConfigDict:
+    """Sources, tokenization, packing (grain). Owned by efficient_dlm/data."""
+    return ConfigDict(dict(seq_len=256))
+
+
+def train_section() -> ConfigDict:
+    """Optimizer, schedule, checkpoints, eval, metrics. Owned by efficient_dlm/train."""
+    return ConfigDict(dict(steps=100, batch_size=8))
+
+
+def mesh_section() -> ConfigDict:
+    """Device mesh and logical-axis rules. Owned by efficient_dlm/parallel."""
+    return ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+
+
+def sample_section() -> ConfigDict:
+    """Decoding defaults for `edlm sample` / `generate`. Owned by efficient_dlm/sample."""
+    return ConfigDict(dict(strategy="threshold", threshold=0.9, block_size=32, max_new_tokens=64))
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.model = model_section()
     # Where weights come from: an HF directory, an orbax checkpoint from `edlm import-hf` / `save`, or
     # nothing (random init from `model`). The tokenizer defaults to the one stored with the weights.
     c.init = ConfigDict(dict(hf_dir="", checkpoint="", tokenizer="", seed=0))
+    c.diffusion = diffusion_section()
+    c.data = data_section()
+    c.train = train_section()
+    c.mesh = mesh_section()
+    c.sample = sample_section()
     c.seed = 0
     c.run_dir = "runs/default"
     return c
