@@ -16,6 +16,7 @@ _EXPORTS = {
     "from_hf": "efficient_dlm.port.hf_import:from_hf",
     "save": "efficient_dlm.checkpoints:save",
     "load": "efficient_dlm.checkpoints:load",
+    "to_hf": "efficient_dlm.port.hf_export:to_hf",
 }
 
 

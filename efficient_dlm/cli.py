@@ -15,6 +15,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     # verb: (module, one-line help)
     "import-hf": ("efficient_dlm.port.cli_import", "convert a local Hugging Face model directory to an orbax checkpoint"),
+    "export-hf": ("efficient_dlm.port.cli_export", "write a checkpoint as a Hugging Face directory (dLM: trust_remote_code)"),
 }
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,6 +14,10 @@ from typing import Any, Mapping
 from efficient_dlm.models.config import MODEL_TYPES, ModelConfig
 from efficient_dlm.port.safetensors_io import CheckpointError
 
+# model_type prefix of our dLM exports ("edlm_qwen3"): the base family's fields plus dLM fields, and the
+# flags the base family implies (qk_norm, attention_bias) written out explicitly.
+DLM_PREFIX = "edlm_"
+
 _ROPE_FIELDS = {
     "factor": "rope_factor",
     "original_max_position_embeddings": "rope_original_max_position_embeddings",
@@ -66,6 +70,9 @@ def _first_token_id(value) -> int | None:
 def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
     """ModelConfig for a dense Llama / Mistral / Qwen2 / Qwen3 config.json dictionary."""
     model_type = hf.get("model_type")
+    dlm_export = isinstance(model_type, str) and model_type.startswith(DLM_PREFIX)
+    if dlm_export:
+        model_type = model_type[len(DLM_PREFIX):]
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -99,6 +106,8 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         param_dtype=dtype,
     )
     fields.update(rope_fields(hf))
+    if dlm_export:
+        fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))
     try:
         return ModelConfig(**fields)
     except ValueError as err:

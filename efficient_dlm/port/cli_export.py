@@ -1,0 +1,79 @@
+"""`edlm export-hf --ckpt CKPT --out DIR`: write a checkpoint as a Hugging Face model directory.
+
+A dLM (checkpoint with a [MASK] token) becomes a trust_remote_code model with our modeling files; a
+plain AR checkpoint is written in its original architecture's format. The dLM fields default to the
+checkpoint's training metadata, then to the recipe (--config.diffusion.block_size,
+--config.sample.threshold, --config.sample.strategy); flags override both. With --push_to_hub the
+directory is uploaded afterwards; its arguments are checked before anything is exported.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from absl import flags
+
+flags.DEFINE_string("ckpt", None, "efficient_dlm checkpoint directory (from `edlm import-hf`, `edlm train` or save)")
+flags.DEFINE_string("out", None, "output directory (must be empty or absent unless --overwrite)")
+flags.DEFINE_string("tokenizer_dir", None, "tokenizer files to ship (default: the checkpoint's tokenizer/)")
+flags.DEFINE_string("dtype", None, "tensor dtype: float32, bfloat16 or float16 (default: the checkpoint's)")
+flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory")
+flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file before sharding, e.g. 5GB or 500MB")
+flags.DEFINE_enum("format", "auto", ["auto", "dlm", "ar"], "auto: dLM when the checkpoint has a mask token")
+flags.DEFINE_integer("block_size", None, "dLM block size (default: training metadata, then the recipe)")
+flags.DEFINE_bool("token_shift", None, "the dLM predicts token i from position i - 1 (default: training metadata)")
+flags.DEFINE_string("strategy", None, "default decoding strategy written to config.json")
+flags.DEFINE_float("threshold", None, "default confidence threshold written to config.json")
+flags.DEFINE_string("push_to_hub", None, "upload the export to this Hugging Face repo id (namespace/name)")
+flags.DEFINE_bool("private", True, "with --push_to_hub: create the repo as private")
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def check_push_args(repo_id: str):
+    """Validates an upload before any work: repo id syntax, huggingface_hub installed, online, a token."""
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or len(repo_id) > 96:
+        raise ValueError(f"--push_to_hub {repo_id!r}: not a valid Hugging Face repo id (expected namespace/name)")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError("--push_to_hub needs huggingface_hub: pip install 'efficient_dlm[hub]'") from None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise ValueError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
+    if huggingface_hub.get_token() is None:
+        raise ValueError("--push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    return huggingface_hub
+
+
+def run(config, FLAGS) -> int:
+    from efficient_dlm.port.hf_export import to_hf
+
+    if not FLAGS.ckpt or not FLAGS.out:
+        raise ValueError("--ckpt and --out are required")
+    hub = check_push_args(FLAGS.push_to_hub) if FLAGS.push_to_hub else None
+    defaults = {
+        "block_size": config.diffusion.block_size,
+        "strategy": config.sample.strategy,
+        "threshold": config.sample.threshold,
+    }
+    out = to_hf(
+        FLAGS.ckpt,
+        FLAGS.out,
+        tokenizer_dir=FLAGS.tokenizer_dir,
+        dtype=FLAGS.dtype,
+        overwrite=FLAGS.overwrite,
+        max_shard_size=FLAGS.max_shard_size,
+        format=FLAGS.format,
+        block_size=FLAGS.block_size,
+        token_shift=FLAGS.token_shift,
+        strategy=FLAGS.strategy,
+        threshold=FLAGS.threshold,
+        defaults=defaults,
+    )
+    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
+    if hub is not None:
+        api = hub.HfApi()
+        api.create_repo(FLAGS.push_to_hub, private=FLAGS.private, exist_ok=True)
+        api.upload_folder(folder_path=out, repo_id=FLAGS.push_to_hub, commit_message="Upload from efficient_dlm export-hf")
+        print(f"uploaded to https://huggingface.co/{FLAGS.push_to_hub}")
+    return 0

@@ -1,0 +1,176 @@
+"""ModelConfig -> Hugging Face config.json / generation_config.json (the inverse of hf_config.py).
+
+Two formats:
+- AR: the original architecture's own config.json (model_type "qwen3", "llama", ...), so a model that
+  was only ported (HF -> efficient_dlm -> HF) comes back as the same transformers model.
+- dLM: the same architecture fields under model_type "edlm_<base>", plus the block-diffusion fields
+  (mask token, block size, attention pattern, token shift, default decoding) and an `auto_map` to the
+  modeling files shipped next to the weights (port/modeling/), loaded with trust_remote_code=True.
+Fields are written in the transformers >= 5 format (`rope_parameters`, `dtype`); hf_config.py reads
+both this and the older format.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.port.hf_config import DLM_PREFIX, _ROPE_FIELDS
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# What each family's config.json cannot express: the importer derives these from model_type.
+_IMPLIED = {
+    "llama": dict(qk_norm=False),
+    "mistral": dict(qk_norm=False, attention_bias=False),
+    "qwen2": dict(qk_norm=False, attention_bias=True),
+    "qwen3": dict(qk_norm=True),
+}
+STRATEGIES = ("threshold", "topk", "factor", "entropy")
+AUTO_MAP = {
+    "AutoConfig": "configuration_edlm.EdlmConfig",
+    "AutoModel": "modeling_edlm.EdlmModel",
+    "AutoModelForCausalLM": "modeling_edlm.EdlmForDiffusionLM",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DlmFields:
+    """How the dLM was trained and how it decodes by default (METHOD.md sections 1, 3, 6)."""
+
+    block_size: int = 32
+    token_shift: bool = False
+    strategy: str = "threshold"
+    threshold: float = 0.9
+    attention_pattern: str = "block"  # block-causal at inference; clean-context training decodes the same way
+
+    def __post_init__(self):
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown decoding strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.attention_pattern != "block":
+            raise ValueError(f"unsupported attention_pattern {self.attention_pattern!r}; exported dLMs are block-causal")
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    for hf_key, field in _ROPE_FIELDS.items():
+        value = getattr(cfg, field)
+        if field == "rope_truncate":  # a yarn option whose default is True: write it only when it matters
+            if cfg.rope_type == "yarn" and not value:
+                out[hf_key] = False
+        elif value is not None:
+            out[hf_key] = value
+    return out
+
+
+def architecture_fields(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """The fields every family's config.json shares, in transformers' names."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": rope_parameters(cfg),
+        "attention_dropout": 0.0,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "dtype": dtype,
+        "use_cache": True,
+    }
+
+
+def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Family-specific switches (bias, sliding window) as transformers spells them."""
+    if cfg.model_type in ("qwen2", "qwen3"):
+        kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
+        fields = {
+            "use_sliding_window": cfg.sliding_window is not None,
+            "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if cfg.sliding_window is not None else cfg.num_layers,
+            "layer_types": [kind] * cfg.num_layers,
+        }
+        if cfg.model_type == "qwen3":
+            fields["attention_bias"] = cfg.attention_bias
+        return fields
+    if cfg.model_type == "mistral":
+        return {"sliding_window": cfg.sliding_window}
+    return {"attention_bias": cfg.attention_bias, "mlp_bias": False}
+
+
+def check_expressible(cfg: ModelConfig) -> None:
+    """An AR export must be readable by the family's own transformers class: no options it lacks."""
+    if cfg.model_type not in ARCHITECTURES:
+        raise ValueError(f"no Hugging Face architecture for model_type {cfg.model_type!r}")
+    for field, value in _IMPLIED[cfg.model_type].items():
+        if getattr(cfg, field) != value:
+            raise ValueError(
+                f"model.{field}={getattr(cfg, field)} cannot be expressed in a {cfg.model_type} config.json "
+                f"(the family fixes it to {value}); export it as a dLM instead"
+            )
+    if cfg.sliding_window is not None and cfg.model_type == "llama":
+        raise ValueError("model.sliding_window cannot be expressed in a llama config.json")
+
+
+def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """config.json of the original architecture (plus mask_token_id when one is recorded)."""
+    check_expressible(cfg)
+    out = {"architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type}
+    out.update(architecture_fields(cfg, dtype))
+    out.update(_family_fields(cfg))
+    if cfg.mask_token_id is not None:
+        out["mask_token_id"] = cfg.mask_token_id
+    return dict(sorted(out.items()))
+
+
+def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
+    """config.json of the exported dLM: architecture fields, dLM fields, auto_map to our modeling code."""
+    if cfg.mask_token_id is None:
+        raise ValueError("a dLM export needs model.mask_token_id (the [MASK] token the model was trained to fill)")
+    out = {"architectures": ["EdlmForDiffusionLM"], "model_type": DLM_PREFIX + cfg.model_type, "auto_map": dict(AUTO_MAP)}
+    out.update(architecture_fields(cfg, dtype))
+    out.update(_family_fields(cfg))
+    out.update(
+        attention_bias=cfg.attention_bias,
+        qk_norm=cfg.qk_norm,
+        mask_token_id=cfg.mask_token_id,
+        block_size=dlm.block_size,
+        attention_pattern=dlm.attention_pattern,
+        token_shift=dlm.token_shift,
+        decoding_strategy=dlm.strategy,
+        decoding_threshold=dlm.threshold,
+    )
+    return dict(sorted(out.items()))
+
+
+def generation_config(cfg: ModelConfig, dlm: DlmFields | None) -> dict[str, Any]:
+    """generation_config.json: token ids, plus the dLM's default decoding when it is one."""
+    out: dict[str, Any] = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if dlm is not None:
+        out.update(
+            do_sample=False,
+            mask_token_id=cfg.mask_token_id,
+            block_size=dlm.block_size,
+            decoding_strategy=dlm.strategy,
+            decoding_threshold=dlm.threshold,
+        )
+    return {k: v for k, v in out.items() if v is not None}

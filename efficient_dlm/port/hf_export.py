@@ -1,0 +1,278 @@
+"""Export to a Hugging Face model directory: `to_hf(model_or_checkpoint, out_dir, ...)`.
+
+The directory holds config.json, generation_config.json, safetensors (sharded with an index when
+larger than max_shard_size), the tokenizer files and a model card. A dLM (a model with a [MASK]
+token) is written as model_type "edlm_<base>" with our PyTorch modeling files (port/modeling/), so
+`transformers` loads it with trust_remote_code=True; a plain AR model is written in its original
+architecture's format, so HF -> efficient_dlm -> HF reproduces the source tensors exactly.
+
+Tensor names come from the per-family tables in keymaps.py (their `Layout.to_hf` is the exact
+inverse of import). Parameters are gathered to the host one HF tensor at a time (one layer of a
+stacked parameter), so host memory stays bounded by the largest single tensor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_dlm.models.config import DTYPES, ModelConfig
+from efficient_dlm.port import hf_config_out, keymaps, model_card
+from efficient_dlm.port.hf_config_out import DlmFields
+from efficient_dlm.port.safetensors_writer import TensorSpec, parse_size, write_sharded
+
+log = logging.getLogger("efficient_dlm")
+
+FORMATS = ("auto", "dlm", "ar")
+MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling")
+MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py")
+# A tokenizer directory must hold one of these to be loadable by AutoTokenizer.
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+
+
+def _load_source(model) -> tuple[Any, dict[str, Any], str | None]:
+    """(Decoder, checkpoint metadata "extra", checkpoint tokenizer dir) from a model or a checkpoint path."""
+    if isinstance(model, (str, os.PathLike)):
+        from efficient_dlm import checkpoints
+
+        path = os.fspath(model)
+        _, extra = checkpoints.read_model_config(path)  # FileNotFoundError naming the path when not a checkpoint
+        return checkpoints.load(path), extra, checkpoints.tokenizer_dir(path)
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise ValueError(f"to_hf takes an efficient_dlm model or a checkpoint directory, got {type(model).__name__}")
+    return model, {}, None
+
+
+def _check_out_dir(out_dir: str, overwrite: bool, sources: list[str | None]) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: directory is not empty (pass --overwrite / overwrite=True to replace it)")
+    out = os.path.realpath(out_dir)
+    for source in filter(None, sources):
+        src = os.path.realpath(source)
+        if src == out or src.startswith(out + os.sep):
+            raise ValueError(f"{out_dir}: output directory contains the source {source}; choose another --out")
+
+
+def resolve_tokenizer(tokenizer_dir: str | None, checkpoint_tokenizer: str | None) -> str:
+    """The tokenizer directory to copy: the explicit one, else the checkpoint's; one clear error otherwise."""
+    if tokenizer_dir:
+        if not os.path.isdir(tokenizer_dir):
+            raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: not a directory")
+        if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_MAIN_FILES):
+            raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: no {' or '.join(TOKENIZER_MAIN_FILES)} found")
+        return tokenizer_dir
+    if checkpoint_tokenizer:
+        return checkpoint_tokenizer
+    raise FileNotFoundError(
+        "no tokenizer to export: the checkpoint has no tokenizer/ directory; pass --tokenizer_dir "
+        "(tokenizer_dir=) pointing at a directory with tokenizer.json"
+    )
+
+
+def _sections(extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where training metadata may hold a field: "extra" itself, then the recipe the trainer stored."""
+    config = extra.get("train_config") if isinstance(extra.get("train_config"), dict) else {}
+    found = [extra]
+    for source in (extra, config):
+        found += [source[s] for s in ("diffusion", "sample") if isinstance(source.get(s), dict)]
+    return found
+
+
+def _final_block_size(schedule: str) -> int | None:
+    """The last block size of a "step:size,..." schedule (LLaDA2.0 warm-up/stable/decay), if any."""
+    pairs = [item.split(":") for item in str(schedule or "").split(",") if item.strip()]
+    return int(max(pairs, key=lambda p: int(p[0]))[1]) if pairs else None
+
+
+def _lookup(extra: dict[str, Any], key: str):
+    for section in _sections(extra):
+        if key == "block_size" and _final_block_size(section.get("block_size_schedule")):
+            return _final_block_size(section["block_size_schedule"])
+        if section.get(key) is not None:
+            return section[key]
+    return None
+
+
+def resolve_dlm_fields(extra: dict[str, Any], overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> DlmFields:
+    """dLM fields: explicit overrides, else checkpoint metadata, else the recipe defaults (config.py)."""
+    if defaults is None:
+        from efficient_dlm.config import diffusion_section, sample_section
+
+        defaults = {
+            "block_size": diffusion_section().block_size,
+            "strategy": sample_section().strategy,
+            "threshold": sample_section().threshold,
+        }
+    values = {}
+    for field in ("block_size", "token_shift", "strategy", "threshold"):
+        for candidate in (overrides.get(field), _lookup(extra, field), defaults.get(field)):
+            if candidate is not None:
+                values[field] = candidate
+                break
+    return DlmFields(**values)
+
+
+def _is_dlm(cfg: ModelConfig, fmt: str) -> bool:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "dlm" and cfg.mask_token_id is None:
+        raise ValueError("format 'dlm' needs a model with model.mask_token_id set (this one is a plain AR model)")
+    return fmt == "dlm" or (fmt == "auto" and cfg.mask_token_id is not None)
+
+
+# ---- tensors ------------------------------------------------------------------------------------------
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """One tensor on this host: a local copy, or an all-gather when other processes hold shards."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, int | None]]:
+    """(HF tensor spec, rule, layer index) for every tensor to write, in table order."""
+    cfg: ModelConfig = model.config
+    params = {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    rules = keymaps.rules_for(cfg)
+    uncovered = sorted(set(params) - {rule.path for rule in rules})
+    if uncovered:
+        raise ValueError(f"no HF tensor name for parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    plan = []
+    for rule in rules:
+        shape = params[rule.path].shape[1:] if rule.per_layer else params[rule.path].shape
+        hf_shape = tuple(rule.layout.to_hf(np.empty(shape, np.uint8), cfg).shape)
+        for i, name in enumerate(keymaps.hf_names(rule, cfg)):
+            plan.append((TensorSpec(name, hf_shape, np_dtype), rule, i if rule.per_layer else None))
+    return plan
+
+
+def _producer(model, plan, dtype: str):
+    """produce(spec) -> the HF tensor, gathered from the model one layer slice at a time."""
+    cfg = model.config
+    params = {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    by_name = {spec.name: (rule, layer) for spec, rule, layer in plan}
+
+    def produce(spec: TensorSpec) -> np.ndarray:
+        rule, layer = by_name[spec.name]
+        value = params[rule.path][...]
+        value = value[layer] if layer is not None else value
+        return rule.layout.to_hf(_host(value.astype(dtype)), cfg)
+
+    return produce
+
+
+# ---- the export ---------------------------------------------------------------------------------------
+
+
+def _copy_tokenizer(src: str, out: str) -> list[str]:
+    from efficient_dlm.checkpoints import TOKENIZER_FILES
+
+    names = [n for n in TOKENIZER_FILES if n != "generation_config.json" and os.path.exists(os.path.join(src, n))]
+    for name in names:
+        shutil.copy2(os.path.join(src, name), os.path.join(out, name))
+    return names
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+def _write_modeling(out: str, base_model_type: str) -> None:
+    """Copies the modeling files, naming the base family in the config class's model_type."""
+    for name in MODELING_FILES:
+        with open(os.path.join(MODELING_DIR, name)) as f:
+            text = f.read()
+        if name == "configuration_edlm.py":
+            old = 'model_type = "edlm"'
+            if text.count(old) != 1:
+                raise RuntimeError(f"{name}: expected one `{old}` line to specialise")
+            text = text.replace(old, f'model_type = "{hf_config_out.DLM_PREFIX}{base_model_type}"')
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+
+
+def to_hf(
+    model,
+    out_dir: str,
+    *,
+    tokenizer_dir: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    format: str = "auto",
+    block_size: int | None = None,
+    token_shift: bool | None = None,
+    strategy: str | None = None,
+    threshold: float | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> str:
+    """Writes `model` (a Decoder, or an efficient_dlm checkpoint directory) as a Hugging Face directory.
+
+    dtype: tensor dtype (float32 / bfloat16 / float16); default the model's parameter dtype.
+    format: "auto" (dLM when the model has a mask token, else AR), "dlm" or "ar".
+    block_size / token_shift / strategy / threshold: dLM fields; default the checkpoint's training
+    metadata, then `defaults` (the recipe's diffusion.block_size, sample.strategy, sample.threshold).
+    Everything is validated before any work; the directory is written under a temporary name and
+    renamed, so it is complete or absent. Returns out_dir.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    max_shard_bytes = parse_size(max_shard_size)
+    checkpoint = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"{checkpoint}: checkpoint directory not found")
+    model, extra, ckpt_tokenizer = _load_source(model)
+    cfg: ModelConfig = model.config
+    tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
+    dlm = None
+    if _is_dlm(cfg, format):
+        overrides = dict(block_size=block_size, token_shift=token_shift, strategy=strategy, threshold=threshold)
+        dlm = resolve_dlm_fields(extra, overrides, defaults)
+    dtype = dtype or cfg.param_dtype
+    config_json = hf_config_out.dlm_config(cfg, dlm, dtype) if dlm else hf_config_out.ar_config(cfg, dtype)
+    plan = tensor_plan(model, dtype)
+
+    writer = jax.process_index() == 0
+    tmp = os.path.abspath(out_dir).rstrip(os.sep) + ".tmp-export"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    files = write_sharded(tmp, [spec for spec, _, _ in plan], _producer(model, plan, dtype), max_shard_bytes, writer)
+    if not writer:
+        return out_dir
+    _write_json(os.path.join(tmp, "config.json"), config_json)
+    source_generation = os.path.join(tokenizer, "generation_config.json")
+    if dlm is None and os.path.exists(source_generation):
+        shutil.copy2(source_generation, os.path.join(tmp, "generation_config.json"))
+    else:
+        _write_json(os.path.join(tmp, "generation_config.json"), hf_config_out.generation_config(cfg, dlm))
+    copied = _copy_tokenizer(tokenizer, tmp)
+    if dlm is not None:
+        _write_modeling(tmp, cfg.model_type)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card.render(cfg, dlm, extra, dtype, os.path.basename(os.path.abspath(out_dir))))
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log.info("exported %s (%s, %d tensor files, tokenizer: %s)", out_dir, config_json["model_type"], len(files), ", ".join(copied))
+    return out_dir
+

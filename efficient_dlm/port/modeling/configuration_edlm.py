@@ -1,0 +1,75 @@
+"""Configuration of a block-diffusion language model exported by efficient_dlm.
+
+Shipped next to the weights and loaded with `trust_remote_code=True`. The architecture fields are
+those of the base model (Llama / Mistral / Qwen2 / Qwen3 names); the dLM fields say how the model was
+trained and how it decodes by default (see the model card). The exporter writes the base family into
+`model_type` ("edlm_qwen3"); this file is the same for every family.
+"""
+from transformers import PretrainedConfig
+
+
+class EdlmConfig(PretrainedConfig):
+    model_type = "edlm"  # rewritten to "edlm_<base model_type>" in each export
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        head_dim=None,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters=None,
+        attention_bias=False,
+        qk_norm=False,
+        sliding_window=None,
+        use_sliding_window=False,
+        mask_token_id=None,
+        block_size=32,
+        attention_pattern="block",
+        token_shift=False,
+        decoding_strategy="threshold",
+        decoding_threshold=0.9,
+        use_cache=True,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **kwargs,
+    ):
+        if hidden_act != "silu":
+            raise ValueError(f"EdlmConfig supports hidden_act='silu' only, got {hidden_act!r}")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        self.attention_bias = attention_bias
+        self.qk_norm = qk_norm
+        self.sliding_window = sliding_window  # used by causal (AR) attention only, as in training
+        self.use_sliding_window = use_sliding_window
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.attention_pattern = attention_pattern
+        self.token_shift = token_shift
+        self.decoding_strategy = decoding_strategy
+        self.decoding_threshold = decoding_threshold
+        self.use_cache = use_cache
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )

@@ -1,0 +1,372 @@
+"""PyTorch block-diffusion language model exported by efficient_dlm (loaded with trust_remote_code=True).
+
+Self-contained (torch + transformers only). The weights keep the base model's tensor names
+(Llama / Mistral / Qwen2 / Qwen3), so the architecture is the base model's; what differs is how it is
+run, as the model was trained (efficient_dlm METHOD.md):
+- attention is block-causal: position q sees position k iff k // block_size <= q // block_size
+  (`attention="causal"` and `"bidirectional"` are available too);
+- `generate` decodes block by block: a block starts as [MASK] tokens and each step commits every
+  masked position whose greedy confidence max_v p(v) reaches the threshold (at least the single most
+  confident one), with an exact prefix KV cache: a block's keys and values are cached once it is final.
+This file is tested on every efficient_dlm commit against the JAX model: logits within 1e-4 (float32)
+and `generate` token for token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_edlm import EdlmConfig
+
+ATTENTION_PATTERNS = ("block", "causal", "bidirectional")
+
+
+# ---- rotary position embeddings (the rope_type variants of transformers, same formulas) --------------
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(p: dict, config: EdlmConfig, dim: int) -> tuple[torch.Tensor, float]:
+    base, factor = p.get("rope_theta", 10000.0), p["factor"]
+    orig = p.get("original_max_position_embeddings") or config.max_position_embeddings
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = _yarn_mscale(factor, p["mscale"]) / _yarn_mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(config: EdlmConfig, max_position: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim // 2] float32, attention scaling) for config.rope_parameters."""
+    p = dict(config.rope_parameters)
+    rope_type = p.get("rope_type", p.get("type", "default"))
+    dim, theta = config.head_dim, p.get("rope_theta", 10000.0)
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    inv_freq = 1.0 / (theta**exponents)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / p["factor"], 1.0
+    if rope_type == "dynamic":
+        seq_len, limit, factor = max_position + 1, config.max_position_embeddings, p["factor"]
+        if seq_len > limit:
+            base = theta * ((factor * seq_len / limit) - (factor - 1)) ** (dim / (dim - 2))
+            inv_freq = 1.0 / (base**exponents)
+        return inv_freq, 1.0
+    if rope_type == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(p, config, dim)
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rope_tables(config: EdlmConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [batch, length, head_dim] (float32) for integer positions [batch, length]."""
+    inv_freq, scaling = rope_inv_freq(config, int(positions.max()) if positions.numel() else 0)
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.cos(angles) * scaling, torch.sin(angles) * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [batch, length, heads, head_dim] in float32 (rotate_half convention)."""
+    dtype, x = x.dtype, x.to(torch.float32)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).to(dtype)
+
+
+# ---- attention visibility -----------------------------------------------------------------------------
+
+
+def visibility(pattern: str, block_size: int, q_pos: torch.Tensor, k_pos: torch.Tensor, window=None) -> torch.Tensor:
+    """[batch, q, k] bool from positions q_pos [batch, q] and k_pos [batch, k]."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    if pattern == "block":
+        return torch.div(k, block_size, rounding_mode="floor") <= torch.div(q, block_size, rounding_mode="floor")
+    if pattern == "causal":
+        ok = k <= q
+        return ok & (q - k < window) if window is not None else ok
+    if pattern == "bidirectional":
+        return torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q_pos.device)
+    raise ValueError(f"unknown attention pattern {pattern!r}; choose one of {', '.join(ATTENTION_PATTERNS)}")
+
+
+class EdlmPrefixCache:
+    """Keys/values (after RoPE) of finished tokens per layer, with which slots hold real tokens.
+
+    It only grows by whole chunks that are final (a prompt, a decoded block), so attending to it is
+    exactly what the model saw in training.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, positions: torch.Tensor):
+        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
+
+    def get_seq_length(self) -> int:
+        return self.valid.shape[1]
+
+    def extended(self, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
+        keys = [torch.cat([old, new], dim=1) for old, (new, _) in zip(self.keys, chunk_kv)]
+        values = [torch.cat([old, new], dim=1) for old, (_, new) in zip(self.values, chunk_kv)]
+        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1))
+
+    @classmethod
+    def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
+        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid, positions)
+
+
+# ---- layers -------------------------------------------------------------------------------------------
+
+
+class EdlmRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x32 = x.dtype, x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(dtype) * x32.to(dtype)
+
+
+class EdlmAttention(nn.Module):
+    """Grouped-query attention with optional q/k/v bias and per-head QK RMSNorm."""
+
+    def __init__(self, config: EdlmConfig):
+        super().__init__()
+        e, d = config.hidden_size, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.q_proj = nn.Linear(e, self.heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(e, self.kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(e, self.kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.heads * d, e, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = EdlmRMSNorm(d, config.rms_norm_eps)
+            self.k_norm = EdlmRMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 1), torch.cat([past_kv[1], v], 1))
+        groups = self.heads // self.kv_heads
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.transpose(1, 2).repeat_interleave(groups, dim=1),
+            values.transpose(1, 2).repeat_interleave(groups, dim=1),
+            attn_mask=mask[:, None],
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)
+
+
+class EdlmMLP(nn.Module):
+    def __init__(self, config: EdlmConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EdlmDecoderLayer(nn.Module):
+    def __init__(self, config: EdlmConfig):
+        super().__init__()
+        self.input_layernorm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = EdlmAttention(config)
+        self.post_attention_layernorm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = EdlmMLP(config)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+
+class EdlmPreTrainedModel(PreTrainedModel):
+    config_class = EdlmConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["EdlmDecoderLayer"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, EdlmRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class EdlmModel(EdlmPreTrainedModel):
+    """Token ids -> final-normalised hidden states, under a chosen attention pattern."""
+
+    def __init__(self, config: EdlmConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([EdlmDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[EdlmPrefixCache] = None,
+        use_cache: bool = False,
+        attention: Optional[str] = None,
+        block_size: Optional[int] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """attention_mask [batch, length]: 1 for tokens, 0 for padding (never attended to).
+
+        position_ids default to 0..length-1 after the cache. With `past_key_values` (a prefix cache)
+        the chunk sees every real cached token plus itself under `attention`; with use_cache=True the
+        returned cache is the given one extended by this chunk (call it once the chunk is final).
+        """
+        pattern = attention or self.config.attention_pattern
+        block_size = block_size or self.config.block_size
+        batch, length = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            start = 0 if past_key_values is None else past_key_values.get_seq_length()
+            position_ids = torch.arange(start, start + length, device=device)[None].expand(batch, length)
+        window = self.config.sliding_window if pattern == "causal" else None
+        mask = visibility(pattern, block_size, position_ids, position_ids, window) & valid[:, None, :]
+        mask |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows: no all-masked softmax
+        if past_key_values is not None:
+            cached = past_key_values.valid[:, None, :].expand(batch, length, -1)
+            mask = torch.cat([cached, mask], dim=-1)
+        cos, sin = rope_tables(self.config, position_ids)
+        h = self.embed_tokens(input_ids)
+        chunk_kv = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
+            h, kv = layer(h, cos, sin, mask, past)
+            chunk_kv.append(kv)
+        cache = None
+        if use_cache:
+            cache = (
+                EdlmPrefixCache.from_chunk(chunk_kv, valid, position_ids)
+                if past_key_values is None
+                else past_key_values.extended(chunk_kv, valid, position_ids)
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=cache)
+
+
+class EdlmForDiffusionLM(EdlmPreTrainedModel):
+    """The dLM: logits under block-causal attention, and `generate` with threshold parallel decoding."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EdlmConfig):
+        super().__init__(config)
+        self.model = EdlmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[EdlmPrefixCache] = None,
+        use_cache: bool = False,
+        attention: Optional[str] = None,
+        block_size: Optional[int] = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits [batch, length, vocab] in float32 (see EdlmModel.forward for the arguments)."""
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, attention, block_size)
+        logits = self.lm_head(out.last_hidden_state).float()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 64,
+        block_size: Optional[int] = None,
+        threshold: Optional[float] = None,
+        eos_token_id: Optional[int] = None,
+        mask_token_id: Optional[int] = None,
+        return_dict_in_generate: bool = False,
+        **kwargs,
+    ):
+        """Greedy threshold decoding (Fast-dLLM) with an exact prefix KV cache.
+
+        input_ids [batch, prompt] left-padded (attention_mask 0 on padding). Returns the prompt
+        followed by max_new_tokens generated tokens per row ([batch, prompt + max_new_tokens]);
+        after a row emits EOS its later tokens are EOS (the pad token when set). With
+        return_dict_in_generate=True returns a dict with `sequences`, `forward_passes` and
+        `tokens_per_forward`.
+        """
+        raise NotImplementedError("pending")

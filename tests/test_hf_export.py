@@ -1,0 +1,159 @@
+"""HF export: transformers runs our dLM export like the JAX model; AR exports round-trip the source exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import efficient_dlm as edlm
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.port.cli_export import check_push_args
+from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
+from tests.hf_factory import make_hf_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 97
+
+
+def write_tokenizer(directory, vocab=VOCAB) -> str:
+    os.makedirs(directory, exist_ok=True)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return str(directory)
+
+
+def dlm_config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=8, qk_norm=True, attention_bias=True, eos_token_id=1, mask_token_id=VOCAB - 1,
+        max_position_embeddings=64, rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0, rope_original_max_position_embeddings=16,
+    )
+    return ModelConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def dlm_model():
+    return edlm.init_model(dlm_config(), seed=3)
+
+
+def params(model) -> dict:
+    return {path: np.asarray(leaf[...]) for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def relative_error(ours, ref) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_dlm_export_runs_in_transformers_like_jax_and_reads_back(dlm_model, tmp_path):
+    model = dlm_model
+    out = str(tmp_path / "dlm")
+    edlm.to_hf(model, out, tokenizer_dir=write_tokenizer(tmp_path / "tok"), max_shard_size="20KB", block_size=4)
+
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == "edlm_qwen3" and config["block_size"] == 4 and config["mask_token_id"] == VOCAB - 1
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    tokens = np.random.RandomState(0).randint(0, VOCAB, size=(2, 12))
+    with torch.no_grad():
+        for mode in ("block", "causal"):
+            ref = np.asarray(model(tokens, attention=mode, block_size=4))
+            ours = hf(torch.tensor(tokens), attention=mode).logits.numpy()
+            assert relative_error(ours, ref) <= 1e-4, mode
+        # Left padding: real tokens at positions 0.. see neither padding nor anything past their block.
+        mask = np.ones_like(tokens)
+        mask[1, :4] = 0
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        padded = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits
+        alone = np.asarray(model(tokens[1:, 4:], attention="block", block_size=4))
+        assert relative_error(padded[1, 4:].numpy(), alone[0]) <= 1e-4
+
+    back = edlm.from_hf(out)
+    assert back.config == model.config
+    expected = params(model)
+    for path, value in params(back).items():
+        assert value.dtype == expected[path].dtype and np.array_equal(value, expected[path]), path
+
+    bf16 = str(tmp_path / "bf16")
+    edlm.to_hf(model, bf16, tokenizer_dir=str(tmp_path / "tok"), dtype="bfloat16")
+    back16 = params(edlm.from_hf(bf16, dtype="bfloat16"))
+    for path, value in params(model).items():
+        assert np.array_equal(back16[path], value.astype(back16[path].dtype)), path
+
+
+@pytest.mark.parametrize("family", ["qwen3_qknorm_tied", "qwen2_bias", "llama_yarn_rope", "mistral_gqa"])
+def test_ar_round_trip_reproduces_source(family, tmp_path):
+    src = str(tmp_path / "src")
+    torch_model = make_hf_model(family, src)
+    write_tokenizer(src)
+    out = str(tmp_path / "out")
+    edlm.to_hf(edlm.from_hf(src), out, tokenizer_dir=src)
+
+    source, exported = SafetensorsCheckpoint(src), SafetensorsCheckpoint(out)
+    assert sorted(exported.keys()) == sorted(source.keys())
+    for name in source.keys():
+        assert exported.dtype(name) == source.dtype(name), name
+        assert np.array_equal(exported.tensor(name), source.tensor(name)), name
+    assert model_config_from_hf(read_config_json(out)) == model_config_from_hf(read_config_json(src))
+    if family == "qwen3_qknorm_tied":  # the family's own transformers class loads it, no remote code
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert type(reloaded) is type(torch_model)
+        tokens = torch.tensor(np.random.RandomState(0).randint(0, VOCAB, size=(1, 9)))
+        with torch.no_grad():
+            assert torch.equal(reloaded(tokens).logits, torch_model(tokens).logits)
+
+
+def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    recipe = {"diffusion": {"objective": "block_diffusion", "block_size": 8, "block_size_schedule": "0:2,10:4"}}
+    edlm.save(dlm_model, ckpt, extra={"train_config": recipe, "metrics": {"eval_loss": 1.25}})
+    out = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "efficient_dlm.cli", "export-hf", "--ckpt", ckpt, "--out", out, "--threshold", "0.8"]
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no tokenizer to export" in missing.stderr.strip().splitlines()[-1]
+    done = subprocess.run(cmd + ["--tokenizer_dir", write_tokenizer(tmp_path / "tok")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert (config["block_size"], config["decoding_threshold"]) == (4, 0.8)  # schedule's final size; flag
+    card = open(os.path.join(out, "README.md")).read()
+    assert "diffusion.objective | block_diffusion" in card and "metrics.eval_loss | 1.25" in card
+    assert os.path.exists(os.path.join(out, "tokenizer.json")) and os.path.exists(os.path.join(out, "modeling_edlm.py"))
+
+
+def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch):
+    model = dlm_model
+    tok = write_tokenizer(tmp_path / "tok")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        edlm.to_hf(model, str(full), tokenizer_dir=tok)
+    with pytest.raises(FileNotFoundError, match="no tokenizer to export.*--tokenizer_dir"):
+        edlm.to_hf(model, str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        edlm.to_hf(model, str(tmp_path / "a"), tokenizer_dir=str(full))
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        edlm.to_hf(model, str(tmp_path / "a"), tokenizer_dir=tok, dtype="fp8")
+    with pytest.raises(ValueError, match="format 'dlm' needs .*mask_token_id"):
+        edlm.to_hf(edlm.init_model(dlm_config(mask_token_id=None)), str(tmp_path / "a"), tokenizer_dir=tok, format="dlm")
+    with pytest.raises(ValueError, match="output directory contains the source"):
+        edlm.to_hf(model, str(tmp_path), tokenizer_dir=tok, overwrite=True)
+    assert not os.path.exists(tmp_path / "a")  # nothing written by a refused export
+    edlm.to_hf(model, str(full), tokenizer_dir=tok, overwrite=True)
+    assert not os.path.exists(full / "keep.txt") and os.path.exists(full / "config.json")
+    with pytest.raises(ValueError, match="not a valid Hugging Face repo id"):
+        check_push_args("not a/valid/id")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        check_push_args("someone/model")
