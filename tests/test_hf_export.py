@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import efficient_dlm as edlm
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port.cli_export import check_push_args
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
@@ -146,7 +147,7 @@ def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         edlm.to_hf(model, str(tmp_path / "a"), tokenizer_dir=tok, dtype="fp8")
     with pytest.raises(ValueError, match="format 'dlm' needs .*mask_token_id"):
-        edlm.to_hf(edlm.init_model(dlm_config(mask_token_id=None)), str(tmp_path / "a"), tokenizer_dir=tok, format="dlm")
+        edlm.to_hf(abstract_model(dlm_config(mask_token_id=None)), str(tmp_path / "a"), tokenizer_dir=tok, format="dlm")
     with pytest.raises(ValueError, match="output directory contains the source"):
         edlm.to_hf(model, str(tmp_path), tokenizer_dir=tok, overwrite=True)
     assert not os.path.exists(tmp_path / "a")  # nothing written by a refused export

@@ -348,6 +348,11 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
 
     # ---- generation -------------------------------------------------------------------------------
 
+    def _chunk(self, tokens, positions, cache, use_cache=False):
+        """Logits of a chunk that sees the finished prefix (cache) and itself bidirectionally."""
+        out = self(tokens, position_ids=positions, past_key_values=cache, use_cache=use_cache, attention="bidirectional")
+        return out.logits, out.past_key_values
+
     @torch.no_grad()
     def generate(
         self,
@@ -363,10 +368,102 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
     ):
         """Greedy threshold decoding (Fast-dLLM) with an exact prefix KV cache.
 
-        input_ids [batch, prompt] left-padded (attention_mask 0 on padding). Returns the prompt
-        followed by max_new_tokens generated tokens per row ([batch, prompt + max_new_tokens]);
-        after a row emits EOS its later tokens are EOS (the pad token when set). With
-        return_dict_in_generate=True returns a dict with `sequences`, `forward_passes` and
-        `tokens_per_forward`.
+        input_ids [batch, length] with attention_mask marking real tokens (left or right padding).
+        Row b's prompt of n tokens occupies positions 0..n-1; blocks are aligned to multiples of
+        block_size, so the first decoded block is the one holding position n and keeps the prompt's
+        tail. The prompt's whole blocks are encoded once (block-causal) into the cache. Each block
+        starts as [MASK]; every step commits the masked positions whose confidence max_v p(v) is at
+        least `threshold`, and always the most confident one; a final block's keys and values are
+        then cached. A row stops after the block in which it emits EOS (later tokens become the pad
+        token, else EOS) or once it has max_new_tokens. Returns [batch, length + max_new_tokens]
+        (input_ids followed by the new tokens), or with return_dict_in_generate=True a dict with
+        `sequences`, `forward_passes` and `tokens_per_forward`.
         """
-        raise NotImplementedError("pending")
+        cfg = self.config
+        B = int(block_size or cfg.block_size)
+        tau = float(cfg.decoding_threshold if threshold is None else threshold)
+        mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+        if mask_id is None:
+            raise ValueError("generate needs mask_token_id (config.mask_token_id is not set)")
+        if B <= 0 or max_new_tokens < 1:
+            raise ValueError(f"need block_size > 0 and max_new_tokens >= 1, got {B} and {max_new_tokens}")
+        device = input_ids.device
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        prompts = [row[keep] for row, keep in zip(input_ids, real)]
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        if int(lengths.min()) < 1:
+            raise ValueError("every prompt needs at least one token")
+        batch = len(prompts)
+        full = torch.div(lengths, B, rounding_mode="floor")  # whole prompt blocks per row
+        tail = lengths - full * B
+        forwards = 0
+
+        # Prefill: each row's whole prompt blocks, left-padded to the longest (padding is never attended).
+        cache, last_logits = None, torch.zeros(batch, cfg.vocab_size, device=device)
+        width = int(full.max()) * B
+        if width:
+            ids = torch.full((batch, width), pad if pad is not None else 0, dtype=input_ids.dtype, device=device)
+            valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+            positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+            for b, prompt in enumerate(prompts):
+                n = int(full[b]) * B
+                if n:
+                    ids[b, width - n :], valid[b, width - n :] = prompt[:n], True
+                    positions[b, width - n :] = torch.arange(n, device=device)
+            out = self(ids, attention_mask=valid, position_ids=positions, use_cache=True, attention="block", block_size=B)
+            cache, last_logits = out.past_key_values, out.logits[:, -1]
+            forwards += 1
+
+        new_tokens = torch.full((batch, max_new_tokens), pad if pad is not None else mask_id, dtype=input_ids.dtype, device=device)
+        produced = torch.zeros(batch, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        offsets = torch.arange(B, device=device)
+        block_index = 0
+        while not bool(done.all()):
+            start = (full + block_index) * B  # first position of this block, per row
+            positions = start[:, None] + offsets[None]
+            block = torch.full((batch, B), mask_id, dtype=input_ids.dtype, device=device)
+            if block_index == 0:
+                for b, prompt in enumerate(prompts):
+                    if int(tail[b]):
+                        block[b, : int(tail[b])] = prompt[len(prompt) - int(tail[b]) :]
+            masked = (block == mask_id) & ~done[:, None]
+            while bool(masked.any()):
+                logits, _ = self._chunk(block, positions, cache)
+                forwards += 1
+                if cfg.token_shift:  # position i is predicted from the hidden state at i - 1
+                    logits = torch.cat([last_logits[:, None], logits[:, :-1]], dim=1)
+                logits[..., mask_id] = float("-inf")
+                confidence, prediction = torch.softmax(logits, dim=-1).max(dim=-1)
+                confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
+                commit = masked & (confidence >= tau)
+                best = confidence.argmax(dim=-1)
+                commit[torch.arange(batch, device=device), best] |= masked.any(dim=-1)
+                block = torch.where(commit, prediction, block)
+                masked &= ~commit
+            generated = positions >= lengths[:, None]
+            for b in torch.nonzero(~done).flatten().tolist():
+                tokens = block[b][generated[b]]
+                take = min(len(tokens), max_new_tokens - int(produced[b]))
+                tokens = tokens[:take]
+                hits = torch.nonzero(tokens == eos).flatten() if eos is not None else tokens[:0]
+                if len(hits):
+                    tokens = tokens[: int(hits[0]) + 1]
+                new_tokens[b, produced[b] : produced[b] + len(tokens)] = tokens
+                produced[b] += len(tokens)
+                done[b] = bool(len(hits)) or int(produced[b]) >= max_new_tokens
+            if bool(done.all()):
+                break
+            logits, cache = self._chunk(block, positions, cache, use_cache=True)
+            last_logits = logits[:, -1]
+            forwards += 1
+            block_index += 1
+
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        generated_count = int(produced.sum())
+        return {"sequences": sequences, "forward_passes": forwards, "tokens_per_forward": generated_count / max(forwards, 1)}
