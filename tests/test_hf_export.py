@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -41,9 +42,30 @@ def dlm_config(**changes) -> ModelConfig:
     return ModelConfig(**{**base, **changes})
 
 
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """Random weights, norms and biases (all of them matter), without the cost of init_model."""
+    model = abstract_model(cfg)
+    rng = np.random.RandomState(seed)
+    flat = []
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        noise = rng.normal(size=leaf.shape).astype(leaf.dtype)
+        flat.append((path, leaf.replace(jnp.asarray(1.0 + 0.1 * noise if "scale" in path else 0.1 * noise))))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
 @pytest.fixture(scope="module")
 def dlm_model():
-    return edlm.init_model(dlm_config(), seed=3)
+    return random_model(dlm_config(), seed=3)
+
+
+@pytest.fixture(scope="module")
+def dlm_export(dlm_model, tmp_path_factory):
+    """(directory, transformers model) of the dLM exported with block size 4, in shards."""
+    root = tmp_path_factory.mktemp("export")
+    out = str(root / "dlm")
+    edlm.to_hf(dlm_model, out, tokenizer_dir=write_tokenizer(root / "tok"), max_shard_size="20KB", block_size=4)
+    return out, transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
 
 
 def params(model) -> dict:
@@ -54,17 +76,14 @@ def relative_error(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def test_dlm_export_runs_in_transformers_like_jax_and_reads_back(dlm_model, tmp_path):
-    model = dlm_model
-    out = str(tmp_path / "dlm")
-    edlm.to_hf(model, out, tokenizer_dir=write_tokenizer(tmp_path / "tok"), max_shard_size="20KB", block_size=4)
+def test_dlm_export_runs_in_transformers_like_jax_and_reads_back(dlm_model, dlm_export, tmp_path):
+    model, (out, hf) = dlm_model, dlm_export
 
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 1  # sharded
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "edlm_qwen3" and config["block_size"] == 4 and config["mask_token_id"] == VOCAB - 1
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     tokens = np.random.RandomState(0).randint(0, VOCAB, size=(2, 12))
     with torch.no_grad():
         for mode in ("block", "causal"):
@@ -86,7 +105,7 @@ def test_dlm_export_runs_in_transformers_like_jax_and_reads_back(dlm_model, tmp_
         assert value.dtype == expected[path].dtype and np.array_equal(value, expected[path]), path
 
     bf16 = str(tmp_path / "bf16")
-    edlm.to_hf(model, bf16, tokenizer_dir=str(tmp_path / "tok"), dtype="bfloat16")
+    edlm.to_hf(model, bf16, tokenizer_dir=os.path.join(os.path.dirname(out), "tok"), dtype="bfloat16")
     back16 = params(edlm.from_hf(bf16, dtype="bfloat16"))
     for path, value in params(model).items():
         assert np.array_equal(back16[path], value.astype(back16[path].dtype)), path
@@ -158,3 +177,43 @@ def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
         check_push_args("someone/model")
+
+
+def reference_generate(forward, prompt, max_new_tokens, block_size, threshold, mask_id, eos):
+    """METHOD.md section 6 the slow way: recompute the whole sequence (block-causal JAX forward) every step."""
+    tokens, n, block = list(prompt), len(prompt), len(prompt) // block_size
+    while True:
+        start, end = block * block_size, (block + 1) * block_size
+        tokens += [mask_id] * (end - len(tokens))
+        while mask_id in tokens[start:end]:
+            logits = np.asarray(forward(np.array([tokens])))[0, start:end].astype(np.float64)
+            logits[:, mask_id] = -np.inf
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            masked = np.array(tokens[start:end]) == mask_id
+            confidence = np.where(masked, probs.max(-1), -1.0)
+            commit = masked & (confidence >= threshold)
+            commit[confidence.argmax()] = True
+            for i in np.flatnonzero(commit):
+                tokens[start + i] = int(probs[i].argmax())
+        new = tokens[n:]
+        if eos in new or len(new) >= max_new_tokens:
+            new = new[: new.index(eos) + 1] if eos in new else new
+            return new[:max_new_tokens]
+        block += 1
+
+
+def test_dlm_generate_matches_slow_reference(dlm_model, dlm_export):
+    import jax
+
+    _, hf = dlm_export
+    forward = jax.jit(lambda tokens: dlm_model(tokens, attention="block", block_size=4))
+    prompts = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10], [11, 12]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    result = hf.generate(ids, attention_mask=mask, max_new_tokens=7, threshold=0.05, eos_token_id=1, return_dict_in_generate=True)
+    for row, prompt in enumerate(prompts):
+        expected = reference_generate(forward, prompt, 7, 4, 0.05, VOCAB - 1, eos=1)
+        assert result["sequences"][row, width : width + len(expected)].tolist() == expected
+    assert result["tokens_per_forward"] > 1.0  # the threshold committed several tokens in some step

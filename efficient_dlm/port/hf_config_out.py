@@ -23,12 +23,13 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-# What each family's config.json cannot express: the importer derives these from model_type.
+# What each family's config.json cannot express. Our attention_bias is q/k/v bias only: Qwen2 has
+# exactly that, while Llama / Qwen3 "attention_bias" would also add an o_proj bias we do not have.
 _IMPLIED = {
-    "llama": dict(qk_norm=False),
+    "llama": dict(qk_norm=False, attention_bias=False),
     "mistral": dict(qk_norm=False, attention_bias=False),
     "qwen2": dict(qk_norm=False, attention_bias=True),
-    "qwen3": dict(qk_norm=True),
+    "qwen3": dict(qk_norm=True, attention_bias=False),
 }
 STRATEGIES = ("threshold", "topk", "factor", "entropy")
 AUTO_MAP = {
