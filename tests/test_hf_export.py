@@ -136,7 +136,8 @@ def test_ar_round_trip_reproduces_source(family, tmp_path):
 def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     recipe = {"diffusion": {"objective": "block_diffusion", "block_size": 8, "block_size_schedule": "0:2,10:4"}}
-    edlm.save(dlm_model, ckpt, extra={"train_config": recipe, "metrics": {"eval_loss": 1.25}})
+    extra = {"train_config": recipe, "valid_vocab_size": 90, "metrics": {"eval_loss": 1.25}}
+    edlm.save(dlm_model, ckpt, extra=extra)
     out = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "efficient_dlm.cli", "export-hf", "--ckpt", ckpt, "--out", out, "--threshold", "0.8"]
@@ -146,6 +147,7 @@ def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path):
     assert done.returncode == 0, done.stderr
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["block_size"], config["decoding_threshold"]) == (4, 0.8)  # schedule's final size; flag
+    assert config["valid_vocab_size"] == 90
     card = open(os.path.join(out, "README.md")).read()
     assert "diffusion.objective | block_diffusion" in card and "metrics.eval_loss | 1.25" in card
     assert os.path.exists(os.path.join(out, "tokenizer.json")) and os.path.exists(os.path.join(out, "modeling_edlm.py"))
@@ -179,28 +181,40 @@ def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch
         check_push_args("someone/model")
 
 
-def reference_generate(forward, prompt, max_new_tokens, block_size, threshold, mask_id, eos):
-    """METHOD.md section 6 the slow way: recompute the whole sequence (block-causal JAX forward) every step."""
-    tokens, n, block = list(prompt), len(prompt), len(prompt) // block_size
+def reference_generate(forward, prompt, max_new_tokens, block_size, threshold, mask_id, stop, valid_vocab_size):
+    """METHOD.md section 6 the slow way, one row: recompute the whole sequence (block-causal) every step.
+
+    Positions n .. n + max_new_tokens - 1 are generated in training-aligned blocks; after a committed
+    stop token the rest of its block is left masked and the row ends.
+    """
+    n = len(prompt)
+    tokens = list(prompt) + [mask_id] * max_new_tokens
+    start = n // block_size * block_size
     while True:
-        start, end = block * block_size, (block + 1) * block_size
-        tokens += [mask_id] * (end - len(tokens))
-        while mask_id in tokens[start:end]:
-            logits = np.asarray(forward(np.array([tokens])))[0, start:end].astype(np.float64)
-            logits[:, mask_id] = -np.inf
+        end = start + block_size
+        chunk = tokens[:end] + [mask_id] * max(0, end - len(tokens))
+        open_ = np.array([n <= i < n + max_new_tokens for i in range(start, end)])
+        while open_.any():
+            logits = np.asarray(forward(np.array([chunk])))[0, start:end].astype(np.float64)
+            logits[:, mask_id] = logits[:, valid_vocab_size:] = -np.inf
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            masked = np.array(tokens[start:end]) == mask_id
-            confidence = np.where(masked, probs.max(-1), -1.0)
-            commit = masked & (confidence >= threshold)
+            confidence = np.where(open_, probs.max(-1), -1.0)
+            commit = open_ & (confidence >= threshold)
             commit[confidence.argmax()] = True
             for i in np.flatnonzero(commit):
-                tokens[start + i] = int(probs[i].argmax())
-        new = tokens[n:]
-        if eos in new or len(new) >= max_new_tokens:
-            new = new[: new.index(eos) + 1] if eos in new else new
-            return new[:max_new_tokens]
-        block += 1
+                chunk[start + i] = int(probs[i].argmax())
+            open_ &= ~commit
+            stops = [i for i in range(block_size) if chunk[start + i] == stop and start + i >= n]
+            if stops:
+                open_[stops[0] + 1 :] = False
+        tokens[:end] = chunk[: len(tokens)] if end > len(tokens) else chunk
+        new = tokens[n : min(end, n + max_new_tokens)]
+        if stop in new:
+            return new[: new.index(stop) + 1]
+        if end >= n + max_new_tokens:
+            return new
+        start = end
 
 
 def test_dlm_generate_matches_slow_reference(dlm_model, dlm_export):
@@ -212,8 +226,11 @@ def test_dlm_generate_matches_slow_reference(dlm_model, dlm_export):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    result = hf.generate(ids, attention_mask=mask, max_new_tokens=7, threshold=0.05, eos_token_id=1, return_dict_in_generate=True)
+    hf.config.valid_vocab_size = 89  # ids 89.. are vocabulary padding: never generated
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=7, threshold=0.05, eos_token_id=[], return_dict_in_generate=True)
+    stop = free["new_tokens"][0][3]  # a token row 0 emits: as stop token it must end row 0 early
+    result = hf.generate(ids, attention_mask=mask, max_new_tokens=7, threshold=0.05, eos_token_id=stop, return_dict_in_generate=True)
     for row, prompt in enumerate(prompts):
-        expected = reference_generate(forward, prompt, 7, 4, 0.05, VOCAB - 1, eos=1)
-        assert result["sequences"][row, width : width + len(expected)].tolist() == expected
-    assert result["tokens_per_forward"] > 1.0  # the threshold committed several tokens in some step
+        assert result["new_tokens"][row] == reference_generate(forward, prompt, 7, 4, 0.05, VOCAB - 1, stop, 89), row
+    assert len(result["new_tokens"][0]) <= 4 and result["sequences"][0, -1] == stop  # padded with the stop id
+    assert free["tokens_per_forward"] > 1.0  # the threshold committed several tokens in some step

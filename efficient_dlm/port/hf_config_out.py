@@ -48,6 +48,7 @@ class DlmFields:
     strategy: str = "threshold"
     threshold: float = 0.9
     attention_pattern: str = "block"  # block-causal at inference; clean-context training decodes the same way
+    valid_vocab_size: int | None = None  # ids at or above it are vocabulary padding (appended [MASK]), never generated
 
     def __post_init__(self):
         if self.block_size <= 0:
@@ -56,6 +57,8 @@ class DlmFields:
             raise ValueError(f"unknown decoding strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.valid_vocab_size is not None and self.valid_vocab_size <= 0:
+            raise ValueError(f"valid_vocab_size must be positive, got {self.valid_vocab_size}")
         if self.attention_pattern != "block":
             raise ValueError(f"unsupported attention_pattern {self.attention_pattern!r}; exported dLMs are block-causal")
 
@@ -150,6 +153,7 @@ def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
         attention_bias=cfg.attention_bias,
         qk_norm=cfg.qk_norm,
         mask_token_id=cfg.mask_token_id,
+        valid_vocab_size=dlm.valid_vocab_size,
         block_size=dlm.block_size,
         attention_pattern=dlm.attention_pattern,
         token_shift=dlm.token_shift,

@@ -116,7 +116,7 @@ def resolve_dlm_fields(extra: dict[str, Any], overrides: dict[str, Any], default
             "threshold": sample_section().threshold,
         }
     values = {}
-    for field in ("block_size", "token_shift", "strategy", "threshold"):
+    for field in ("block_size", "token_shift", "strategy", "threshold", "valid_vocab_size"):
         for candidate in (overrides.get(field), _lookup(extra, field), defaults.get(field)):
             if candidate is not None:
                 values[field] = candidate

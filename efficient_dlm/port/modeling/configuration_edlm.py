@@ -30,6 +30,7 @@ class EdlmConfig(PretrainedConfig):
         sliding_window=None,
         use_sliding_window=False,
         mask_token_id=None,
+        valid_vocab_size=None,
         block_size=32,
         attention_pattern="block",
         token_shift=False,
@@ -60,6 +61,7 @@ class EdlmConfig(PretrainedConfig):
         self.sliding_window = sliding_window  # used by causal (AR) attention only, as in training
         self.use_sliding_window = use_sliding_window
         self.mask_token_id = mask_token_id
+        self.valid_vocab_size = valid_vocab_size  # ids at or above it are vocabulary padding, never generated
         self.block_size = block_size
         self.attention_pattern = attention_pattern
         self.token_shift = token_shift

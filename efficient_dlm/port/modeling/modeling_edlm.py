@@ -348,10 +348,45 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
 
     # ---- generation -------------------------------------------------------------------------------
 
+    def _prefill(self, prompts, block_size: int, pad: int):
+        """Caches every row's whole prompt blocks (block-causal, left-padded to the longest).
+
+        Returns (cache or None, logits at each row's last cached position or zeros, forward passes).
+        """
+        batch, device = len(prompts), prompts[0].device
+        full = [len(p) // block_size * block_size for p in prompts]
+        width = max(full)
+        if not width:
+            return None, torch.zeros(batch, self.config.vocab_size, device=device), 0
+        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for b, (prompt, n) in enumerate(zip(prompts, full)):
+            if n:
+                ids[b, width - n :], valid[b, width - n :] = prompt[:n], True
+                positions[b, width - n :] = torch.arange(n, device=device)
+        out = self(ids, attention_mask=valid, position_ids=positions, use_cache=True, attention="block", block_size=block_size)
+        return out.past_key_values, out.logits[:, -1], 1
+
     def _chunk(self, tokens, positions, cache, use_cache=False):
-        """Logits of a chunk that sees the finished prefix (cache) and itself bidirectionally."""
+        """Logits of a block that sees the finished prefix (cache) and itself bidirectionally."""
         out = self(tokens, position_ids=positions, past_key_values=cache, use_cache=use_cache, attention="bidirectional")
         return out.logits, out.past_key_values
+
+    def _choose(self, logits, allowed):
+        """Greedy token and its probability at every position, over the allowed ids only."""
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        confidence, token = torch.softmax(logits, dim=-1).max(dim=-1)
+        return token, confidence
+
+    @staticmethod
+    def _threshold_commit(confidence, open_, threshold: float):
+        """Open positions with confidence >= threshold; at least the most confident open one per row."""
+        confidence = confidence.masked_fill(~open_, -1.0)
+        commit = open_ & (confidence >= threshold)
+        best = confidence.argmax(dim=-1)  # the earliest position among equals
+        commit[torch.arange(len(best), device=best.device), best] |= open_.any(dim=-1)
+        return commit
 
     @torch.no_grad()
     def generate(
@@ -361,109 +396,104 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         max_new_tokens: int = 64,
         block_size: Optional[int] = None,
         threshold: Optional[float] = None,
-        eos_token_id: Optional[int] = None,
+        eos_token_id=None,
         mask_token_id: Optional[int] = None,
         return_dict_in_generate: bool = False,
         **kwargs,
     ):
-        """Greedy threshold decoding (Fast-dLLM) with an exact prefix KV cache.
+        """Greedy threshold decoding (Fast-dLLM) with an exact prefix KV cache, as efficient_dlm.generate.
 
         input_ids [batch, length] with attention_mask marking real tokens (left or right padding).
-        Row b's prompt of n tokens occupies positions 0..n-1; blocks are aligned to multiples of
-        block_size, so the first decoded block is the one holding position n and keeps the prompt's
-        tail. The prompt's whole blocks are encoded once (block-causal) into the cache. Each block
-        starts as [MASK]; every step commits the masked positions whose confidence max_v p(v) is at
-        least `threshold`, and always the most confident one; a final block's keys and values are
-        then cached. A row stops after the block in which it emits EOS (later tokens become the pad
-        token, else EOS) or once it has max_new_tokens. Returns [batch, length + max_new_tokens]
-        (input_ids followed by the new tokens), or with return_dict_in_generate=True a dict with
-        `sequences`, `forward_passes` and `tokens_per_forward`.
+        Row b's prompt of n tokens occupies positions 0..n-1 and blocks are aligned to multiples of
+        block_size, as in training: the first decoded block is the one holding position n and keeps
+        the prompt's tail; the prompt's whole blocks are cached first (block-causal). Positions
+        n .. n + max_new_tokens - 1 start as [MASK]; each step runs the block against the cache and
+        commits the masked positions whose confidence max_v p(v) is at least `threshold`, and always
+        the most confident one. The [MASK] id and ids >= config.valid_vocab_size are never chosen.
+        Once a stop token (eos_token_id: an id or a list) is committed, the positions after it in
+        the block are no longer decoded and the row ends with that block. A final block's keys and
+        values are computed once more, clean, and cached.
+
+        Returns [batch, length + max_new_tokens]: input_ids followed by each row's new tokens (cut
+        after its first stop token, then the pad token, else EOS). With return_dict_in_generate=True,
+        a dict with `sequences`, `new_tokens` (the generated ids per row), `forward_passes` and
+        `tokens_per_forward`.
         """
         cfg = self.config
-        B = int(block_size or cfg.block_size)
+        size = int(block_size or cfg.block_size)
         tau = float(cfg.decoding_threshold if threshold is None else threshold)
         mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
-        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+        stops = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+        pad = next((t for t in (cfg.pad_token_id, *stops, 0) if t is not None))
         if mask_id is None:
             raise ValueError("generate needs mask_token_id (config.mask_token_id is not set)")
-        if B <= 0 or max_new_tokens < 1:
-            raise ValueError(f"need block_size > 0 and max_new_tokens >= 1, got {B} and {max_new_tokens}")
+        if size <= 0 or max_new_tokens < 1:
+            raise ValueError(f"need block_size > 0 and max_new_tokens >= 1, got {size} and {max_new_tokens}")
+        if kwargs.get("do_sample"):
+            raise ValueError("this generate decodes greedily; sampling (do_sample=True) is not implemented")
         device = input_ids.device
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompts = [row[keep] for row, keep in zip(input_ids, real)]
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        if int(lengths.min()) < 1:
+        if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
         batch = len(prompts)
-        full = torch.div(lengths, B, rounding_mode="floor")  # whole prompt blocks per row
-        tail = lengths - full * B
-        forwards = 0
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        allowed = torch.ones(cfg.vocab_size, dtype=torch.bool, device=device)
+        allowed[mask_id] = False
+        if getattr(cfg, "valid_vocab_size", None):
+            allowed[cfg.valid_vocab_size :] = False
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
-        # Prefill: each row's whole prompt blocks, left-padded to the longest (padding is never attended).
-        cache, last_logits = None, torch.zeros(batch, cfg.vocab_size, device=device)
-        width = int(full.max()) * B
-        if width:
-            ids = torch.full((batch, width), pad if pad is not None else 0, dtype=input_ids.dtype, device=device)
-            valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-            positions = torch.zeros(batch, width, dtype=torch.long, device=device)
-            for b, prompt in enumerate(prompts):
-                n = int(full[b]) * B
-                if n:
-                    ids[b, width - n :], valid[b, width - n :] = prompt[:n], True
-                    positions[b, width - n :] = torch.arange(n, device=device)
-            out = self(ids, attention_mask=valid, position_ids=positions, use_cache=True, attention="block", block_size=B)
-            cache, last_logits = out.past_key_values, out.logits[:, -1]
-            forwards += 1
-
-        new_tokens = torch.full((batch, max_new_tokens), pad if pad is not None else mask_id, dtype=input_ids.dtype, device=device)
-        produced = torch.zeros(batch, dtype=torch.long, device=device)
+        cache, last_logits, forwards = self._prefill(prompts, size, pad)
+        new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        written = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        offsets = torch.arange(B, device=device)
-        block_index = 0
+        offsets = torch.arange(size, device=device)
+        block_start = torch.div(lengths, size, rounding_mode="floor") * size  # position of block 0, per row
         while not bool(done.all()):
-            start = (full + block_index) * B  # first position of this block, per row
-            positions = start[:, None] + offsets[None]
-            block = torch.full((batch, B), mask_id, dtype=input_ids.dtype, device=device)
-            if block_index == 0:
-                for b, prompt in enumerate(prompts):
-                    if int(tail[b]):
-                        block[b, : int(tail[b])] = prompt[len(prompt) - int(tail[b]) :]
-            masked = (block == mask_id) & ~done[:, None]
-            while bool(masked.any()):
+            positions = block_start[:, None] + offsets[None]
+            index = positions - lengths[:, None]  # index among the new tokens
+            block = torch.full((batch, size), mask_id, dtype=torch.long, device=device)
+            for b, prompt in enumerate(prompts):  # the prompt's tail inside block 0
+                tail = max(0, int(lengths[b] - block_start[b]))
+                block[b, :tail] = prompt[len(prompt) - tail :]
+            open_ = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
+            committed, stopped = torch.zeros_like(open_), torch.zeros_like(open_)
+            while bool(open_.any()):
                 logits, _ = self._chunk(block, positions, cache)
                 forwards += 1
                 if cfg.token_shift:  # position i is predicted from the hidden state at i - 1
                     logits = torch.cat([last_logits[:, None], logits[:, :-1]], dim=1)
-                logits[..., mask_id] = float("-inf")
-                confidence, prediction = torch.softmax(logits, dim=-1).max(dim=-1)
-                confidence = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
-                commit = masked & (confidence >= tau)
-                best = confidence.argmax(dim=-1)
-                commit[torch.arange(batch, device=device), best] |= masked.any(dim=-1)
-                block = torch.where(commit, prediction, block)
-                masked &= ~commit
-            generated = positions >= lengths[:, None]
-            for b in torch.nonzero(~done).flatten().tolist():
-                tokens = block[b][generated[b]]
-                take = min(len(tokens), max_new_tokens - int(produced[b]))
-                tokens = tokens[:take]
-                hits = torch.nonzero(tokens == eos).flatten() if eos is not None else tokens[:0]
-                if len(hits):
-                    tokens = tokens[: int(hits[0]) + 1]
-                new_tokens[b, produced[b] : produced[b] + len(tokens)] = tokens
-                produced[b] += len(tokens)
-                done[b] = bool(len(hits)) or int(produced[b]) >= max_new_tokens
+                token, confidence = self._choose(logits, allowed)
+                commit = self._threshold_commit(confidence, open_, tau)
+                block = torch.where(commit, token, block)
+                committed |= commit
+                stopped = committed & torch.isin(block, stop_ids)
+                first_stop = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1), size)
+                open_ &= ~commit & (offsets[None] < first_stop[:, None])
+            r, c = torch.nonzero(committed, as_tuple=True)
+            new_tokens[r, index[r, c]] = block[r, c]
+            written[r, index[r, c]] = True
+            done |= stopped.any(dim=1) | (positions[:, -1] + 1 >= lengths + max_new_tokens)
             if bool(done.all()):
                 break
-            logits, cache = self._chunk(block, positions, cache, use_cache=True)
+            logits, cache = self._chunk(block, positions, cache, use_cache=True)  # cache the clean block
             last_logits = logits[:, -1]
             forwards += 1
-            block_index += 1
+            block_start = block_start + size
 
-        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        is_stop = written & torch.isin(new_tokens, stop_ids)
+        end = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, written.sum(dim=1))
+        keep = torch.arange(max_new_tokens, device=device)[None] < end[:, None]
+        new_tokens = new_tokens.masked_fill(~keep, pad)
+        sequences = torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)
         if not return_dict_in_generate:
             return sequences
-        generated_count = int(produced.sum())
-        return {"sequences": sequences, "forward_passes": forwards, "tokens_per_forward": generated_count / max(forwards, 1)}
+        generated = [row[:n].tolist() for row, n in zip(new_tokens, end.tolist())]
+        return {
+            "sequences": sequences,
+            "new_tokens": generated,
+            "forward_passes": forwards,
+            "tokens_per_forward": int(end.sum()) / max(forwards, 1),
+        }
