@@ -234,3 +234,5 @@ def test_dlm_generate_matches_slow_reference(dlm_model, dlm_export):
         assert result["new_tokens"][row] == reference_generate(forward, prompt, 7, 4, 0.05, VOCAB - 1, stop, 89), row
     assert len(result["new_tokens"][0]) <= 4 and result["sequences"][0, -1] == stop  # padded with the stop id
     assert free["tokens_per_forward"] > 1.0  # the threshold committed several tokens in some step
+    with pytest.raises(ValueError, match="does not support do_sample, top_p"):
+        hf.generate(ids, attention_mask=mask, do_sample=True, top_p=0.9)

@@ -144,10 +144,14 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _params(model) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, int | None]]:
     """(HF tensor spec, rule, layer index) for every tensor to write, in table order."""
     cfg: ModelConfig = model.config
-    params = {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = _params(model)
     rules = keymaps.rules_for(cfg)
     uncovered = sorted(set(params) - {rule.path for rule in rules})
     if uncovered:
@@ -164,8 +168,7 @@ def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, int |
 
 def _producer(model, plan, dtype: str):
     """produce(spec) -> the HF tensor, gathered from the model one layer slice at a time."""
-    cfg = model.config
-    params = {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    cfg, params = model.config, _params(model)
     by_name = {spec.name: (rule, layer) for spec, rule, layer in plan}
 
     def produce(spec: TensorSpec) -> np.ndarray:

@@ -25,6 +25,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_edlm import EdlmConfig
 
 ATTENTION_PATTERNS = ("block", "causal", "bidirectional")
+# generate arguments that tokenizers and pipelines pass and that do not change greedy decoding, and
+# the values of standard arguments that agree with it; anything else is refused, not ignored.
+_IGNORED_GENERATE_ARGS = ("token_type_ids", "use_cache", "generation_config")
+_AGREEING_GENERATE_ARGS = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 0.0}
 
 
 # ---- rotary position embeddings (the rope_type variants of transformers, same formulas) --------------
@@ -398,6 +402,7 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         threshold: Optional[float] = None,
         eos_token_id=None,
         mask_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
         return_dict_in_generate: bool = False,
         **kwargs,
     ):
@@ -425,13 +430,17 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
         stops = cfg.eos_token_id if eos_token_id is None else eos_token_id
         stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
-        pad = next((t for t in (cfg.pad_token_id, *stops, 0) if t is not None))
+        pad = next((t for t in (pad_token_id, cfg.pad_token_id, *stops, 0) if t is not None))
         if mask_id is None:
             raise ValueError("generate needs mask_token_id (config.mask_token_id is not set)")
         if size <= 0 or max_new_tokens < 1:
             raise ValueError(f"need block_size > 0 and max_new_tokens >= 1, got {size} and {max_new_tokens}")
-        if kwargs.get("do_sample"):
-            raise ValueError("this generate decodes greedily; sampling (do_sample=True) is not implemented")
+        unsupported = sorted(
+            k for k, v in kwargs.items()
+            if k not in _IGNORED_GENERATE_ARGS and v is not None and _AGREEING_GENERATE_ARGS.get(k, object()) != v
+        )
+        if unsupported:
+            raise ValueError(f"generate does not support {', '.join(unsupported)} (greedy threshold decoding only)")
         device = input_ids.device
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompts = [row[keep] for row, keep in zip(input_ids, real)]
