@@ -70,7 +70,9 @@ def visible(spec: MaskSpec, q_idx, k_idx):
     q_stream, q_pos = stream_and_position(spec, q_idx)
     k_stream, k_pos = stream_and_position(spec, k_idx)
     q_block, k_block = q_pos // spec.block_size, k_pos // spec.block_size
-    same_block_same_stream = (q_block == k_block) & (q_stream == k_stream)
+    # Stream equality as a zero difference: Mosaic (splash's in-kernel mask) cannot lower `==` of two
+    # widened booleans.
+    same_block_same_stream = (q_block == k_block) & (q_stream - k_stream == 0)
     noisy_sees_clean_past = (q_stream == 0) & (k_stream == 1) & (k_block < q_block)
     clean_sees_clean_past = (q_stream == 1) & (k_stream == 1) & (k_block <= q_block)
     return same_block_same_stream | noisy_sees_clean_past | clean_sees_clean_past
