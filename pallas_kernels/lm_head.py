@@ -62,7 +62,7 @@ def combine(part: SoftmaxSummary, axis_name) -> SoftmaxSummary:
     )
 
 
-def _kernel(offset_ref, h_ref, w_ref, m_out, s_out, t_out, i_out, m_ref, s_ref, t_ref, i_ref,
+def _kernel(offset_ref, h_ref, w_ref, allowed_ref, m_out, s_out, t_out, i_out, m_ref, s_ref, t_ref, i_ref,
             *, inv_temperature: float, vocab: int, block_vocab: int, num_tiles: int):
     j = pl.program_id(1)
 
@@ -75,7 +75,8 @@ def _kernel(offset_ref, h_ref, w_ref, m_out, s_out, t_out, i_out, m_ref, s_ref, 
 
     z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_temperature
     column = j * block_vocab + lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    z = jnp.where(column < vocab, z, NEG_INF)  # the last tile may run past the vocabulary
+    # Ids the caller bans are out; so is whatever the last tile reads past the end of the vocabulary.
+    z = jnp.where((column < vocab) & (allowed_ref[...] != 0), z, NEG_INF)
     tile_max = jnp.max(z, axis=-1, keepdims=True)
     tile_token = jnp.min(jnp.where(z == tile_max, column, jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
     p = jnp.exp(z - tile_max)
@@ -95,13 +96,15 @@ def lm_head_summary(
     *,
     temperature: float = 1.0,
     token_offset: jax.Array | int = 0,
+    allowed: jax.Array | None = None,
     block_rows: int = BLOCK_ROWS,
     block_vocab: int = BLOCK_VOCAB,
     interpret: bool = False,
 ) -> SoftmaxSummary:
     """hidden [N, E] and output embedding w_out [E, V] -> SoftmaxSummary of hidden @ w_out / temperature.
 
-    token_offset is added to token ids (the first vocab id of this shard when w_out is a vocab shard).
+    token_offset is added to token ids (the first vocab id of this shard when w_out is a vocab shard);
+    allowed [V] bool, if given, removes the ids where it is False (e.g. the [MASK] token).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive for softmax statistics, got {temperature}")
@@ -123,6 +126,7 @@ def lm_head_summary(
             in_specs=[
                 pl.BlockSpec((block_rows, hidden.shape[1]), lambda i, j, *_: (i, 0)),
                 pl.BlockSpec((w_out.shape[0], block_vocab), lambda i, j, *_: (0, j)),
+                pl.BlockSpec((1, block_vocab), lambda i, j, *_: (0, j)),
             ],
             out_specs=[column] * 4,
             scratch_shapes=[pltpu.VMEM((block_rows, 1), jnp.float32)] * 3 + [pltpu.VMEM((block_rows, 1), jnp.int32)],
@@ -130,5 +134,10 @@ def lm_head_summary(
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-    )(jnp.reshape(jnp.asarray(token_offset, jnp.int32), (1,)), hidden, w_out)
+    )(
+        jnp.reshape(jnp.asarray(token_offset, jnp.int32), (1,)),
+        hidden,
+        w_out,
+        jnp.ones((1, vocab), jnp.int32) if allowed is None else jnp.asarray(allowed, jnp.int32).reshape(1, vocab),
+    )
     return SoftmaxSummary(*(x[:rows, 0] for x in outs))

@@ -83,13 +83,18 @@ def test_lm_head_confidence_matches_softmax_of_full_logits():
     rng = np.random.default_rng(0)
     hidden, w_out = _normal(rng, 3, 7, 32), _normal(rng, 32, 300)  # 21 rows, vocab 300: partial tiles
     w_out = w_out.at[:, 260].set(w_out[:, 5])  # exact ties: the first index must win, as argmax
+    allowed = np.ones(300, bool)
+    allowed[[0, 299]] = False  # e.g. the [MASK] id and vocabulary padding
     for temperature, backend in ((0.6, "pallas"), (0.6, "xla"), (1.0, "xla")):
         logits = np.asarray(hidden, np.float64) @ np.asarray(w_out, np.float64) / temperature
+        logits[..., ~allowed] = -np.inf
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        entropy = -(probs * np.log(probs)).sum(-1)
+        entropy = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(-1)
         max_prob, token, ent = jax.jit(
-            lambda h, w: kernel_dispatch.lm_head_confidence(h, w, temperature=temperature, with_entropy=True, backend=backend)
+            lambda h, w: kernel_dispatch.lm_head_confidence(
+                h, w, temperature=temperature, with_entropy=True, allowed=allowed, backend=backend
+            )
         )(hidden, w_out)
         np.testing.assert_allclose(max_prob, probs.max(-1), atol=1e-5)
         np.testing.assert_array_equal(token, logits.argmax(-1))
@@ -130,3 +135,24 @@ def test_describe_names_the_kernels():
     assert kernel_dispatch.describe("pallas") == chosen
     assert chosen["training"].startswith("splash attention") and "interpret" in chosen["decode"]
     assert kernel_dispatch.describe("auto")["training"] == "xla"  # CPU
+
+
+def test_gpu_backend_uses_the_library_kernel_with_the_same_result():
+    """On CPU, jax.nn.dot_product_attention runs its XLA implementation: same mask, same numbers."""
+    rng = np.random.default_rng(3)
+    spec = MaskSpec("clean_context", 4, 12)
+    q, k, v = _normal(rng, 2, 24, 4, 8), _normal(rng, 2, 24, 2, 8), _normal(rng, 2, 24, 2, 8)
+    segments = _segments(rng, 2, 24, 2)
+    decode_args = (q[:, :4], k[:, :4], v[:, :4], k, v, jnp.array([0, 2]), jnp.array([24, 9]), jnp.tile(jnp.arange(24, 28), (2, 1)))
+
+    def both(backend):
+        return (
+            kernel_dispatch.training_attention(q, k, v, spec, segments, backend)
+            if backend == "gpu"
+            else xla_attention(q, k, v, dense_mask(spec, 24, 24, segments, segments)),
+            kernel_dispatch.decode_attention(*decode_args, "bidirectional", None, backend),
+        )
+
+    (out, decode), (ref, ref_decode) = jax.jit(lambda: (both("gpu"), both("xla")))()
+    assert float(jnp.abs(out - ref).max()) <= 1e-5
+    np.testing.assert_array_equal(decode, ref_decode)

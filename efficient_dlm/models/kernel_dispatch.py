@@ -99,6 +99,11 @@ def _spec(mesh, names: Sequence[str | None], shape: Sequence[int], exclude: Sequ
     return P(*entries)
 
 
+# Kernels see whole sequences and head dims: only batch and heads are split.
+_Q_NAMES = ("batch", None, "act_heads", None)
+_KV_NAMES = ("batch", None, "act_kv_heads", None)
+
+
 def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
@@ -124,8 +129,7 @@ def training_attention(q, k, v, spec: MaskSpec, segment_ids, backend: str) -> ja
     mesh = _mesh()
     if mesh is None:
         return kernel(q, k, v, segment_ids=segment_ids)
-    q_spec = _spec(mesh, ("batch", "length", "act_heads", "head_dim"), q.shape)
-    kv_spec = _spec(mesh, ("batch", "length", "act_kv_heads", "head_dim"), k.shape)
+    q_spec, kv_spec = _spec(mesh, _Q_NAMES, q.shape), _spec(mesh, _KV_NAMES, k.shape)
     if kv_spec[2] != q_spec[2]:  # kv heads split differently from query heads: give each query head its own
         k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
         kv_spec = q_spec
@@ -154,8 +158,7 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
     mesh = _mesh()
     if mesh is None:
         return kernel(*args)
-    q_spec = _spec(mesh, ("batch", "length", "act_heads", "head_dim"), q.shape)
-    kv_spec = _spec(mesh, ("batch", "length", "act_kv_heads", "head_dim"), k.shape)
+    q_spec, kv_spec = _spec(mesh, _Q_NAMES, q.shape), _spec(mesh, _KV_NAMES, k.shape)
     heads = kv_spec[2] if kv_spec[2] == q_spec[2] else None  # else replicate heads: never copy the cache
     batch = q_spec[0]
     q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, heads, None)
@@ -166,19 +169,24 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
 # ---- LM-head confidence --------------------------------------------------------------------------
 
 
-def xla_lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False):
+def xla_lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False, allowed=None):
     """Reference: softmax of the full logits [B, T, V] -> (max_prob, argmax token, entropy or None)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive for softmax statistics, got {temperature}")
     logits = jnp.einsum("bte,ev->btv", hidden, w_out.astype(hidden.dtype), preferred_element_type=jnp.float32) / temperature
+    if allowed is not None:
+        logits = jnp.where(jnp.asarray(allowed), logits, -jnp.inf)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1) if with_entropy else None
+    entropy = -jnp.sum(jnp.where(log_probs > -jnp.inf, jnp.exp(log_probs) * log_probs, 0.0), axis=-1) if with_entropy else None
     return jnp.exp(jnp.max(log_probs, axis=-1)), jnp.argmax(logits, axis=-1).astype(jnp.int32), entropy
 
 
-def lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False, backend: str = "auto"):
+def lm_head_confidence(
+    hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False, allowed=None, backend: str = "auto"
+):
     """Per position of hidden [B, T, E] with output embedding w_out [E, V]: (max_prob [B, T] float32,
-    token [B, T] int32, entropy [B, T] or None) of softmax(hidden @ w_out / temperature).
+    token [B, T] int32, entropy [B, T] or None) of softmax(hidden @ w_out / temperature), over the ids
+    where `allowed` [V] bool is True (all when None).
 
     Kernel backends never materialise the [B, T, V] logits; under a mesh the vocab stays sharded and
     the per-shard summaries are combined exactly.
@@ -186,17 +194,18 @@ def lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy:
     backend = attention_lib.resolve_backend(backend)
     _log_once("lm_head", backend)
     if backend not in KERNEL_BACKENDS:
-        return xla_lm_head_confidence(hidden, w_out, temperature=temperature, with_entropy=with_entropy)
+        return xla_lm_head_confidence(hidden, w_out, temperature=temperature, with_entropy=with_entropy, allowed=allowed)
     batch, width, embed = hidden.shape
     w_out = w_out.astype(hidden.dtype)
+    allowed = jnp.ones((w_out.shape[1],), bool) if allowed is None else jnp.asarray(allowed, bool)
     tiles = _tiles()
     summarize = functools.partial(
         lm_head_lib.lm_head_summary, temperature=temperature, block_rows=tiles["rows"], block_vocab=tiles["vocab"], interpret=_interpret()
     )
 
-    def local(h, w, vocab_axes=()):
+    def local(h, w, ok, vocab_axes=()):
         offset = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
-        summary = summarize(h.reshape(-1, embed), w, token_offset=offset)
+        summary = summarize(h.reshape(-1, embed), w, token_offset=offset, allowed=ok)
         if vocab_axes:
             summary = lm_head_lib.combine(summary, vocab_axes)
         entropy = summary.entropy().reshape(h.shape[:2]) if with_entropy else None
@@ -204,11 +213,15 @@ def lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy:
 
     mesh = _mesh()
     if mesh is None:
-        return local(hidden, w_out)
+        return local(hidden, w_out, allowed)
     w_spec = _spec(mesh, (None, "vocab"), w_out.shape)
     vocab_axes = _axes(w_spec[1])
     h_spec = _spec(mesh, ("batch", None, None), hidden.shape, exclude=vocab_axes)
     out = P(h_spec[0], None)
     return _shard(
-        functools.partial(local, vocab_axes=vocab_axes), mesh, (hidden, w_out), (h_spec, w_spec), (out, out, out if with_entropy else None)
+        functools.partial(local, vocab_axes=vocab_axes),
+        mesh,
+        (hidden, w_out, allowed),
+        (h_spec, w_spec, P(w_spec[1])),
+        (out, out, out if with_entropy else None),
     )
