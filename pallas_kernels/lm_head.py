@@ -37,6 +37,11 @@ class SoftmaxSummary(NamedTuple):
         return jnp.log(self.sum_exp) - self.sum_exp_logit / self.sum_exp
 
 
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be positive for softmax statistics, got {temperature}")
+
+
 def merge(a: SoftmaxSummary, b_max, b_sum, b_sum_logit, b_token) -> SoftmaxSummary:
     """Summary of the union of two disjoint vocab parts (b comes later: ties keep a's token)."""
     m = jnp.maximum(a.max_logit, b_max)
@@ -62,8 +67,8 @@ def combine(part: SoftmaxSummary, axis_name) -> SoftmaxSummary:
     )
 
 
-def _kernel(offset_ref, h_ref, w_ref, allowed_ref, m_out, s_out, t_out, i_out, m_ref, s_ref, t_ref, i_ref,
-            *, inv_temperature: float, vocab: int, block_vocab: int, num_tiles: int):
+def _kernel(offset_ref, inv_temperature_ref, h_ref, w_ref, allowed_ref, m_out, s_out, t_out, i_out, m_ref, s_ref, t_ref,
+            i_ref, *, vocab: int, block_vocab: int, num_tiles: int):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
@@ -73,7 +78,7 @@ def _kernel(offset_ref, h_ref, w_ref, allowed_ref, m_out, s_out, t_out, i_out, m
         t_ref[...] = jnp.zeros_like(t_ref)
         i_ref[...] = jnp.zeros_like(i_ref)
 
-    z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_temperature
+    z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_temperature_ref[0]
     column = j * block_vocab + lax.broadcasted_iota(jnp.int32, z.shape, 1)
     # Ids the caller bans are out; so is whatever the last tile reads past the end of the vocabulary.
     z = jnp.where((column < vocab) & (allowed_ref[...] != 0), z, NEG_INF)
@@ -94,7 +99,7 @@ def lm_head_summary(
     hidden: jax.Array,
     w_out: jax.Array,
     *,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     token_offset: jax.Array | int = 0,
     allowed: jax.Array | None = None,
     block_rows: int = BLOCK_ROWS,
@@ -105,9 +110,9 @@ def lm_head_summary(
 
     token_offset is added to token ids (the first vocab id of this shard when w_out is a vocab shard);
     allowed [V] bool, if given, removes the ids where it is False (e.g. the [MASK] token).
+    temperature may be traced (a sampler knob); a Python number must be positive.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive for softmax statistics, got {temperature}")
+    check_temperature(temperature)
     rows, vocab = hidden.shape[0], w_out.shape[1]
     block_rows = min(block_rows, -(-rows // 8) * 8)
     block_vocab = min(block_vocab, -(-vocab // 128) * 128)
@@ -117,11 +122,9 @@ def lm_head_summary(
     column = pl.BlockSpec((block_rows, 1), lambda i, j, *_: (i, 0))
     out_shape = [jax.ShapeDtypeStruct((padded_rows, 1), jnp.float32)] * 3 + [jax.ShapeDtypeStruct((padded_rows, 1), jnp.int32)]
     outs = pl.pallas_call(
-        functools.partial(
-            _kernel, inv_temperature=1.0 / temperature, vocab=vocab, block_vocab=block_vocab, num_tiles=num_tiles
-        ),
+        functools.partial(_kernel, vocab=vocab, block_vocab=block_vocab, num_tiles=num_tiles),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(padded_rows // block_rows, num_tiles),
             in_specs=[
                 pl.BlockSpec((block_rows, hidden.shape[1]), lambda i, j, *_: (i, 0)),
@@ -136,6 +139,7 @@ def lm_head_summary(
         interpret=interpret,
     )(
         jnp.reshape(jnp.asarray(token_offset, jnp.int32), (1,)),
+        jnp.reshape(1.0 / jnp.asarray(temperature, jnp.float32), (1,)),
         hidden,
         w_out,
         jnp.ones((1, vocab), jnp.int32) if allowed is None else jnp.asarray(allowed, jnp.int32).reshape(1, vocab),

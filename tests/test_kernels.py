@@ -91,11 +91,9 @@ def test_lm_head_confidence_matches_softmax_of_full_logits():
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         entropy = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(-1)
-        max_prob, token, ent = jax.jit(
-            lambda h, w: kernel_dispatch.lm_head_confidence(
-                h, w, temperature=temperature, with_entropy=True, allowed=allowed, backend=backend
-            )
-        )(hidden, w_out)
+        max_prob, token, ent = jax.jit(  # temperature traced, as the sampler's knob
+            lambda h, w, t: kernel_dispatch.lm_head_confidence(h, w, temperature=t, with_entropy=True, allowed=allowed, backend=backend)
+        )(hidden, w_out, jnp.float32(temperature))
         np.testing.assert_allclose(max_prob, probs.max(-1), atol=1e-5)
         np.testing.assert_array_equal(token, logits.argmax(-1))
         np.testing.assert_allclose(ent, entropy, atol=1e-5)

@@ -169,10 +169,9 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
 # ---- LM-head confidence --------------------------------------------------------------------------
 
 
-def xla_lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False, allowed=None):
+def xla_lm_head_confidence(hidden, w_out, *, temperature: float | jax.Array = 1.0, with_entropy: bool = False, allowed=None):
     """Reference: softmax of the full logits [B, T, V] -> (max_prob, argmax token, entropy or None)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive for softmax statistics, got {temperature}")
+    lm_head_lib.check_temperature(temperature)
     logits = jnp.einsum("bte,ev->btv", hidden, w_out.astype(hidden.dtype), preferred_element_type=jnp.float32) / temperature
     if allowed is not None:
         logits = jnp.where(jnp.asarray(allowed), logits, -jnp.inf)
@@ -182,11 +181,11 @@ def xla_lm_head_confidence(hidden, w_out, *, temperature: float = 1.0, with_entr
 
 
 def lm_head_confidence(
-    hidden, w_out, *, temperature: float = 1.0, with_entropy: bool = False, allowed=None, backend: str = "auto"
+    hidden, w_out, *, temperature: float | jax.Array = 1.0, with_entropy: bool = False, allowed=None, backend: str = "auto"
 ):
     """Per position of hidden [B, T, E] with output embedding w_out [E, V]: (max_prob [B, T] float32,
     token [B, T] int32, entropy [B, T] or None) of softmax(hidden @ w_out / temperature), over the ids
-    where `allowed` [V] bool is True (all when None).
+    where `allowed` [V] bool is True (all when None). temperature may be a traced scalar.
 
     Kernel backends never materialise the [B, T, V] logits; under a mesh the vocab stays sharded and
     the per-shard summaries are combined exactly.
