@@ -1,16 +1,18 @@
 """`edlm <verb>`: the command line. Each verb lives in the package that owns its work.
 
 A verb module defines its absl flags at import time and a `run(config, flags)` function; only the
-chosen verb's module is imported, so verbs never collide on flag names. Every verb takes
+chosen verb's flags are registered while it runs, so verbs may reuse flag names (--out, --dtype). Every verb takes
 `--config=configs/x.py` plus `--config.section.key=value` overrides (ml_collections config flags).
 Failures the user can fix (bad config, missing file, wrong shape) print one line and exit 2; set
-EDLM_DEBUG=1 for the traceback.
+EDLM_DEBUG=1 for the traceback. `main` can be called repeatedly in one process (tests): each call
+sees only its verb's flags, at their defaults.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import warnings
 
 VERBS: dict[str, tuple[str, str]] = {
     # verb: (module, one-line help)
@@ -32,10 +34,14 @@ def resolve_config_path(path: str) -> str:
 
 
 def _rewrite_config_args(args: list[str]) -> list[str]:
+    """Resolves --config=PATH[:ARG] (see resolve_config_path); a missing recipe file is a UserError."""
     out = []
     for arg in args:
         if arg.startswith("--config="):
-            arg = "--config=" + resolve_config_path(arg[len("--config="):])
+            path = resolve_config_path(arg[len("--config="):])
+            if not os.path.isfile(path.partition(":")[0]):
+                raise UserError(f"--config: recipe file {path.partition(':')[0]!r} not found")
+            arg = "--config=" + path
         out.append(arg)
     return out
 
@@ -43,12 +49,85 @@ def _rewrite_config_args(args: list[str]) -> list[str]:
 def _usage() -> str:
     lines = ["usage: edlm <verb> [--config=configs/x.py] [--config.key=value ...] [flags]", "", "verbs:"]
     lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
-    lines += ["", "`edlm <verb> --helpfull` lists a verb's flags."]
+    lines += ["", "`edlm <verb> --help` lists a verb's flags."]
     return "\n".join(lines)
 
 
 class UserError(Exception):
     """An error whose message is the whole story (no traceback)."""
+
+
+# Flags each verb module defined on its first import (absl Flag objects), re-registered per call.
+_VERB_FLAGS: dict[str, list] = {}
+
+
+def _activate_verb_flags(module_name: str):
+    """Imports the verb's module and leaves exactly its flags (at their defaults) registered.
+
+    absl keeps one global flag registry. Verb modules define their flags at import time, so two verbs
+    may both define e.g. --out, and a second in-process `main` (tests, notebooks) would see the
+    previous call's values. We therefore unregister every verb's flags (and the previous call's
+    --config flag with its --config.key override flags), register only the chosen verb's, and reset
+    them to their defaults, before each parse.
+    """
+    from absl import flags
+
+    registry = flags.FLAGS
+    owned = [flag for verb_flags in _VERB_FLAGS.values() for flag in verb_flags]
+    owned += [registry[name] for name in registry if name == "config" or name.startswith("config.")]
+    for flag in owned:
+        if flag.name in registry and registry[flag.name] is flag:
+            delattr(registry, flag.name)
+    module = importlib.import_module(module_name)  # defines its flags on the first import only
+    if module_name in _VERB_FLAGS:
+        for flag in _VERB_FLAGS[module_name]:
+            flags.DEFINE_flag(flag, registry, module_name=module_name)
+    else:
+        _VERB_FLAGS[module_name] = list(registry.flags_by_module_dict().get(module_name, []))
+    for flag in _VERB_FLAGS[module_name]:
+        flag.unparse()
+    return module
+
+
+def _verb_help(verb: str, module) -> str:
+    from absl import flags
+
+    doc = (module.__doc__ or "").strip().splitlines()
+    lines = [doc[0] if doc else VERBS[verb][1], "", f"usage: edlm {verb} [--config=configs/x.py] [--config.key=value ...] [flags]"]
+    lines += ["", flags.FLAGS.module_help(module.__name__) or "(no flags of its own)"]
+    return "\n".join(lines)
+
+
+def _flag_error_message(err: Exception, args: list[str]) -> str:
+    """One line for a failed flag parse; names the offending --config.key when that is the cause."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    for arg in args:
+        key = arg.lstrip("-").split("=")[0].removeprefix("config.")
+        if not arg.lstrip("-").startswith("config."):
+            continue
+        unknown_flag = f"'config.{key}'" in text
+        unknown_field = isinstance(err, (KeyError, AttributeError)) and f"'{key.split('.')[-1]}'" in text
+        if unknown_flag or unknown_field:
+            return f"unknown config key {key!r} (not in the recipe's schema; see efficient_dlm/config.py)"
+    return text
+
+
+def _parse_config(args: list[str], default_config: str):
+    """Parses flags and the --config recipe with its overrides; returns the validated ConfigDict."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from efficient_dlm.config import validate
+
+    try:
+        with warnings.catch_warnings():  # ml_collections loads recipes with the deprecated load_module()
+            warnings.filterwarnings("ignore", r"the load_module\(\) method is deprecated", DeprecationWarning)
+            # sys_argv: the config flag reads its --config.key overrides from there (default: sys.argv).
+            config_flags.DEFINE_config_file("config", default_config, "recipe file (configs/*.py)", sys_argv=args)
+            flags.FLAGS(args)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as err:
+        raise UserError(_flag_error_message(err, args)) from err
+    return validate(flags.FLAGS.config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,20 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edlm: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     from absl import flags
-    from ml_collections import config_flags
 
-    module = importlib.import_module(VERBS[verb][0])
-    default = resolve_config_path(getattr(module, "DEFAULT_CONFIG", DEFAULT_CONFIG))
-    config_flags.DEFINE_config_file("config", default, "recipe file (configs/*.py)", lock_config=True)
+    module = _activate_verb_flags(VERBS[verb][0])
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[2:]):
+        print(_verb_help(verb, module))
+        return 0
     try:
-        flags.FLAGS(["edlm " + verb] + _rewrite_config_args(argv[2:]))
-    except flags.Error as err:
-        print(f"edlm {verb}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        from efficient_dlm.config import validate
-
-        config = validate(flags.FLAGS.config)
+        args = ["edlm " + verb] + _rewrite_config_args(argv[2:])
+        config = _parse_config(args, resolve_config_path(getattr(module, "DEFAULT_CONFIG", DEFAULT_CONFIG)))
         result = module.run(config, flags.FLAGS)
     except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         if os.environ.get("EDLM_DEBUG"):

@@ -19,8 +19,6 @@ from ml_collections import ConfigDict, config_dict
 
 from efficient_dlm.models.config import ModelConfig
 
-_OPTIONAL_TYPES = {"int | None": int, "float | None": float, "str | None": str, "bool | None": bool}
-
 # Section validators registered by the packages that own them (train, sample, mesh, ...).
 _VALIDATORS: list[Callable[[ConfigDict], None]] = []
 
@@ -37,9 +35,8 @@ def model_section(cfg: ModelConfig | None = None) -> ConfigDict:
     section = ConfigDict()
     for field in dataclasses.fields(ModelConfig):
         value = getattr(cfg, field.name)
-        annotation = str(hints[field.name]).replace("typing.Optional[", "").rstrip("]")
-        if value is None:
-            kind = next((t for name, t in _OPTIONAL_TYPES.items() if name.split(" ")[0] in annotation), int)
+        if value is None:  # `int | None` -> a None placeholder that accepts --config.model.x=<int>
+            (kind,) = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
             value = config_dict.placeholder(kind)
         section[field.name] = value
     return section

@@ -1,8 +1,13 @@
 """Tiny random Hugging Face models made on the fly (the numerics oracle); never downloaded."""
 from __future__ import annotations
 
+import jax
 import torch
 import transformers
+from flax import nnx
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.decoder import abstract_model
 
 BASE = dict(
     vocab_size=97,
@@ -58,3 +63,21 @@ def make_hf_model(name: str, directory: str, seed: int = 0, dtype=torch.float32,
     model = model.to(dtype)
     model.save_pretrained(directory)
     return model
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """Our own tiny model with BASE's shapes (Qwen3 style). Tests share it so that the random-init
+    programs compile once per process; variants reuse its parameters via abstract_model + nnx.update."""
+    base = dict(model_type="qwen3", vocab_size=BASE["vocab_size"], hidden_size=BASE["hidden_size"],
+                intermediate_size=BASE["intermediate_size"], num_layers=BASE["num_hidden_layers"],
+                num_heads=BASE["num_attention_heads"], num_kv_heads=BASE["num_key_value_heads"], head_dim=8,
+                qk_norm=True)
+    return ModelConfig(**{**base, **changes})
+
+
+def variant(model, **changes):
+    """The same parameters (cast to the new param_dtype) under a config with `changes` (no new init)."""
+    out = abstract_model(model.config.replace(**changes))
+    dtype = out.config.weight_dtype
+    nnx.update(out, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param)))
+    return out

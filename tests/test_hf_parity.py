@@ -1,4 +1,8 @@
-"""Logits of imported models equal transformers' (PyTorch CPU, float32) for every dense option."""
+"""Logits of imported models equal transformers' (PyTorch CPU, float32) for every dense option.
+
+Each family runs one batch with right padding and one with left padding (HF gets attention_mask and
+explicit position_ids; we get the same positions and segment ids 1 = token, 0 = padding).
+"""
 import numpy as np
 import pytest
 import torch
@@ -6,22 +10,37 @@ import torch
 import efficient_dlm as edlm
 from tests.hf_factory import FAMILIES, make_hf_model
 
+LENGTHS = np.array([12, 9, 5])
 
-def _relative_error(ours, ref, valid):
+
+def relative_error(ours, ref, valid):
     diff = np.abs(ours - ref)[valid]
     return float(diff.max() / np.abs(ref[valid]).max())
+
+
+def padded_batch(side: str, seed: int = 1):
+    """tokens [3, 12], attention mask and positions (0.. per row, counted over real tokens only)."""
+    tokens = np.random.RandomState(seed).randint(0, 97, size=(3, 12))
+    index = np.arange(12)[None]
+    attn = index < LENGTHS[:, None] if side == "right" else index >= 12 - LENGTHS[:, None]
+    positions = np.clip(np.cumsum(attn, axis=1) - 1, 0, None)
+    return tokens, attn, positions.astype(np.int32)
+
+
+def hf_logits(torch_model, tokens, attn, positions):
+    with torch.no_grad():
+        out = torch_model(
+            torch.tensor(tokens), attention_mask=torch.tensor(attn.astype(np.int64)), position_ids=torch.tensor(positions)
+        )
+    return out.logits.float().numpy()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_causal_logits_match_transformers_with_padding(family, tmp_path):
     torch_model = make_hf_model(family, str(tmp_path))
     model = edlm.from_hf(str(tmp_path))
-    rng = np.random.RandomState(1)
-    tokens = rng.randint(0, 97, size=(3, 12))
-    lengths = np.array([12, 9, 5])  # right padding: rows 1 and 2 are shorter
-    attn = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
-    with torch.no_grad():
-        ref = torch_model(torch.tensor(tokens), attention_mask=torch.tensor(attn)).logits.numpy()
-    segment_ids = attn.astype(np.int32)  # 1 = document, 0 = padding
-    ours = np.asarray(model(tokens, segment_ids=segment_ids))
-    assert _relative_error(ours, ref, attn.astype(bool)) <= 1e-4
+    for side in ("right", "left"):
+        tokens, attn, positions = padded_batch(side)
+        ref = hf_logits(torch_model, tokens, attn, positions)
+        ours = np.asarray(model(tokens, segment_ids=attn.astype(np.int32), positions=positions))
+        assert relative_error(ours, ref, attn) <= 1e-4, side

@@ -104,8 +104,14 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_heads ({cfg.num_heads}) must be a multiple of model.num_kv_heads ({cfg.num_kv_heads})")
     if cfg.rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported model.rope_type {cfg.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-    if cfg.rope_type != "default" and cfg.rope_factor is None:
-        raise ValueError(f"model.rope_type {cfg.rope_type!r} needs model.rope_factor")
+    if cfg.rope_type != "default" and (cfg.rope_factor is None or cfg.rope_factor <= 0):
+        raise ValueError(f"model.rope_type {cfg.rope_type!r} needs a positive model.rope_factor, got {cfg.rope_factor}")
+    if cfg.rope_type == "llama3":
+        for name in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings"):
+            if getattr(cfg, name) is None:
+                raise ValueError(f"model.rope_type 'llama3' needs model.{name}")
+    if cfg.sliding_window is not None and cfg.sliding_window <= 0:
+        raise ValueError(f"model.sliding_window must be positive or None, got {cfg.sliding_window}")
     if cfg.head_dim % 2:
         raise ValueError(f"model.head_dim must be even for RoPE, got {cfg.head_dim}")
     for name in ("dtype", "param_dtype"):

@@ -1,8 +1,9 @@
 """Rotary position embeddings with the rope_scaling variants of Hugging Face checkpoints.
 
 The inverse-frequency formulas follow `transformers.modeling_rope_utils` exactly (that is what the
-parity tests check), computed in float64 NumPy at trace time except for `dynamic`, whose base depends
-on the longest position in the batch and is therefore computed on device.
+parity tests check), computed in float32 NumPy at trace time as transformers does in torch, except
+for `dynamic`, whose base depends on the longest position in the batch and is therefore computed on
+device.
 """
 from __future__ import annotations
 

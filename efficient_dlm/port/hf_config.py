@@ -3,7 +3,8 @@
 Older files carry `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor", ...}) and
 `torch_dtype`; transformers >= 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}) and
 `dtype`. Family defaults that a config.json may omit (Qwen2's always-on q/k/v bias, Qwen3's QK-norm,
-untied embeddings) are filled in here so the rest of the code never branches on model_type.
+untied embeddings, the class default of max_position_embeddings) are filled in here so the rest of
+the code never branches on model_type.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ _ROPE_FIELDS = {
 }
 
 
+# transformers' class defaults for keys a config.json may omit (they change RoPE for dynamic / yarn).
+_MAX_POSITION_DEFAULTS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+
+
 def read_config_json(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
@@ -43,8 +48,12 @@ def read_config_json(directory: str) -> dict[str, Any]:
             raise CheckpointError(f"{path}: invalid JSON ({err})") from None
 
 
-def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """Flattens rope_parameters (new) or rope_theta + rope_scaling (old) into ModelConfig fields."""
+def rope_fields(hf: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
+    """Flattens rope_parameters (new) or rope_theta + rope_scaling (old) into ModelConfig fields.
+
+    As transformers does, llama3 and yarn default original_max_position_embeddings to
+    max_position_embeddings, and yarn without a factor uses their ratio.
+    """
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
     params = {**legacy, **params}
@@ -58,7 +67,29 @@ def rope_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"unsupported rope parameter {key!r} for rope_type {rope_type!r}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError("partial_rotary_factor != 1 is not supported")
+    if rope_type in ("llama3", "yarn"):
+        original = out.setdefault("rope_original_max_position_embeddings", max_positions)
+        if rope_type == "yarn" and out.get("rope_factor") is None:
+            out["rope_factor"] = max_positions / original
     return out
+
+
+def sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
+    """The one sliding window of all layers, or None; per-layer mixes (Qwen's max_window_layers) are refused."""
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False) or window is None:
+            return None
+        first = hf.get("max_window_layers", 28)  # layers >= max_window_layers slide (transformers' rule)
+        layer_types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    else:
+        layer_types = hf.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"} and window is not None:
+        return int(window)
+    raise CheckpointError(f"per-layer attention types {sorted(kinds)} are not supported (only all full or all sliding)")
 
 
 def _first_token_id(value) -> int | None:
@@ -79,10 +110,11 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu (SwiGLU) is supported")
     if hf.get("mlp_bias"):
         raise CheckpointError("mlp_bias=True is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in hf]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}")
     heads = hf["num_attention_heads"]
-    sliding = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-        sliding = None
+    max_positions = hf.get("max_position_embeddings") or _MAX_POSITION_DEFAULTS[model_type]
     fields: dict[str, Any] = dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -92,12 +124,12 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        max_position_embeddings=max_positions,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=sliding,
+        sliding_window=sliding_window(hf, model_type, hf["num_hidden_layers"]),
         bos_token_id=_first_token_id(hf.get("bos_token_id")),
         eos_token_id=_first_token_id(hf.get("eos_token_id")),
         pad_token_id=_first_token_id(hf.get("pad_token_id")),
@@ -105,7 +137,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         dtype=dtype,
         param_dtype=dtype,
     )
-    fields.update(rope_fields(hf))
+    fields.update(rope_fields(hf, max_positions))
     if dlm_export:
         fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))
     try:

@@ -13,11 +13,12 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port import keymaps
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
@@ -31,7 +32,11 @@ def _param_paths(state) -> dict[tuple[str, ...], Any]:
 
 
 def _slice_reader(ckpt: SafetensorsCheckpoint, rule: keymaps.Rule, cfg: ModelConfig, dtype) -> Callable:
-    """callback(index) -> np.ndarray for make_array_from_callback, reading only the requested slice."""
+    """callback(index) -> np.ndarray for make_array_from_callback, reading only the requested slice.
+
+    A per-layer parameter is filled layer by layer into one preallocated array (cast on assignment),
+    so the host holds at most one converted copy of the requested slice, never a list plus a stack.
+    """
     names = keymaps.hf_names(rule, cfg)
     views = [rule.layout.to_ours(ckpt.tensor(name), cfg) for name in names]
 
@@ -39,7 +44,11 @@ def _slice_reader(ckpt: SafetensorsCheckpoint, rule: keymaps.Rule, cfg: ModelCon
         if not rule.per_layer:
             return np.asarray(views[0][index], dtype=dtype)
         layers = range(len(views))[index[0]]
-        return np.stack([np.asarray(views[i][index[1:]], dtype=dtype) for i in layers])
+        first = views[layers[0]][index[1:]] if len(layers) else views[0][index[1:]]
+        out = np.empty((len(layers), *first.shape), dtype)
+        for j, i in enumerate(layers):
+            out[j] = views[i][index[1:]]
+        return out
 
     return read
 
@@ -66,16 +75,21 @@ def check_tensors(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, abstract: dict)
         want = _hf_shape(rule, cfg, target[1:] if rule.per_layer else target)
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.directory}: tensor {name} has shape {ckpt.shape(name)}, config expects {want}")
+        if not jnp.issubdtype(ckpt.dtype(name), jnp.floating):  # jnp knows bfloat16
+            raise CheckpointError(f"{ckpt.directory}: tensor {name} has dtype {ckpt.dtype(name)}, expected a float type")
 
 
 def _hf_shape(rule: keymaps.Rule, cfg: ModelConfig, target) -> tuple[int, ...]:
-    return tuple(rule.layout.to_hf(np.empty(target, np.uint8), cfg).shape)
+    """The HF shape of one (per-layer) parameter of shape `target`, traced abstractly (no allocation)."""
+    return tuple(jax.eval_shape(lambda w: rule.layout.to_hf(w, cfg), jax.ShapeDtypeStruct(target, np.float32)).shape)
 
 
 def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=None, progress: bool = False):
     """Returns the model's nnx.State filled from the safetensors in `directory`.
 
     shardings: a state-shaped tree of jax.sharding.Sharding (sharded loading) or None (one device).
+    Parameters are materialised one at a time and waited for, so host memory beyond the model itself
+    is bounded by one parameter (docs/BENCHMARKS.md "HF import" measures it).
     """
     ckpt = SafetensorsCheckpoint(directory)
     state = nnx.state(model_abstract)
@@ -94,7 +108,8 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
         sharding = flat_shardings.get(rule.path, default)
         sharding = getattr(sharding, "value", sharding)
         reader = _slice_reader(ckpt, rule, cfg, leaf.dtype)
-        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader)
+        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader).block_until_ready()
+        ckpt.release(keymaps.hf_names(rule, cfg))  # its pages leave our resident set (page cache keeps them)
     flat = [(path, leaf.replace(values[tuple(str(p) for p in path)])) for path, leaf in nnx.to_flat_state(state)]
     return nnx.from_flat_state(flat)
 
@@ -102,15 +117,20 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
 def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = False, **overrides: Any):
     """Loads a local HF directory (config.json + safetensors) as a `Decoder`.
 
-    overrides: ModelConfig fields to change after reading config.json (e.g. attention_backend).
+    dtype: parameter and compute dtype (float32, bfloat16 or float16), whatever the files store.
     mesh: a jax.sharding.Mesh; parameters are created sharded by the logical-axis rules.
+    overrides: ModelConfig fields to change after reading config.json (e.g. attention_backend).
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (from_hf takes a local Hugging Face model directory)")
     start = time.perf_counter()
     cfg = model_config_from_hf(read_config_json(path), dtype=dtype)
     if overrides:
-        cfg = cfg.replace(**overrides)
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
     model = abstract_model(cfg)
     shardings = None
     if mesh is not None:

@@ -10,6 +10,7 @@ checkpoints are refused, never opened.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from typing import Iterator
@@ -55,21 +56,33 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except json.JSONDecodeError as err:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
         self.entries = header
         data_len = size - self.data_start
+        spans = []
         for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-            expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(DTYPES[entry["dtype"]]).itemsize
-            if end - begin != expected:
-                raise CheckpointError(f"{path}: tensor {name} occupies {end - begin} bytes, its shape needs {expected}")
+            try:
+                begin, end = (int(x) for x in entry["data_offsets"])
+                dtype, shape = entry["dtype"], [int(n) for n in entry["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
+            if dtype not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+            if begin < 0 or end - begin != expected:
+                raise CheckpointError(f"{path}: tensor {name} occupies bytes [{begin}, {end}), its shape needs {expected}")
             if end > data_len:
                 raise CheckpointError(
                     f"{path}: truncated safetensors file (tensor {name} ends at byte {end}, data section has {data_len})"
                 )
+            spans.append((begin, end, name))
+        spans.sort()
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+            if begin < end:
+                raise CheckpointError(f"{path}: tensors {name} and {other} overlap")
         self._map = np.memmap(path, dtype=np.uint8, mode="r", offset=self.data_start, shape=(data_len,)) if data_len else None
 
     def keys(self) -> list[str]:
@@ -89,6 +102,23 @@ class SafetensorsFile:
             return np.zeros(entry["shape"], self.dtype(name))
         return self._map[begin:end].view(self.dtype(name)).reshape(entry["shape"])
 
+    def release(self, name: str) -> None:
+        """Drops the tensor's pages from this process's resident set once it has been copied out.
+
+        The kernel's page cache keeps them, so a later read is still correct, merely slower. Without
+        this, every byte read stays mapped and peak RSS counts the checkpoint a second time.
+        """
+        raw = getattr(self._map, "_mmap", None)
+        if raw is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.entries[name]["data_offsets"]
+        base = self.data_start - self.data_start % mmap.ALLOCATIONGRANULARITY  # where numpy's mmap starts
+        lo = self.data_start - base + begin
+        lo -= lo % mmap.PAGESIZE
+        hi = min(self.data_start - base + end, len(raw))
+        if hi > lo:
+            raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 class SafetensorsCheckpoint:
     """All tensors of a HF model directory: model.safetensors or a sharded index, memory-mapped."""
@@ -98,8 +128,11 @@ class SafetensorsCheckpoint:
         index_path = os.path.join(directory, INDEX_NAME)
         single_path = os.path.join(directory, SINGLE_NAME)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            try:
+                with open(index_path) as f:
+                    weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{index_path}: not a safetensors index (no valid weight_map: {err})") from None
             files = sorted(set(weight_map.values()))
             for name in files:
                 if not os.path.exists(os.path.join(directory, name)):
@@ -131,6 +164,11 @@ class SafetensorsCheckpoint:
 
     def tensor(self, name: str) -> np.ndarray:
         return self._where[name].tensor(name)
+
+    def release(self, names: list[str]) -> None:
+        """See SafetensorsFile.release."""
+        for name in names:
+            self._where[name].release(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
