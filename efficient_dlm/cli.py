@@ -61,29 +61,39 @@ class UserError(Exception):
 _VERB_FLAGS: dict[str, list] = {}
 
 
-def _activate_verb_flags(module_name: str):
-    """Imports the verb's module and leaves exactly its flags (at their defaults) registered.
-
-    absl keeps one global flag registry. Verb modules define their flags at import time, so two verbs
-    may both define e.g. --out, and a second in-process `main` (tests, notebooks) would see the
-    previous call's values. We therefore unregister every verb's flags (and the previous call's
-    --config flag with its --config.key override flags), register only the chosen verb's, and reset
-    them to their defaults, before each parse.
-    """
+def _deactivate_verb_flags() -> None:
+    """Unregisters every verb module's flags and the --config flag with its --config.key overrides."""
     from absl import flags
 
     registry = flags.FLAGS
+    by_module = registry.flags_by_module_dict()
+    for module_name, _ in VERBS.values():  # verb modules imported outside main (tests) defined flags too
+        if module_name in sys.modules and module_name not in _VERB_FLAGS:
+            _VERB_FLAGS[module_name] = list(by_module.get(module_name, []))
     owned = [flag for verb_flags in _VERB_FLAGS.values() for flag in verb_flags]
     owned += [registry[name] for name in registry if name == "config" or name.startswith("config.")]
     for flag in owned:
         if flag.name in registry and registry[flag.name] is flag:
             delattr(registry, flag.name)
+
+
+def _activate_verb_flags(module_name: str):
+    """Imports the verb's module and leaves exactly its flags (at their defaults) registered.
+
+    absl keeps one global flag registry. Verb modules define their flags at import time, so two verbs
+    may both define e.g. --out, and a second in-process `main` (tests, notebooks) would see the
+    previous call's values. We therefore unregister every verb's flags, register only the chosen
+    verb's and reset them to their defaults; `main` unregisters them again when it returns.
+    """
+    from absl import flags
+
+    _deactivate_verb_flags()
     module = importlib.import_module(module_name)  # defines its flags on the first import only
     if module_name in _VERB_FLAGS:
         for flag in _VERB_FLAGS[module_name]:
-            flags.DEFINE_flag(flag, registry, module_name=module_name)
+            flags.DEFINE_flag(flag, flags.FLAGS, module_name=module_name)
     else:
-        _VERB_FLAGS[module_name] = list(registry.flags_by_module_dict().get(module_name, []))
+        _VERB_FLAGS[module_name] = list(flags.FLAGS.flags_by_module_dict().get(module_name, []))
     for flag in _VERB_FLAGS[module_name]:
         flag.unparse()
     return module
@@ -139,14 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"edlm: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    module = _activate_verb_flags(VERBS[verb][0])
+    try:
+        return _run_verb(verb, module, argv[2:])
+    finally:
+        _deactivate_verb_flags()
+
+
+def _run_verb(verb: str, module, argv: list[str]) -> int:
     from absl import flags
 
-    module = _activate_verb_flags(VERBS[verb][0])
-    if any(arg in ("-h", "--help", "--helpfull") for arg in argv[2:]):
+    if any(arg in ("-h", "--help", "--helpfull") for arg in argv):
         print(_verb_help(verb, module))
         return 0
     try:
-        args = ["edlm " + verb] + _rewrite_config_args(argv[2:])
+        args = ["edlm " + verb] + _rewrite_config_args(argv)
         config = _parse_config(args, resolve_config_path(getattr(module, "DEFAULT_CONFIG", DEFAULT_CONFIG)))
         result = module.run(config, flags.FLAGS)
     except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:

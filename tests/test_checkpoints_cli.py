@@ -87,11 +87,14 @@ def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
 
 def test_cli_usage_and_verb_help(capsys):
     code, stdout, _ = run_cli(capsys)
-    assert code == 0 and "import-hf" in stdout
+    assert code == 0 and all(verb in stdout for verb in cli.VERBS)
     code, _, stderr = run_cli(capsys, "no-such-verb")
     assert code == 2 and "unknown verb 'no-such-verb'" in stderr
-    code, stdout, _ = run_cli(capsys, "import-hf", "--help")
-    assert code == 0 and "--hf_dir" in stdout and "overwrite" in stdout
+    # Every verb's module loads next to every other's in one process (shared names such as --out).
+    for verb in [*cli.VERBS, "import-hf"]:
+        code, stdout, stderr = run_cli(capsys, verb, "--help")
+        assert code == 0 and f"usage: edlm {verb}" in stdout, stderr
+    assert "--hf_dir" in stdout and "overwrite" in stdout
 
 
 def test_every_recipe_builds_a_valid_config():
