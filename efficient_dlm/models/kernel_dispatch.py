@@ -161,9 +161,8 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
     q_spec, kv_spec = _spec(mesh, _Q_NAMES, q.shape), _spec(mesh, _KV_NAMES, k.shape)
     heads = kv_spec[2] if kv_spec[2] == q_spec[2] else None  # else replicate heads: never copy the cache
     batch = q_spec[0]
-    q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, heads, None)
-    row = P(batch)
-    return _shard(kernel, mesh, args, (q_spec, kv_spec, kv_spec, kv_spec, kv_spec, row, row, P(batch, None, None)), q_spec)
+    spec, row = P(batch, None, heads, None), P(batch)
+    return _shard(kernel, mesh, args, (spec, spec, spec, spec, spec, row, row, P(batch, None, None)), spec)
 
 
 # ---- LM-head confidence --------------------------------------------------------------------------
@@ -194,33 +193,31 @@ def lm_head_confidence(
     _log_once("lm_head", backend)
     if backend not in KERNEL_BACKENDS:
         return xla_lm_head_confidence(hidden, w_out, temperature=temperature, with_entropy=with_entropy, allowed=allowed)
-    batch, width, embed = hidden.shape
+    embed = hidden.shape[-1]
     w_out = w_out.astype(hidden.dtype)
     allowed = jnp.ones((w_out.shape[1],), bool) if allowed is None else jnp.asarray(allowed, bool)
+    lm_head_lib.check_temperature(temperature)
+    temperature = jnp.asarray(temperature, jnp.float32)
     tiles = _tiles()
     summarize = functools.partial(
-        lm_head_lib.lm_head_summary, temperature=temperature, block_rows=tiles["rows"], block_vocab=tiles["vocab"], interpret=_interpret()
+        lm_head_lib.lm_head_summary, block_rows=tiles["rows"], block_vocab=tiles["vocab"], interpret=_interpret()
     )
 
-    def local(h, w, ok, vocab_axes=()):
+    def local(h, w, ok, t, vocab_axes=()):
         offset = jax.lax.axis_index(vocab_axes) * w.shape[1] if vocab_axes else 0
-        summary = summarize(h.reshape(-1, embed), w, token_offset=offset, allowed=ok)
+        summary = summarize(h.reshape(-1, embed), w, temperature=t, token_offset=offset, allowed=ok)
         if vocab_axes:
             summary = lm_head_lib.combine(summary, vocab_axes)
         entropy = summary.entropy().reshape(h.shape[:2]) if with_entropy else None
         return summary.max_prob().reshape(h.shape[:2]), summary.token.reshape(h.shape[:2]), entropy
 
+    args = (hidden, w_out, allowed, temperature)
     mesh = _mesh()
     if mesh is None:
-        return local(hidden, w_out, allowed)
+        return local(*args)
     w_spec = _spec(mesh, (None, "vocab"), w_out.shape)
     vocab_axes = _axes(w_spec[1])
     h_spec = _spec(mesh, ("batch", None, None), hidden.shape, exclude=vocab_axes)
     out = P(h_spec[0], None)
-    return _shard(
-        functools.partial(local, vocab_axes=vocab_axes),
-        mesh,
-        (hidden, w_out, allowed),
-        (h_spec, w_spec, P(w_spec[1])),
-        (out, out, out if with_entropy else None),
-    )
+    in_specs = (h_spec, w_spec, P(w_spec[1]), P())
+    return _shard(functools.partial(local, vocab_axes=vocab_axes), mesh, args, in_specs, (out, out, out if with_entropy else None))
