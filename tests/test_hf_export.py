@@ -35,7 +35,7 @@ def write_tokenizer(directory, vocab=VOCAB) -> str:
 def dlm_config(**changes) -> ModelConfig:
     base = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, qk_norm=True, attention_bias=True, eos_token_id=1, mask_token_id=VOCAB - 1,
+        head_dim=8, qk_norm=True, attention_bias=True, tie_word_embeddings=True, eos_token_id=1, mask_token_id=VOCAB - 1,
         max_position_embeddings=64, rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0, rope_original_max_position_embeddings=16,
     )

@@ -40,17 +40,19 @@ TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
 # ---- inputs -------------------------------------------------------------------------------------------
 
 
-def _load_source(model) -> tuple[Any, dict[str, Any], str | None]:
-    """(Decoder, checkpoint metadata "extra", checkpoint tokenizer dir) from a model or a checkpoint path."""
+def _describe_source(model) -> tuple[ModelConfig, dict[str, Any], str | None]:
+    """(config, checkpoint metadata "extra", checkpoint tokenizer dir), without loading any weights."""
     if isinstance(model, (str, os.PathLike)):
         from efficient_dlm import checkpoints
 
         path = os.fspath(model)
-        _, extra = checkpoints.read_model_config(path)  # FileNotFoundError naming the path when not a checkpoint
-        return checkpoints.load(path), extra, checkpoints.tokenizer_dir(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: checkpoint directory not found")
+        cfg, extra = checkpoints.read_model_config(path)  # FileNotFoundError naming the path when not a checkpoint
+        return cfg, extra, checkpoints.tokenizer_dir(path)
     if not isinstance(getattr(model, "config", None), ModelConfig):
         raise ValueError(f"to_hf takes an efficient_dlm model or a checkpoint directory, got {type(model).__name__}")
-    return model, {}, None
+    return model.config, {}, None
 
 
 def _check_out_dir(out_dir: str, overwrite: bool, sources: list[str | None]) -> None:
@@ -241,10 +243,7 @@ def to_hf(
     max_shard_bytes = parse_size(max_shard_size)
     checkpoint = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])
-    if checkpoint is not None and not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"{checkpoint}: checkpoint directory not found")
-    model, extra, ckpt_tokenizer = _load_source(model)
-    cfg: ModelConfig = model.config
+    cfg, extra, ckpt_tokenizer = _describe_source(model)
     tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
     dlm = None
     if _is_dlm(cfg, format):
@@ -252,6 +251,10 @@ def to_hf(
         dlm = resolve_dlm_fields(extra, overrides, defaults)
     dtype = dtype or cfg.param_dtype
     config_json = hf_config_out.dlm_config(cfg, dlm, dtype) if dlm else hf_config_out.ar_config(cfg, dtype)
+    if checkpoint is not None:  # every argument is valid: now the weights
+        from efficient_dlm import checkpoints
+
+        model = checkpoints.load(checkpoint)
     plan = tensor_plan(model, dtype)
 
     writer = jax.process_index() == 0
