@@ -23,8 +23,16 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_edlm import EdlmConfig
+from .moe_edlm import EdlmRouter, feed_forward
 
 ATTENTION_PATTERNS = ("block", "causal", "bidirectional")
+
+
+def base_model_type(config: EdlmConfig) -> str:
+    """The family the weights come from ("qwen3" for model_type "edlm_qwen3")."""
+    return config.model_type.removeprefix("edlm_")
+
+
 # generate arguments that tokenizers and pipelines pass and that do not change greedy decoding, and
 # the values of standard arguments that agree with it; anything else is refused, not ignored.
 _IGNORED_GENERATE_ARGS = ("token_type_ids", "use_cache", "generation_config")
@@ -201,29 +209,19 @@ class EdlmAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), (k, v)
 
 
-class EdlmMLP(nn.Module):
-    def __init__(self, config: EdlmConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class EdlmDecoderLayer(nn.Module):
-    def __init__(self, config: EdlmConfig):
+    def __init__(self, config: EdlmConfig, layer_index: int):
         super().__init__()
         self.input_layernorm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = EdlmAttention(config)
         self.post_attention_layernorm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = EdlmMLP(config)
+        self.feed_forward_name, block = feed_forward(config, base_model_type(config), layer_index)
+        setattr(self, self.feed_forward_name, block)  # "mlp", or the family's name of its MoE block
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + getattr(self, self.feed_forward_name)(self.post_attention_layernorm(x)), kv
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -245,6 +243,8 @@ class EdlmPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, EdlmRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, EdlmRouter):
+            nn.init.normal_(module.weight, std=std)
 
 
 class EdlmModel(EdlmPreTrainedModel):
@@ -253,7 +253,7 @@ class EdlmModel(EdlmPreTrainedModel):
     def __init__(self, config: EdlmConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([EdlmDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([EdlmDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = EdlmRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
