@@ -1,8 +1,6 @@
 """HF export: transformers runs our dLM export like the JAX model; AR exports round-trip the source exactly."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import efficient_dlm as edlm
+from efficient_dlm import cli
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port.cli_export import check_push_args
@@ -21,7 +20,6 @@ from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
 from tests.hf_factory import make_hf_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97
 
 
@@ -142,18 +140,16 @@ def test_ar_round_trip_reproduces_source(family, tmp_path):
             assert torch.equal(reloaded(tokens).logits, torch_model(tokens).logits)
 
 
-def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path):
+def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     recipe = {"diffusion": {"objective": "block_diffusion", "block_size": 8, "block_size_schedule": "0:2,10:4"}}
     extra = {"train_config": recipe, "valid_vocab_size": 90, "metrics": {"eval_loss": 1.25}}
     edlm.save(dlm_model, ckpt, extra=extra)
     out = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "efficient_dlm.cli", "export-hf", "--ckpt", ckpt, "--out", out, "--threshold", "0.8"]
-    missing = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert missing.returncode == 2 and "no tokenizer to export" in missing.stderr.strip().splitlines()[-1]
-    done = subprocess.run(cmd + ["--tokenizer_dir", write_tokenizer(tmp_path / "tok")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    args = ["edlm", "export-hf", "--ckpt", ckpt, "--out", out, "--threshold", "0.8"]
+    assert cli.main(args) == 2
+    assert "no tokenizer to export" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli.main(args + ["--tokenizer_dir", write_tokenizer(tmp_path / "tok")]) == 0
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["block_size"], config["decoding_threshold"]) == (4, 0.8)  # schedule's final size; flag
     assert config["valid_vocab_size"] == 90
