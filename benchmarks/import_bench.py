@@ -153,7 +153,9 @@ def main() -> None:
                     "peak_rss_gb": round(peak / GB, 3), "overhead": round((peak - base) / r["model_bytes"], 3),
                     "rss_after_file_gb": round(r["after"]["RssFile"] / GB, 3),
                 })
-    header = f"checkpoint: {ckpt_bytes / GB:.3f} GB bf16 in {len(files)} shards; code: {args.code_root}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = (f"checkpoint: {ckpt_bytes / GB:.3f} GB bf16 in {len(files)} shards; code: {args.code_root}; "
+              f"{os.cpu_count()} CPUs, load average {load}")
     print(header)
     cols = ["dtype", "page_cache", "seconds", "gb_per_s", "model_gb", "rss_before_gb", "peak_rss_gb", "overhead"]
     print(" | ".join(cols))

@@ -59,9 +59,10 @@ def test_import_hf_command_then_load_equals_from_hf(tiny_hf_dir, tmp_path, capsy
     # A second in-process call: the refusal, then --overwrite works (flags reset between calls).
     code, _, stderr = run_cli(capsys, "import-hf", f"--hf_dir={directory}", f"--out={out}")
     assert code == 2 and stderr.strip() == f"edlm import-hf: error: {out}: a checkpoint already exists (pass --overwrite)"
-    code, _, stderr = run_cli(capsys, "import-hf", f"--hf_dir={directory}", f"--out={out}", "--overwrite")
+    code, _, stderr = run_cli(capsys, "import-hf", f"--config.init.hf_dir={directory}", f"--out={out}", "--overwrite",
+                              "--mask_token_id=96")
     assert code == 0, stderr
-    assert_same_params(edlm.load(out), edlm.from_hf(directory))
+    assert_same_params(edlm.load(out), edlm.from_hf(directory, mask_token_id=96))
 
 
 @pytest.mark.parametrize(
@@ -72,12 +73,13 @@ def test_import_hf_command_then_load_equals_from_hf(tiny_hf_dir, tmp_path, capsy
         (["--config.model.num_heads=3"], "model.num_heads (3) must be a multiple of model.num_kv_heads (2)"),
         (["--config=configs/nope.py"], "--config: recipe file 'configs/nope.py' not found"),
         (["--dtype=int8"], "unknown --dtype 'int8'; choose float32, bfloat16 or float16"),
+        (["--mask_token_id=97"], "model.mask_token_id 97 is outside the vocabulary (size 97)"),
         (["--hf_dir=/nonexistent/dir"], "/nonexistent/dir: not a directory (from_hf takes a local Hugging Face model directory)"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else "",
 )
-def test_cli_bad_input_is_one_line(args, message, tmp_path, capsys):
-    base = {"--hf_dir": "--hf_dir=/nonexistent/dir", "--out": f"--out={tmp_path / 'o'}"}
+def test_cli_bad_input_is_one_line(tiny_hf_dir, args, message, tmp_path, capsys):
+    base = {"--hf_dir": f"--hf_dir={tiny_hf_dir[0]}", "--out": f"--out={tmp_path / 'o'}"}
     for arg in args:
         base[arg.split("=")[0]] = arg
     code, _, stderr = run_cli(capsys, "import-hf", *base.values())

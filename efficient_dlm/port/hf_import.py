@@ -31,21 +31,32 @@ def _param_paths(state) -> dict[tuple[str, ...], Any]:
     return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
+def _empty_in_layout(view: np.ndarray, leading: int, dtype) -> np.ndarray:
+    """Uninitialised [leading, *view.shape] whose trailing axes lie in memory in the order view's do.
+
+    The key maps' layouts are transposed views of the files; copying one into a C-ordered array is a
+    strided gather that NumPy runs ~40x slower than a copy in matching order. So we copy in the file's
+    order (a cast at memory speed) and let the device transfer change the layout.
+    """
+    order = sorted(range(view.ndim), key=lambda k: -abs(view.strides[k]))  # outermost axis first
+    base = np.empty((leading, *(view.shape[k] for k in order)), dtype)
+    return base.transpose(0, *(1 + order.index(k) for k in range(view.ndim)))
+
+
 def _slice_reader(ckpt: SafetensorsCheckpoint, rule: keymaps.Rule, cfg: ModelConfig, dtype) -> Callable:
     """callback(index) -> np.ndarray for make_array_from_callback, reading only the requested slice.
 
     A per-layer parameter is filled layer by layer into one preallocated array (cast on assignment),
-    so the host holds at most one converted copy of the requested slice, never a list plus a stack.
+    so the host holds one converted copy of the requested slice, never a list of layers plus a stack.
     """
     names = keymaps.hf_names(rule, cfg)
     views = [rule.layout.to_ours(ckpt.tensor(name), cfg) for name in names]
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if not rule.per_layer:
-            return np.asarray(views[0][index], dtype=dtype)
+            return np.asarray(views[0][index], dtype=dtype)  # a cast keeps the view's memory order
         layers = range(len(views))[index[0]]
-        first = views[layers[0]][index[1:]] if len(layers) else views[0][index[1:]]
-        out = np.empty((len(layers), *first.shape), dtype)
+        out = _empty_in_layout(views[0][index[1:]], len(layers), dtype)
         for j, i in enumerate(layers):
             out[j] = views[i][index[1:]]
         return out
@@ -88,8 +99,8 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
     """Returns the model's nnx.State filled from the safetensors in `directory`.
 
     shardings: a state-shaped tree of jax.sharding.Sharding (sharded loading) or None (one device).
-    Parameters are materialised one at a time and waited for, so host memory beyond the model itself
-    is bounded by one parameter (docs/BENCHMARKS.md "HF import" measures it).
+    Parameters are materialised one at a time with at most one transfer in flight, so host memory
+    beyond the model itself is bounded by about two parameters (docs/BENCHMARKS.md "HF import").
     """
     ckpt = SafetensorsCheckpoint(directory)
     state = nnx.state(model_abstract)
@@ -102,16 +113,27 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
     uncovered = sorted(set(abstract) - covered)
     if uncovered:
         raise CheckpointError(f"no HF tensor maps to parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
-    values = {}
+    values: dict[tuple[str, ...], jax.Array] = {}
+    previous: keymaps.Rule | None = None
     for rule in tqdm(rules, desc="import", unit="tensor", disable=not progress):
         leaf = abstract[rule.path]
         sharding = flat_shardings.get(rule.path, default)
         sharding = getattr(sharding, "value", sharding)
         reader = _slice_reader(ckpt, rule, cfg, leaf.dtype)
-        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader).block_until_ready()
-        ckpt.release(keymaps.hf_names(rule, cfg))  # its pages leave our resident set (page cache keeps them)
+        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader)
+        if previous is not None:  # one transfer in flight while the next parameter is read
+            _finish(ckpt, cfg, previous, values[previous.path])
+        previous = rule
+    if previous is not None:
+        _finish(ckpt, cfg, previous, values[previous.path])
     flat = [(path, leaf.replace(values[tuple(str(p) for p in path)])) for path, leaf in nnx.to_flat_state(state)]
     return nnx.from_flat_state(flat)
+
+
+def _finish(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, rule: keymaps.Rule, value: jax.Array) -> None:
+    """Waits for a parameter's transfer, then drops its file pages from our resident set."""
+    value.block_until_ready()
+    ckpt.release(keymaps.hf_names(rule, cfg))
 
 
 def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = False, **overrides: Any):
