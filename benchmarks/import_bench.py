@@ -9,7 +9,7 @@ the number to read is `overhead = (peak RSS - RSS before loading) / model bytes`
 a second full copy of the weights (an unpickled state dict, a dict of converted arrays) shows >= 2;
 a memory-mapped loader that materialises one parameter at a time shows 1 plus the largest parameter.
 
-    python benchmarks/import_bench.py --size_gb 1.0 --json docs/benchmarks/import_bench.json
+    python benchmarks/import_bench.py --size_gb 1.0 --json import_bench.json
 """
 from __future__ import annotations
 

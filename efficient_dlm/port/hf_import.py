@@ -99,8 +99,8 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
     """Returns the model's nnx.State filled from the safetensors in `directory`.
 
     shardings: a state-shaped tree of jax.sharding.Sharding (sharded loading) or None (one device).
-    Parameters are materialised one at a time with at most one transfer in flight, so host memory
-    beyond the model itself is bounded by about two parameters (docs/BENCHMARKS.md "HF import").
+    Parameters are materialised one at a time, so host memory beyond the model itself is bounded by
+    about one parameter (docs/BENCHMARKS.md "HF import" measures it).
     """
     ckpt = SafetensorsCheckpoint(directory)
     state = nnx.state(model_abstract)
@@ -114,26 +114,16 @@ def load_hf_params(directory: str, cfg: ModelConfig, model_abstract, shardings=N
     if uncovered:
         raise CheckpointError(f"no HF tensor maps to parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
     values: dict[tuple[str, ...], jax.Array] = {}
-    previous: keymaps.Rule | None = None
     for rule in tqdm(rules, desc="import", unit="tensor", disable=not progress):
         leaf = abstract[rule.path]
         sharding = flat_shardings.get(rule.path, default)
         sharding = getattr(sharding, "value", sharding)
         reader = _slice_reader(ckpt, rule, cfg, leaf.dtype)
-        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader)
-        if previous is not None:  # one transfer in flight while the next parameter is read
-            _finish(ckpt, cfg, previous, values[previous.path])
-        previous = rule
-    if previous is not None:
-        _finish(ckpt, cfg, previous, values[previous.path])
+        # Waiting here bounds host memory to the model plus one parameter in conversion.
+        values[rule.path] = jax.make_array_from_callback(leaf.shape, sharding, reader).block_until_ready()
+        ckpt.release(keymaps.hf_names(rule, cfg))  # its pages leave our resident set (page cache keeps them)
     flat = [(path, leaf.replace(values[tuple(str(p) for p in path)])) for path, leaf in nnx.to_flat_state(state)]
     return nnx.from_flat_state(flat)
-
-
-def _finish(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, rule: keymaps.Rule, value: jax.Array) -> None:
-    """Waits for a parameter's transfer, then drops its file pages from our resident set."""
-    value.block_until_ready()
-    ckpt.release(keymaps.hf_names(rule, cfg))
 
 
 def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = False, **overrides: Any):
