@@ -49,17 +49,79 @@ def model_config(config: ConfigDict) -> ModelConfig:
 
 def diffusion_section() -> ConfigDict:
     """Objective and corruption (METHOD.md sections 2-4). Owned by efficient_dlm/diffusion."""
-    return ConfigDict(dict(objective="block_diffusion", block_size=32))
+    return ConfigDict(
+        dict(
+            objective="block_diffusion",  # block_diffusion (clean context) | block | bidirectional | ar
+            block_size=32,
+            block_size_schedule="",  # "step:size,..." e.g. "0:4,500:32,2000:64" (LLaDA2.0 WSD)
+            masking="position",  # position (Efficient-DLM, per block) | uniform (MDLM)
+            half_life=0.25,  # h: lambda = ln 2 / (h * block_size)
+            rate_min=1e-3,  # per-block rate m ~ U(rate_min, rate_max) (eps; clipped rates)
+            rate_max=1.0,
+            complementary=False,  # each row also trained with the complementary mask
+            token_shift=False,  # predict token i from the hidden state at i - 1
+            loss_weighting="elbo",  # elbo (CE / m) | mean; both / masked-token count
+            mask_token="model",  # model: model.mask_token_id | append: a new embedding row
+            vocab_multiple=128,  # with append: vocabulary padded to this multiple
+            valid_vocab_size=config_dict.placeholder(int),  # ids >= this never predicted (set by append)
+            mask_noise_std=0.0,  # Gaussian noise on [MASK] embeddings (LLaDA2.0) ...
+            mask_noise_steps=0,  # ... for the first this many steps
+        )
+    )
 
 
 def data_section() -> ConfigDict:
     """Sources, tokenization, packing (grain). Owned by efficient_dlm/data."""
-    return ConfigDict(dict(seq_len=256))
+    return ConfigDict(
+        dict(
+            train_files="",  # comma-separated paths / globs: .jsonl .parquet .arrayrecord .npy
+            train_weights="",  # comma-separated mixture weights, one per train_files item
+            eval_files="",
+            text_key="text",  # JSON field / Parquet column holding the document
+            seq_len=256,
+            packing=True,  # pack documents (segment ids) or pad one document per row
+            add_bos=False,  # prepend model.bos_token_id to every document
+            num_threads=2,
+            prefetch=8,
+        )
+    )
 
 
 def train_section() -> ConfigDict:
     """Optimizer, schedule, checkpoints, eval, metrics. Owned by efficient_dlm/train."""
-    return ConfigDict(dict(steps=100, batch_size=8))
+    return ConfigDict(
+        dict(
+            steps=100,
+            batch_size=8,  # global sequences per optimizer step
+            grad_accum=1,  # micro-batches per step (batch_size must divide)
+            learning_rate=3e-4,
+            schedule="cosine",  # cosine | wsd | constant, after linear warm-up
+            warmup_steps=10,
+            min_lr_ratio=0.1,
+            wsd_decay_fraction=0.1,
+            b1=0.9,
+            b2=0.95,
+            adam_eps=1e-8,
+            weight_decay=0.1,
+            decay_norms=False,
+            decay_biases=False,
+            decay_embeddings=False,
+            grad_clip=1.0,  # global-norm clipping; 0 disables
+            z_loss=0.0,
+            loss_chunk=0,  # >0: cross-entropy over this many positions at a time (large vocabularies)
+            max_nonfinite_steps=10,  # stop after this many consecutive non-finite steps
+            save_every=100,
+            keep_last=3,
+            keep_best=True,  # also keep the checkpoint with the best eval loss
+            async_checkpoint=True,
+            resume=True,  # continue from the latest checkpoint in run_dir
+            eval_every=0,  # 0: evaluate only at the end (when data.eval_files is set)
+            eval_batches=4,
+            log_every=10,
+            tensorboard=True,
+            progress=True,
+        )
+    )
 
 
 def mesh_section() -> ConfigDict:

@@ -1,0 +1,55 @@
+"""Qwen3-8B -> block-diffusion LM (Efficient-DLM recipe): continued pretraining with clean context.
+
+    edlm import-hf --hf_dir /data/Qwen3-8B --out ckpt/qwen3_8b
+    edlm train --config=configs/qwen3_8b_bd.py --config.init.checkpoint=ckpt/qwen3_8b \
+        --config.data.train_files='gs://bucket/corpus/*.arrayrecord' --config.run_dir=gs://bucket/runs/q8b_bd
+
+Block size 32 with position-dependent masking (half-life 0.25, eps 1e-3), ELBO weighting normalised by
+the masked-token count, [MASK] appended as a new vocabulary row (151936 is already a multiple of 128,
+so the vocabulary grows to 152064). bf16 compute with fp32 master weights, full rematerialisation,
+chunked cross-entropy for the 152k vocabulary.
+"""
+import importlib.util
+import os
+
+
+def _qwen3_8b():
+    spec = importlib.util.spec_from_file_location("qwen3_8b", os.path.join(os.path.dirname(__file__), "qwen3_8b.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _qwen3_8b()
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "full"
+    d = c.diffusion
+    d.objective = "block_diffusion"
+    d.block_size = 32
+    d.masking = "position"
+    d.half_life = 0.25
+    d.rate_min = 1e-3
+    d.loss_weighting = "elbo"
+    d.mask_token = "append"
+    d.vocab_multiple = 128
+    c.data.seq_len = 4096
+    c.data.packing = True
+    t = c.train
+    t.steps = 20000
+    t.batch_size = 256
+    t.learning_rate = 1e-5
+    t.schedule = "cosine"
+    t.warmup_steps = 200
+    t.min_lr_ratio = 0.1
+    t.weight_decay = 0.1
+    t.grad_clip = 1.0
+    t.loss_chunk = 512
+    t.save_every = 500
+    t.keep_last = 3
+    t.eval_every = 500
+    t.eval_batches = 16
+    t.log_every = 10
+    c.run_dir = "runs/qwen3_8b_bd"
+    return c

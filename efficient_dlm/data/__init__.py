@@ -1,0 +1,1 @@
+"""grain input pipelines: document sources, tokenization, packing with segment ids, batches."""

@@ -1,0 +1,1 @@
+"""Diffusion objectives: corruption (masking), objectives (block diffusion, MDLM, AR), losses."""

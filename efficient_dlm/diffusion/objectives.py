@@ -1,0 +1,224 @@
+"""Training objectives (METHOD.md sections 1-3): corrupt a batch, run the model, weight the loss.
+
+An objective is split in two pure functions so the train step can normalise exactly over gradient
+accumulation: `corrupt(objective, batch, key)` -> `Example` (model inputs, targets, per-token loss
+weights and counts), and `predict_hidden(model, objective, example, ...)` -> hidden states aligned
+with the targets. The loss is sum(weight * CE) / sum(count) over the whole global batch.
+
+Objectives:
+- block_diffusion (default): [x_t ; x_0] with the clean-context pattern, loss on the x_t half.
+- block: block-causal attention over x_t only (no clean context).
+- bidirectional: MDLM / LLaDA full diffusion; one rate per sequence.
+- ar: next-token prediction with causal attention (the teacher / baseline).
+
+Why our own code: the objectives are the diffusion workload itself; no library provides them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from efficient_dlm.diffusion import corruption
+
+OBJECTIVES = ("block_diffusion", "block", "bidirectional", "ar")
+MASKINGS = ("position", "uniform")
+WEIGHTINGS = ("elbo", "mean")
+ATTENTION = {"block_diffusion": "clean_context", "block": "block", "bidirectional": "bidirectional", "ar": "causal"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Static description of a training objective (hashable: one jitted step per value)."""
+
+    kind: str = "block_diffusion"
+    block_size: int | None = 32
+    masking: str = "position"
+    half_life: float = 0.25
+    rate_min: float = 1e-3
+    rate_max: float = 1.0
+    complementary: bool = False
+    token_shift: bool = False
+    weighting: str = "elbo"
+    mask_token_id: int | None = None
+    mask_noise_std: float = 0.0
+    mask_noise_steps: int = 0
+
+    def __post_init__(self):
+        if self.kind not in OBJECTIVES:
+            raise ValueError(f"unknown diffusion.objective {self.kind!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"unknown diffusion.masking {self.masking!r}; choose one of {', '.join(MASKINGS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown diffusion.loss_weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if self.is_diffusion and self.mask_token_id is None:
+            raise ValueError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
+        if not 0.0 < self.rate_min <= self.rate_max <= 1.0:
+            raise ValueError(
+                f"diffusion rates need 0 < rate_min <= rate_max <= 1, got [{self.rate_min}, {self.rate_max}]"
+            )
+        if self.half_life <= 0:
+            raise ValueError(f"diffusion.half_life must be positive, got {self.half_life}")
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.kind != "ar"
+
+    @property
+    def attention(self) -> str:
+        return ATTENTION[self.kind]
+
+    @property
+    def shifted(self) -> bool:
+        """Whether token i is predicted from the hidden state at i - 1."""
+        return self.kind == "ar" or self.token_shift
+
+    def corruption_block(self, length: int) -> int:
+        """Positions sharing one mask rate: the whole sequence for bidirectional (MDLM)."""
+        return length if self.kind == "bidirectional" else self.block_size
+
+
+class Example(NamedTuple):
+    """A corrupted batch ready for the model. B' = 2B with complementary masks.
+
+    inputs [B', L or 2L]: token ids fed to the model ([x_t ; x_0] for block_diffusion).
+    targets, weight, count, noised: [B', L]. weight is the per-token loss weight (1/m for the
+    ELBO, 1 for the mean, times the batch's loss_weights), count the per-token normaliser
+    contribution, noised marks [MASK] positions (mask-embedding noise).
+    """
+
+    inputs: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    targets: jax.Array
+    weight: jax.Array
+    count: jax.Array
+    noised: jax.Array
+
+
+def _loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
+    real = (batch["segment_ids"] > 0).astype(jnp.float32)
+    return real * batch["loss_weights"].astype(jnp.float32) if "loss_weights" in batch else real
+
+
+def _autoregressive(batch: dict[str, jax.Array]) -> Example:
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    count = _loss_weights(batch) * corruption.predecessor_in_document(seg)
+    return Example(tokens, seg, batch["positions"], tokens, count, count, jnp.zeros(tokens.shape, bool))
+
+
+def corrupt(obj: Objective, batch: dict[str, jax.Array], key: jax.Array) -> Example:
+    """Masks the batch {tokens, segment_ids, positions[, loss_weights]} (all [B, L]) for `obj`."""
+    if obj.kind == "ar":
+        return _autoregressive(batch)
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    batch_size, length = tokens.shape
+    block = obj.corruption_block(length)
+    lw = _loss_weights(batch)
+    eligible = seg > 0
+    if obj.token_shift:
+        eligible &= corruption.predecessor_in_document(seg)
+    rate_key, mask_key = jax.random.split(key)
+    rates = corruption.block_rates(rate_key, batch_size, length // block, obj.rate_min, obj.rate_max)
+    if obj.masking == "position":
+        mask = corruption.position_dependent_mask(mask_key, rates, eligible, block, obj.half_life)
+    else:
+        mask = corruption.uniform_mask(mask_key, rates, eligible, block)
+    masks, rate_sets = [mask], [rates]
+    if obj.complementary:
+        masks.append(eligible & ~mask)
+        rate_sets.append(corruption.complement_rates(mask, eligible, block, obj.rate_min))
+    mask = jnp.concatenate(masks)
+    per_token_rate = jnp.repeat(jnp.concatenate(rate_sets), block, axis=1)
+    copies = len(masks)
+    tokens, seg, pos, lw = (jnp.tile(x, (copies, 1)) for x in (tokens, seg, batch["positions"], lw))
+    x_t = corruption.apply_mask(tokens, mask, obj.mask_token_id)
+    inputs = jnp.concatenate([x_t, tokens], axis=1) if obj.kind == "block_diffusion" else x_t
+    count = mask * lw
+    weight = count / per_token_rate if obj.weighting == "elbo" else count
+    return Example(inputs, seg, pos, tokens, weight, count, mask)
+
+
+def _shift_right(h: jax.Array) -> jax.Array:
+    """out[:, i] = h[:, i - 1]; out[:, 0] = 0 (never trained: its weight is 0)."""
+    return jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
+
+
+def predict_hidden(
+    model, obj: Objective, ex: Example, *, key: jax.Array | None = None, step: jax.Array | int = 0
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Final hidden states [B', L, E] whose row i predicts targets[:, i], and the model's aux outputs.
+
+    With token shift, position i reads the hidden state at i - 1; under clean context the first
+    token of a block reads the clean x_0 state at i - 1 (it sees only finished blocks, as at decode).
+    """
+    embeddings = None
+    if obj.mask_noise_std > 0 and obj.mask_noise_steps > 0:
+        noised = ex.noised
+        if obj.kind == "block_diffusion":
+            noised = jnp.concatenate([noised, jnp.zeros_like(noised)], axis=1)
+        embeddings = corruption.mask_embedding_noise(
+            key, model.embed(ex.inputs), noised, obj.mask_noise_std, jnp.asarray(step), obj.mask_noise_steps
+        )
+    h, aux = model.hidden(
+        ex.inputs,
+        attention=obj.attention,
+        block_size=obj.block_size if obj.kind in ("block", "block_diffusion") else None,
+        segment_ids=ex.segment_ids,
+        positions=ex.positions,
+        embeddings=embeddings,
+    )
+    length = ex.targets.shape[1]
+    h_t = h[:, :length]
+    if not obj.shifted:
+        return h_t, aux
+    shifted = _shift_right(h_t)
+    if obj.kind == "block_diffusion":
+        block_start = (jnp.arange(length) % obj.block_size == 0)[None, :, None]
+        shifted = jnp.where(block_start, _shift_right(h[:, length:]), shifted)
+    return shifted, aux
+
+
+def aux_losses(aux: dict[str, Any]) -> jax.Array:
+    """Sum of every auxiliary output whose name ends in "_loss" (e.g. MoE router losses), all layers."""
+    leaves = jax.tree_util.tree_flatten_with_path(aux)[0]
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in leaves:
+        if jax.tree_util.keystr(path[-1:]).strip("[]'\".").endswith("_loss"):
+            total = total + jnp.sum(leaf.astype(jnp.float32))
+    return total
+
+
+def loss_and_sums(
+    model,
+    obj: Objective,
+    ex: Example,
+    *,
+    normaliser: jax.Array,
+    key: jax.Array | None = None,
+    step: jax.Array | int = 0,
+    z_loss: float = 0.0,
+    valid_vocab: int | None = None,
+    chunk: int = 0,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(sum(weight * CE + z * count * lse^2) / normaliser, aux losses, metric sums) for one example.
+
+    The normaliser is the global batch's sum of `count` (the masked-token count, Efficient-DLM), so
+    micro-batches of an accumulated step add up to exactly the full-batch loss.
+    """
+    from efficient_dlm.diffusion.losses import token_stats
+
+    h, aux = predict_hidden(model, obj, ex, key=key, step=step)
+    stats = token_stats(model, h, ex.targets, valid_vocab=valid_vocab, chunk=chunk)
+    loss = jnp.sum(ex.weight * stats.ce)
+    if z_loss:
+        loss = loss + z_loss * jnp.sum(ex.count * stats.lse**2)
+    sums = {
+        "ce": jnp.sum(ex.count * stats.ce),
+        "correct": jnp.sum(ex.count * stats.correct),
+        "count": jnp.sum(ex.count),
+        "tokens": jnp.sum(ex.segment_ids > 0).astype(jnp.float32),
+    }
+    return loss / normaliser, aux_losses(aux), sums

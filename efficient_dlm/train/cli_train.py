@@ -1,0 +1,24 @@
+"""`edlm train --config=configs/x.py [--config.section.key=value ...]`: block-diffusion (or AR) training.
+
+Resumes from the newest checkpoint in config.run_dir; `efficient_dlm.load(run_dir)` afterwards
+returns the trained model.
+"""
+from __future__ import annotations
+
+import efficient_dlm.train.validation  # noqa: F401  (registers the section validators)
+
+DEFAULT_CONFIG = "configs/tiny_train.py"
+
+
+def run(config, FLAGS) -> int:
+    from efficient_dlm.cli import UserError
+    from efficient_dlm.train.loop import NonFiniteError, train
+
+    try:
+        result = train(config)
+    except NonFiniteError as err:
+        raise UserError(str(err)) from None
+    last = result.history[-1] if result.history else {}
+    summary = f"loss {last['loss']:.4f}" if last else "nothing to do (already at train.steps)"
+    print(f"trained {config.diffusion.objective} to step {int(result.state.step)} in {result.run_dir}: {summary}")
+    return 0

@@ -1,0 +1,267 @@
+"""`train(config)`: the training loop (data, jitted steps, evaluation, checkpoints, metrics).
+
+The loop is thin host code around `make_train_step`: it resumes from the newest checkpoint in
+run_dir (params, optimizer, step, PRNG key, data iterator), switches compiled step functions at the
+block-size schedule's boundaries, reads each step's metrics, stops after
+`train.max_nonfinite_steps` consecutive non-finite steps (NonFiniteError), evaluates on a fixed set of
+held-out batches, and saves asynchronously (never a non-finite state).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from efficient_dlm import checkpoints
+from efficient_dlm.config import to_plain, validate
+from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
+from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.train import model_init
+from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
+from efficient_dlm.train.metrics import MetricsLogger
+from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.state import TrainState, abstract_state, create_state, params_finite, state_shardings
+from efficient_dlm.train.step import STEP_TRAIN_KEYS, make_eval_step, make_train_step, summarize
+
+BatchTransform = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    model_config: ModelConfig
+    history: list[dict[str, float]]  # one entry per step run in this call
+    evals: list[dict[str, float]]
+    run_dir: str
+    skipped_steps: int
+
+
+def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> DataSpec:
+    d, t = config.data, config.train
+    count = jax.process_count()
+    if t.batch_size % count:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of the process count ({count})")
+    return DataSpec(
+        seq_len=d.seq_len,
+        batch_size=t.batch_size // count,
+        eos_id=cfg.eos_token_id,
+        vocab_size=cfg.vocab_size,
+        tokenizer=tokenizer or "",
+        text_key=d.text_key,
+        packing=d.packing,
+        bos_id=cfg.bos_token_id if d.add_bos else None,
+        pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0),
+        seed=config.seed,
+        num_threads=d.num_threads,
+        prefetch=d.prefetch,
+    )
+
+
+def _build_data(config: ConfigDict, spec: DataSpec, train: bool):
+    files = config.data.train_files if train else config.data.eval_files
+    return build_dataset(
+        files, spec, weights=config.data.train_weights if train else "", train=train,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+
+
+def _numerics(config: ConfigDict) -> dict[str, Any]:
+    return {name: config.model[name] for name in model_init.NUMERIC_FIELDS}
+
+
+class _Run:
+    """Mutable pieces of one train() call, so the loop body stays short."""
+
+    def __init__(self, config: ConfigDict, mesh, batch_transform: BatchTransform | None):
+        self.config, self.t, self.mesh, self.batch_transform = config, config.train, mesh, batch_transform
+        self.run_dir = os.path.abspath(config.run_dir)
+        self.ckpt = Checkpointer(self.run_dir, self.t)
+        self.tx = make_optimizer(self.t)
+        self.schedule = parse_schedule(config.diffusion.block_size_schedule, config.diffusion.block_size)
+        self.step_fns: dict[int | None, Callable] = {}
+        self.eval_fns: dict[int | None, Callable] = {}
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.skipped = 0
+
+    # ---- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        latest = self.ckpt.latest_step()
+        if latest is not None and not self.t.resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
+        if latest is not None:
+            cfg, extra = checkpoints.read_model_config(self.run_dir)
+            self.cfg = cfg.replace(**_numerics(self.config))
+            valid = extra.get("valid_vocab_size")
+            tokenizer = checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
+        else:
+            source_cfg = model_init.source_config(self.config)
+            model_init.check_mask_token(self.config, source_cfg)
+            tokenizer = self.config.init.tokenizer or self._source_tokenizer()
+            # Open the data first: a bad path or tokenizer fails before any weights are loaded.
+            self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
+            init = model_init.prepare_model(self.config, self.mesh)
+            self.cfg, valid, tokenizer = init.model.config, init.valid_vocab_size, init.tokenizer_dir
+        self.config.diffusion.valid_vocab_size = valid
+        spec = data_spec(self.config, self.cfg, tokenizer)
+        if latest is None:
+            extra = {"valid_vocab_size": valid, "source": init.source, "train_config": to_plain(self.config)}
+            checkpoints.write_model_config(self.run_dir, self.cfg, extra)
+            checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
+            self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
+            del init
+        else:
+            self.data_iter = iter(_build_data(self.config, spec, True))
+            self.state = self.ckpt.restore(latest, self._restore_target(), self.data_iter)
+        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if self.config.data.eval_files else []
+
+    def _source_tokenizer(self) -> str | None:
+        if self.config.init.checkpoint:
+            return checkpoints.tokenizer_dir(self.config.init.checkpoint)
+        hf = self.config.init.hf_dir
+        return hf if hf and os.path.exists(os.path.join(hf, "tokenizer.json")) else None
+
+    def _restore_target(self) -> TrainState:
+        target = abstract_state(self.cfg, self.tx, self.config.seed)
+        if self.mesh is None:
+            return target
+        shardings = state_shardings(self.cfg, self.tx, self.mesh)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+
+    # ---- per step -------------------------------------------------------------------------------
+
+    def block_size(self, step: int) -> int | None:
+        return block_size_at(self.schedule, step) if self.config.diffusion.objective != "ar" else None
+
+    def step_fn(self, block_size):
+        if block_size not in self.step_fns:
+            self.step_fns[block_size] = cached_step(make_train_step, self.config, self.cfg, block_size)
+        return self.step_fns[block_size]
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return jax.device_put(batch)
+        from jax.sharding import NamedSharding
+
+        from efficient_dlm.parallel.rules import logical_to_spec
+
+        sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), mesh_axes=list(self.mesh.axis_names)))
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+    def evaluate(self, block_size) -> dict[str, float]:
+        if block_size not in self.eval_fns:
+            self.eval_fns[block_size] = cached_step(make_eval_step, self.config, self.cfg, block_size)
+        fn, key = self.eval_fns[block_size], jax.random.PRNGKey(self.config.seed + 1)
+        totals = None
+        for j, batch in enumerate(self.eval_batches):
+            sums = fn(self.state.params, self.device_batch(batch), jax.random.fold_in(key, j))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        totals = jax.device_get(totals)
+        out = {k: float(v) for k, v in summarize(totals).items()}
+        return {"loss": float(totals["loss"] / max(totals["count"], 1.0)), **out}
+
+    def save(self, metrics: dict[str, float] | None) -> None:
+        if not params_finite(self.state):
+            raise NonFiniteError(f"step {int(self.state.step)}: parameters are not finite; refusing to write a checkpoint")
+        self.ckpt.save(self.state, self.data_iter, metrics)
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def cached_step(factory, config: ConfigDict, cfg: ModelConfig, block_size: int | None) -> Callable:
+    """`factory(config, cfg, block_size=...)`, reused across train() calls in one process while the
+    settings that shape the step (the diffusion section, STEP_TRAIN_KEYS) are unchanged: a resumed or repeated
+    run in the same process does not recompile."""
+    train_keys = {k: config.train[k] for k in STEP_TRAIN_KEYS}
+    shape = json.dumps([to_plain(config.diffusion), train_keys], sort_keys=True)
+    key = (factory.__name__, shape, cfg, block_size)
+    if key not in _COMPILED:
+        _COMPILED[key] = factory(config, cfg, block_size=block_size)
+    return _COMPILED[key]
+
+
+def _tokenizer_folder(path: str | None) -> str | None:
+    """The directory holding the tokenizer files (init.tokenizer may name tokenizer.json itself)."""
+    return os.path.dirname(path) if path and os.path.isfile(path) else path
+
+
+def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
+    """Runs (or resumes) the training described by `config` until train.steps; returns the final state.
+
+    mesh: a jax.sharding.Mesh to shard state and batches over (None: default device).
+    batch_transform(step, batch) -> batch: applied to each host batch before it goes to the device.
+    """
+    config = ConfigDict(to_plain(validate(config)))
+    run = _Run(config, mesh, batch_transform)
+    context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    logger = None
+    try:
+        with context:
+            run.setup()
+            t = run.t
+            step = int(run.state.step)
+            tokens_per_step = t.batch_size * config.data.seq_len
+            logger = MetricsLogger(run.run_dir, total_steps=t.steps, start_step=step, tensorboard=t.tensorboard, progress=t.progress)
+            while step < t.steps:
+                _one_step(run, logger, step, tokens_per_step)
+                step += 1
+                evaluation = None
+                if run.eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                    evaluation = run.evaluate(run.block_size(step - 1))
+                    run.evals.append({"step": step, **evaluation})
+                    logger.write(step, evaluation, "eval")
+                    logger.message(f"step {step}: eval loss {evaluation['loss']:.4f} accuracy {evaluation['accuracy']:.3f}")
+                if step % t.save_every == 0 or step == t.steps or evaluation is not None:
+                    run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
+            run.ckpt.wait()
+    finally:
+        run.ckpt.close()
+        if logger is not None:
+            logger.close()
+    return TrainResult(run.state, run.cfg, run.history, run.evals, run.run_dir, run.skipped)
+
+
+def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int) -> None:
+    block_size = run.block_size(step)
+    fn = run.step_fn(block_size)
+    batch = next(run.data_iter)
+    if run.batch_transform is not None:
+        batch = run.batch_transform(step, batch)
+    batch = run.device_batch(batch)
+    start = time.perf_counter()
+    run.state, metrics = fn(run.state, batch, jax.random.fold_in(run.state.rng, step))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    elapsed = time.perf_counter() - start
+    metrics.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed, block_size=block_size or 0)
+    run.history.append({"step": step + 1, **metrics})
+    if metrics["skipped"]:
+        run.skipped += 1
+        streak = int(metrics["nonfinite_streak"])
+        logger.message(f"step {step + 1}: non-finite loss or gradients; update skipped ({streak} in a row)")
+        if streak >= run.t.max_nonfinite_steps:
+            run.ckpt.wait()
+            latest = run.ckpt.latest_step()
+            raise NonFiniteError(
+                f"stopped at step {step + 1}: {streak} consecutive steps with non-finite loss or gradients "
+                f"(train.max_nonfinite_steps={run.t.max_nonfinite_steps}); last checkpoint: "
+                f"{'none' if latest is None else f'step {latest}'}"
+            )
+    if (step + 1) % run.t.log_every == 0 or step + 1 == run.t.steps or metrics["skipped"]:
+        logger.write(step + 1, metrics)
+    loss = metrics["loss"] if math.isfinite(metrics["loss"]) else float("nan")
+    logger.advance(step + 1, loss, metrics["tokens_per_s"])

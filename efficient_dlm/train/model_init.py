@@ -1,0 +1,112 @@
+"""Where the model being trained comes from, and the [MASK] token it learns to fill.
+
+Architecture comes from the source (HF directory, orbax checkpoint, or the config for a random
+init); numerics (dtype, param_dtype, remat, attention backend) always come from the recipe's `model`
+section, since the training recipe decides how to compute. With diffusion.mask_token="append" a new
+embedding row (and LM-head column) is appended for [MASK] and the vocabulary padded to a multiple of
+diffusion.vocab_multiple (what the "vocab" sharding needs); padded rows are never predicted (the loss
+gives them -inf) and `valid_vocab_size` is recorded in the run's model_config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from efficient_dlm import checkpoints
+from efficient_dlm.config import model_config
+from efficient_dlm.models.decoder import abstract_model, init_model
+
+NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_layers")
+
+
+@dataclasses.dataclass
+class InitialModel:
+    model: nnx.Module
+    tokenizer_dir: str | None
+    valid_vocab_size: int | None
+    source: str
+
+
+def _overrides(config: ConfigDict) -> dict:
+    values = {name: config.model[name] for name in NUMERIC_FIELDS}
+    if config.model.mask_token_id is not None:
+        values["mask_token_id"] = config.model.mask_token_id
+    return values
+
+
+def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
+    """The model named by config.init (hf_dir / checkpoint) or a random init from config.model."""
+    tokenizer = config.init.tokenizer or None
+    if config.init.checkpoint:
+        model = checkpoints.load(config.init.checkpoint, mesh=mesh, **_overrides(config))
+        tokenizer = tokenizer or checkpoints.tokenizer_dir(config.init.checkpoint)
+        _, extra = checkpoints.read_model_config(config.init.checkpoint)
+        return InitialModel(model, tokenizer, extra.get("valid_vocab_size"), os.path.abspath(config.init.checkpoint))
+    if config.init.hf_dir:
+        from efficient_dlm.port.hf_import import from_hf
+
+        overrides = _overrides(config)
+        model = from_hf(config.init.hf_dir, dtype=overrides.pop("param_dtype"), mesh=mesh, **overrides)
+        hf_tok = config.init.hf_dir if os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")) else None
+        return InitialModel(model, tokenizer or hf_tok, None, os.path.abspath(config.init.hf_dir))
+    return InitialModel(init_model(model_config(config), seed=config.init.seed), tokenizer, None, "random init")
+
+
+def _pad_rows(table: jax.Array, rows: int) -> jax.Array:
+    """Appends `rows` copies of the mean row (the [MASK] row and padding start as the average token)."""
+    mean = jnp.mean(table.astype(jnp.float32), axis=0, keepdims=True).astype(table.dtype)
+    return jnp.concatenate([table, jnp.broadcast_to(mean, (rows, table.shape[1]))], axis=0)
+
+
+def append_mask_token(model: nnx.Module, multiple: int) -> tuple[nnx.Module, int]:
+    """A model with one more vocabulary row for [MASK] (id = old vocab size), padded to `multiple`.
+
+    Returns (model, valid_vocab_size). Ids >= valid_vocab_size are padding.
+    """
+    cfg = model.config
+    old, new = cfg.vocab_size, -(-(cfg.vocab_size + 1) // multiple) * multiple
+    grown = abstract_model(cfg.replace(vocab_size=new, mask_token_id=old))
+
+    def resize(path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "embed_tokens" in names:
+            return _pad_rows(leaf, new - old)
+        if "lm_head" in names:
+            return _pad_rows(leaf.T, new - old).T
+        return leaf
+
+    nnx.update(grown, jax.tree_util.tree_map_with_path(resize, nnx.state(model, nnx.Param)))
+    return grown, old + 1
+
+
+def prepare_model(config: ConfigDict, mesh=None) -> InitialModel:
+    """The source model, with a [MASK] token appended when the recipe asks for one."""
+    init = load_source_model(config, mesh)
+    needs_mask = config.diffusion.objective != "ar"
+    if needs_mask and config.diffusion.mask_token == "append":
+        model, valid = append_mask_token(init.model, config.diffusion.vocab_multiple)
+        return dataclasses.replace(init, model=model, valid_vocab_size=valid)
+    check_mask_token(config, init.model.config)
+    return init
+
+
+def check_mask_token(config: ConfigDict, cfg) -> None:
+    """A diffusion objective needs a [MASK] id: the model's, unless one is appended."""
+    if config.diffusion.objective != "ar" and config.diffusion.mask_token == "model" and cfg.mask_token_id is None:
+        raise ValueError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
+
+
+def source_config(config: ConfigDict):
+    """The ModelConfig `load_source_model` will produce, read without loading weights (fail fast)."""
+    if config.init.checkpoint:
+        return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**_overrides(config))
+    if config.init.hf_dir:
+        from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+
+        return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**_overrides(config))
+    return model_config(config)

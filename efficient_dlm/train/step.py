@@ -1,0 +1,157 @@
+"""The jitted train and eval steps.
+
+`make_train_step(config, model_cfg, block_size=...)` returns `step(state, batch, rng) -> (state,
+metrics)`: corruption from `rng` (the loop passes fold_in(state.rng, step)), forward, loss, gradient
+(accumulated over `train.grad_accum` micro-batches with lax.scan, normalised by the masked-token
+count of the whole batch so accumulation is exact), and the optax update. A step whose loss or
+gradients are non-finite leaves params and optimizer moments untouched (optax.apply_if_finite); the
+metrics report it. One compiled function per block size: the loop caches them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from efficient_dlm.diffusion.objectives import Example, Objective, corrupt, loss_and_sums
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.train.optim import learning_rate_schedule, make_optimizer
+from efficient_dlm.train.state import TrainState, graphdef_for
+
+Batch = dict[str, jax.Array]
+
+# The train-section keys a compiled step depends on (optimizer, schedule, loss); the rest is host-side.
+STEP_TRAIN_KEYS = (
+    "steps", "learning_rate", "schedule", "warmup_steps", "min_lr_ratio", "wsd_decay_fraction", "b1", "b2",
+    "adam_eps", "weight_decay", "decay_norms", "decay_biases", "decay_embeddings", "grad_clip", "z_loss",
+    "loss_chunk", "max_nonfinite_steps", "grad_accum",
+)
+
+
+def make_objective(config: ConfigDict, model_cfg: ModelConfig, block_size: int | None = None) -> Objective:
+    d = config.diffusion
+    return Objective(
+        kind=d.objective,
+        block_size=d.block_size if block_size is None else block_size,
+        masking=d.masking,
+        half_life=d.half_life,
+        rate_min=d.rate_min,
+        rate_max=d.rate_max,
+        complementary=d.complementary,
+        token_shift=d.token_shift,
+        weighting=d.loss_weighting,
+        mask_token_id=model_cfg.mask_token_id,
+        mask_noise_std=d.mask_noise_std,
+        mask_noise_steps=d.mask_noise_steps,
+    )
+
+
+def _micro_batches(ex: Example, count: int) -> Example:
+    return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), ex)
+
+
+def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: float):
+    valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
+
+    def loss_fn(params, ex: Example, normaliser, key, step):
+        model = nnx.merge(graphdef, params)
+        loss, aux, sums = loss_and_sums(
+            model, obj, ex, normaliser=normaliser, key=key, step=step, z_loss=z_loss, valid_vocab=valid_vocab, chunk=chunk
+        )
+        return loss + aux / accum, {**sums, "loss": loss, "aux_loss": aux / accum}
+
+    return loss_fn
+
+
+def _accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
+    """Sum of gradients and metric sums over `accum` micro-batches (lax.scan)."""
+    if accum == 1:
+        (_, sums), grads = grad_fn(params, ex, normaliser, key, step)
+        return grads, sums
+    micro = _micro_batches(ex, accum)
+
+    def body(carry, xs):
+        i, ex_i = xs
+        (_, sums), grads = grad_fn(params, ex_i, normaliser, jax.random.fold_in(key, i), step)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), normaliser, key, step)[0][1])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+    (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), (jnp.arange(accum), micro))
+    return grads, sums
+
+
+def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Ratios from summed statistics: masked NLL, masked-token accuracy, masked fraction."""
+    count = jnp.maximum(sums["count"], 1.0)
+    return {
+        "nll": sums["ce"] / count,
+        "accuracy": sums["correct"] / count,
+        "masked_fraction": sums["count"] / jnp.maximum(sums["tokens"], 1.0),
+    }
+
+
+def make_train_step(
+    config: ConfigDict,
+    model_cfg: ModelConfig,
+    *,
+    block_size: int | None = None,
+    tx: optax.GradientTransformation | None = None,
+    jit: bool = True,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, Any]]]:
+    """The train step for `model_cfg` under `config` (objective, optimizer, accumulation, z-loss).
+
+    batch: {tokens, segment_ids, positions[, loss_weights]} with leading dimension train.batch_size.
+    """
+    obj = make_objective(config, model_cfg, block_size)
+    tx = tx or make_optimizer(config.train)
+    schedule = learning_rate_schedule(config.train)
+    accum = config.train.grad_accum
+    grad_fn = jax.value_and_grad(_loss_fn(graphdef_for(model_cfg), obj, config, accum, config.train.z_loss), has_aux=True)
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array):
+        corrupt_key, noise_key = jax.random.split(rng)
+        ex = corrupt(obj, batch, corrupt_key)
+        normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
+        grads, sums = _accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum)
+        loss = sums["loss"] + sums["aux_loss"]
+        finite = jnp.isfinite(loss)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "aux_loss": sums["aux_loss"],
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+            "skipped": ~(finite & jnp.isfinite(optax.tree.norm(grads))),
+            "nonfinite_streak": opt_state.notfinite_count,
+            "tokens": sums["tokens"],
+            **summarize(sums),
+        }
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
+    """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss and no
+    mask-embedding noise), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
+    obj = make_objective(config, model_cfg, block_size)
+    loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0)
+
+    def eval_step(params, batch: Batch, rng: jax.Array):
+        corrupt_key, noise_key = jax.random.split(rng)
+        ex = corrupt(obj, batch, corrupt_key)
+        _, sums = loss_fn(params, ex, 1.0, noise_key, jnp.asarray(1 << 30))
+        return sums
+
+    return jax.jit(eval_step) if jit else eval_step

@@ -1,0 +1,192 @@
+"""The trainer end to end on a tiny model: learning, checkpoints, exact resume, NaN handling, CLI."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+import efficient_dlm as edlm
+from efficient_dlm import cli
+from efficient_dlm.train.loop import NonFiniteError, cached_step, train
+from efficient_dlm.train.step import make_train_step
+from tests.corpus import documents, write_jsonl
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_train.py")
+SMALL_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+
+
+def _load_recipe() -> ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_train", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(tmp, name: str, **train) -> ConfigDict:
+    c = _load_recipe()
+    c.model.update(SMALL_MODEL)
+    c.data.train_files = write_jsonl(tmp / "train.jsonl", documents(300, 1))
+    c.data.eval_files = write_jsonl(tmp / "eval.jsonl", documents(40, 2))
+    c.data.seq_len = 32
+    c.data.num_threads = 1
+    c.diffusion.block_size = 4
+    c.diffusion.block_size_schedule = "0:4,8:8"
+    c.diffusion.mask_token = "append"
+    c.train.update(dict(steps=16, batch_size=4, learning_rate=3e-3, warmup_steps=2, save_every=4, keep_last=10,
+                        eval_every=8, eval_batches=2, log_every=1, progress=False, max_nonfinite_steps=3))
+    c.train.update(train)
+    c.run_dir = str(tmp / name)
+    return c
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    config = tiny_config(tmp, "straight")
+    return config, train(config), tmp
+
+
+def _params(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_block_diffusion_learns_and_writes_a_loadable_run(straight):
+    config, result, _ = straight
+    nll = [h["nll"] for h in result.history]
+    assert np.mean(nll[-4:]) < np.mean(nll[:4]) - 0.5, nll
+    # Block-size schedule: 4 for steps 0-7, 8 afterwards; one compiled step per size.
+    assert [h["block_size"] for h in result.history] == [4] * 8 + [8] * 8
+    # [MASK] appended: vocab 512 -> 513 valid rows padded to 640; recorded in model_config.json.
+    cfg, extra = edlm.checkpoints.read_model_config(result.run_dir)
+    assert (cfg.vocab_size, cfg.mask_token_id, extra["valid_vocab_size"]) == (640, 512, 513)
+    assert os.path.exists(os.path.join(result.run_dir, "tokenizer", "tokenizer.json"))
+    loaded = edlm.load(result.run_dir)
+    for a, b in zip(_params(nnx.state(loaded, nnx.Param)), _params(result.state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(int(p) for p in os.listdir(result.run_dir) if p.isdigit()) == [4, 8, 12, 16]
+    lines = [json.loads(x) for x in open(os.path.join(result.run_dir, "metrics.jsonl"))]
+    train_keys = {"loss", "learning_rate", "grad_norm", "tokens_per_s", "masked_fraction", "step_time", "accuracy"}
+    assert train_keys <= set(lines[0]) and [x["step"] for x in lines if x["kind"] == "eval"] == [8, 16]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(result.run_dir, "tensorboard")))
+
+
+def test_kill_and_resume_is_bit_identical(straight):
+    config, result, tmp = straight
+    resumed_dir = tmp / "resumed"
+    shutil.copytree(result.run_dir, resumed_dir, ignore=shutil.ignore_patterns("12", "16", "metrics.jsonl", "tensorboard"))
+    config = ConfigDict(config.to_dict())
+    config.run_dir = str(resumed_dir)
+    resumed = train(config)  # fresh Checkpointer, data iterator, state; restores step 8
+    assert [h["step"] for h in resumed.history] == list(range(9, 17))
+    for a, b in zip(resumed.history, result.history[8:]):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    for a, b in zip(_params(resumed.state.params), _params(result.state.params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_params(resumed.state.opt_state), _params(result.state.opt_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_steps_are_skipped_reported_and_stop_the_run(straight, tmp_path, capsys):
+    config, result, _ = straight
+    config = ConfigDict(config.to_dict())
+    config.run_dir = str(tmp_path / "nan")
+    config.train.save_every = 2
+
+    def poison(step, batch):
+        if step >= 4:
+            batch = {**batch, "loss_weights": np.where(np.arange(batch["tokens"].shape[1]) == 3, np.nan, batch["loss_weights"]).astype(np.float32)}
+        return batch
+
+    with pytest.raises(NonFiniteError, match="stopped at step 7: 3 consecutive steps with non-finite loss or gradients.*last checkpoint: step 6"):
+        train(config, batch_transform=poison)
+    assert "step 5: non-finite loss or gradients; update skipped (1 in a row)" in capsys.readouterr().out
+    # Steps 5 and 6 were skipped: the step-6 checkpoint holds exactly the step-4 parameters, all finite.
+    for a, b in zip(_restore(config.run_dir, 4), _restore(config.run_dir, 6)):
+        np.testing.assert_array_equal(a, b)
+        assert np.all(np.isfinite(a))
+
+
+def _restore(run_dir: str, step: int) -> list[np.ndarray]:
+    """Parameters of one step of a run, read with orbax directly."""
+    import orbax.checkpoint as ocp
+
+    from efficient_dlm.models.decoder import abstract_model
+
+    cfg, _ = edlm.checkpoints.read_model_config(run_dir)
+    target = nnx.state(abstract_model(cfg), nnx.Param)
+    with ocp.StandardCheckpointer() as ckptr:
+        return _params(ckptr.restore(os.path.join(run_dir, str(step), "params"), target))
+
+
+def test_gradient_accumulation_equals_the_full_batch_step(straight):
+    """Two micro-batches give the same loss and update as one batch (normalised by the global count)."""
+    config, result, _ = straight
+    cfg = result.model_config
+    config = ConfigDict(config.to_dict())
+    config.diffusion.valid_vocab_size = 513
+    one = cached_step(make_train_step, config, cfg, 8)  # the step the straight run compiled
+    config.train.grad_accum = 2
+    two = make_train_step(config, cfg, block_size=8, donate=False)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(3, 200, (4, 32)).astype(np.int32), "segment_ids": np.ones((4, 32), np.int32),
+             "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)), "loss_weights": np.ones((4, 32), np.float32)}
+    copy = lambda: jax.tree.map(jnp.copy, result.state)  # noqa: E731  (the steps donate their input)
+    s2, m2 = two(copy(), batch, jax.random.PRNGKey(9))
+    s1, m1 = one(copy(), batch, jax.random.PRNGKey(9))
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    for a, b in zip(_params(s2.params), _params(s1.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _edlm(args: list[str]) -> "subprocess.CompletedProcess":
+    """`edlm` in a fresh process (PYTHONPATH = this checkout)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "efficient_dlm.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_edlm_train_cli_ar_then_bad_configs(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", documents(80, 3))
+    small = [f"--config.model.{k}={v}" for k, v in SMALL_MODEL.items()]
+    base = ["train", f"--config={CONFIG}", f"--config.data.train_files={data}", "--config.data.seq_len=32",
+            "--config.train.batch_size=4", "--config.train.progress=False", *small]
+    run_dir = tmp_path / "ar"
+    done = _edlm(base + ["--config.diffusion.objective=ar", "--config.train.steps=6", f"--config.run_dir={run_dir}"])
+    assert done.returncode == 0 and "trained ar to step 6" in done.stdout, done.stderr
+    model = edlm.load(str(run_dir))
+    assert model.config.hidden_size == 32 and model.config.mask_token_id == 511
+    bad = _edlm(base + ["--config.diffusion.objective=mdlm", f"--config.run_dir={tmp_path / 'bad'}"])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "edlm train: error: unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, bidirectional, ar"
+    )
+
+
+def test_bad_configs_fail_with_one_clear_message(tmp_path):
+    config = tiny_config(tmp_path, "unused")
+    (tmp_path / "empty.jsonl").write_text("")
+    bad = {
+        ("diffusion", "block_size_schedule", "0:4,8:5"): "diffusion.block_size_schedule (step 8) 5 does not divide data.seq_len 32",
+        ("init", "tokenizer", str(tmp_path / "none")): "tokenizer not found",
+        ("data", "train_files", str(tmp_path / "empty.jsonl")): "empty dataset",
+        ("train", "grad_accum", 3): "train.grad_accum (3) must divide train.batch_size (4)",
+        ("diffusion", "mask_token", "model"): "no [MASK] token",
+    }
+    for (section, key, value), message in bad.items():
+        c = ConfigDict(config.to_dict())
+        c[section][key] = value
+        c.model.mask_token_id = None
+        c.run_dir = str(tmp_path / "bad")
+        with pytest.raises((ValueError, FileNotFoundError)) as err:
+            train(c)
+        assert message in str(err.value) and "\n" not in str(err.value), (key, err.value)
