@@ -20,7 +20,12 @@ L, B = 16, 4
 
 @pytest.fixture(scope="module")
 def model():
-    return edlm.init_model(CFG, seed=0)
+    from efficient_dlm.models.decoder import abstract_model
+    from flax import nnx
+
+    model = abstract_model(CFG)  # parameters made by one compiled program (eager init is slow on CPU)
+    nnx.update(model, jax.jit(lambda: nnx.state(edlm.init_model(CFG, seed=0)))())
+    return model
 
 
 def _batch():
@@ -60,9 +65,13 @@ def test_clean_context_forward_sees_exactly_the_allowed_tokens(model):
     rng = np.random.default_rng(1)
     base = rng.integers(2, 60, (1, 2 * L)).astype(np.int32)
 
+    @jax.jit
+    def logits_of(tokens):
+        h, _ = predict_hidden(model, obj, corrupt_free(tokens), key=None)
+        return model.logits(h)
+
     def x_t_logits(tokens):
-        ex_h, _ = predict_hidden(model, obj, corrupt_free(tokens), key=None)
-        return np.asarray(model.logits(ex_h))[0, 4:8]  # block 1 of x_t
+        return np.asarray(logits_of(jnp.asarray(tokens)))[0, 4:8]  # block 1 of x_t
 
     ref = x_t_logits(base)
     for changed, should_change in [(list(range(0, 4)), False), (list(range(8, 16)), False),
@@ -80,7 +89,7 @@ def corrupt_free(tokens):
     n = tokens.shape[1] // 2
     ones = jnp.ones((1, n), jnp.int32)
     zeros = jnp.zeros((1, n))
-    return Example(jnp.asarray(tokens), ones, jnp.arange(n)[None], jnp.asarray(tokens[:, n:]), zeros, zeros, zeros > 0)
+    return Example(tokens, ones, jnp.arange(n)[None], tokens[:, n:], zeros, zeros, zeros > 0)
 
 
 def _direct_ce(logits, targets):
@@ -93,13 +102,19 @@ def _direct_ce(logits, targets):
 def test_loss_equals_direct_computation(model, kind, shift):
     obj = Objective(kind, 4, token_shift=shift and kind != "ar", mask_token_id=63)
     batch = _batch()
-    ex = corrupt(obj, batch, jax.random.PRNGKey(5))
-    normaliser = jnp.sum(ex.count)
-    loss, aux, sums = loss_and_sums(model, obj, ex, normaliser=normaliser)
-    # Direct: run the model on the inputs with the documented attention; pick the predicting row.
     attention = {"block_diffusion": "clean_context", "bidirectional": "bidirectional", "ar": "causal"}[kind]
-    logits = np.asarray(model(ex.inputs, attention=attention, block_size=4 if kind == "block_diffusion" else None,
-                              segment_ids=ex.segment_ids, positions=ex.positions))
+
+    @jax.jit
+    def run(batch):
+        ex = corrupt(obj, batch, jax.random.PRNGKey(5))
+        loss, aux, sums = loss_and_sums(model, obj, ex, normaliser=jnp.sum(ex.count))
+        # Direct: the model on the inputs with the documented attention; rows picked below in numpy.
+        logits = model(ex.inputs, attention=attention, block_size=4 if kind == "block_diffusion" else None,
+                       segment_ids=ex.segment_ids, positions=ex.positions)
+        return ex, loss, aux, sums, logits
+
+    ex, loss, aux, sums, logits = run(batch)
+    logits = np.asarray(logits)
     x_t, x_0 = logits[:, :L], logits[:, L:]
     if obj.shifted:
         rows = np.zeros_like(x_t)
@@ -141,7 +156,7 @@ def test_chunked_loss_equals_plain_and_padded_vocab_is_never_predicted(model):
     for a, b in zip(jax.tree.leaves(chunk_grads), jax.tree.leaves(plain_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     # Direct reference: softmax over the valid rows only, z-loss = z * logsumexp^2.
-    logits = np.asarray(model.logits(h))[..., :valid]
+    logits = np.asarray(jax.jit(model.logits)(h))[..., :valid]
     ce = _direct_ce(logits, np.asarray(targets))
     np.testing.assert_allclose(np.asarray(plain_stats.ce), ce, rtol=1e-5)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))

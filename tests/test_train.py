@@ -46,19 +46,21 @@ def tiny_config(tmp, name: str, **train) -> ConfigDict:
     return c
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    config = tiny_config(tmp, "straight")
-    return config, train(config), tmp
-
-
 def _params(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_block_diffusion_learns_and_writes_a_loadable_run(straight):
-    config, result, _ = straight
+def test_training_learns_resumes_bit_exactly_accumulates_and_skips_non_finite_steps(tmp_path, capsys):
+    """One run, several properties: the compiled steps are shared (compiling dominates CPU test time)."""
+    config = tiny_config(tmp_path, "straight")
+    result = train(config)
+    _check_learning_and_run_layout(result)
+    _check_kill_and_resume(config, result, tmp_path)
+    _check_gradient_accumulation(config, result)
+    _check_non_finite_steps(config, tmp_path, capsys)
+
+
+def _check_learning_and_run_layout(result):
     nll = [h["nll"] for h in result.history]
     assert np.mean(nll[-4:]) < np.mean(nll[:4]) - 0.5, nll
     # Block-size schedule: 4 for steps 0-7, 8 afterwards; one compiled step per size.
@@ -77,8 +79,7 @@ def test_block_diffusion_learns_and_writes_a_loadable_run(straight):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(result.run_dir, "tensorboard")))
 
 
-def test_kill_and_resume_is_bit_identical(straight):
-    config, result, tmp = straight
+def _check_kill_and_resume(config, result, tmp):
     resumed_dir = tmp / "resumed"
     shutil.copytree(result.run_dir, resumed_dir, ignore=shutil.ignore_patterns("12", "16", "metrics.jsonl", "tensorboard"))
     config = ConfigDict(config.to_dict())
@@ -93,8 +94,7 @@ def test_kill_and_resume_is_bit_identical(straight):
         np.testing.assert_array_equal(a, b)
 
 
-def test_non_finite_steps_are_skipped_reported_and_stop_the_run(straight, tmp_path, capsys):
-    config, result, _ = straight
+def _check_non_finite_steps(config, tmp_path, capsys):
     config = ConfigDict(config.to_dict())
     config.run_dir = str(tmp_path / "nan")
     config.train.save_every = 2
@@ -125,9 +125,8 @@ def _restore(run_dir: str, step: int) -> list[np.ndarray]:
         return _params(ckptr.restore(os.path.join(run_dir, str(step), "params"), target))
 
 
-def test_gradient_accumulation_equals_the_full_batch_step(straight):
+def _check_gradient_accumulation(config, result):
     """Two micro-batches give the same loss and update as one batch (normalised by the global count)."""
-    config, result, _ = straight
     cfg = result.model_config
     config = ConfigDict(config.to_dict())
     config.diffusion.valid_vocab_size = 513
