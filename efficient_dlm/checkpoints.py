@@ -20,7 +20,8 @@ from etils import epath
 from flax import nnx
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
+from efficient_dlm.models.routers import ExpertBias
 
 CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
@@ -86,7 +87,7 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
     write_model_config(directory, model.config, extra)
     copy_tokenizer(tokenizer_dir, directory)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_path, nnx.state(model, nnx.Param))
+        ckptr.save(params_path, nnx.state(model, MODEL_STATE))
     return directory
 
 
@@ -111,7 +112,7 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, **overrides: An
     stored_cfg = cfg
     cfg = cfg.replace(**overrides) if overrides else cfg
     model = abstract_model(stored_cfg)
-    target = nnx.state(model, nnx.Param)
+    target = nnx.state(model, MODEL_STATE)
     if mesh is not None:
         from efficient_dlm.parallel.sharding import state_shardings
 
@@ -130,6 +131,6 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, **overrides: An
 def _with_config(model, cfg: ModelConfig):
     """The same parameters (cast to cfg.param_dtype) under a changed config (dtype, backend, ...)."""
     fresh = abstract_model(cfg)
-    state = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), nnx.state(model, nnx.Param))
-    nnx.update(fresh, state)
+    params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), nnx.state(model, nnx.Param))
+    nnx.update(fresh, params, nnx.state(model, ExpertBias))
     return fresh

@@ -12,7 +12,10 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MODEL_TYPES = DENSE_FAMILIES
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")
+MODEL_TYPES = DENSE_FAMILIES + MOE_FAMILIES
+ROUTER_SCORES = ("softmax", "sigmoid")
+MOE_IMPLS = ("auto", "ragged", "gmm")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 ATTENTION_BACKENDS = ("auto", "xla", "splash", "pallas", "gpu")
@@ -61,6 +64,21 @@ class ModelConfig:
     remat_policy: str = "none"
     attention_backend: str = "auto"
     scan_layers: bool = True
+    # Mixture of experts (models/moe.py); num_experts = 0 means a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # hidden size of one routed expert
+    first_k_dense: int = 0  # leading layers with a dense MLP of intermediate_size (HF mlp_only_layers prefix)
+    shared_expert_intermediate_size: int = 0  # always-on shared expert(s); 0 = none
+    shared_expert_gate: bool = False  # shared expert output scaled by sigmoid(x . w) (Qwen2-MoE)
+    router_score: str = "softmax"  # softmax (Qwen, Mixtral) | sigmoid (DeepSeek-V3, GLM-4.5, Ling 2.0)
+    router_norm_topk: bool = False  # renormalise the k selected weights to sum to 1 (HF norm_topk_prob)
+    router_groups: int = 1  # experts split into groups; only the best router_topk_groups groups are eligible
+    router_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
+    router_bias: bool = False  # per-expert selection bias, updated without gradients (aux-loss-free balancing)
+    capacity_factor: float | None = None  # None = dropless; else per-row expert capacity (see moe_dispatch)
+    moe_impl: str = "auto"  # grouped matmul: ragged (jax.lax.ragged_dot), gmm (megablox), auto (ragged)
 
     def __post_init__(self):
         validate(self)
@@ -72,6 +90,15 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Layers with routed experts: all after the first_k_dense dense ones (0 for a dense model)."""
+        return self.num_layers - self.first_k_dense if self.is_moe else 0
 
     @property
     def num_query_groups(self) -> int:
@@ -125,3 +152,42 @@ def validate(cfg: ModelConfig) -> None:
         )
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
         raise ValueError(f"model.mask_token_id {cfg.mask_token_id} is outside the vocabulary (size {cfg.vocab_size})")
+    _validate_moe(cfg)
+
+
+def _validate_moe(cfg: ModelConfig) -> None:
+    if cfg.model_type in DENSE_FAMILIES:
+        if cfg.num_experts or cfg.first_k_dense:
+            raise ValueError(
+                f"model.num_experts and model.first_k_dense must be 0 for the dense model_type {cfg.model_type!r} "
+                f"(MoE families: {', '.join(MOE_FAMILIES)})"
+            )
+        return
+    if cfg.num_experts <= 0:
+        raise ValueError(f"model.num_experts must be positive for the MoE model_type {cfg.model_type!r}")
+    if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+        raise ValueError(f"model.num_experts_per_tok must be in 1..{cfg.num_experts}, got {cfg.num_experts_per_tok}")
+    if cfg.moe_intermediate_size <= 0:
+        raise ValueError(f"model.moe_intermediate_size must be positive, got {cfg.moe_intermediate_size}")
+    if not 0 <= cfg.first_k_dense < cfg.num_layers:
+        raise ValueError(f"model.first_k_dense must be in 0..{cfg.num_layers - 1} (at least one MoE layer), got {cfg.first_k_dense}")
+    if cfg.shared_expert_intermediate_size < 0:
+        raise ValueError(f"model.shared_expert_intermediate_size must be >= 0, got {cfg.shared_expert_intermediate_size}")
+    if cfg.shared_expert_gate and not cfg.shared_expert_intermediate_size:
+        raise ValueError("model.shared_expert_gate needs a shared expert (model.shared_expert_intermediate_size > 0)")
+    if cfg.router_score not in ROUTER_SCORES:
+        raise ValueError(f"unknown model.router_score {cfg.router_score!r}; choose one of {', '.join(ROUTER_SCORES)}")
+    if cfg.router_groups <= 0 or cfg.num_experts % cfg.router_groups:
+        raise ValueError(f"model.router_groups ({cfg.router_groups}) must divide model.num_experts ({cfg.num_experts})")
+    if not 0 < cfg.router_topk_groups <= cfg.router_groups:
+        raise ValueError(f"model.router_topk_groups must be in 1..{cfg.router_groups}, got {cfg.router_topk_groups}")
+    eligible = cfg.router_topk_groups * (cfg.num_experts // cfg.router_groups)
+    if cfg.num_experts_per_tok > eligible:
+        raise ValueError(
+            f"model.num_experts_per_tok ({cfg.num_experts_per_tok}) exceeds the {eligible} experts in "
+            f"model.router_topk_groups ({cfg.router_topk_groups}) groups"
+        )
+    if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
+        raise ValueError(f"model.capacity_factor must be positive (or unset for dropless routing), got {cfg.capacity_factor}")
+    if cfg.moe_impl not in MOE_IMPLS:
+        raise ValueError(f"unknown model.moe_impl {cfg.moe_impl!r}; choose one of {', '.join(MOE_IMPLS)}")

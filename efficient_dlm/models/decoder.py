@@ -3,7 +3,9 @@
 Layers are created stacked (nnx.vmap, leading logical axis "layers") and run with jax.lax.scan over
 their state, so compile time does not grow with depth; the scan body is rematerialised with the
 configured policy. One forward serves every training pattern (`attention=` mode) and, through
-`decode`, the sampler's chunk-against-KV-cache step.
+`decode`, the sampler's chunk-against-KV-cache step. MoE configs (models/moe.py) stack their MoE
+layers in `layers` and, when `first_k_dense` > 0, the leading dense layers in `dense_layers`, run
+first; KV caches and returned keys/values keep one leading axis over all layers in order.
 """
 from __future__ import annotations
 
@@ -18,8 +20,14 @@ from efficient_dlm.models.cache import KVCache
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
 from efficient_dlm.models.masks import MaskSpec
+from efficient_dlm.models.moe import MoEDecoderLayer
+from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.models.rope import rope_tables
 from efficient_dlm.parallel.rules import constrain
+
+# The model's persistent state: trained parameters and the MoE selection bias (updated without
+# gradients). Checkpoints save this filter; optimizers take nnx.Param only.
+MODEL_STATE = (nnx.Param, ExpertBias)
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -30,7 +38,11 @@ _REMAT_POLICIES = {
 
 
 def make_layer(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """One layer; the MoE family swaps in its own layer here."""
+    """One layer of the main stack: a MoE layer for MoE configs, else the dense layer."""
+    return MoEDecoderLayer(cfg, rngs=rngs) if cfg.is_moe else DecoderLayer(cfg, rngs=rngs)
+
+
+def make_dense_layer(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return DecoderLayer(cfg, rngs=rngs)
 
 
@@ -77,7 +89,9 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        self.layers = stacked_layers(cfg, rngs, cfg.num_layers)
+        if cfg.first_k_dense:
+            self.dense_layers = stacked_layers(cfg, rngs, cfg.first_k_dense, make_dense_layer)
+        self.layers = stacked_layers(cfg, rngs, cfg.num_layers - cfg.first_k_dense)
         self.final_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
@@ -101,8 +115,16 @@ class Decoder(nnx.Module):
         return constrain(out, ("batch", "length", "act_vocab"))
 
     def _layers(self, h, positions, attend, caches):
-        cos, sin = rope_tables(self.config, positions)
-        h, kv, aux = run_stacked(self.layers, h, cos, sin, attend, caches, self.config.remat_policy, self.config.scan_layers)
+        cfg = self.config
+        cos, sin = rope_tables(cfg, positions)
+        dense = cfg.first_k_dense
+        if dense:
+            dense_caches = jax.tree.map(lambda c: c[:dense], caches)
+            caches = jax.tree.map(lambda c: c[dense:], caches)
+            h, dense_kv, _ = run_stacked(self.dense_layers, h, cos, sin, attend, dense_caches, cfg.remat_policy, cfg.scan_layers)
+        h, kv, aux = run_stacked(self.layers, h, cos, sin, attend, caches, cfg.remat_policy, cfg.scan_layers)
+        if dense:
+            kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dense_kv, kv)
         return self.final_norm(h), kv, aux
 
     # ---- training / scoring forward --------------------------------------------------------------

@@ -4,7 +4,8 @@ Older files carry `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor"
 `torch_dtype`; transformers >= 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}) and
 `dtype`. Family defaults that a config.json may omit (Qwen2's always-on q/k/v bias, Qwen3's QK-norm,
 untied embeddings, the class default of max_position_embeddings) are filled in here so the rest of
-the code never branches on model_type.
+the code never branches on model_type. The MoE families (qwen2_moe, qwen3_moe, mixtral, glm4_moe)
+add their router / expert fields through `moe_fields`, one small function per family.
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ _ROPE_FIELDS = {
 
 
 # transformers' class defaults for keys a config.json may omit (they change RoPE for dynamic / yarn).
-_MAX_POSITION_DEFAULTS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+_MAX_POSITION_DEFAULTS = {
+    "llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768,
+    "qwen2_moe": 32768, "qwen3_moe": 32768, "mixtral": 4096 * 32, "glm4_moe": 131072,
+}
 
 
 def read_config_json(directory: str) -> dict[str, Any]:
@@ -77,7 +81,7 @@ def rope_fields(hf: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
 def sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
     """The one sliding window of all layers, or None; per-layer mixes (Qwen's max_window_layers) are refused."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not hf.get("use_sliding_window", False) or window is None:
             return None
         first = hf.get("max_window_layers", 28)  # layers >= max_window_layers slide (transformers' rule)
@@ -98,8 +102,79 @@ def _first_token_id(value) -> int | None:
     return value
 
 
+def _leading_dense_layers(hf: Mapping[str, Any]) -> int:
+    """Qwen-MoE's mlp_only_layers / decoder_sparse_step as a count of leading dense layers."""
+    layers = hf["num_hidden_layers"]
+    step = hf.get("decoder_sparse_step", 1) or 1
+    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
+    if dense != list(range(len(dense))):
+        raise CheckpointError(
+            f"dense layers {dense} (mlp_only_layers / decoder_sparse_step) are not a leading block; "
+            "only dense layers before the first MoE layer are supported"
+        )
+    return len(dense)
+
+
+def _qwen_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        num_experts=hf.get("num_experts") or hf.get("num_local_experts"),
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense=_leading_dense_layers(hf),
+        router_norm_topk=bool(hf.get("norm_topk_prob", False)),
+    )
+
+
+def _qwen2_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    shared = hf.get("shared_expert_intermediate_size") or 0
+    return dict(_qwen_moe_fields(hf), shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared))
+
+
+def _mixtral_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    # router_jitter_noise is a training-time input perturbation of HF's trainer; it does not change the weights.
+    return dict(num_experts=hf["num_local_experts"], moe_intermediate_size=hf["intermediate_size"], router_norm_topk=True)
+
+
+def _glm4_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        num_experts=hf.get("n_routed_experts") or hf.get("num_local_experts"),
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense=hf.get("first_k_dense_replace", 1),
+        shared_expert_intermediate_size=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+        router_score="sigmoid",
+        router_norm_topk=bool(hf.get("norm_topk_prob", True)),
+        router_groups=hf.get("n_group", 1),
+        router_topk_groups=hf.get("topk_group", 1),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        router_bias=True,
+    )
+
+
+MOE_FIELDS = {
+    "qwen3_moe": _qwen_moe_fields,
+    "qwen2_moe": _qwen2_moe_fields,
+    "mixtral": _mixtral_fields,
+    "glm4_moe": _glm4_moe_fields,
+}
+
+
+def moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """ModelConfig MoE fields of a MoE family's config.json ({} for dense families)."""
+    family = MOE_FIELDS.get(model_type)
+    if family is None:
+        return {}
+    return dict(family(hf), num_experts_per_tok=hf["num_experts_per_tok"])
+
+
+def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":
+        return bool(hf.get("qkv_bias", True))
+    return bool(hf.get("attention_bias", False))
+
+
 def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
-    """ModelConfig for a dense Llama / Mistral / Qwen2 / Qwen3 config.json dictionary."""
+    """ModelConfig for a Llama / Mistral / Qwen2 / Qwen3 (+ MoE variants) config.json dictionary."""
     model_type = hf.get("model_type")
     dlm_export = isinstance(model_type, str) and model_type.startswith(DLM_PREFIX)
     if dlm_export:
@@ -126,8 +201,8 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_position_embeddings=max_positions,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
+        attention_bias=_attention_bias(hf, model_type),
+        qk_norm=model_type in ("qwen3", "qwen3_moe") or bool(hf.get("use_qk_norm", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=sliding_window(hf, model_type, hf["num_hidden_layers"]),
         bos_token_id=_first_token_id(hf.get("bos_token_id")),
@@ -138,6 +213,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         param_dtype=dtype,
     )
     fields.update(rope_fields(hf, max_positions))
+    fields.update(moe_fields(hf, model_type))
     if dlm_export:
         fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))
     try:

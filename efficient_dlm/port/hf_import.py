@@ -31,34 +31,38 @@ def _param_paths(state) -> dict[tuple[str, ...], Any]:
     return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
-def _empty_in_layout(view: np.ndarray, leading: int, dtype) -> np.ndarray:
-    """Uninitialised [leading, *view.shape] whose trailing axes lie in memory in the order view's do.
+def _empty_in_layout(view: np.ndarray, leading: tuple[int, ...], dtype) -> np.ndarray:
+    """Uninitialised [*leading, *view.shape] whose trailing axes lie in memory in the order view's do.
 
     The key maps' layouts are transposed views of the files; copying one into a C-ordered array is a
     strided gather that NumPy runs ~40x slower than a copy in matching order. So we copy in the file's
     order (a cast at memory speed) and let the device transfer change the layout.
     """
     order = sorted(range(view.ndim), key=lambda k: -abs(view.strides[k]))  # outermost axis first
-    base = np.empty((leading, *(view.shape[k] for k in order)), dtype)
-    return base.transpose(0, *(1 + order.index(k) for k in range(view.ndim)))
+    lead = len(leading)
+    base = np.empty((*leading, *(view.shape[k] for k in order)), dtype)
+    return base.transpose(*range(lead), *(lead + order.index(k) for k in range(view.ndim)))
 
 
 def _slice_reader(ckpt: SafetensorsCheckpoint, rule: keymaps.Rule, cfg: ModelConfig, dtype) -> Callable:
     """callback(index) -> np.ndarray for make_array_from_callback, reading only the requested slice.
 
-    A per-layer parameter is filled layer by layer into one preallocated array (cast on assignment),
-    so the host holds one converted copy of the requested slice, never a list of layers plus a stack.
+    A stacked parameter's leading axes (layers, and experts for per-expert tensors) select HF tensors,
+    the rest of the index slices them. The slice is filled tensor by tensor into one preallocated
+    array (cast on assignment), so the host holds one converted copy, never a list plus a stack.
     """
-    names = keymaps.hf_names(rule, cfg)
-    views = [rule.layout.to_ours(ckpt.tensor(name), cfg) for name in names]
+    lead = keymaps.stack_shape(rule, cfg)
+    views = {at: rule.layout.to_ours(ckpt.tensor(name), cfg) for name, at in keymaps.named_slices(rule, cfg)}
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
-        if not rule.per_layer:
-            return np.asarray(views[0][index], dtype=dtype)  # a cast keeps the view's memory order
-        layers = range(len(views))[index[0]]
-        out = _empty_in_layout(views[0][index[1:]], len(layers), dtype)
-        for j, i in enumerate(layers):
-            out[j] = views[i][index[1:]]
+        if not lead:
+            return np.asarray(views[()][index], dtype=dtype)  # a cast keeps the view's memory order
+        picks = [range(n)[sl] for n, sl in zip(lead, index)]
+        rest = index[len(lead):]
+        first = views[tuple(p[0] if len(p) else 0 for p in picks)][rest]
+        out = _empty_in_layout(first, tuple(len(p) for p in picks), dtype)
+        for at in np.ndindex(*out.shape[: len(lead)]):
+            out[at] = views[tuple(p[i] for p, i in zip(picks, at))][rest]
         return out
 
     return read
@@ -83,7 +87,7 @@ def check_tensors(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, abstract: dict)
         raise CheckpointError(f"{ckpt.directory}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
     for name, rule in expected.items():
         target = abstract[rule.path].shape
-        want = _hf_shape(rule, cfg, target[1:] if rule.per_layer else target)
+        want = _hf_shape(rule, cfg, target[len(keymaps.stack_shape(rule, cfg)):])
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.directory}: tensor {name} has shape {ckpt.shape(name)}, config expects {want}")
         if not jnp.issubdtype(ckpt.dtype(name), jnp.floating):  # jnp knows bfloat16

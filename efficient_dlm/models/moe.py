@@ -1,0 +1,122 @@
+"""The mixture-of-experts layer (Qwen2-MoE, Qwen3-MoE, Mixtral, GLM-4.5 / Ling 2.0 style) and its losses.
+
+A MoE decoder layer is the dense layer with the SwiGLU MLP replaced by `MoEBlock`: a router
+(models/routers.py) picks k experts per token, the routed experts run as grouped matmuls
+(models/moe_dispatch.py: dropless or capacity, with expert parallelism), and an optional shared
+expert runs on every token, optionally scaled by sigmoid(x . w) (Qwen2-MoE). Configs with
+`first_k_dense` > 0 keep a separate stack of dense layers before the MoE stack (Decoder.dense_layers).
+
+Contract with the trainer. `Decoder.hidden` returns `aux`: for MoE models a dict of per-layer router
+statistics stacked over the MoE layers (keys and meaning in routers.py: expert_counts,
+router_prob_sum, router_tokens, router_z_loss, expert_load); for dense models it is empty.
+- `moe_loss_terms(aux)` -> {"moe_aux_loss", "router_z_loss"} scalars (empty dict for dense models).
+  moe_aux_loss is the Switch / Qwen load-balancing loss exactly as transformers'
+  `load_balancing_loss_func` computes it over all MoE layers: E * sum_e f_e * P_e with f_e the
+  assignments to expert e per token and P_e the mean router probability, both pooled over layers.
+  The trainer adds them with its configured weights.
+- `expert_load_metrics(aux)` -> scalars for the training log (load imbalance, per-layer extremes).
+- `update_expert_bias(model, aux, rate)`: the auxiliary-loss-free balancing step (DeepSeek-V3):
+  b_e += rate * sign(mean load - load_e), per layer, called once per optimizer step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.layers import MLP, Attention, AttendFn, RMSNorm, param
+from efficient_dlm.models.moe_dispatch import ExpertWeights, routed_outputs
+from efficient_dlm.models.routers import Router
+from efficient_dlm.parallel.rules import constrain
+
+
+class MoEBlock(nnx.Module):
+    """Router + routed SwiGLU experts + optional (gated) shared expert. Returns (y, router statistics)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = Router(cfg, rngs=rngs)
+        self.gate_proj = param(rngs, cfg, (e, d, m), ("experts", "embed", "mlp"))
+        self.up_proj = param(rngs, cfg, (e, d, m), ("experts", "embed", "mlp"))
+        self.down_proj = param(rngs, cfg, (e, m, d), ("experts", "mlp", "embed"))
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size, rngs=rngs)
+        if cfg.shared_expert_gate:
+            self.shared_expert_gate = param(rngs, cfg, (d,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        b, t, d = x.shape
+        weights, experts, stats = self.router(x.reshape(b * t, d))
+        k = experts.shape[-1]
+        w = ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg)
+        y = jnp.einsum("btkd,btk->btd", outputs, weights.reshape(b, t, k).astype(x.dtype))
+        if self.cfg.shared_expert_intermediate_size:
+            shared = self.shared_expert(x)
+            if self.cfg.shared_expert_gate:
+                gate = jnp.einsum("btd,d->bt", x, self.shared_expert_gate[...].astype(x.dtype))
+                shared = jax.nn.sigmoid(gate)[..., None] * shared
+            y = y + shared
+        return y, stats
+
+
+class MoEDecoderLayer(nnx.Module):
+    """Pre-norm layer with a MoE feed-forward; same signature as layers.DecoderLayer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
+        self.mlp = MoEBlock(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, attend: AttendFn, layer_cache=None):
+        q, k, v = self.attn.project(self.input_norm(x), cos, sin)
+        x = x + self.attn.output(attend(q, k, v, layer_cache))
+        y, stats = self.mlp(self.post_attn_norm(x))
+        x = constrain(x + y, ("batch", "length", "act_embed"))
+        return x, (k, v), stats
+
+
+# ---- losses, metrics and the bias update (the trainer's side of the contract) ------------------------
+
+
+def moe_loss_terms(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Unweighted load-balancing and z losses from `Decoder.hidden`'s aux ({} for dense models)."""
+    if "expert_counts" not in aux:
+        return {}
+    tokens = jnp.sum(aux["router_tokens"])
+    fraction = jnp.sum(aux["expert_counts"], axis=0) / tokens  # assignments per token, sums to k
+    prob = jnp.sum(aux["router_prob_sum"], axis=0) / tokens
+    num_experts = fraction.shape[-1]
+    return {
+        "moe_aux_loss": num_experts * jnp.sum(fraction * prob),
+        "router_z_loss": jnp.mean(aux["router_z_loss"]),
+    }
+
+
+def expert_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Scalars for the training log: max / min expert load relative to uniform (1.0 = balanced), and
+    the coefficient of variation of the load, worst layer."""
+    if "expert_load" not in aux:
+        return {}
+    load = aux["expert_load"] * aux["expert_load"].shape[-1]  # [layers, experts], mean 1
+    return {
+        "expert_load_max": jnp.max(load),
+        "expert_load_min": jnp.min(load),
+        "expert_load_cv": jnp.max(jnp.std(load, axis=-1)),
+    }
+
+
+def update_expert_bias(model, aux: dict[str, jax.Array], rate: float) -> None:
+    """Aux-loss-free balancing: nudges each MoE layer's selection bias toward under-loaded experts.
+
+    In place on the model's `ExpertBias` variables (works inside nnx.jit); a no-op without router_bias.
+    """
+    if not model.config.router_bias or "expert_counts" not in aux:
+        return
+    bias = model.layers.mlp.router.bias
+    counts = aux["expert_counts"]  # [moe layers, experts]
+    error = jnp.mean(counts, axis=-1, keepdims=True) - counts
+    bias[...] = bias[...] + rate * jnp.sign(error)

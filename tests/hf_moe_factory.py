@@ -1,0 +1,64 @@
+"""Tiny random Hugging Face MoE models made on the fly (the numerics oracle for the MoE families)."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+BASE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_experts_per_tok=2,
+)
+
+# name -> (config class, model class, overrides). Each exercises a router / layout option.
+MOE_FAMILIES = {
+    "qwen3_moe_norm_topk": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[0], head_dim=8),
+    ),
+    "qwen3_moe_plain_topk": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=16, norm_topk_prob=False, tie_word_embeddings=True),
+    ),
+    "qwen2_moe_shared_gate": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts_per_tok=3),
+    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, intermediate_size=24)),
+    "glm4_moe_sigmoid_groups": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            n_routed_experts=16, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+            use_qk_norm=True, partial_rotary_factor=1.0, head_dim=8,
+        ),
+    ),
+}
+
+
+def make_moe_hf_model(name: str, directory: str, seed: int = 0, **overrides):
+    """Creates, saves (safetensors) and returns the torch model for MoE option `name`."""
+    config_cls, model_cls, extra = MOE_FAMILIES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+            elif pname.endswith(("gate.weight", "shared_expert_gate.weight")):
+                p.copy_(torch.randn_like(p) * 0.5)  # decisive routing: no near-ties between experts
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand_like(b) * 0.2)  # the selection bias must matter in the test
+    model.save_pretrained(directory)
+    return model

@@ -1,0 +1,145 @@
+"""Routers against direct NumPy implementations; expert dispatch against dense computations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.moe import moe_loss_terms, update_expert_bias
+from efficient_dlm.models.moe_dispatch import ExpertWeights, capacity, grouped_matmul, routed_outputs
+from efficient_dlm.models.routers import route
+
+MOE = dict(model_type="glm4_moe", hidden_size=16, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=8)
+
+
+def _np_route(logits, bias, k, score, groups, topk_groups, norm, scale):
+    """Token by token, written from the DeepSeek-V3 / HF descriptions."""
+    weights, experts = [], []
+    for row, b in zip(logits.astype(np.float64), np.broadcast_to(bias, logits.shape)):
+        s = np.exp(row - row.max()) / np.exp(row - row.max()).sum() if score == "softmax" else 1 / (1 + np.exp(-row))
+        choice = s + b
+        per = len(row) // groups
+        group_score = [np.sort(choice[g * per:(g + 1) * per])[-2:].sum() for g in range(groups)]
+        best = np.argsort(group_score)[::-1][:topk_groups]
+        eligible = np.isin(np.arange(len(row)) // per, best)
+        picked = np.argsort(np.where(eligible, choice, -np.inf))[::-1][:k]
+        w = s[picked] / (s[picked].sum() if norm else 1.0) * scale
+        order = np.argsort(picked)
+        experts.append(picked[order])
+        weights.append(w[order])
+    return np.array(weights), np.array(experts)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(router_score="sigmoid", router_groups=4, router_topk_groups=2, router_norm_topk=True, routed_scaling_factor=2.5),
+        dict(router_score="sigmoid", router_groups=8, router_topk_groups=3, router_norm_topk=False),
+        dict(router_score="softmax", router_norm_topk=True),
+        dict(router_score="softmax", router_norm_topk=False),
+    ],
+    ids=["sigmoid_groups_norm_scaled", "sigmoid_groups_plain", "softmax_norm", "softmax_plain"],
+)
+def test_router_matches_numpy(options):
+    cfg = ModelConfig(**MOE, **options)
+    rng = np.random.RandomState(0)
+    logits = rng.randn(64, 16).astype(np.float32) * 2
+    bias = (rng.rand(16) * 0.5).astype(np.float32) if cfg.router_score == "sigmoid" else np.zeros(16, np.float32)
+    weights, experts, _ = route(cfg, jnp.asarray(logits), jnp.asarray(bias))
+    order = np.argsort(np.asarray(experts), axis=-1)
+    ours_e = np.take_along_axis(np.asarray(experts), order, -1)
+    ours_w = np.take_along_axis(np.asarray(weights), order, -1)
+    ref_w, ref_e = _np_route(logits, bias, 4, cfg.router_score, cfg.router_groups, cfg.router_topk_groups,
+                             cfg.router_norm_topk, cfg.routed_scaling_factor)
+    np.testing.assert_array_equal(ours_e, ref_e)
+    np.testing.assert_allclose(ours_w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def _weights(cfg, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    e, d, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    return ExpertWeights(*(jax.random.normal(k, s) * 0.3 for k, s in zip(keys, [(e, d, m), (e, d, m), (e, m, d)])))
+
+
+def _every_expert(x, w):
+    """[E, B, T, D]: every token through every expert, NumPy float64."""
+    x, g, u, dn = (np.asarray(a, np.float64) for a in (x, *w))
+    h = np.einsum("btd,edm->ebtm", x, g)
+    return np.einsum("ebtm,emd->ebtd", h / (1 + np.exp(-h)) * np.einsum("btd,edm->ebtm", x, u), dn)
+
+
+def _routing(cfg, shape, seed=1):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(*shape, cfg.hidden_size).astype(np.float32)
+    experts = np.argsort(rng.rand(*shape, cfg.num_experts), axis=-1)[..., : cfg.num_experts_per_tok].astype(np.int32)
+    experts[0, :5] = experts[0, 0]  # a crowded expert
+    return x, experts
+
+
+def test_dropless_dispatch_equals_dense_weighted_sum():
+    cfg = ModelConfig(**MOE)
+    x, experts = _routing(cfg, (3, 10))
+    weights = np.random.RandomState(2).rand(3, 10, 4).astype(np.float32)
+    w = _weights(cfg)
+    out = np.asarray(routed_outputs(jnp.asarray(x), jnp.asarray(experts), w, cfg))
+    dense = _every_expert(x, w)  # [E, B, T, D]
+    b, t = np.meshgrid(np.arange(3), np.arange(10), indexing="ij")
+    expected = dense[experts, b[..., None], t[..., None]]  # [B, T, k, D]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    combined = np.einsum("btkd,btk->btd", out, weights)
+    dense_weights = np.zeros((3, 10, cfg.num_experts))
+    np.put_along_axis(dense_weights, experts, weights, -1)
+    np.testing.assert_allclose(combined, np.einsum("ebtd,bte->btd", dense, dense_weights), rtol=1e-4, atol=1e-4)
+
+
+def test_capacity_mode_drops_later_assignments_beyond_capacity():
+    cfg = ModelConfig(**MOE, capacity_factor=0.5)
+    x, experts = _routing(cfg, (2, 12))
+    w = _weights(cfg)
+    out = np.asarray(routed_outputs(jnp.asarray(x), jnp.asarray(experts), w, cfg))
+    cap = capacity(cfg, 12)
+    assert cap == 2  # ceil(0.5 * 12 * 4 / 16)
+    dense = _every_expert(x, w)
+    expected = np.zeros_like(out)
+    for b in range(2):
+        taken = np.zeros(cfg.num_experts, int)
+        for t in range(12):
+            for j, e in enumerate(experts[b, t]):
+                if taken[e] < cap:
+                    expected[b, t, j] = dense[e, b, t]
+                taken[e] += 1
+    assert (np.abs(expected).sum(-1) == 0).sum() > 5  # the test really drops
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_megablox_gmm_matches_ragged_dot():
+    rng = np.random.RandomState(0)
+    lhs, rhs = jnp.asarray(rng.randn(24, 32), jnp.float32), jnp.asarray(rng.randn(4, 32, 16), jnp.float32)
+    sizes = jnp.array([5, 0, 7, 6], jnp.int32)  # an empty group; 6 rows past the groups
+    ours = grouped_matmul(lhs, rhs, sizes, "gmm")
+    ref = np.concatenate([lhs[:5] @ rhs[0], lhs[5:12] @ rhs[2], lhs[12:18] @ rhs[3], np.zeros((6, 16))])
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grouped_matmul(lhs, rhs, sizes, "ragged"), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_aux_loss_free_bias_update_balances_the_load():
+    from flax import nnx
+
+    from efficient_dlm.models.decoder import init_model
+
+    cfg = ModelConfig(**{**MOE, "hidden_size": 32}, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=64,
+                      router_score="sigmoid", router_bias=True)
+    model = init_model(cfg)
+    bias = model.layers.mlp.router.bias
+    bias[...] = bias[...].at[:, :4].set(0.5)  # experts 0-3 start out favoured
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (4, 32)))
+
+    @nnx.jit
+    def step(model):
+        _, aux = model.hidden(tokens)
+        update_expert_bias(model, aux, 0.02)
+        return jnp.max(aux["expert_load"]) * cfg.num_experts, moe_loss_terms(aux)["moe_aux_loss"]  # 1.0 = uniform
+
+    imbalance = [float(step(model)[0]) for _ in range(30)]
+    assert imbalance[0] > 3.0 and max(imbalance[-5:]) < 0.6 * imbalance[0], imbalance
+    assert float(step(model)[1]) < 1.2 * cfg.num_experts_per_tok  # the Switch loss is k when balanced
