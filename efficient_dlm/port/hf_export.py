@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_dlm.models.config import DTYPES, ModelConfig
+from efficient_dlm.models.decoder import MODEL_STATE
 from efficient_dlm.port import hf_config_out, keymaps, model_card
 from efficient_dlm.port.hf_config_out import DlmFields
 from efficient_dlm.port.safetensors_writer import TensorSpec, parse_size, write_sharded
@@ -146,14 +147,14 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _params(model) -> dict[tuple[str, ...], Any]:
-    return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def _state(model) -> dict[tuple[str, ...], Any]:
+    return {tuple(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(nnx.state(model, MODEL_STATE))}
 
 
-def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, int | None]]:
-    """(HF tensor spec, rule, layer index) for every tensor to write, in table order."""
+def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, tuple[int, ...]]]:
+    """(HF tensor spec, rule, index into the stacked parameter) for every tensor to write, in table order."""
     cfg: ModelConfig = model.config
-    params = _params(model)
+    params = _state(model)
     rules = keymaps.rules_for(cfg)
     uncovered = sorted(set(params) - {rule.path for rule in rules})
     if uncovered:
@@ -161,23 +162,25 @@ def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, int |
     np_dtype = np.dtype(jnp.dtype(dtype))
     plan = []
     for rule in rules:
-        shape = params[rule.path].shape[1:] if rule.per_layer else params[rule.path].shape
+        shape = params[rule.path].shape[len(keymaps.stack_shape(rule, cfg)):]
         hf_shape = tuple(rule.layout.to_hf(np.empty(shape, np.uint8), cfg).shape)
-        for i, name in enumerate(keymaps.hf_names(rule, cfg)):
-            plan.append((TensorSpec(name, hf_shape, np_dtype), rule, i if rule.per_layer else None))
+        # Non-trained state (the MoE selection bias) keeps its float32, as transformers keeps it.
+        spec_dtype = np_dtype if isinstance(params[rule.path], nnx.Param) else np.dtype(params[rule.path].dtype)
+        for name, index in keymaps.named_slices(rule, cfg):
+            plan.append((TensorSpec(name, hf_shape, spec_dtype), rule, index))
     return plan
 
 
 def _producer(model, plan, dtype: str):
-    """produce(spec) -> the HF tensor, gathered from the model one layer slice at a time."""
-    cfg, params = model.config, _params(model)
-    by_name = {spec.name: (rule, layer) for spec, rule, layer in plan}
+    """produce(spec) -> the HF tensor, gathered from the model one layer (or expert) slice at a time."""
+    cfg = model.config
+    params = _state(model)
+    by_name = {spec.name: (spec, rule, index) for spec, rule, index in plan}
 
     def produce(spec: TensorSpec) -> np.ndarray:
-        rule, layer = by_name[spec.name]
-        value = params[rule.path][...]
-        value = value[layer] if layer is not None else value
-        return rule.layout.to_hf(_host(value.astype(dtype)), cfg)
+        spec, rule, index = by_name[spec.name]
+        value = params[rule.path][...][index]
+        return rule.layout.to_hf(_host(value.astype(spec.dtype)), cfg)
 
     return produce
 
