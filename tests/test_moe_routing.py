@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.moe import moe_loss_terms, update_expert_bias
@@ -76,12 +77,16 @@ def _routing(cfg, shape, seed=1):
     return x, experts
 
 
+def _dispatch(cfg):
+    return jax.jit(lambda x, experts, w: routed_outputs(x, experts, w, cfg))
+
+
 def test_dropless_dispatch_equals_dense_weighted_sum():
     cfg = ModelConfig(**MOE)
     x, experts = _routing(cfg, (3, 10))
     weights = np.random.RandomState(2).rand(3, 10, 4).astype(np.float32)
     w = _weights(cfg)
-    out = np.asarray(routed_outputs(jnp.asarray(x), jnp.asarray(experts), w, cfg))
+    out = np.asarray(_dispatch(cfg)(jnp.asarray(x), jnp.asarray(experts), w))
     dense = _every_expert(x, w)  # [E, B, T, D]
     b, t = np.meshgrid(np.arange(3), np.arange(10), indexing="ij")
     expected = dense[experts, b[..., None], t[..., None]]  # [B, T, k, D]
@@ -96,7 +101,7 @@ def test_capacity_mode_drops_later_assignments_beyond_capacity():
     cfg = ModelConfig(**MOE, capacity_factor=0.5)
     x, experts = _routing(cfg, (2, 12))
     w = _weights(cfg)
-    out = np.asarray(routed_outputs(jnp.asarray(x), jnp.asarray(experts), w, cfg))
+    out = np.asarray(_dispatch(cfg)(jnp.asarray(x), jnp.asarray(experts), w))
     cap = capacity(cfg, 12)
     assert cap == 2  # ceil(0.5 * 12 * 4 / 16)
     dense = _every_expert(x, w)
@@ -122,14 +127,20 @@ def test_megablox_gmm_matches_ragged_dot():
     np.testing.assert_allclose(grouped_matmul(lhs, rhs, sizes, "ragged"), ref, rtol=1e-4, atol=1e-4)
 
 
+def _random_model(cfg: ModelConfig, seed: int = 0):
+    """A model with NumPy-random weights (no XLA-compiled initialisers: seconds cheaper on CPU)."""
+    from efficient_dlm.models.decoder import abstract_model
+
+    model = abstract_model(cfg)
+    rng = np.random.RandomState(seed)
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.randn(*a.shape) * 0.2, a.dtype), nnx.state(model)))
+    return model
+
+
 def test_aux_loss_free_bias_update_balances_the_load():
-    from flax import nnx
-
-    from efficient_dlm.models.decoder import init_model
-
     cfg = ModelConfig(**{**MOE, "hidden_size": 32}, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=64,
                       router_score="sigmoid", router_bias=True)
-    model = init_model(cfg)
+    model = _random_model(cfg)
     bias = model.layers.mlp.router.bias
     bias[...] = bias[...].at[:, :4].set(0.5)  # experts 0-3 start out favoured
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, (4, 32)))
