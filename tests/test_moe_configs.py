@@ -1,8 +1,6 @@
 """MoE recipes (sizes against published counts), config validation, and the CLI import of a MoE model."""
 import importlib.util
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from flax import nnx
 
 import efficient_dlm as edlm
+from efficient_dlm import cli
 from efficient_dlm.config import model_config
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import abstract_model
@@ -70,22 +69,16 @@ def test_moe_config_errors_name_the_field(overrides, message):
         ModelConfig(**{**good, **overrides})
 
 
-def _edlm(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "efficient_dlm.cli", *args], env=env, capture_output=True, text=True)
+def test_cli_rejects_a_bad_moe_override_in_one_line(capsys):
+    code = cli.main(["edlm", "import-hf", "--config=configs/tiny_moe.py", "--config.model.router_topk_groups=5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "model.router_topk_groups must be in 1..4" in err
 
 
-def test_cli_rejects_a_bad_moe_override_in_one_line():
-    proc = _edlm("import-hf", "--config=configs/tiny_moe.py", "--config.model.router_topk_groups=5")
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and err.count("\n") == 0 and "model.router_topk_groups must be in 1..4" in err
-
-
-def test_cli_import_keeps_experts_and_selection_bias(tmp_path):
+def test_cli_import_keeps_experts_and_selection_bias(tmp_path, capsys):
     hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "ckpt")
     torch_model = make_moe_hf_model("glm4_moe_sigmoid_groups", hf_dir)
-    proc = _edlm("import-hf", "--hf_dir", hf_dir, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli.main(["edlm", "import-hf", "--hf_dir", hf_dir, "--out", out]) == 0, capsys.readouterr().err
     loaded = edlm.load(out)
     reference = edlm.from_hf(hf_dir)
     for ours, ref in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(reference))):
