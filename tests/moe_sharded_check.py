@@ -36,7 +36,7 @@ def loss_and_grads(cfg: ModelConfig, x, mesh=None):
     def loss_fn(params, rest, x):
         y, stats = nnx.merge(graphdef, params, rest)(x)
         aux = jax.tree.map(lambda a: a[None], stats)  # one layer
-        return jnp.mean(jnp.square(y)) + 0.01 * moe_loss_terms(aux)["moe_aux_loss"]
+        return jnp.mean(jnp.square(y)) + 0.01 * moe_loss_terms(aux)["load_balancing"]
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     if mesh is None:

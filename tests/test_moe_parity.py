@@ -23,9 +23,11 @@ def test_moe_logits_and_router_losses_match_transformers(family, tmp_path):
     assert np.abs(logits - ref.logits.numpy()).max() <= 1e-4 * np.abs(ref.logits.numpy()).max()
     terms = moe_loss_terms(aux)
     z_loss = np.mean([torch.logsumexp(r.double(), -1).square().mean().item() for r in ref.router_logits])
-    np.testing.assert_allclose(float(terms["router_z_loss"]), z_loss, rtol=1e-4)
+    np.testing.assert_allclose(float(terms["router_z"]), z_loss, rtol=1e-4)
     if getattr(ref, "aux_loss", None) is not None:  # the Switch / Qwen loss as transformers computes it
-        np.testing.assert_allclose(float(terms["moe_aux_loss"]), ref.aux_loss.item(), rtol=1e-5)
+        np.testing.assert_allclose(float(terms["load_balancing"]), ref.aux_loss.item(), rtol=1e-5)
+        weighted = torch_model.config.router_aux_loss_coef * ref.aux_loss.item()  # what HF adds to its loss
+        np.testing.assert_allclose(float(aux["moe_aux_loss"]), weighted, rtol=1e-5)
 
 
 def _hf(**overrides):

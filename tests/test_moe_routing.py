@@ -149,7 +149,7 @@ def test_aux_loss_free_bias_update_balances_the_load():
     def step(model):
         _, aux = model.hidden(tokens)
         update_expert_bias(model, aux, 0.02)
-        return jnp.max(aux["expert_load"]) * cfg.num_experts, moe_loss_terms(aux)["moe_aux_loss"]  # 1.0 = uniform
+        return jnp.max(aux["expert_load"]) * cfg.num_experts, moe_loss_terms(aux)["load_balancing"]  # 1.0 = uniform
 
     imbalance = [float(step(model)[0]) for _ in range(30)]
     assert imbalance[0] > 3.0 and max(imbalance[-5:]) < 0.6 * imbalance[0], imbalance

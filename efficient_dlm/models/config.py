@@ -78,6 +78,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
     router_bias: bool = False  # per-expert selection bias, updated without gradients (aux-loss-free balancing)
     capacity_factor: float | None = None  # None = dropless; else per-row expert capacity (see moe_dispatch)
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in aux["moe_aux_loss"] (HF's name)
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss in aux["router_z_loss"]
+    router_bias_update_rate: float = 0.001  # step of the aux-loss-free bias update (DeepSeek-V3's gamma)
     moe_impl: str = "auto"  # grouped matmul: ragged (jax.lax.ragged_dot), gmm (megablox), auto (ragged)
 
     def __post_init__(self):
@@ -189,5 +192,8 @@ def _validate_moe(cfg: ModelConfig) -> None:
         )
     if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
         raise ValueError(f"model.capacity_factor must be positive (or unset for dropless routing), got {cfg.capacity_factor}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.moe_impl not in MOE_IMPLS:
         raise ValueError(f"unknown model.moe_impl {cfg.moe_impl!r}; choose one of {', '.join(MOE_IMPLS)}")

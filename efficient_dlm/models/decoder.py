@@ -20,7 +20,7 @@ from efficient_dlm.models.cache import KVCache
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
 from efficient_dlm.models.masks import MaskSpec
-from efficient_dlm.models.moe import MoEDecoderLayer
+from efficient_dlm.models.moe import MoEDecoderLayer, with_moe_losses
 from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.models.rope import rope_tables
 from efficient_dlm.parallel.rules import constrain
@@ -125,6 +125,8 @@ class Decoder(nnx.Module):
         h, kv, aux = run_stacked(self.layers, h, cos, sin, attend, caches, cfg.remat_policy, cfg.scan_layers)
         if dense:
             kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dense_kv, kv)
+        if cfg.is_moe:
+            aux = with_moe_losses(aux, cfg)
         return self.final_norm(h), kv, aux
 
     # ---- training / scoring forward --------------------------------------------------------------

@@ -6,17 +6,18 @@ A MoE decoder layer is the dense layer with the SwiGLU MLP replaced by `MoEBlock
 expert runs on every token, optionally scaled by sigmoid(x . w) (Qwen2-MoE). Configs with
 `first_k_dense` > 0 keep a separate stack of dense layers before the MoE stack (Decoder.dense_layers).
 
-Contract with the trainer. `Decoder.hidden` returns `aux`: for MoE models a dict of per-layer router
-statistics stacked over the MoE layers (keys and meaning in routers.py: expert_counts,
-router_prob_sum, router_tokens, router_z_loss, expert_load); for dense models it is empty.
-- `moe_loss_terms(aux)` -> {"moe_aux_loss", "router_z_loss"} scalars (empty dict for dense models).
-  moe_aux_loss is the Switch / Qwen load-balancing loss exactly as transformers'
-  `load_balancing_loss_func` computes it over all MoE layers: E * sum_e f_e * P_e with f_e the
-  assignments to expert e per token and P_e the mean router probability, both pooled over layers.
-  The trainer adds them with its configured weights.
-- `expert_load_metrics(aux)` -> scalars for the training log (load imbalance, per-layer extremes).
-- `update_expert_bias(model, aux, rate)`: the auxiliary-loss-free balancing step (DeepSeek-V3):
-  b_e += rate * sign(mean load - load_e), per layer, called once per optimizer step.
+Contract with the trainer. `Decoder.hidden` returns `aux`, empty for dense models; for MoE models:
+- per-layer router statistics stacked over the MoE layers (routers.py: expert_counts,
+  router_prob_sum, router_tokens, router_z, expert_load), for metrics and the bias update;
+- two weighted scalar losses, to be added to the training loss as they are (every aux key ending in
+  "_loss" is a loss term): "moe_aux_loss" = router_aux_loss_coef * the Switch / Qwen load-balancing
+  loss, exactly as transformers' `load_balancing_loss_func` computes it over all MoE layers
+  (E * sum_e f_e * P_e, f_e = assignments to expert e per token, P_e = mean router probability,
+  both pooled over layers), and "router_z_loss" = router_z_loss_coef * the mean z-loss of the layers.
+`moe_loss_terms(aux)` gives the unweighted terms; `expert_load_metrics(aux)` scalars for the log;
+`update_expert_bias(model, aux)` is the auxiliary-loss-free balancing step (DeepSeek-V3),
+b_e += router_bias_update_rate * sign(mean load - load_e) per layer, once per optimizer step
+(`expert_bias_update` is the same on arrays, for functional train steps).
 """
 from __future__ import annotations
 
@@ -83,16 +84,23 @@ class MoEDecoderLayer(nnx.Module):
 
 
 def moe_loss_terms(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Unweighted load-balancing and z losses from `Decoder.hidden`'s aux ({} for dense models)."""
+    """Unweighted {"load_balancing", "router_z"} from the stacked router statistics ({} if dense)."""
     if "expert_counts" not in aux:
         return {}
     tokens = jnp.sum(aux["router_tokens"])
     fraction = jnp.sum(aux["expert_counts"], axis=0) / tokens  # assignments per token, sums to k
     prob = jnp.sum(aux["router_prob_sum"], axis=0) / tokens
     num_experts = fraction.shape[-1]
+    return {"load_balancing": num_experts * jnp.sum(fraction * prob), "router_z": jnp.mean(aux["router_z"])}
+
+
+def with_moe_losses(aux: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:
+    """aux plus the weighted scalar losses "moe_aux_loss" and "router_z_loss" (see the module docstring)."""
+    terms = moe_loss_terms(aux)
     return {
-        "moe_aux_loss": num_experts * jnp.sum(fraction * prob),
-        "router_z_loss": jnp.mean(aux["router_z_loss"]),
+        **aux,
+        "moe_aux_loss": cfg.router_aux_loss_coef * terms["load_balancing"],
+        "router_z_loss": cfg.router_z_loss_coef * terms["router_z"],
     }
 
 
@@ -109,14 +117,20 @@ def expert_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def update_expert_bias(model, aux: dict[str, jax.Array], rate: float) -> None:
-    """Aux-loss-free balancing: nudges each MoE layer's selection bias toward under-loaded experts.
+def expert_bias_update(bias: jax.Array, aux: dict[str, jax.Array], rate: float) -> jax.Array:
+    """New selection bias [moe layers, experts]: + rate toward under-loaded experts, - rate away from
+    over-loaded ones (sign of the load error, DeepSeek-V3)."""
+    counts = aux["expert_counts"]
+    return bias + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
 
-    In place on the model's `ExpertBias` variables (works inside nnx.jit); a no-op without router_bias.
+
+def update_expert_bias(model, aux: dict[str, jax.Array], rate: float | None = None) -> None:
+    """Aux-loss-free balancing step, in place on the model's `ExpertBias` (works inside nnx.jit).
+
+    rate defaults to model.config.router_bias_update_rate; a no-op without router_bias.
     """
-    if not model.config.router_bias or "expert_counts" not in aux:
+    cfg = model.config
+    if not cfg.router_bias or "expert_counts" not in aux:
         return
     bias = model.layers.mlp.router.bias
-    counts = aux["expert_counts"]  # [moe layers, experts]
-    error = jnp.mean(counts, axis=-1, keepdims=True) - counts
-    bias[...] = bias[...] + rate * jnp.sign(error)
+    bias[...] = expert_bias_update(bias[...], aux, cfg.router_bias_update_rate if rate is None else rate)

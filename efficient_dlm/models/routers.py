@@ -14,7 +14,7 @@ Per-layer statistics returned with every routing (the MoE entries of `Decoder.hi
     expert_counts [E]   number of (token, slot) assignments per expert
     router_prob_sum [E] sum over tokens of the router probabilities (softmax p, or s / sum(s))
     router_tokens []    number of routed tokens
-    router_z_loss []    mean over tokens of logsumexp(logits)^2 (ST-MoE)
+    router_z []         mean over tokens of logsumexp(logits)^2 (the ST-MoE z-loss of this layer)
     expert_load [E]     expert_counts / (tokens * k): the fraction of assignments per expert
 """
 from __future__ import annotations
@@ -84,6 +84,6 @@ def routing_stats(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_e
         "expert_counts": counts,
         "router_prob_sum": jnp.sum(probs, axis=0),
         "router_tokens": jnp.asarray(tokens, jnp.float32),
-        "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "router_z": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
         "expert_load": counts / (tokens * k),
     }

@@ -162,7 +162,10 @@ def moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     family = MOE_FIELDS.get(model_type)
     if family is None:
         return {}
-    return dict(family(hf), num_experts_per_tok=hf["num_experts_per_tok"])
+    fields = dict(family(hf), num_experts_per_tok=hf["num_experts_per_tok"])
+    if hf.get("router_aux_loss_coef") is not None:
+        fields["router_aux_loss_coef"] = float(hf["router_aux_loss_coef"])
+    return fields
 
 
 def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
