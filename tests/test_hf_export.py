@@ -145,6 +145,8 @@ def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path, capsys):
     recipe = {"diffusion": {"objective": "block_diffusion", "block_size": 8, "block_size_schedule": "0:2,10:4"}}
     extra = {"train_config": recipe, "valid_vocab_size": 90, "metrics": {"eval_loss": 1.25}}
     edlm.save(dlm_model, ckpt, extra=extra)
+    with open(os.path.join(ckpt, "metrics.jsonl"), "w") as f:  # as the trainer logs in a run directory
+        f.write('{"step": 5, "kind": "eval", "nll": 3.5}\n{"step": 9, "kind": "eval", "nll": 2.75}\n{"step": 9, "kind": "tr')
     out = str(tmp_path / "out")
     args = ["edlm", "export-hf", "--ckpt", ckpt, "--out", out, "--threshold", "0.8"]
     assert cli.main(args) == 2
@@ -155,6 +157,7 @@ def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path, capsys):
     assert config["valid_vocab_size"] == 90
     card = open(os.path.join(out, "README.md")).read()
     assert "diffusion.objective | block_diffusion" in card and "metrics.eval_loss | 1.25" in card
+    assert "last eval log.nll | 2.75" in card and "last eval log.step | 9" in card
     assert os.path.exists(os.path.join(out, "tokenizer.json")) and os.path.exists(os.path.join(out, "modeling_edlm.py"))
 
 

@@ -36,6 +36,7 @@ MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modelin
 MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py", "moe_edlm.py")
 # A tokenizer directory must hold one of these to be loadable by AutoTokenizer.
 TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
+METRICS_FILE = "metrics.jsonl"  # written by the trainer (train/metrics.py) in a run directory
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -125,6 +126,21 @@ def resolve_dlm_fields(extra: dict[str, Any], overrides: dict[str, Any], default
                 values[field] = candidate
                 break
     return DlmFields(**values)
+
+
+def recorded_metrics(checkpoint: str | None) -> dict[str, dict[str, Any]]:
+    """The last logged record of each kind ("train", "eval") in a training run's metrics.jsonl."""
+    path = os.path.join(checkpoint, METRICS_FILE) if checkpoint else ""
+    last: dict[str, dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a killed run; the card reports what was written
+                last[str(record.pop("kind", "train"))] = record
+    return last
 
 
 def _is_dlm(cfg: ModelConfig, fmt: str) -> bool:
@@ -278,7 +294,8 @@ def to_hf(
     if dlm is not None:
         _write_modeling(tmp, cfg.model_type)
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card.render(cfg, dlm, extra, dtype, os.path.basename(os.path.abspath(out_dir))))
+        name = os.path.basename(os.path.abspath(out_dir))
+        f.write(model_card.render(cfg, dlm, extra, dtype, name, recorded_metrics(checkpoint)))
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -73,8 +73,13 @@ def _usage(dlm: DlmFields | None) -> list[str]:
     ]
 
 
-def render(cfg: ModelConfig, dlm: DlmFields | None, extra: dict[str, Any], dtype: str, name: str) -> str:
-    """README.md text for an export of `cfg` (dLM when `dlm` is given)."""
+def render(
+    cfg: ModelConfig, dlm: DlmFields | None, extra: dict[str, Any], dtype: str, name: str, logged: dict[str, dict] | None = None
+) -> str:
+    """README.md text for an export of `cfg` (dLM when `dlm` is given).
+
+    logged: the last training-log record of each kind ("train", "eval") of the run, if any.
+    """
     kind = "block-diffusion language model (dLM)" if dlm else f"{cfg.model_type} causal language model"
     tags = ["efficient_dlm"] + (["block-diffusion", "dllm"] if dlm else [])
     lines = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags] + ["---", ""]
@@ -101,6 +106,7 @@ def render(cfg: ModelConfig, dlm: DlmFields | None, extra: dict[str, Any], dtype
         lines.append("")
     lines += _table(_flatten(recipe)) if recipe else ["No training metadata was recorded in the checkpoint."]
     numbers = {k: extra[k] for k in NUMBER_SECTIONS if k in extra}
+    numbers.update({f"last {kind} log": record for kind, record in (logged or {}).items()})
     lines += ["", "## Measured numbers", ""]
     lines += _table(_flatten(numbers)) if numbers else ["None recorded in the checkpoint."]
     arch = {
