@@ -158,7 +158,9 @@ def test_export_hf_cli_from_checkpoint_metadata(dlm_model, tmp_path, capsys):
     card = open(os.path.join(out, "README.md")).read()
     assert "diffusion.objective | block_diffusion" in card and "metrics.eval_loss | 1.25" in card
     assert "last eval log.nll | 2.75" in card and "last eval log.step | 9" in card
-    assert os.path.exists(os.path.join(out, "tokenizer.json")) and os.path.exists(os.path.join(out, "modeling_edlm.py"))
+    assert os.path.exists(os.path.join(out, "modeling_edlm.py"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # special tokens written
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id) == (1, 1, VOCAB - 1)
 
 
 def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch):

@@ -213,6 +213,25 @@ def _copy_tokenizer(src: str, out: str) -> list[str]:
     return names
 
 
+def _special_tokens_config(cfg: ModelConfig, tokenizer_json: str) -> dict[str, Any]:
+    """A tokenizer_config.json naming the special tokens, for a tokenizer that came without one.
+
+    Without it, AutoTokenizer knows no EOS, pad or [MASK] token (batches cannot even be padded).
+    The pad token falls back to EOS, as generate pads finished rows with it.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    ids = {"bos_token": cfg.bos_token_id, "eos_token": cfg.eos_token_id, "mask_token": cfg.mask_token_id}
+    ids["pad_token"] = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for name, token_id in ids.items():
+        token = tokenizer.id_to_token(token_id) if token_id is not None else None
+        if token is not None:
+            out[name] = token
+    return out
+
+
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
@@ -291,6 +310,8 @@ def to_hf(
     else:
         _write_json(os.path.join(tmp, "generation_config.json"), hf_config_out.generation_config(cfg, dlm))
     copied = _copy_tokenizer(tokenizer, tmp)
+    if "tokenizer.json" in copied and "tokenizer_config.json" not in copied:
+        _write_json(os.path.join(tmp, "tokenizer_config.json"), _special_tokens_config(cfg, os.path.join(tmp, "tokenizer.json")))
     if dlm is not None:
         _write_modeling(tmp, cfg.model_type)
     with open(os.path.join(tmp, "README.md"), "w") as f:

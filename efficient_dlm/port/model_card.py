@@ -61,7 +61,7 @@ def _usage(dlm: DlmFields | None) -> list[str]:
     return [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'tokenizer = AutoTokenizer.from_pretrained("PATH", padding_side="left")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True, padding_side="left")',
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
         'batch = tokenizer(["The capital of France is"], return_tensors="pt", padding=True)',
         f"out = model.generate(**batch, max_new_tokens=64, block_size={dlm.block_size}, threshold={dlm.threshold})",
