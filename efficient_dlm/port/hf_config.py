@@ -19,6 +19,12 @@ from efficient_dlm.port.safetensors_io import CheckpointError
 # model_type prefix of our dLM exports ("edlm_qwen3"): the base family's fields plus dLM fields, and the
 # flags the base family implies (qk_norm, attention_bias) written out explicitly.
 DLM_PREFIX = "edlm_"
+# MoE fields a dLM export's config.json carries under our ModelConfig names (its modeling file reads them).
+DLM_MOE_FIELDS = (
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense", "shared_expert_intermediate_size",
+    "shared_expert_gate", "router_score", "router_norm_topk", "router_groups", "router_topk_groups",
+    "routed_scaling_factor", "router_bias", "router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate",
+)
 
 _ROPE_FIELDS = {
     "factor": "rope_factor",
@@ -216,7 +222,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         param_dtype=dtype,
     )
     fields.update(rope_fields(hf, max_positions))
-    fields.update(moe_fields(hf, model_type))
+    fields.update({f: hf[f] for f in DLM_MOE_FIELDS if f in hf} if dlm_export else moe_fields(hf, model_type))
     if dlm_export:
         fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))
     try:

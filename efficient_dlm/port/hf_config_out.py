@@ -15,21 +15,31 @@ import dataclasses
 from typing import Any
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.port.hf_config import DLM_PREFIX, _ROPE_FIELDS
+from efficient_dlm.port.hf_config import DLM_MOE_FIELDS, DLM_PREFIX, _ROPE_FIELDS
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
-# What each family's config.json cannot express. Our attention_bias is q/k/v bias only: Qwen2 has
-# exactly that, while Llama / Qwen3 "attention_bias" would also add an o_proj bias we do not have.
+# What each family's config.json cannot express (the importer derives it from model_type). Our
+# attention_bias is q/k/v bias only: Qwen2(-MoE) and GLM-4.5 have exactly that, while Llama / Qwen3
+# "attention_bias" would also add an o_proj bias we do not have.
+_SOFTMAX_ROUTER = dict(router_score="softmax", router_groups=1, router_topk_groups=1, routed_scaling_factor=1.0, router_bias=False)
 _IMPLIED = {
     "llama": dict(qk_norm=False, attention_bias=False),
     "mistral": dict(qk_norm=False, attention_bias=False),
     "qwen2": dict(qk_norm=False, attention_bias=True),
     "qwen3": dict(qk_norm=True, attention_bias=False),
+    "qwen3_moe": dict(qk_norm=True, attention_bias=False, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
+    "qwen2_moe": dict(qk_norm=False, **_SOFTMAX_ROUTER),
+    "mixtral": dict(qk_norm=False, attention_bias=False, router_norm_topk=True, first_k_dense=0, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
+    "glm4_moe": dict(router_score="sigmoid", router_bias=True, shared_expert_gate=False),
 }
 STRATEGIES = ("threshold", "topk", "factor", "entropy")
 AUTO_MAP = {
@@ -101,7 +111,7 @@ def architecture_fields(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 
 def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
     """Family-specific switches (bias, sliding window) as transformers spells them."""
-    if cfg.model_type in ("qwen2", "qwen3"):
+    if cfg.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
         fields = {
             "use_sliding_window": cfg.sliding_window is not None,
@@ -109,12 +119,48 @@ def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
             "max_window_layers": 0 if cfg.sliding_window is not None else cfg.num_layers,
             "layer_types": [kind] * cfg.num_layers,
         }
-        if cfg.model_type == "qwen3":
+        if cfg.model_type in ("qwen3", "qwen3_moe"):
             fields["attention_bias"] = cfg.attention_bias
+        if cfg.model_type == "qwen2_moe":
+            fields["qkv_bias"] = cfg.attention_bias
         return fields
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "mixtral"):
         return {"sliding_window": cfg.sliding_window}
+    if cfg.model_type == "glm4_moe":
+        return {"attention_bias": cfg.attention_bias, "use_qk_norm": cfg.qk_norm, "partial_rotary_factor": 1.0}
     return {"attention_bias": cfg.attention_bias, "mlp_bias": False}
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """Router and expert fields in the family's own names (the inverse of hf_config.moe_fields)."""
+    if not cfg.is_moe:
+        return {}
+    common = {"num_experts_per_tok": cfg.num_experts_per_tok, "router_aux_loss_coef": cfg.router_aux_loss_coef}
+    if cfg.model_type in ("qwen2_moe", "qwen3_moe"):
+        fields = dict(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.router_norm_topk,
+            mlp_only_layers=list(range(cfg.first_k_dense)),
+            decoder_sparse_step=1,
+        )
+        if cfg.model_type == "qwen2_moe":
+            fields["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        return {**common, **fields}
+    if cfg.model_type == "mixtral":
+        return {**common, "num_local_experts": cfg.num_experts}
+    shared, size = cfg.shared_expert_intermediate_size, cfg.moe_intermediate_size
+    return {  # glm4_moe
+        **common,
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": shared // size,
+        "moe_intermediate_size": size,
+        "first_k_dense_replace": cfg.first_k_dense,
+        "norm_topk_prob": cfg.router_norm_topk,
+        "n_group": cfg.router_groups,
+        "topk_group": cfg.router_topk_groups,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+    }
 
 
 def check_expressible(cfg: ModelConfig) -> None:
@@ -127,8 +173,14 @@ def check_expressible(cfg: ModelConfig) -> None:
                 f"model.{field}={getattr(cfg, field)} cannot be expressed in a {cfg.model_type} config.json "
                 f"(the family fixes it to {value}); export it as a dLM instead"
             )
-    if cfg.sliding_window is not None and cfg.model_type == "llama":
-        raise ValueError("model.sliding_window cannot be expressed in a llama config.json")
+    if cfg.sliding_window is not None and cfg.model_type in ("llama", "glm4_moe"):
+        raise ValueError(f"model.sliding_window cannot be expressed in a {cfg.model_type} config.json")
+    if cfg.model_type == "qwen2_moe" and cfg.shared_expert_gate != bool(cfg.shared_expert_intermediate_size):
+        raise ValueError("a qwen2_moe config.json gates its shared expert exactly when it has one (model.shared_expert_gate)")
+    if cfg.model_type == "mixtral" and cfg.moe_intermediate_size != cfg.intermediate_size:
+        raise ValueError("a mixtral config.json has one intermediate_size: model.moe_intermediate_size must equal it")
+    if cfg.model_type == "glm4_moe" and cfg.shared_expert_intermediate_size % cfg.moe_intermediate_size:
+        raise ValueError("a glm4_moe shared expert is a whole number of experts (model.shared_expert_intermediate_size)")
 
 
 def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -137,6 +189,7 @@ def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     out = {"architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type}
     out.update(architecture_fields(cfg, dtype))
     out.update(_family_fields(cfg))
+    out.update(_moe_fields(cfg))
     if cfg.mask_token_id is not None:
         out["mask_token_id"] = cfg.mask_token_id
     return dict(sorted(out.items()))
@@ -149,6 +202,8 @@ def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
     out = {"architectures": ["EdlmForDiffusionLM"], "model_type": DLM_PREFIX + cfg.model_type, "auto_map": dict(AUTO_MAP)}
     out.update(architecture_fields(cfg, dtype))
     out.update(_family_fields(cfg))
+    if cfg.is_moe:  # our names: the modeling file and hf_config read them back
+        out.update({field: getattr(cfg, field) for field in DLM_MOE_FIELDS})
     out.update(
         attention_bias=cfg.attention_bias,
         qk_norm=cfg.qk_norm,

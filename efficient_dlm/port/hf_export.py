@@ -187,14 +187,13 @@ def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, tuple
     return plan
 
 
-def _producer(model, plan, dtype: str):
+def _producer(model, plan):
     """produce(spec) -> the HF tensor, gathered from the model one layer (or expert) slice at a time."""
-    cfg = model.config
-    params = _state(model)
-    by_name = {spec.name: (spec, rule, index) for spec, rule, index in plan}
+    cfg, params = model.config, _state(model)
+    by_name = {spec.name: (rule, index) for spec, rule, index in plan}
 
     def produce(spec: TensorSpec) -> np.ndarray:
-        spec, rule, index = by_name[spec.name]
+        rule, index = by_name[spec.name]
         value = params[rule.path][...][index]
         return rule.layout.to_hf(_host(value.astype(spec.dtype)), cfg)
 
@@ -300,7 +299,7 @@ def to_hf(
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    files = write_sharded(tmp, [spec for spec, _, _ in plan], _producer(model, plan, dtype), max_shard_bytes, writer)
+    files = write_sharded(tmp, [spec for spec, _, _ in plan], _producer(model, plan), max_shard_bytes, writer)
     if not writer:
         return out_dir
     _write_json(os.path.join(tmp, "config.json"), config_json)
