@@ -28,6 +28,7 @@ FAMILIES = {
                                original_max_position_embeddings=16)),
     ),
     "mistral_gqa": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2)),
+    "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
     "qwen3_qknorm_tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=8)),
     "qwen3_wide_head_dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),

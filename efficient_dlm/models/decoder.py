@@ -73,10 +73,10 @@ def run_stacked(layers: nnx.Module, h, cos, sin, attend, caches, remat_policy: s
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
-        return (lambda out: (out[0], *out[1]))(jax.lax.scan(body, h, (state, caches)))
-    count = jax.tree.leaves(state)[0].shape[0]
+        h, (kv, aux) = jax.lax.scan(body, h, (state, caches))
+        return h, kv, aux
     outs = []
-    for i in range(count):
+    for i in range(jax.tree.leaves(state)[0].shape[0]):  # unrolled: one copy of the layer per index
         h, out = body(h, jax.tree.map(lambda a: a[i], (state, caches)))
         outs.append(out)
     kv, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -99,8 +99,9 @@ class Decoder(nnx.Module):
     # ---- pieces, public because the trainer and the sampler compose them -------------------------
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        table = self.embed_tokens[...].astype(self.config.compute_dtype)
-        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
+        # Gather, then cast: casting the table first would materialise a vocab x embed copy per call.
+        rows = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
+        return constrain(rows, ("batch", "length", "act_embed"))
 
     def output_embedding(self) -> jax.Array:
         """[embed, vocab] matrix of the LM head (the tied embedding, transposed, when tied)."""

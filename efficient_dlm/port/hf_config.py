@@ -175,8 +175,11 @@ def moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
 
 
 def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
+    """q/k/v projection biases: always in Qwen2, never in Mistral / Mixtral, else as configured."""
     if model_type == "qwen2":
         return True
+    if model_type in ("mistral", "mixtral"):
+        return False
     if model_type == "qwen2_moe":
         return bool(hf.get("qkv_bias", True))
     return bool(hf.get("attention_bias", False))
@@ -194,6 +197,8 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu (SwiGLU) is supported")
     if hf.get("mlp_bias"):
         raise CheckpointError("mlp_bias=True is not supported")
+    if not dlm_export and model_type in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
+        raise CheckpointError(f"attention_bias=True is not supported for {model_type} (it puts a bias on o_proj too)")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in hf]
     if missing:
         raise CheckpointError(f"config.json lacks {', '.join(missing)}")
