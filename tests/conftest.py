@@ -27,8 +27,7 @@ def tiny_hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """A randomly initialised tests.hf_factory.tiny_config() model (seed 0); do not modify it."""
-    from efficient_dlm import init_model
-    from tests.hf_factory import tiny_config
+    """A random tests.hf_factory.tiny_config() model (seed 0); shared, do not modify it."""
+    from tests.hf_factory import random_model, tiny_config
 
-    return init_model(tiny_config(), seed=0)
+    return random_model(tiny_config(), seed=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import torch
 import transformers
 from flax import nnx
@@ -67,8 +68,7 @@ def make_hf_model(name: str, directory: str, seed: int = 0, dtype=torch.float32,
 
 
 def tiny_config(**changes) -> ModelConfig:
-    """Our own tiny model with BASE's shapes (Qwen3 style). Tests share it so that the random-init
-    programs compile once per process; variants reuse its parameters via abstract_model + nnx.update."""
+    """Our own tiny model with BASE's shapes (Qwen3 style), shared by the tests of our own code."""
     base = dict(model_type="qwen3", vocab_size=BASE["vocab_size"], hidden_size=BASE["hidden_size"],
                 intermediate_size=BASE["intermediate_size"], num_layers=BASE["num_hidden_layers"],
                 num_heads=BASE["num_attention_heads"], num_kv_heads=BASE["num_key_value_heads"], head_dim=8,
@@ -82,3 +82,18 @@ def variant(model, **changes):
     dtype = out.config.weight_dtype
     nnx.update(out, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param)))
     return out
+
+
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """A model with NumPy-drawn weights: N(0, 0.02), norm scales N(1, 0.1). Same structure as
+    init_model, but nothing to compile (jax.random programs cost seconds per shape on a busy CPU)."""
+    model = abstract_model(cfg)
+    rng = np.random.RandomState(seed)
+
+    def draw(path, leaf):
+        mean, std = (1.0, 0.1) if str(path[-1]) == "scale" else (0.0, 0.02)
+        return leaf.replace(jax.device_put(rng.normal(mean, std, leaf.shape).astype(np.dtype(leaf.dtype))))
+
+    flat = [(path, draw(path, leaf)) for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model

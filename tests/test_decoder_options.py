@@ -30,10 +30,17 @@ def reference(tiny_model):
     return loss_and_grads(tiny_model)
 
 
-@pytest.mark.parametrize(
-    "changes", [dict(scan_layers=False)] + [dict(remat_policy=p) for p in REMAT_POLICIES if p != "none"]
-    + [dict(scan_layers=False, remat_policy="full")], ids=str,
-)
+# Every remat policy is applied (test_options_shape_the_program); these check its numerics, scanned
+# and unrolled. Each variant costs a forward+backward compile, so the remaining pairs are left out.
+VARIANTS = [
+    dict(scan_layers=False),
+    dict(remat_policy="full"),
+    dict(remat_policy="save_qkv_proj"),
+    dict(scan_layers=False, remat_policy="dots_with_no_batch_dims"),
+]
+
+
+@pytest.mark.parametrize("changes", VARIANTS, ids=str)
 def test_option_keeps_logits_and_grads(tiny_model, reference, changes):
     value, logits, grads = reference
     value2, logits2, grads2 = loss_and_grads(variant(tiny_model, **changes))

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 import efficient_dlm as edlm
 from efficient_dlm.port.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from tests.hf_factory import make_hf_model
-from tests.test_hf_parity import hf_logits, padded_batch, relative_error
+from tests.test_hf_parity import causal_logits, hf_logits, padded_batch, relative_error
 
 
 def copy_dir(src: str, dst) -> str:
@@ -39,7 +39,7 @@ def edit_config(directory: str, **changes) -> None:
 
 def logits(model):
     tokens, attn, positions = padded_batch("right")
-    return np.asarray(model(tokens, segment_ids=attn.astype(np.int32), positions=positions))
+    return np.asarray(causal_logits(model, tokens, attn.astype(np.int32), positions))
 
 
 @pytest.mark.parametrize("torch_dtype, stored_numpy", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])

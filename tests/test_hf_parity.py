@@ -6,6 +6,7 @@ explicit position_ids; we get the same positions and segment ids 1 = token, 0 = 
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import efficient_dlm as edlm
 from tests.hf_factory import FAMILIES, make_hf_model
@@ -35,6 +36,11 @@ def hf_logits(torch_model, tokens, attn, positions):
     return out.logits.float().numpy()
 
 
+@nnx.jit
+def causal_logits(model, tokens, segment_ids, positions):
+    return model(tokens, segment_ids=segment_ids, positions=positions)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_causal_logits_match_transformers_with_padding(family, tmp_path):
     torch_model = make_hf_model(family, str(tmp_path))
@@ -42,5 +48,5 @@ def test_causal_logits_match_transformers_with_padding(family, tmp_path):
     for side in ("right", "left"):
         tokens, attn, positions = padded_batch(side)
         ref = hf_logits(torch_model, tokens, attn, positions)
-        ours = np.asarray(model(tokens, segment_ids=attn.astype(np.int32), positions=positions))
+        ours = np.asarray(causal_logits(model, tokens, attn.astype(np.int32), positions))
         assert relative_error(ours, ref, attn) <= 1e-4, side
