@@ -85,9 +85,12 @@ def check_tensors(ckpt: SafetensorsCheckpoint, cfg: ModelConfig, abstract: dict)
     if unexpected:
         more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
         raise CheckpointError(f"{ckpt.directory}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
+    shapes: dict[keymaps.Rule, tuple[int, ...]] = {}
     for name, rule in expected.items():
-        target = abstract[rule.path].shape
-        want = _hf_shape(rule, cfg, target[len(keymaps.stack_shape(rule, cfg)):])
+        if rule not in shapes:
+            target = abstract[rule.path].shape
+            shapes[rule] = _hf_shape(rule, cfg, target[len(keymaps.stack_shape(rule, cfg)):])
+        want = shapes[rule]
         if tuple(ckpt.shape(name)) != want:
             raise CheckpointError(f"{ckpt.directory}: tensor {name} has shape {ckpt.shape(name)}, config expects {want}")
         if not jnp.issubdtype(ckpt.dtype(name), jnp.floating):  # jnp knows bfloat16
