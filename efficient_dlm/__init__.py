@@ -17,6 +17,7 @@ _EXPORTS = {
     "save": "efficient_dlm.checkpoints:save",
     "load": "efficient_dlm.checkpoints:load",
     "to_hf": "efficient_dlm.port.hf_export:to_hf",
+    "generate": "efficient_dlm.sample.api:generate",
 }
 
 

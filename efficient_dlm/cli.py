@@ -19,6 +19,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "import-hf": ("efficient_dlm.port.cli_import", "convert a local Hugging Face model directory to an orbax checkpoint"),
     "export-hf": ("efficient_dlm.port.cli_export", "write a checkpoint as a Hugging Face directory (dLM: trust_remote_code)"),
     "train": ("efficient_dlm.train.cli_train", "block-diffusion (or AR) continued pretraining; resumes from run_dir"),
+    "sample": ("efficient_dlm.sample.cli_sample", "generate completions (block diffusion or AR) for prompts"),
+    "bench": ("efficient_dlm.sample.cli_bench", "AR vs dLM decoding: tokens/s, tokens per forward, latency, memory"),
 }
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

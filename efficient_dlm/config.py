@@ -131,7 +131,39 @@ def mesh_section() -> ConfigDict:
 
 def sample_section() -> ConfigDict:
     """Decoding defaults for `edlm sample` / `generate`. Owned by efficient_dlm/sample."""
-    return ConfigDict(dict(strategy="threshold", threshold=0.9, block_size=32, max_new_tokens=64))
+    return ConfigDict(
+        dict(
+            strategy="threshold",  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline)
+            threshold=0.9,  # threshold: commit every masked position with confidence >= this
+            tokens_per_step=1,  # topk: positions committed per step
+            factor=1.0,  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - factor / (n + 1)
+            entropy_bound=0.3,  # entropy: commit while the summed entropy (nats) stays <= this
+            block_size=32,
+            max_new_tokens=64,
+            temperature=0.0,  # 0 = greedy
+            top_p=1.0,
+            top_k=0,  # 0 = off
+            seed=0,
+            stop_tokens=(),  # token ids that end a row; () = model.eos_token_id
+            prompt_bucket=0,  # prompt capacity of the cache in tokens; 0 = next power of two
+        )
+    )
+
+
+def bench_section() -> ConfigDict:
+    """`edlm bench` settings: the AR baseline and the dLM strategies over one prompt set. Owned by efficient_dlm/sample."""
+    return ConfigDict(
+        dict(
+            strategies=("ar", "threshold"),  # each non-threshold strategy runs once with the sample section's value
+            thresholds=(0.7, 0.8, 0.9, 0.95),
+            batch_sizes=(1, 8),
+            repeats=3,  # timed repeats; the median is reported
+            warmup=1,  # untimed runs first (compilation)
+            num_prompts=8,  # random prompts when no --prompts_jsonl is given
+            prompt_len=32,
+            overhead_forwards=64,  # forward passes timed for the bare-forward reference
+        )
+    )
 
 
 def base_config() -> ConfigDict:
@@ -145,6 +177,7 @@ def base_config() -> ConfigDict:
     c.train = train_section()
     c.mesh = mesh_section()
     c.sample = sample_section()
+    c.bench = bench_section()
     c.seed = 0
     c.run_dir = "runs/default"
     return c

@@ -1,0 +1,212 @@
+"""`generate(model, prompts, ...)`: the public sampler API for the dLM and the AR baseline.
+
+It validates arguments (one clear line per mistake), lays the ragged prompts out for a static-shape
+cache (layout.py), runs one compiled program (diffusion.py or ar.py; jax caches it per shape and plan)
+and returns the generated tokens with the statistics every benchmark needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_dlm.sample import layout as layout_lib
+from efficient_dlm.sample.ar import ar_program
+from efficient_dlm.sample.choice import Sampling
+from efficient_dlm.sample.diffusion import diffusion_program
+from efficient_dlm.sample.program import Plan, stop_id_array, streaming
+from efficient_dlm.sample.strategies import STRATEGIES
+
+ALL_STRATEGIES = ("ar", *STRATEGIES)
+
+_diffusion_jit = jax.jit(diffusion_program, static_argnums=(0, 1))
+_ar_jit = jax.jit(ar_program, static_argnums=(0, 1))
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """Generated tokens (stop token included, prompt excluded) and decoding statistics."""
+
+    tokens: np.ndarray  # [batch, max_new_tokens], pad_id after each row's end
+    lengths: np.ndarray  # [batch] generated tokens per row
+    forward_passes: int  # batched forward passes the program ran
+    row_forwards: np.ndarray  # [batch] forward passes in which the row still had tokens to produce
+    commit_step: np.ndarray  # [batch, max_new_tokens] forward pass (0-based) that committed each token; -1 none
+    prompt_lengths: np.ndarray  # [batch]
+    blocks: int  # blocks decoded (AR: tokens)
+    seconds: float  # wall time of the call, host preparation included
+    program_seconds: float  # wall time of the compiled program alone (compilation included on a first call)
+    shapes: dict  # static shapes of this program (prompt bucket, cache size, ...)
+    logits: np.ndarray | None = None  # [batch, max_new_tokens, V] raw logits at commit (return_logits)
+    memory: dict | None = None  # XLA memory analysis of the program in bytes (measure_memory)
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward pass, per sequence (token-weighted over rows)."""
+        return float(self.lengths.sum() / max(int(self.row_forwards.sum()), 1))
+
+
+def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k) -> None:
+    """Rejects bad decoding settings with one line naming the argument (also used for the config section)."""
+    if strategy not in ALL_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if strategy != "ar" and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+def _check_model(model, strategy: str, top_k: int) -> None:
+    cfg = model.config
+    if strategy != "ar" and cfg.mask_token_id is None:
+        raise ValueError(
+            "the model config has no mask_token_id, so it is not a block-diffusion model; set "
+            "model.mask_token_id (or use strategy='ar')"
+        )
+    if top_k > cfg.vocab_size:
+        raise ValueError(f"top_k must be at most the vocabulary size {cfg.vocab_size}, got {top_k}")
+
+
+def _stop_ids(model, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
+    if stop_tokens is None:
+        eos = model.config.eos_token_id
+        return () if eos is None else (int(eos),)
+    ids = tuple(int(t) for t in stop_tokens)
+    for t in ids:
+        if not 0 <= t < model.config.vocab_size:
+            raise ValueError(f"stop token {t} is outside the vocabulary (size {model.config.vocab_size})")
+    return ids
+
+
+def _stream_adapter(on_block: Callable, pad_id: int) -> Callable:
+    """Adapts the program's (block, tokens, generated mask) to on_block(block, [tokens of each row])."""
+
+    def handler(block: int, tokens: np.ndarray, generated: np.ndarray) -> None:
+        on_block(block, [row[mask].tolist() for row, mask in zip(tokens, generated)])
+
+    return handler
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    block_size: int | None = None,
+    strategy: str = "threshold",
+    threshold: float = 0.9,
+    tokens_per_step: int = 1,
+    factor: float = 1.0,
+    entropy_bound: float = 0.3,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    prompt_bucket: int | None = None,
+    valid_vocab_size: int | None = None,
+    token_shift: bool = False,
+    on_block: Callable[[int, list[list[int]]], None] | None = None,
+    return_logits: bool = False,
+    measure_memory: bool = False,
+) -> GenerateResult:
+    """Generates up to max_new_tokens after each prompt (lists of token ids, ragged lengths allowed).
+
+    strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion, METHOD.md section 6,
+    needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the baseline).
+    threshold / tokens_per_step / factor / entropy_bound parametrise the strategies.
+    temperature 0 is greedy; otherwise tokens are sampled (top_p, top_k filters) with `seed`.
+    stop_tokens default to model.config.eos_token_id; a row ends after its first stop token.
+    prompt_bucket fixes the cache's prompt capacity (default: the next power of two, so few shapes).
+    valid_vocab_size: ids at or above it are vocabulary padding and never generated.
+    token_shift: the dLM was trained to predict token i from the hidden state at i - 1 (dLM only).
+    on_block(block_index, tokens_per_row) is called on the host as each block becomes final.
+    return_logits records the raw logits with which each token was committed (tests, analysis).
+    measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.
+    """
+    started = time.perf_counter()
+    check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
+    _check_model(model, strategy, top_k)
+    cfg = model.config
+    rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
+    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    sampling = Sampling(
+        greedy=temperature == 0, top_k=int(top_k) if temperature else 0, top_p=bool(temperature and top_p < 1),
+        entropy=strategy == "entropy",
+    )
+    plan = Plan(
+        strategy=strategy, max_new_tokens=int(max_new_tokens), sampling=sampling,
+        pad_id=int(pad_id), banned_ids=() if cfg.mask_token_id is None else (cfg.mask_token_id,),
+        valid_vocab_size=valid_vocab_size, vocab_size=cfg.vocab_size, record_logits=return_logits,
+        stream=on_block is not None,
+    )
+    if strategy == "ar":
+        lay = layout_lib.ar_layout(
+            rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=cfg.max_position_embeddings,
+            capacity=prompt_bucket,
+        )
+        program = _ar_jit
+        shapes = {"prompt_bucket": lay.prompt_len, "cache_size": lay.prompt_len + max_new_tokens - 1}
+    else:
+        lay = layout_lib.block_layout(
+            rows, block_size=int(block_size), max_new_tokens=max_new_tokens, mask_id=cfg.mask_token_id, pad_id=pad_id,
+            max_positions=cfg.max_position_embeddings, capacity=prompt_bucket,
+        )
+        plan = dataclasses.replace(
+            plan, block_size=int(block_size), num_blocks=lay.num_blocks, tokens_per_step=int(tokens_per_step),
+            mask_id=cfg.mask_token_id, token_shift=bool(token_shift),
+        )
+        program = _diffusion_jit
+        shapes = {"prompt_bucket": lay.prefix_len, "cache_size": lay.cache_size, "block_size": int(block_size)}
+    knobs = {
+        "threshold": jnp.float32(threshold), "factor": jnp.float32(factor), "entropy_bound": jnp.float32(entropy_bound),
+        "temperature": jnp.float32(max(temperature, 1e-6)), "top_p": jnp.float32(top_p), "seed": jnp.uint32(seed),
+        "stop_ids": jnp.asarray(stop_id_array(_stop_ids(model, stop_tokens))),
+    }
+    graphdef, state = nnx.split(model)
+    inputs = {name: jnp.asarray(value) for name, value in lay.arrays().items()}
+    args = (graphdef, plan, state, inputs, knobs)
+    program_started = time.perf_counter()
+    with streaming(_stream_adapter(on_block, pad_id) if on_block else None):
+        out = jax.device_get(program(*args))
+    finished = time.perf_counter()
+    memory = _memory_analysis(program, args) if measure_memory else None  # after the run: a jit cache hit
+    return GenerateResult(
+        tokens=out["tokens"], lengths=out["lengths"], forward_passes=int(out["forwards"]),
+        row_forwards=out["row_forwards"], commit_step=out["commit_step"], prompt_lengths=lay.prompt_lengths,
+        blocks=int(out["blocks"]), seconds=finished - started, program_seconds=finished - program_started,
+        shapes={"batch": len(rows), **shapes}, logits=out.get("logits"), memory=memory,
+    )
+
+
+def _memory_analysis(program, args) -> dict[str, int]:
+    """Bytes XLA plans for the compiled program: arguments (weights, prompts), outputs and temporaries
+    (KV cache, activations). Their sum bounds the program's peak device memory on every backend."""
+    stats = program.lower(*args).compile().memory_analysis()
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    out = {name.removesuffix("_size_in_bytes"): int(getattr(stats, name, 0) or 0) for name in names}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out

@@ -1,0 +1,195 @@
+"""The measurements behind `edlm bench`: one prompt set through the AR baseline and the dLM strategies.
+
+Per setting (strategy, parameter, batch size): generated tokens/s (prompt tokens never counted; wall
+time of whole `generate` calls, host preparation included), forward passes, tokens per forward,
+latency per row (the wall time of the call that produced the row) p50/p95, memory, accuracy when the
+prompts carry references, and the sampler overhead. Compilation and warm-up runs are excluded;
+`repeats` timed passes over the prompt set, the median is reported.
+
+Sampler overhead = the program's wall time divided by the time the same forward passes take as bare
+jitted `model.decode` + LM head calls of the same shapes (measured in a lax.fori_loop, so neither has
+per-call dispatch costs): everything the sampler adds (choice, ranking, commits, cache writes, loop
+control) shows up as the excess over 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_dlm.models.cache import KVCache
+from efficient_dlm.sample.api import GenerateResult, generate
+from efficient_dlm.sample.source import Prompt, decode
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    strategy: str
+    kwargs: tuple  # sorted (key, value) pairs passed to generate on top of the base settings
+    batch_size: int
+
+    def file_name(self) -> str:
+        return f"{self.name}_b{self.batch_size}.json"
+
+
+def make_settings(strategies, thresholds, batch_sizes, sample) -> list[Setting]:
+    """AR once, threshold once per value, every other strategy once with the sample section's parameter."""
+    parameter = {"topk": ("tokens_per_step", sample.tokens_per_step), "factor": ("factor", sample.factor),
+                 "entropy": ("entropy_bound", sample.entropy_bound)}
+    variants = []
+    for strategy in strategies:
+        if strategy == "ar":
+            variants.append(("ar", "ar", ()))
+        elif strategy == "threshold":
+            variants += [(f"threshold_{t:g}", "threshold", (("threshold", float(t)),)) for t in thresholds]
+        else:
+            key, value = parameter[strategy]
+            variants.append((f"{strategy}_{value:g}", strategy, ((key, value),)))
+    return [Setting(name, strategy, kwargs, size) for size in batch_sizes for name, strategy, kwargs in variants]
+
+
+def is_correct(completion: str, reference: str) -> bool:
+    """The completion starts with the reference (whitespace-normalised), ending at a word boundary."""
+    text, answer = " ".join(completion.split()), " ".join(reference.split())
+    return text.startswith(answer) and (len(text) == len(answer) or not text[len(answer)].isalnum())
+
+
+# ---- bare forward reference ----------------------------------------------------------------------
+
+_bare_cache: dict[tuple, float] = {}
+
+
+def bare_forward_seconds(model, batch: int, chunk: int, cache_size: int, attention: str, block_size, iterations: int) -> float:
+    """Seconds per bare jitted model.decode + LM head on [batch, chunk] against a full cache of cache_size."""
+    key = (id(model), batch, chunk, cache_size, attention, block_size, iterations)
+    if key in _bare_cache:
+        return _bare_cache[key]
+    graphdef, state = nnx.split(model)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    shape = (cfg.num_layers, batch, cache_size, cfg.num_kv_heads, cfg.head_dim)
+    cache = KVCache(
+        jnp.asarray(rng.standard_normal(shape), cfg.compute_dtype), jnp.asarray(rng.standard_normal(shape), cfg.compute_dtype),
+        jnp.zeros((batch,), jnp.int32), jnp.full((batch,), cache_size, jnp.int32),
+    )
+    positions = jnp.broadcast_to(cache_size + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+
+    @jax.jit
+    def loop(state, cache, tokens):
+        model = nnx.merge(graphdef, state)
+
+        def body(_, tokens):
+            hidden, _ = model.decode(tokens, positions, cache, attention=attention, block_size=block_size)
+            return jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, iterations, body, tokens)
+
+    tokens = jnp.zeros((batch, chunk), jnp.int32)
+    loop(state, cache, tokens).block_until_ready()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        loop(state, cache, tokens).block_until_ready()
+        times.append((time.perf_counter() - start) / iterations)
+    _bare_cache[key] = statistics.median(times)
+    return _bare_cache[key]
+
+
+def bare_seconds(model, result: GenerateResult, strategy: str, iterations: int) -> float:
+    """Time the result's forward passes take as bare forwards of the same shapes (see module docstring)."""
+    shapes, batch = result.shapes, result.shapes["batch"]
+
+    def per_forward(chunk: int, attention: str, block_size=None) -> float:
+        return bare_forward_seconds(model, batch, chunk, shapes["cache_size"], attention, block_size, iterations)
+
+    if strategy == "ar":
+        return per_forward(shapes["prompt_bucket"], "causal") + (result.forward_passes - 1) * per_forward(1, "causal")
+    size, prefix = shapes["block_size"], shapes["prompt_bucket"]
+    prefills = int(prefix > size)
+    total = result.blocks * per_forward(2 * size, "block", size)
+    total += (result.forward_passes - result.blocks - prefills) * per_forward(size, "bidirectional", size)
+    return total + (per_forward(prefix - size, "block", size) if prefills else 0.0)
+
+
+# ---- one setting ---------------------------------------------------------------------------------
+
+
+def _batches(prompts: list[Prompt], size: int) -> list[tuple[list[Prompt], int]]:
+    """Batches of `size` prompts; the last is filled with copies of its first prompt (not counted)."""
+    out = []
+    for i in range(0, len(prompts), size):
+        batch = prompts[i : i + size]
+        out.append((batch + [batch[0]] * (size - len(batch)), len(batch)))
+    return out
+
+
+def _memory(result: GenerateResult) -> dict:
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "program_bytes": result.memory["total"] if result.memory else None,
+        "device_peak_bytes": stats.get("peak_bytes_in_use"),
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base: dict, *, repeats: int, warmup: int,
+                overhead_forwards: int) -> dict:
+    """Measures one setting; returns the JSON-ready record."""
+    kwargs = base | dict(setting.kwargs) | {"strategy": setting.strategy}
+    batches = _batches(prompts, setting.batch_size)
+    first = generate(model, [p.ids for p in batches[0][0]], measure_memory=True, **kwargs)
+    for _ in range(warmup):
+        for batch, _ in batches:
+            generate(model, [p.ids for p in batch], **kwargs)
+    runs, latencies, correct = [], [], []
+    for repeat in range(repeats):
+        tokens = forwards = row_forwards = 0
+        wall = program = bare = 0.0
+        for batch, real in batches:
+            result = generate(model, [p.ids for p in batch], **kwargs)
+            tokens += int(result.lengths[:real].sum())
+            row_forwards += int(result.row_forwards[:real].sum())
+            forwards += result.forward_passes
+            wall, program = wall + result.seconds, program + result.program_seconds
+            bare += bare_seconds(model, result, setting.strategy, overhead_forwards)
+            latencies += [result.seconds] * real
+            if repeat == 0:
+                for prompt, ids in zip(batch[:real], result.sequences):
+                    if prompt.reference is not None:
+                        text = decode(tokenizer, ids) if tokenizer is not None else " ".join(map(str, ids))
+                        correct.append(is_correct(text, prompt.reference))
+        runs.append({"tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall, "forward_passes": forwards,
+                     "tokens_per_forward": tokens / max(row_forwards, 1), "overhead": program / bare})
+    median = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
+    return {
+        "setting": setting.name, "strategy": setting.strategy, "batch_size": setting.batch_size,
+        "generate_kwargs": kwargs, "num_prompts": len(prompts), "repeats": repeats, "warmup": warmup,
+        "generated_tokens": median("tokens"), "tokens_per_second": median("tokens_per_second"),
+        "forward_passes": median("forward_passes"), "tokens_per_forward": median("tokens_per_forward"),
+        "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
+        "memory": _memory(first), "sampler_overhead": median("overhead"),
+        "accuracy": sum(correct) / len(correct) if correct else None, "runs": runs,
+        "device": jax.devices()[0].device_kind, "machine": f"{platform.machine()} {platform.system()}",
+    }
+
+
+def format_table(records: list[dict]) -> str:
+    header = ("setting", "batch", "tok/s", "forwards", "TPF", "p50 ms", "p95 ms", "MiB", "overhead", "accuracy")
+    rows = [header]
+    for r in records:
+        memory = r["memory"]["device_peak_bytes"] or r["memory"]["program_bytes"] or 0
+        rows.append((
+            r["setting"], str(r["batch_size"]), f"{r['tokens_per_second']:.1f}", f"{r['forward_passes']:g}",
+            f"{r['tokens_per_forward']:.2f}", f"{1e3 * r['latency_p50_s']:.1f}", f"{1e3 * r['latency_p95_s']:.1f}",
+            f"{memory / 2**20:.1f}", f"{r['sampler_overhead']:.3f}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

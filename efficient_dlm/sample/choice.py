@@ -1,0 +1,89 @@
+"""Token choice and confidence: the one place where hidden states become (token, confidence, entropy).
+
+Every strategy ranks masked positions by the confidence of the token chosen there (METHOD.md
+section 6): greedy takes the argmax and its probability; sampling draws from the tempered
+distribution restricted by top-k / top-p and uses the drawn token's probability. Ids the model must
+never emit (the [MASK] token, vocabulary padding past `valid_vocab_size`) are removed first.
+
+Keeping this in one function lets the greedy path switch to the fused LM-head kernel
+(`kernel_dispatch.lm_head_confidence`), which never materialises [B, T, V] logits, once it can
+exclude disallowed ids; today it cannot, so the XLA path below is used on every backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Static (compiled-in) part of token choice; temperature and top_p values are traced knobs."""
+
+    greedy: bool = True
+    top_k: int = 0  # 0: no top-k filter
+    top_p: bool = False  # whether a top-p filter is applied (its value is the knob "top_p")
+    entropy: bool = False  # whether per-position entropy is needed (entropy-bounded strategy)
+
+
+class Choice(NamedTuple):
+    token: jax.Array  # [B, T] int32
+    confidence: jax.Array  # [B, T] float32, probability of `token`
+    entropy: jax.Array  # [B, T] float32 (zeros when not requested)
+    logits: jax.Array  # [B, T, V] float32 raw model logits
+
+
+def allowed_ids(vocab_size: int, banned: tuple[int, ...], valid_vocab_size: int | None) -> np.ndarray:
+    """Boolean [V] of ids the sampler may emit."""
+    allowed = np.ones((vocab_size,), bool)
+    allowed[[i for i in banned if i is not None]] = False
+    if valid_vocab_size is not None:
+        allowed[valid_vocab_size:] = False
+    return allowed
+
+
+def _top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keeps the smallest set of most likely ids whose probability reaches top_p (always the best one)."""
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted id
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, _NEG_INF, logits)
+
+
+def choose_tokens(model, hidden: jax.Array, key: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray) -> Choice:
+    """Chooses a token at every position of `hidden` [B, T, E] and reports its confidence.
+
+    Only one pass of exponentials over the vocabulary (the log-partition) is needed for the
+    confidence exp(z_token - logsumexp(z)); entropy costs a second pass and is computed only when asked.
+    """
+    raw = model.logits(hidden)
+    logits = jnp.where(jnp.asarray(allowed), raw, _NEG_INF)
+    if sampling.greedy:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        logits = logits / knobs["temperature"]
+        if sampling.top_k:
+            logits = _top_k_filter(logits, sampling.top_k)
+        if sampling.top_p:
+            logits = _top_p_filter(logits, knobs["top_p"])
+        token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    log_partition = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, token[..., None], axis=-1)[..., 0]
+    confidence = jnp.exp(chosen - log_partition)
+    if sampling.entropy:
+        probs = jnp.exp(logits - log_partition[..., None])
+        entropy = log_partition - jnp.sum(jnp.where(probs > 0, probs * logits, 0.0), axis=-1)
+    else:
+        entropy = jnp.zeros_like(confidence)
+    return Choice(token, confidence, entropy, raw)

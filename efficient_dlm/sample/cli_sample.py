@@ -1,0 +1,82 @@
+"""`edlm sample --ckpt DIR --prompt TEXT` (or --prompts_jsonl FILE --out FILE): generate completions.
+
+Decoding settings come from the config's `sample` section (`--config.sample.strategy=ar`,
+`--config.sample.threshold=0.8`, ...). Prompts are encoded with the checkpoint's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from efficient_dlm.sample import settings  # noqa: F401  (registers the sample/bench config validators)
+
+flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
+flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
+flags.DEFINE_string("prompts_jsonl", None, 'JSONL file of {"prompt": text} or {"prompt_ids": [ids]} records')
+flags.DEFINE_string("out", None, "write one JSON record per prompt to this JSONL file (default: print completions)")
+flags.DEFINE_integer("batch_size", 8, "prompts decoded together")
+flags.DEFINE_bool("stream", False, "print each block as soon as it is final")
+
+
+def _printer(tokenizer, batch: int):
+    def on_block(index: int, rows: list[list[int]]) -> None:
+        for row, ids in enumerate(rows):
+            if ids:
+                text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+                print(text if batch == 1 else f"[{row}] {text}", end="" if batch == 1 else "\n", flush=True)
+
+    return on_block
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Atomic: written to a temporary file, then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
+def run(config, FLAGS) -> int:
+    from efficient_dlm.cli import UserError
+    from efficient_dlm.sample.api import generate
+    from efficient_dlm.sample.settings import generate_kwargs
+    from efficient_dlm.sample.source import Prompt, decode, encode, load_source, read_prompts
+
+    if not FLAGS.prompt and not FLAGS.prompts_jsonl:
+        raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
+    if FLAGS.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    source = load_source(FLAGS.ckpt, config)
+    prompts = [Prompt([], text) for text in FLAGS.prompt]
+    prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
+    encode(prompts, source.tokenizer)
+    kwargs = generate_kwargs(config.sample, valid_vocab_size=source.valid_vocab_size)
+    records, tokens, forwards, seconds = [], 0, 0, 0.0
+    for i in range(0, len(prompts), FLAGS.batch_size):
+        batch = prompts[i : i + FLAGS.batch_size]
+        on_block = _printer(source.tokenizer, len(batch)) if FLAGS.stream else None
+        result = generate(source.model, [p.ids for p in batch], on_block=on_block, **kwargs)
+        if FLAGS.stream and len(batch) == 1:
+            print()
+        tokens, forwards, seconds = tokens + result.generated_tokens, forwards + int(result.row_forwards.sum()), seconds + result.seconds
+        for prompt, ids, row_forwards in zip(batch, result.sequences, result.row_forwards):
+            record = {"prompt": prompt.text, "prompt_ids": prompt.ids, "completion": decode(source.tokenizer, ids),
+                      "completion_ids": ids, "generated_tokens": len(ids), "forward_passes": int(row_forwards)}
+            records.append(record | ({"reference": prompt.reference} if prompt.reference is not None else {}))
+    if FLAGS.out:
+        write_jsonl(FLAGS.out, records)
+    elif not FLAGS.stream:
+        for record in records:
+            print(record["completion"] if record["completion"] is not None else " ".join(map(str, record["completion_ids"])))
+    print(
+        f"{len(records)} prompt(s), strategy {kwargs['strategy']}, model {source.description}: {tokens} tokens in "
+        f"{forwards} forward passes ({tokens / max(forwards, 1):.2f} per forward), {seconds:.2f}s"
+        + (f"; wrote {FLAGS.out}" if FLAGS.out else ""),
+        file=sys.stderr,
+    )
+    return 0

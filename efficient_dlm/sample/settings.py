@@ -1,0 +1,52 @@
+"""The `sample` and `bench` config sections: validation (registered with efficient_dlm.config) and the
+mapping from the `sample` section to `generate` keyword arguments."""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from efficient_dlm.config import register_validator
+from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
+
+
+def generate_kwargs(sample: ConfigDict, **changes) -> dict:
+    """`generate` keyword arguments from the sample section (with `changes` applied, e.g. a threshold)."""
+    kwargs = dict(
+        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size, strategy=sample.strategy,
+        threshold=sample.threshold, tokens_per_step=sample.tokens_per_step, factor=sample.factor,
+        entropy_bound=sample.entropy_bound, temperature=sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
+        seed=sample.seed, stop_tokens=tuple(sample.stop_tokens) or None, prompt_bucket=sample.prompt_bucket or None,
+    )
+    return kwargs | changes
+
+
+@register_validator
+def validate_sample(config: ConfigDict) -> None:
+    if "sample" not in config:
+        return
+    s = config.sample
+    try:
+        check_settings(s.strategy, s.max_new_tokens, s.block_size, s.threshold, s.tokens_per_step, s.temperature,
+                       s.top_p, s.top_k)
+    except ValueError as err:
+        raise ValueError(f"sample.{err}") from None
+    if s.prompt_bucket < 0:
+        raise ValueError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
+
+
+@register_validator
+def validate_bench(config: ConfigDict) -> None:
+    if "bench" not in config:
+        return
+    b = config.bench
+    unknown = [s for s in b.strategies if s not in ALL_STRATEGIES]
+    if unknown or not b.strategies:
+        raise ValueError(f"bench.strategies must name some of {', '.join(ALL_STRATEGIES)}, got {tuple(b.strategies)}")
+    if any(not 0.0 <= t <= 1.0 for t in b.thresholds):
+        raise ValueError(f"bench.thresholds must lie in [0, 1], got {tuple(b.thresholds)}")
+    if not b.batch_sizes or any(n < 1 for n in b.batch_sizes):
+        raise ValueError(f"bench.batch_sizes must be positive integers, got {tuple(b.batch_sizes)}")
+    for key in ("repeats", "num_prompts", "prompt_len", "overhead_forwards"):
+        if b[key] < 1:
+            raise ValueError(f"bench.{key} must be >= 1, got {b[key]}")
+    if b.warmup < 0:
+        raise ValueError(f"bench.warmup must be >= 0, got {b.warmup}")

@@ -1,0 +1,103 @@
+"""What `edlm sample` and `edlm bench` read: the model (checkpoint, HF directory or random init), its
+tokenizer (the `tokenizers` library, from the checkpoint's tokenizer/ directory) and prompt files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from ml_collections import ConfigDict
+
+from efficient_dlm import checkpoints
+
+
+@dataclasses.dataclass
+class Source:
+    model: object
+    tokenizer: object | None  # tokenizers.Tokenizer
+    valid_vocab_size: int | None  # ids at or above are vocabulary padding (recorded by training)
+    description: str
+
+
+@dataclasses.dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None = None
+    reference: str | None = None
+
+
+def _tokenizer(directory: str | None):
+    if not directory:
+        return None
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load_source(ckpt: str | None, config: ConfigDict) -> Source:
+    """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model."""
+    ckpt = ckpt or config.init.checkpoint
+    tokenizer_dir = config.init.tokenizer or None
+    if ckpt:
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"checkpoint directory {ckpt!r} does not exist")
+        _, extra = checkpoints.read_model_config(ckpt)
+        model = checkpoints.load(ckpt)
+        tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
+        return Source(model, _tokenizer(tokenizer_dir), extra.get("valid_vocab_size"), os.path.abspath(ckpt))
+    if config.init.hf_dir:
+        from efficient_dlm.port.hf_import import from_hf
+
+        model = from_hf(config.init.hf_dir, dtype=config.model.param_dtype)
+        if tokenizer_dir is None and os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")):
+            tokenizer_dir = config.init.hf_dir
+        return Source(model, _tokenizer(tokenizer_dir), None, os.path.abspath(config.init.hf_dir))
+    from efficient_dlm.config import model_config
+    from efficient_dlm.models.decoder import init_model
+
+    model = init_model(model_config(config), seed=config.init.seed)
+    return Source(model, _tokenizer(tokenizer_dir), None, f"random weights (config.model, seed {config.init.seed})")
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """JSONL: {"prompt": text} or {"prompt_ids": [ids]}, optionally "reference" (or "answer")."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}:{number}: not a JSON object") from None
+            if not isinstance(record, dict) or ("prompt" not in record and "prompt_ids" not in record):
+                raise ValueError(f"{path}:{number}: needs a \"prompt\" (text) or \"prompt_ids\" (token ids) field")
+            reference = record.get("reference", record.get("answer"))
+            ids = [int(i) for i in record.get("prompt_ids", [])]
+            prompts.append(Prompt(ids, record.get("prompt"), None if reference is None else str(reference)))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def encode(prompts: list[Prompt], tokenizer) -> list[Prompt]:
+    """Fills token ids of text prompts with the tokenizer (special tokens as its post-processor adds them)."""
+    for prompt in prompts:
+        if prompt.ids:
+            continue
+        if tokenizer is None:
+            raise ValueError(
+                "text prompts need a tokenizer, and the model has none (no tokenizer/tokenizer.json in the "
+                "checkpoint); give \"prompt_ids\" or set --config.init.tokenizer=DIR"
+            )
+        prompt.ids = tokenizer.encode(prompt.text).ids
+    return prompts
+
+
+def decode(tokenizer, ids: list[int]) -> str | None:
+    return None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
