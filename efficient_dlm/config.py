@@ -138,7 +138,7 @@ def sample_section() -> ConfigDict:
             tokens_per_step=1,  # topk: positions committed per step
             factor=1.0,  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - factor / (n + 1)
             entropy_bound=0.3,  # entropy: commit while the summed entropy (nats) stays <= this
-            block_size=32,
+            block_size=0,  # 0 = the checkpoint's training block size (else 32)
             max_new_tokens=64,
             temperature=0.0,  # 0 = greedy
             top_p=1.0,

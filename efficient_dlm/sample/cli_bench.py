@@ -58,7 +58,7 @@ def run(config, FLAGS) -> int:
     records = []
     for setting in make_settings(b.strategies, b.thresholds, b.batch_sizes, config.sample):
         source = ar if setting.strategy == "ar" else dlm
-        base = generate_kwargs(config.sample, valid_vocab_size=source.valid_vocab_size)
+        base = generate_kwargs(config.sample, source)
         record = run_setting(source.model, setting, prompts, source.tokenizer, base, repeats=b.repeats,
                              warmup=b.warmup, overhead_forwards=b.overhead_forwards)
         record["model"] = source.description

@@ -55,7 +55,7 @@ def run(config, FLAGS) -> int:
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
     encode(prompts, source.tokenizer)
-    kwargs = generate_kwargs(config.sample, valid_vocab_size=source.valid_vocab_size)
+    kwargs = generate_kwargs(config.sample, source)
     records, tokens, forwards, seconds = [], 0, 0, 0.0
     for i in range(0, len(prompts), FLAGS.batch_size):
         batch = prompts[i : i + FLAGS.batch_size]

@@ -8,15 +8,19 @@ from efficient_dlm.config import register_validator
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
 
 
-def generate_kwargs(sample: ConfigDict, **changes) -> dict:
-    """`generate` keyword arguments from the sample section (with `changes` applied, e.g. a threshold)."""
-    kwargs = dict(
-        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size, strategy=sample.strategy,
+DEFAULT_BLOCK_SIZE = 32
+
+
+def generate_kwargs(sample: ConfigDict, source) -> dict:
+    """`generate` keyword arguments from the sample section and what the checkpoint's training recorded
+    (block size when sample.block_size is 0, token shift, vocabulary padding)."""
+    return dict(
+        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size or source.block_size or DEFAULT_BLOCK_SIZE,
+        token_shift=source.token_shift, valid_vocab_size=source.valid_vocab_size, strategy=sample.strategy,
         threshold=sample.threshold, tokens_per_step=sample.tokens_per_step, factor=sample.factor,
         entropy_bound=sample.entropy_bound, temperature=sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
         seed=sample.seed, stop_tokens=tuple(sample.stop_tokens) or None, prompt_bucket=sample.prompt_bucket or None,
     )
-    return kwargs | changes
 
 
 @register_validator
@@ -24,9 +28,11 @@ def validate_sample(config: ConfigDict) -> None:
     if "sample" not in config:
         return
     s = config.sample
+    if s.block_size < 0:
+        raise ValueError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {s.block_size}")
     try:
-        check_settings(s.strategy, s.max_new_tokens, s.block_size, s.threshold, s.tokens_per_step, s.temperature,
-                       s.top_p, s.top_k)
+        check_settings(s.strategy, s.max_new_tokens, s.block_size or DEFAULT_BLOCK_SIZE, s.threshold, s.tokens_per_step,
+                       s.temperature, s.top_p, s.top_k)
     except ValueError as err:
         raise ValueError(f"sample.{err}") from None
     if s.prompt_bucket < 0:

@@ -15,8 +15,20 @@ from efficient_dlm import checkpoints
 class Source:
     model: object
     tokenizer: object | None  # tokenizers.Tokenizer
-    valid_vocab_size: int | None  # ids at or above are vocabulary padding (recorded by training)
     description: str
+    # What training recorded in the checkpoint's metadata (model_config.json "extra"); decoding must match.
+    valid_vocab_size: int | None = None  # ids at or above are vocabulary padding
+    block_size: int | None = None  # the final training block size
+    token_shift: bool = False  # token i was predicted from the hidden state at i - 1
+
+
+def training_metadata(extra: dict) -> dict:
+    """valid_vocab_size, block_size (the last of a "step:size,..." schedule) and token_shift from metadata."""
+    diffusion = (extra.get("train_config") or {}).get("diffusion") or {}
+    schedule = [item.split(":") for item in str(diffusion.get("block_size_schedule") or "").split(",") if item.strip()]
+    block_size = int(max(schedule, key=lambda pair: int(pair[0]))[1]) if schedule else diffusion.get("block_size")
+    return {"valid_vocab_size": extra.get("valid_vocab_size"), "block_size": block_size,
+            "token_shift": bool(diffusion.get("token_shift", False))}
 
 
 @dataclasses.dataclass
@@ -47,19 +59,19 @@ def load_source(ckpt: str | None, config: ConfigDict) -> Source:
         _, extra = checkpoints.read_model_config(ckpt)
         model = checkpoints.load(ckpt)
         tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
-        return Source(model, _tokenizer(tokenizer_dir), extra.get("valid_vocab_size"), os.path.abspath(ckpt))
+        return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(ckpt), **training_metadata(extra))
     if config.init.hf_dir:
         from efficient_dlm.port.hf_import import from_hf
 
         model = from_hf(config.init.hf_dir, dtype=config.model.param_dtype)
         if tokenizer_dir is None and os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")):
             tokenizer_dir = config.init.hf_dir
-        return Source(model, _tokenizer(tokenizer_dir), None, os.path.abspath(config.init.hf_dir))
+        return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(config.init.hf_dir))
     from efficient_dlm.config import model_config
     from efficient_dlm.models.decoder import init_model
 
     model = init_model(model_config(config), seed=config.init.seed)
-    return Source(model, _tokenizer(tokenizer_dir), None, f"random weights (config.model, seed {config.init.seed})")
+    return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})")
 
 
 def read_prompts(path: str) -> list[Prompt]:
