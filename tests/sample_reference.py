@@ -13,12 +13,13 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import init_model
 
 
-def peaked_model(seed: int = 0, mask_token_id: int | None = 95):
+def peaked_model(seed: int = 0, mask_token_id: int | None = 95, attention_backend: str = "auto"):
     """A tiny random model whose weights are scaled so that confidences differ clearly between
     positions and tokens (plain random init predicts a near-uniform distribution everywhere)."""
     cfg = ModelConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
         tie_word_embeddings=False, mask_token_id=mask_token_id, max_position_embeddings=128, rope_theta=100.0,
+        attention_backend=attention_backend,
     )
     model = init_model(cfg, seed)
     model.lm_head[...] = model.lm_head[...] * 40

@@ -114,6 +114,13 @@ def test_sampling_is_reproducible_from_the_seed(model):
     assert run(1) != first
 
 
+def test_pallas_kernels_inside_the_sampler_give_the_same_tokens(model):
+    """Block-decode attention and the fused LM-head confidence kernel (Pallas interpret mode on CPU)."""
+    kernels = peaked_model(attention_backend="pallas")
+    expected = generate(model, PROMPTS, max_new_tokens=MAX_NEW, block_size=BLOCK, threshold=0.5, return_logits=True)
+    assert generate(kernels, PROMPTS, max_new_tokens=MAX_NEW, block_size=BLOCK, threshold=0.5).sequences == expected.sequences
+
+
 def test_ar_baseline_equals_naive_argmax_loop(model):
     result = generate(model, PROMPTS, max_new_tokens=MAX_NEW, strategy="ar", return_logits=True)
     for row, prompt in enumerate(PROMPTS):

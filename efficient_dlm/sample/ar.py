@@ -55,7 +55,7 @@ def ar_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) -> dict:
     cache = KVCache.empty(model.config, batch, width + plan.max_new_tokens - 1).replace(start=inputs["start"])
     hidden, (keys, values) = model.decode(inputs["prompt"], inputs["positions"], cache, attention="causal")
     cache = cache.write(keys, values, 0).replace(length=jnp.full((batch,), width, jnp.int32))
-    choice = choose_tokens(model, hidden[:, -1:], step_key(knobs, 0), plan.sampling, knobs, allowed)
+    choice = choose_tokens(model, hidden[:, -1:], step_key(knobs, 0), plan.sampling, knobs, allowed, plan.record_logits)
     canvas = jnp.full((batch, plan.max_new_tokens), plan.pad_id, jnp.int32)
     logits = jnp.zeros((*canvas.shape, plan.vocab_size), jnp.float32) if plan.record_logits else None
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -70,7 +70,7 @@ def ar_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) -> dict:
         hidden, (keys, values) = model.decode(s.token[:, None], positions, s.cache, attention="causal")
         slot = width + s.t - 1
         cache = s.cache.write(keys, values, slot).replace(length=jnp.full((batch,), slot + 1, jnp.int32))
-        choice = choose_tokens(model, hidden, step_key(knobs, s.t), plan.sampling, knobs, allowed)
+        choice = choose_tokens(model, hidden, step_key(knobs, s.t), plan.sampling, knobs, allowed, plan.record_logits)
         return _record(plan, knobs, s._replace(cache=cache), choice, s.t)
 
     state = jax.lax.while_loop(running, step, state)

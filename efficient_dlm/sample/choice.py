@@ -5,9 +5,9 @@ section 6): greedy takes the argmax and its probability; sampling draws from the
 distribution restricted by top-k / top-p and uses the drawn token's probability. Ids the model must
 never emit (the [MASK] token, vocabulary padding past `valid_vocab_size`) are removed first.
 
-Keeping this in one function lets the greedy path switch to the fused LM-head kernel
-(`kernel_dispatch.lm_head_confidence`), which never materialises [B, T, V] logits, once it can
-exclude disallowed ids; today it cannot, so the XLA path below is used on every backend.
+With a kernel attention backend (splash / pallas) the greedy path uses the fused LM-head kernel
+(`kernel_dispatch.lm_head_confidence`), which never materialises the [B, T, V] logits; sampling, and
+runs that record logits, use the XLA path below.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Choice(NamedTuple):
     token: jax.Array  # [B, T] int32
     confidence: jax.Array  # [B, T] float32, probability of `token`
     entropy: jax.Array  # [B, T] float32 (zeros when not requested)
-    logits: jax.Array  # [B, T, V] float32 raw model logits
+    logits: jax.Array | None  # [B, T, V] float32 raw model logits (None from the fused kernel)
 
 
 def allowed_ids(vocab_size: int, banned: tuple[int, ...], valid_vocab_size: int | None) -> np.ndarray:
@@ -61,12 +61,29 @@ def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits < cutoff, _NEG_INF, logits)
 
 
-def choose_tokens(model, hidden: jax.Array, key: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray) -> Choice:
+def _fused_kernel(model, want_logits: bool, sampling: Sampling) -> bool:
+    from efficient_dlm.models.attention import resolve_backend
+
+    kernel = resolve_backend(model.config.attention_backend) in ("splash", "pallas")
+    return kernel and sampling.greedy and not want_logits
+
+
+def choose_tokens(
+    model, hidden: jax.Array, key: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray, want_logits: bool
+) -> Choice:
     """Chooses a token at every position of `hidden` [B, T, E] and reports its confidence.
 
     Only one pass of exponentials over the vocabulary (the log-partition) is needed for the
     confidence exp(z_token - logsumexp(z)); entropy costs a second pass and is computed only when asked.
     """
+    if _fused_kernel(model, want_logits, sampling):
+        from efficient_dlm.models import kernel_dispatch  # kernels are optional, imported only when chosen
+
+        confidence, token, entropy = kernel_dispatch.lm_head_confidence(
+            hidden, model.output_embedding(), with_entropy=sampling.entropy, allowed=allowed,
+            backend=model.config.attention_backend,
+        )
+        return Choice(token, confidence, jnp.zeros_like(confidence) if entropy is None else entropy, None)
     raw = model.logits(hidden)
     logits = jnp.where(jnp.asarray(allowed), raw, _NEG_INF)
     if sampling.greedy:

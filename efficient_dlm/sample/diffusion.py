@@ -79,7 +79,7 @@ def _denoise(ctx: _Context, blk: Block, counters: Counters, tokens, positions, c
         blk = blk._replace(before=before)
         hidden = jnp.concatenate([before[:, None], hidden[:, -size:-1]], axis=1)
     key = step_key(ctx.knobs, counters.forwards)
-    choice = choose_tokens(ctx.model, hidden[:, -size:], key, plan.sampling, ctx.knobs, plan.allowed())
+    choice = choose_tokens(ctx.model, hidden[:, -size:], key, plan.sampling, ctx.knobs, plan.allowed(), plan.record_logits)
     commit = commit_mask(plan.strategy, choice.confidence, choice.entropy, blk.open, ctx.knobs, plan.tokens_per_step)
     new_tokens = jnp.where(commit, choice.token, blk.tokens)
     step = jnp.where(commit, counters.forwards, blk.step)
