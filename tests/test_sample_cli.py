@@ -47,8 +47,8 @@ def test_sample_writes_the_completions_generate_produces(ckpt, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.sample.block_size=0"], "sample.block_size must be a positive integer, got 0"),
-        (["--config.sample.strategy=beam"], "sample.unknown strategy 'beam'"),
+        (["--config.sample.block_size=-1"], "sample.block_size must be >= 0 (0 = the checkpoint's training block size)"),
+        (["--config.sample.strategy=beam"], "sample.strategy must be one of ar, threshold"),
         ([], "give --prompt TEXT"),
         (["--prompt", "w1", "--ckpt", "{root}/ar"], "no mask_token_id"),
         (["--prompt", "w1", "--ckpt", "{root}/missing"], "does not exist"),

@@ -62,7 +62,7 @@ class GenerateResult:
 def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k) -> None:
     """Rejects bad decoding settings with one line naming the argument (also used for the config section)."""
     if strategy not in ALL_STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
+        raise ValueError(f"strategy must be one of {', '.join(ALL_STRATEGIES)}, got {strategy!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if strategy != "ar" and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
