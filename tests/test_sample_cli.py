@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
     tokenizer.save(str(root / "tok" / "tokenizer.json"))
     model = peaked_model()
     checkpoints.save(model, str(root / "dlm"), tokenizer_dir=str(root / "tok"))
-    checkpoints.save(peaked_model(mask_token_id=None), str(root / "ar"))
+    checkpoints.save(peaked_model(mask_token_id=None), str(root / "ar"), tokenizer_dir=str(root / "tok"))
     return root, model, tokenizer
 
 

@@ -79,7 +79,8 @@ def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_s
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
 
 
-def _check_model(model, strategy: str, top_k: int) -> None:
+def check_model(model, strategy: str, top_k: int = 0) -> None:
+    """Rejects a strategy the model cannot run (no [MASK] token) and a top_k beyond its vocabulary."""
     cfg = model.config
     if strategy != "ar" and cfg.mask_token_id is None:
         raise ValueError(
@@ -149,7 +150,7 @@ def generate(
     """
     started = time.perf_counter()
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
-    _check_model(model, strategy, top_k)
+    check_model(model, strategy, top_k)
     cfg = model.config
     rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)

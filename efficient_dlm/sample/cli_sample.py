@@ -43,7 +43,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 def run(config, FLAGS) -> int:
     from efficient_dlm.cli import UserError
-    from efficient_dlm.sample.api import generate
+    from efficient_dlm.sample.api import check_model, generate
     from efficient_dlm.sample.settings import generate_kwargs
     from efficient_dlm.sample.source import Prompt, decode, encode, load_source, read_prompts
 
@@ -52,6 +52,7 @@ def run(config, FLAGS) -> int:
     if FLAGS.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     source = load_source(FLAGS.ckpt, config)
+    check_model(source.model, config.sample.strategy, config.sample.top_k)
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
     encode(prompts, source.tokenizer)
