@@ -52,8 +52,8 @@ class Counters(NamedTuple):
 
 class Carry(NamedTuple):
     cache: KVCache
-    canvas: jax.Array  # [batch, blocks * B] tokens of the decoded blocks
-    canvas_step: jax.Array  # [batch, blocks * B]
+    canvas: jax.Array  # [batch, (blocks + 1) * B]: the prompt's last full block, then the decoded blocks
+    canvas_step: jax.Array  # [batch, (blocks + 1) * B] global step of each commit; -1: not generated
     canvas_logits: jax.Array | None
     done: jax.Array  # [batch] bool
     counters: Counters
@@ -67,6 +67,12 @@ class _Context(NamedTuple):
     positions: jax.Array  # [batch, canvas width] position of every canvas slot
     first: jax.Array  # [batch] canvas index of the first generated token (B + r_b)
     prefix_len: int  # D0: cache slots of the prompt's full blocks
+
+
+def _first_stop(knobs: dict, tokens, step) -> jax.Array:
+    """[batch] index of the first generated stop token in the block (block size when there is none)."""
+    stopped = (step >= 0) & is_stop(knobs, tokens)
+    return jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1), tokens.shape[1])
 
 
 def _denoise(ctx: _Context, blk: Block, counters: Counters, tokens, positions, cache, attention: str):
@@ -84,9 +90,7 @@ def _denoise(ctx: _Context, blk: Block, counters: Counters, tokens, positions, c
     new_tokens = jnp.where(commit, choice.token, blk.tokens)
     step = jnp.where(commit, counters.forwards, blk.step)
     logits = None if blk.logits is None else jnp.where(commit[..., None], choice.logits, blk.logits)
-    stopped = (step >= 0) & is_stop(ctx.knobs, new_tokens)
-    first_stop = jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1), size)
-    open_ = blk.open & ~commit & (jnp.arange(size)[None, :] < first_stop[:, None])
+    open_ = blk.open & ~commit & (jnp.arange(size)[None, :] < _first_stop(ctx.knobs, new_tokens, step)[:, None])
     counters = Counters(counters.forwards + 1, counters.row_forwards + blk.open.any(axis=1))
     return Block(new_tokens, open_, step, logits, blk.before), counters, kv
 
@@ -139,8 +143,7 @@ def _decode_block(ctx: _Context, carry: Carry) -> Carry:
     cache = cache.replace(length=jnp.full((batch,), offset + size, jnp.int32))
     blk, counters = _remaining_steps(ctx, blk, counters, cache, chunk_positions[:, size:])
 
-    stopped = (blk.step >= 0) & is_stop(ctx.knobs, blk.tokens)
-    first_stop = jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1), size)
+    first_stop = _first_stop(ctx.knobs, blk.tokens, blk.step)
     stream(plan, k, blk.tokens, (blk.step >= 0) & (jnp.arange(size)[None, :] <= first_stop[:, None]))
     logits = carry.canvas_logits
     if logits is not None:
@@ -150,7 +153,7 @@ def _decode_block(ctx: _Context, carry: Carry) -> Carry:
         jax.lax.dynamic_update_slice(carry.canvas, blk.tokens, (0, (k + 1) * size)),
         jax.lax.dynamic_update_slice(carry.canvas_step, blk.step, (0, (k + 1) * size)),
         logits,
-        carry.done | stopped.any(axis=1) | ((k + 2) * size >= ctx.first + plan.max_new_tokens),
+        carry.done | (first_stop < size) | ((k + 2) * size >= ctx.first + plan.max_new_tokens),
         counters,
         k + 1,
     )
