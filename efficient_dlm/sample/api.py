@@ -41,6 +41,7 @@ class GenerateResult:
     blocks: int  # blocks decoded (AR: tokens)
     seconds: float  # wall time of the call, host preparation included
     program_seconds: float  # wall time of the compiled program alone (compilation included on a first call)
+    program_cpu_seconds: float  # CPU time of this process during the program (all threads; robust to load)
     shapes: dict  # static shapes of this program (prompt bucket, cache size, ...)
     logits: np.ndarray | None = None  # [batch, max_new_tokens, V] raw logits at commit (return_logits)
     memory: dict | None = None  # XLA memory analysis of the program in bytes (measure_memory)
@@ -190,15 +191,16 @@ def generate(
     graphdef, state = nnx.split(model)
     inputs = {name: jnp.asarray(value) for name, value in lay.arrays().items()}
     args = (graphdef, plan, state, inputs, knobs)
-    program_started = time.perf_counter()
+    program_started, cpu_started = time.perf_counter(), time.process_time()
     with streaming(_stream_adapter(on_block, pad_id) if on_block else None):
         out = jax.device_get(program(*args))
-    finished = time.perf_counter()
+    finished, cpu_finished = time.perf_counter(), time.process_time()
     memory = _memory_analysis(program, args) if measure_memory else None  # after the run: a jit cache hit
     return GenerateResult(
         tokens=out["tokens"], lengths=out["lengths"], forward_passes=int(out["forwards"]),
         row_forwards=out["row_forwards"], commit_step=out["commit_step"], prompt_lengths=lay.prompt_lengths,
         blocks=int(out["blocks"]), seconds=finished - started, program_seconds=finished - program_started,
+        program_cpu_seconds=cpu_finished - cpu_started,
         shapes={"batch": len(rows), **shapes}, logits=out.get("logits"), memory=memory,
     )
 

@@ -9,7 +9,9 @@ prompts carry references, and the sampler overhead. Compilation and warm-up runs
 Sampler overhead = the program's wall time divided by the time the same forward passes take as bare
 jitted `model.decode` + LM head calls of the same shapes (measured in a lax.fori_loop, so neither has
 per-call dispatch costs): everything the sampler adds (choice, ranking, commits, cache writes, loop
-control) shows up as the excess over 1.
+control) shows up as the excess over 1. The same ratio over this process's CPU time
+(`sampler_overhead_cpu`) is reported too: on a shared machine other processes' load inflates wall
+times at random, CPU time much less.
 """
 from __future__ import annotations
 
@@ -99,20 +101,20 @@ def _bare_loop(model, batch: int, chunk: int, cache_size: int, attention: str, b
     return _bare_loops[key]
 
 
-def bare_forward_seconds(model, batch: int, chunk: int, cache_size: int, attention: str, block_size, iterations: int) -> float:
-    """Seconds per bare jitted forward of this shape, timed now (so it is paired with the sampler run it
-    is compared to: on a shared machine the load changes between runs)."""
+def bare_forward_seconds(model, batch: int, chunk: int, cache_size: int, attention: str, block_size, iterations: int) -> np.ndarray:
+    """(wall, CPU) seconds per bare jitted forward of this shape, timed now (so it is paired with the
+    sampler run it is compared to: on a shared machine the load changes between runs)."""
     loop, args = _bare_loop(model, batch, chunk, cache_size, attention, block_size, iterations)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loop(*args).block_until_ready()
-    return (time.perf_counter() - start) / iterations
+    return np.array([time.perf_counter() - start, time.process_time() - cpu_start]) / iterations
 
 
-def bare_seconds(model, result: GenerateResult, strategy: str, iterations: int) -> float:
-    """Time the result's forward passes take as bare forwards of the same shapes (see module docstring)."""
+def bare_seconds(model, result: GenerateResult, strategy: str, iterations: int) -> np.ndarray:
+    """(wall, CPU) time the result's forward passes take as bare forwards of the same shapes."""
     shapes, batch = result.shapes, result.shapes["batch"]
 
-    def per_forward(chunk: int, attention: str, block_size=None) -> float:
+    def per_forward(chunk: int, attention: str, block_size=None) -> np.ndarray:
         return bare_forward_seconds(model, batch, chunk, shapes["cache_size"], attention, block_size, iterations)
 
     if strategy == "ar":
@@ -157,13 +159,13 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
     runs, latencies, correct = [], [], []
     for repeat in range(repeats):
         tokens = forwards = row_forwards = 0
-        wall = program = bare = 0.0
+        wall, program, bare = 0.0, np.zeros(2), np.zeros(2)
         for batch, real in batches:
             result = generate(model, [p.ids for p in batch], **kwargs)
             tokens += int(result.lengths[:real].sum())
             row_forwards += int(result.row_forwards[:real].sum())
             forwards += result.forward_passes
-            wall, program = wall + result.seconds, program + result.program_seconds
+            wall, program = wall + result.seconds, program + [result.program_seconds, result.program_cpu_seconds]
             bare += bare_seconds(model, result, setting.strategy, overhead_forwards)
             latencies += [result.seconds] * real
             if repeat == 0:
@@ -172,8 +174,9 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
                         text = decode(tokenizer, ids) if tokenizer is not None else " ".join(map(str, ids))
                         correct.append(is_correct(text, prompt.reference))
         runs.append({"tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall, "forward_passes": forwards,
-                     "tokens_per_forward": tokens / max(row_forwards, 1), "program_seconds": program,
-                     "bare_seconds": bare, "overhead": program / bare})
+                     "tokens_per_forward": tokens / max(row_forwards, 1), "program_seconds": program[0],
+                     "bare_seconds": bare[0], "overhead": program[0] / bare[0], "program_cpu_seconds": program[1],
+                     "bare_cpu_seconds": bare[1], "overhead_cpu": program[1] / bare[1]})
     median = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
     return {
         "setting": setting.name, "strategy": setting.strategy, "batch_size": setting.batch_size,
@@ -181,23 +184,22 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
         "generated_tokens": median("tokens"), "tokens_per_second": median("tokens_per_second"),
         "forward_passes": median("forward_passes"), "tokens_per_forward": median("tokens_per_forward"),
         "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
-        "memory": _memory(first), "sampler_overhead": median("overhead"),
-        # least-disturbed estimate on a shared machine: load only ever adds time
-        "sampler_overhead_best": min(r["program_seconds"] for r in runs) / min(r["bare_seconds"] for r in runs),
+        "memory": _memory(first), "sampler_overhead": median("overhead"), "sampler_overhead_cpu": median("overhead_cpu"),
         "accuracy": sum(correct) / len(correct) if correct else None, "runs": runs,
         "device": jax.devices()[0].device_kind, "machine": f"{platform.machine()} {platform.system()}",
     }
 
 
 def format_table(records: list[dict]) -> str:
-    header = ("setting", "batch", "tok/s", "forwards", "TPF", "p50 ms", "p95 ms", "MiB", "overhead", "accuracy")
+    header = ("setting", "batch", "tok/s", "forwards", "TPF", "p50 ms", "p95 ms", "MiB", "overhead", "ovh CPU", "accuracy")
     rows = [header]
     for r in records:
         memory = r["memory"]["device_peak_bytes"] or r["memory"]["program_bytes"] or 0
         rows.append((
             r["setting"], str(r["batch_size"]), f"{r['tokens_per_second']:.1f}", f"{r['forward_passes']:g}",
             f"{r['tokens_per_forward']:.2f}", f"{1e3 * r['latency_p50_s']:.1f}", f"{1e3 * r['latency_p95_s']:.1f}",
-            f"{memory / 2**20:.1f}", f"{r['sampler_overhead']:.3f}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+            f"{memory / 2**20:.1f}", f"{r['sampler_overhead']:.3f}", f"{r['sampler_overhead_cpu']:.3f}",
+            "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
