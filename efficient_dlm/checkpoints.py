@@ -77,17 +77,26 @@ def tokenizer_dir(directory: str) -> str | None:
 
 
 def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None, force: bool = False) -> str:
-    """Writes the model's parameters (orbax) and config; refuses to overwrite unless force."""
+    """Writes the model's parameters (orbax) and config; refuses to overwrite unless force.
+
+    The parameters are written completely (orbax writes to a temporary directory and renames) before
+    the config and an existing checkpoint are replaced, so a crash mid-write leaves the old checkpoint.
+    """
     directory = os.path.abspath(directory)
     params_path = epath.Path(directory) / PARAMS_DIR
+    if params_path.exists() and not force:
+        raise FileExistsError(f"{directory}: a checkpoint already exists (pass force=True / --overwrite)")
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    staged = epath.Path(directory) / f"{PARAMS_DIR}.new-{os.getpid()}"
+    if staged.exists():
+        staged.rmtree()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(staged, nnx.state(model, MODEL_STATE))
     if params_path.exists():
-        if not force:
-            raise FileExistsError(f"{directory}: a checkpoint already exists (pass force=True / --overwrite)")
         params_path.rmtree()
+    staged.rename(params_path)
     write_model_config(directory, model.config, extra)
     copy_tokenizer(tokenizer_dir, directory)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_path, nnx.state(model, MODEL_STATE))
     return directory
 
 

@@ -112,3 +112,20 @@ def test_every_recipe_builds_a_valid_config():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert isinstance(model_config(validate(module.get_config())), ModelConfig)
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """A write that dies midway (here: orbax raising) leaves the previous checkpoint loadable."""
+    import orbax.checkpoint as ocp
+
+    path = str(tmp_path / "ckpt")
+    edlm.save(tiny_model, path)
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        edlm.save(variant(tiny_model, mask_token_id=5), path, force=True)
+    monkeypatch.undo()
+    assert_same_params(edlm.load(path), tiny_model)
