@@ -208,11 +208,10 @@ def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | No
     """
     config = ConfigDict(to_plain(validate(config)))
     run = _Run(config, mesh, batch_transform)
-    context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     logger = None
     try:
-        with context:
-            run.setup()
+        run.setup()  # models and state are built outside the mesh context (state_shardings places them)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             t = run.t
             step = int(run.state.step)
             tokens_per_step = t.batch_size * config.data.seq_len

@@ -36,8 +36,20 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
+def outside_mesh():
+    """A context without an active mesh. NNX would turn the parameters' *logical* axis names into mesh
+    shardings while building a model under `jax.set_mesh`; the trainer builds structure (graphdef,
+    abstract state) here and derives shardings itself from the rules table."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    with outside_mesh():
+        return split_model(abstract_model(cfg))
+
+
 def graphdef_for(cfg: ModelConfig) -> nnx.GraphDef:
-    return split_model(abstract_model(cfg))[0]
+    return abstract_params(cfg)[0]
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -46,8 +58,9 @@ def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -
 
 def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """ShapeDtypeStruct tree of the state (no allocation): restore target and AOT input."""
-    params = split_model(abstract_model(cfg))[1]
-    return jax.eval_shape(lambda p: init_state(p, tx, seed), params)
+    params = abstract_params(cfg)[1]
+    with outside_mesh():
+        return jax.eval_shape(lambda p: init_state(p, tx, seed), params)
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -56,7 +69,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
     from efficient_dlm.parallel.sharding import state_shardings as param_shardings
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = param_shardings(split_model(abstract_model(cfg))[1], mesh)
+    params = param_shardings(abstract_params(cfg)[1], mesh)
     abstract = abstract_state(cfg, tx)
     opt = optax.tree_map_params(
         tx,
