@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -100,34 +99,39 @@ class _Run:
     # ---- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Model, state and data iterator: restored from the newest checkpoint, or built fresh."""
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
-        if latest is not None:
-            cfg, extra = checkpoints.read_model_config(self.run_dir)
-            self.cfg = cfg.replace(**_numerics(self.config))
-            valid = extra.get("valid_vocab_size")
-            tokenizer = checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
-        else:
-            source_cfg = model_init.source_config(self.config)
-            model_init.check_mask_token(self.config, source_cfg)
-            tokenizer = self.config.init.tokenizer or self._source_tokenizer()
-            # Open the data first: a bad path or tokenizer fails before any weights are loaded.
-            self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
-            init = model_init.prepare_model(self.config, self.mesh)
-            self.cfg, valid, tokenizer = init.model.config, init.valid_vocab_size, init.tokenizer_dir
-        self.config.diffusion.valid_vocab_size = valid
+        tokenizer = self._resume(latest) if latest is not None else self._start()
         spec = data_spec(self.config, self.cfg, tokenizer)
-        if latest is None:
-            extra = {"valid_vocab_size": valid, "source": init.source, "train_config": to_plain(self.config)}
-            checkpoints.write_model_config(self.run_dir, self.cfg, extra)
-            checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
-            self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
-            del init
-        else:
+        if latest is not None:
             self.data_iter = iter(_build_data(self.config, spec, True))
             self.state = self.ckpt.restore(latest, self._restore_target(), self.data_iter)
         self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if self.config.data.eval_files else []
+
+    def _resume(self, latest: int) -> str | None:
+        """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
+        cfg, extra = checkpoints.read_model_config(self.run_dir)
+        self.cfg = cfg.replace(**_numerics(self.config))
+        self.config.diffusion.valid_vocab_size = extra.get("valid_vocab_size")
+        return checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
+
+    def _start(self) -> str | None:
+        """A new run: opens the data first (a bad path or tokenizer fails before any weights load),
+        loads the model, records model_config.json and the tokenizer, builds the initial state."""
+        source_cfg = model_init.source_config(self.config)
+        model_init.check_mask_token(self.config, source_cfg)
+        tokenizer = self.config.init.tokenizer or self._source_tokenizer()
+        self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
+        init = model_init.prepare_model(self.config, self.mesh)
+        self.cfg = init.model.config
+        self.config.diffusion.valid_vocab_size = init.valid_vocab_size
+        extra = {"valid_vocab_size": init.valid_vocab_size, "source": init.source, "train_config": to_plain(self.config)}
+        checkpoints.write_model_config(self.run_dir, self.cfg, extra)
+        checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
+        self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
+        return init.tokenizer_dir
 
     def _source_tokenizer(self) -> str | None:
         if self.config.init.checkpoint:
@@ -159,7 +163,8 @@ class _Run:
 
         from efficient_dlm.parallel.rules import logical_to_spec
 
-        sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), mesh_axes=list(self.mesh.axis_names)))
+        active = [name for name, size in self.mesh.shape.items() if size > 1]
+        sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), mesh_axes=active))
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def evaluate(self, block_size) -> dict[str, float]:
@@ -262,5 +267,4 @@ def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int)
             )
     if (step + 1) % run.t.log_every == 0 or step + 1 == run.t.steps or metrics["skipped"]:
         logger.write(step + 1, metrics)
-    loss = metrics["loss"] if math.isfinite(metrics["loss"]) else float("nan")
-    logger.advance(step + 1, loss, metrics["tokens_per_s"])
+    logger.advance(step + 1, metrics["loss"], metrics["tokens_per_s"])

@@ -9,6 +9,7 @@ metrics report it. One compiled function per block size: the loop caches them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -121,16 +122,17 @@ def make_train_step(
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
         grads, sums = _accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum)
         loss = sums["loss"] + sums["aux_loss"]
-        finite = jnp.isfinite(loss)
+        finite = jnp.isfinite(loss)  # a non-finite loss poisons the gradients so apply_if_finite skips
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "aux_loss": sums["aux_loss"],
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
-            "skipped": ~(finite & jnp.isfinite(optax.tree.norm(grads))),
+            "skipped": ~opt_state.last_finite,  # what apply_if_finite decided
             "nonfinite_streak": opt_state.notfinite_count,
             "tokens": sums["tokens"],
             **summarize(sums),
@@ -145,13 +147,11 @@ def make_train_step(
 def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
     """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss and no
     mask-embedding noise), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
-    obj = make_objective(config, model_cfg, block_size)
+    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0)
     loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0)
 
     def eval_step(params, batch: Batch, rng: jax.Array):
-        corrupt_key, noise_key = jax.random.split(rng)
-        ex = corrupt(obj, batch, corrupt_key)
-        _, sums = loss_fn(params, ex, 1.0, noise_key, jnp.asarray(1 << 30))
+        _, sums = loss_fn(params, corrupt(obj, batch, rng), 1.0, None, 0)
         return sums
 
     return jax.jit(eval_step) if jit else eval_step
