@@ -217,3 +217,26 @@ def test_qwen3_8b_block_diffusion_recipe_traces_at_full_size():
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert sum(x.size for x in jax.tree.leaves(state.params)) > 8e9
     assert metrics["loss"].shape == () and new_state.params["lm_head"].shape == (4096, 152064)
+
+
+def test_checkpoint_retention_keeps_the_last_k_and_the_best(tmp_path):
+    import grain
+
+    from efficient_dlm.train.checkpointing import Checkpointer
+    from efficient_dlm.train.state import TrainState
+
+    t = ConfigDict(dict(keep_last=2, keep_best=True, async_checkpoint=True))
+    ckpt = Checkpointer(str(tmp_path / "run"), t)
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    eval_loss = {2: 0.5, 4: 0.9}  # step 2 is the best evaluation; later steps have none
+    for step in range(1, 6):
+        next(data)
+        state = TrainState(jnp.asarray(step, jnp.int32), {"w": jnp.full((3,), step, jnp.float32)}, {}, jax.random.PRNGKey(0))
+        ckpt.save(state, data, {"eval_loss": eval_loss[step]} if step in eval_loss else None)
+    ckpt.wait()
+    assert sorted(ckpt.all_steps()) == [2, 4, 5]
+    restored_data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    target = jax.eval_shape(lambda: state)
+    back = ckpt.restore(2, target, restored_data)
+    assert int(back.step) == 2 and np.all(np.asarray(back.params["w"]) == 2) and next(restored_data) == 2
+    ckpt.close()

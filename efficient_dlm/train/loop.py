@@ -149,7 +149,8 @@ class _Run:
     # ---- per step -------------------------------------------------------------------------------
 
     def block_size(self, step: int) -> int | None:
-        return block_size_at(self.schedule, step) if self.config.diffusion.objective != "ar" else None
+        """The block size in force at `step`; None for objectives without blocks (ar, bidirectional)."""
+        return block_size_at(self.schedule, step) if self.config.diffusion.objective in ("block", "block_diffusion") else None
 
     def step_fn(self, block_size):
         if block_size not in self.step_fns:
