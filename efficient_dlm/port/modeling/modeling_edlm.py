@@ -143,20 +143,20 @@ class EdlmPrefixCache:
     exactly what the model saw in training.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, positions: torch.Tensor):
-        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor):
+        self.keys, self.values, self.valid = keys, values, valid
 
     def get_seq_length(self) -> int:
         return self.valid.shape[1]
 
-    def extended(self, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
+    def extended(self, chunk_kv, valid: torch.Tensor) -> "EdlmPrefixCache":
         keys = [torch.cat([old, new], dim=1) for old, (new, _) in zip(self.keys, chunk_kv)]
         values = [torch.cat([old, new], dim=1) for old, (_, new) in zip(self.values, chunk_kv)]
-        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1))
+        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1))
 
     @classmethod
-    def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
-        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid, positions)
+    def from_chunk(cls, chunk_kv, valid: torch.Tensor) -> "EdlmPrefixCache":
+        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid)
 
 
 # ---- layers -------------------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ class EdlmModel(EdlmPreTrainedModel):
         cache = None
         if use_cache:
             cache = (
-                EdlmPrefixCache.from_chunk(chunk_kv, valid, position_ids)
+                EdlmPrefixCache.from_chunk(chunk_kv, valid)
                 if past_key_values is None
-                else past_key_values.extended(chunk_kv, valid, position_ids)
+                else past_key_values.extended(chunk_kv, valid)
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=cache)
 
@@ -343,9 +343,12 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         use_cache: bool = False,
         attention: Optional[str] = None,
         block_size: Optional[int] = None,
+        labels: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [batch, length, vocab] in float32 (see EdlmModel.forward for the arguments)."""
+        if labels is not None:
+            raise ValueError("this export computes no training loss; train block diffusion with efficient_dlm (edlm train)")
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, attention, block_size)
         logits = self.lm_head(out.last_hidden_state).float()
         return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
