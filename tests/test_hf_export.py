@@ -1,6 +1,8 @@
 """HF export: transformers runs our dLM export like the JAX model; AR exports round-trip the source exactly."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
 from tests.hf_factory import make_hf_model
 from tests.hf_moe_factory import MOE_FAMILIES, make_moe_hf_model
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97
 
 
@@ -290,3 +293,16 @@ def test_moe_dlm_export_logits_match_jax(family, moe_source, tmp_path):
     expected = dict(nnx.to_flat_state(nnx.state(model, MODEL_STATE)))
     for path, leaf in nnx.to_flat_state(nnx.state(back, MODEL_STATE)):
         assert np.array_equal(np.asarray(leaf[...]), np.asarray(expected[path][...])), path
+
+
+def test_export_of_a_sharded_model_gathers_exact_tensors(moe_source, tmp_path):
+    """Experts split over an expert axis, matrices over fsdp: the export still holds the source's tensors."""
+    src, out = moe_source("qwen2_moe_shared_gate"), str(tmp_path / "out")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    script = os.path.join(REPO, "tests", "export_sharded_check.py")
+    proc = subprocess.run([sys.executable, script, src, out], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    source, exported = SafetensorsCheckpoint(src), SafetensorsCheckpoint(out)
+    assert sorted(exported.keys()) == sorted(source.keys())
+    for name in source.keys():
+        assert np.array_equal(exported.tensor(name), source.tensor(name)), name
