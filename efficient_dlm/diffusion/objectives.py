@@ -221,4 +221,6 @@ def loss_and_sums(
         "count": jnp.sum(ex.count),
         "tokens": jnp.sum(ex.segment_ids > 0).astype(jnp.float32),
     }
+    if "expert_counts" in aux:  # MoE routing counts [moe layers, experts]: load metrics and the bias update
+        sums["expert_counts"] = aux["expert_counts"]
     return loss / normaliser, aux_losses(aux), sums

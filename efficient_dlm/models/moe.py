@@ -14,10 +14,11 @@ Contract with the trainer. `Decoder.hidden` returns `aux`, empty for dense model
   loss, exactly as transformers' `load_balancing_loss_func` computes it over all MoE layers
   (E * sum_e f_e * P_e, f_e = assignments to expert e per token, P_e = mean router probability,
   both pooled over layers), and "router_z_loss" = router_z_loss_coef * the mean z-loss of the layers.
-`moe_loss_terms(aux)` gives the unweighted terms; `expert_load_metrics(aux)` scalars for the log;
+`moe_loss_terms(aux)` gives the unweighted terms; `expert_load_metrics(counts)` scalars for the log;
 `update_expert_bias(model, aux)` is the auxiliary-loss-free balancing step (DeepSeek-V3),
-b_e += router_bias_update_rate * sign(mean load - load_e) per layer, once per optimizer step
-(`expert_bias_update` is the same on arrays, for functional train steps).
+b_e += router_bias_update_rate * sign(mean load - load_e) per layer, once per optimizer step;
+`with_updated_expert_bias` is the same on an nnx.State, as the train step (train/step.py) applies it
+with the expert counts summed over its micro-batches.
 """
 from __future__ import annotations
 
@@ -104,12 +105,10 @@ def with_moe_losses(aux: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, ja
     }
 
 
-def expert_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Scalars for the training log: max / min expert load relative to uniform (1.0 = balanced), and
-    the coefficient of variation of the load, worst layer."""
-    if "expert_load" not in aux:
-        return {}
-    load = aux["expert_load"] * aux["expert_load"].shape[-1]  # [layers, experts], mean 1
+def expert_load_metrics(counts: jax.Array) -> dict[str, jax.Array]:
+    """Scalars for the training log from expert_counts [moe layers, experts]: the most and least
+    loaded expert relative to uniform (1.0 = balanced) and the worst layer's coefficient of variation."""
+    load = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0) * counts.shape[-1]
     return {
         "expert_load_max": jnp.max(load),
         "expert_load_min": jnp.min(load),
@@ -117,10 +116,9 @@ def expert_load_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def expert_bias_update(bias: jax.Array, aux: dict[str, jax.Array], rate: float) -> jax.Array:
-    """New selection bias [moe layers, experts]: + rate toward under-loaded experts, - rate away from
-    over-loaded ones (sign of the load error, DeepSeek-V3)."""
-    counts = aux["expert_counts"]
+def expert_bias_update(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+    """New selection bias [moe layers, experts] from expert_counts: + rate toward under-loaded experts,
+    - rate away from over-loaded ones (sign of the load error, DeepSeek-V3)."""
     return bias + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
 
 
@@ -133,4 +131,19 @@ def update_expert_bias(model, aux: dict[str, jax.Array], rate: float | None = No
     if not cfg.router_bias or "expert_counts" not in aux:
         return
     bias = model.layers.mlp.router.bias
-    bias[...] = expert_bias_update(bias[...], aux, cfg.router_bias_update_rate if rate is None else rate)
+    bias[...] = expert_bias_update(bias[...], aux["expert_counts"], cfg.router_bias_update_rate if rate is None else rate)
+
+
+BIAS_PATH = ("layers", "mlp", "router", "bias")
+
+
+def with_updated_expert_bias(params: nnx.State, previous: nnx.State, counts: jax.Array, cfg: ModelConfig,
+                             apply: jax.Array | bool = True) -> nnx.State:
+    """Functional train-step form: `params` (after the optimizer) with the selection bias set to
+    previous bias + update when `apply` (e.g. the step was finite), else to the previous bias. The
+    optimizer never moves the bias (its gradient is zero; this overwrites whatever weight decay did)."""
+    if not cfg.router_bias:
+        return params
+    old = dict(nnx.to_flat_state(previous))[BIAS_PATH][...]
+    new = jnp.where(apply, expert_bias_update(old, counts, cfg.router_bias_update_rate), old)
+    return nnx.from_flat_state([(p, v.replace(new) if p == BIAS_PATH else v) for p, v in nnx.to_flat_state(params)])

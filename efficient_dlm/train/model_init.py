@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config
-from efficient_dlm.models.decoder import abstract_model, init_model
+from efficient_dlm.models.decoder import MODEL_STATE, abstract_model, init_model
 
 NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_layers")
 
@@ -80,7 +80,7 @@ def append_mask_token(model: nnx.Module, multiple: int) -> tuple[nnx.Module, int
             return _pad_rows(leaf.T, new - old).T
         return leaf
 
-    nnx.update(grown, jax.tree_util.tree_map_with_path(resize, nnx.state(model, nnx.Param)))
+    nnx.update(grown, jax.tree_util.tree_map_with_path(resize, nnx.state(model, MODEL_STATE)))
     return grown, old + 1
 
 

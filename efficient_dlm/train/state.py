@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 
 
 @flax.struct.dataclass
@@ -29,10 +29,11 @@ class TrainState:
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, params). The trainer supports models whose state is all nnx.Param."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """(graphdef, params): the model's persistent state, nnx.Param plus the MoE selection bias
+    (ExpertBias: zero gradient; the step sets it, see models/moe.py with_updated_expert_bias)."""
+    graphdef, params, rest = nnx.split(model, MODEL_STATE, ...)
     if jax.tree.leaves(rest):
-        raise ValueError("the trainer expects a model whose variables are all nnx.Param")
+        raise ValueError("the trainer expects a model whose variables are all nnx.Param or ExpertBias")
     return graphdef, params
 
 

@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm.diffusion.objectives import Example, Objective, corrupt, loss_and_sums
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.moe import expert_load_metrics, with_updated_expert_bias
 from efficient_dlm.train.optim import learning_rate_schedule, make_optimizer
 from efficient_dlm.train.state import TrainState, graphdef_for
 
@@ -127,6 +128,11 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
+        moe_metrics = {}
+        if "expert_counts" in sums:  # MoE: load metrics and the aux-loss-free selection-bias update
+            counts = sums.pop("expert_counts")
+            params = with_updated_expert_bias(params, state.params, counts, model_cfg, finite)
+            moe_metrics = expert_load_metrics(counts)
         metrics = {
             "loss": loss,
             "aux_loss": sums["aux_loss"],
@@ -136,6 +142,7 @@ def make_train_step(
             "nonfinite_streak": opt_state.notfinite_count,
             "tokens": sums["tokens"],
             **summarize(sums),
+            **moe_metrics,
         }
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
