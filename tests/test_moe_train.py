@@ -1,11 +1,14 @@
-"""Block-diffusion training of a tiny MoE model end to end (the trainer of efficient_dlm/train)."""
+"""Block-diffusion training and sampling of a tiny MoE model end to end (trainer, then the cached
+sampler against the slow full-recompute reference of tests/sample_reference.py)."""
 import numpy as np
 from flax import nnx
 
 import efficient_dlm as edlm
 from efficient_dlm.models.moe import BIAS_PATH
+from efficient_dlm.sample.api import generate
 from efficient_dlm.train.loop import train
 from tests.corpus import documents, write_jsonl
+from tests.sample_reference import reference_dlm
 from tests.test_moe_configs import _recipe
 
 
@@ -30,3 +33,12 @@ def test_block_diffusion_training_of_a_tiny_moe_learns_and_balances(tmp_path):
     moves = bias / rate
     assert np.abs(bias).max() > 0 and np.allclose(moves, np.round(moves), atol=1e-3) and np.abs(moves).max() <= steps
     np.testing.assert_array_equal(np.asarray(edlm.load(result.run_dir).layers.mlp.router.bias[...]), bias)
+
+    # The trained MoE model samples with the cached jitted program exactly as the slow reference decodes.
+    model = edlm.load(result.run_dir)
+    prompts = [[5, 9, 13, 2, 7], [11, 3]]
+    out = generate(model, prompts, max_new_tokens=6, block_size=4, strategy="threshold", threshold=0.3)
+    for row, prompt in enumerate(prompts):
+        tokens, _, steps = reference_dlm(model, prompt, block=4, max_new=6, strategy="threshold", threshold=0.3)
+        assert out.sequences[row] == tokens
+        assert out.row_forwards[row] == steps
