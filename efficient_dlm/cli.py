@@ -18,6 +18,9 @@ VERBS: dict[str, tuple[str, str]] = {
     # verb: (module, one-line help)
     "import-hf": ("efficient_dlm.port.cli_import", "convert a local Hugging Face model directory to an orbax checkpoint"),
     "export-hf": ("efficient_dlm.port.cli_export", "write a checkpoint as a Hugging Face directory (dLM: trust_remote_code)"),
+    "demo": ("efficient_dlm.demo.cli_demo", "the embedded demo: convert the shipped AR teacher to a dLM, evaluate, export, report"),
+    "ablate": ("efficient_dlm.demo.cli_ablate", "the Efficient-DLM ablations at demo scale (equal token budgets)"),
+    "demo-data": ("efficient_dlm.demo.cli_data", "write the demo's data (stdlib text, generated tasks) and tokenizer"),
     "train": ("efficient_dlm.train.cli_train", "block-diffusion (or AR) continued pretraining; resumes from run_dir"),
     "sample": ("efficient_dlm.sample.cli_sample", "generate completions (block diffusion or AR) for prompts"),
     "bench": ("efficient_dlm.sample.cli_bench", "AR vs dLM decoding: tokens/s, tokens per forward, latency, memory"),

@@ -48,23 +48,23 @@ def _sub(rng: random.Random) -> tuple[str, str]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 4, 10)
+    items = _symbols(rng, 3, 8)
     return " ".join(items), " ".join(reversed(items))
 
 
 def _upper(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 4, 10, string.ascii_lowercase)
+    items = _symbols(rng, 3, 8, string.ascii_lowercase)
     return " ".join(items), " ".join(s.upper() for s in items)
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 4, 10, string.ascii_lowercase)
+    items = _symbols(rng, 3, 8, string.ascii_lowercase)
     shifted = [chr((ord(s) - 97 + 1) % 26 + 97) for s in items]
     return " ".join(items), " ".join(shifted)
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 4, 10, string.digits)
+    items = _symbols(rng, 3, 8, string.digits)
     return " ".join(items), " ".join(sorted(items))
 
 

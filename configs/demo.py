@@ -1,0 +1,45 @@
+"""`edlm demo`: block-diffusion continued pretraining of the shipped demo teacher on a CPU.
+
+    edlm demo [--out runs/demo] [--config.train.steps=N ...]
+
+The architecture and weights come from the teacher (demo.teacher, default the shipped
+efficient_dlm/assets/demo_teacher; its <|mask|> token, id 1, is the [MASK]); this file sets the
+objective (Efficient-DLM: clean-context block diffusion, position-dependent masking), the data
+mixture, the optimizer and the evaluation. Data and run directories are set by the demo itself
+under --out.
+"""
+from efficient_dlm.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.eos_token_id = 0
+    c.model.mask_token_id = 1
+    d = c.diffusion
+    d.objective = "block_diffusion"
+    d.block_size = 16
+    d.masking = "position"
+    d.half_life = 0.25
+    d.loss_weighting = "elbo"
+    c.data.train_weights = "0.8,0.2"  # tasks, text (per document; see configs/demo_teacher.py)
+    c.data.seq_len = 128
+    t = c.train
+    t.steps = 300
+    t.batch_size = 16
+    t.learning_rate = 1e-3
+    t.warmup_steps = 20
+    t.schedule = "cosine"
+    t.min_lr_ratio = 0.1
+    t.weight_decay = 0.0
+    t.save_every = 50
+    t.keep_last = 1
+    t.keep_best = False
+    t.eval_every = 0
+    t.eval_batches = 2
+    t.log_every = 10
+    s = c.sample
+    s.strategy = "threshold"
+    s.threshold = 0.9
+    s.block_size = 16
+    c.demo.train_tasks = 50_000
+    return c

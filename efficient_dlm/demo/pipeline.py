@@ -1,0 +1,254 @@
+"""`edlm demo`: the whole product on a laptop CPU, as resumable stages.
+
+    data      held-out and training JSONL (stdlib text + generated tasks), the teacher's tokenizer
+    convert   block-diffusion continued pretraining from the shipped AR teacher (the trainer resumes
+              from its own checkpoints when interrupted)
+    evaluate  AR teacher vs dLM on held-out tasks (accuracy, tokens per forward, tokens/s at each
+              threshold) and held-out text (NLL vs ELBO)
+    export    the dLM written with `to_hf`, reloaded by transformers (trust_remote_code) and sampled
+    report    DIR/report.md and the accuracy-vs-tokens-per-forward plot
+
+Each finished stage writes DIR/stages/<stage>.json (its results) atomically; a rerun skips those
+stages, so an interrupted demo continues where it stopped. DIR/config.json pins the recipe: a rerun
+with a different recipe in the same directory is refused rather than mixing two runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any, Callable
+
+from ml_collections import ConfigDict
+
+from efficient_dlm.config import to_plain
+from efficient_dlm.demo import data as demo_data
+from efficient_dlm.demo import report, teacher
+
+STAGES = ("data", "convert", "evaluate", "export", "report")
+
+
+@dataclasses.dataclass
+class DemoRun:
+    config: ConfigDict
+    out: str
+    command: str = "edlm demo"
+    data_dir: str = ""  # default <out>/data; the ablation shares one between variants
+    log: Callable[[str], None] = print
+
+    def __post_init__(self):
+        self.data_dir = os.path.abspath(self.data_dir or os.path.join(self.out, "data"))
+
+    @property
+    def teacher(self) -> str:
+        return teacher.teacher_dir(self.config.demo.teacher)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [float(t) for t in self.config.demo.thresholds.split(",") if t.strip()]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.strip() for t in self.config.demo.tasks.split(",") if t.strip()]
+
+
+def _write_json(path: str, payload: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def training_config(run: DemoRun) -> ConfigDict:
+    """The recipe with this run's paths filled in: teacher weights, data files, run directory."""
+    c = ConfigDict(to_plain(run.config))
+    c.init.hf_dir = run.teacher
+    c.init.tokenizer = ""
+    d = run.data_dir
+    c.data.train_files = f"{d}/tasks_train.jsonl,{d}/text_train.jsonl"
+    c.data.eval_files = f"{d}/text_eval.jsonl"
+    c.run_dir = run.path("train")
+    return c
+
+
+# ---- stages ------------------------------------------------------------------------------------
+
+
+def stage_data(run: DemoRun) -> dict[str, Any]:
+    d = run.config.demo
+    manifest_path = os.path.join(run.data_dir, demo_data.MANIFEST)
+    if os.path.exists(manifest_path):  # shared with an earlier variant of an ablation
+        manifest = _read_json(manifest_path)
+        if manifest.get("seed") == d.seed and manifest.get("tasks") == run.task_names and \
+                manifest.get("counts", {}).get("tasks_train.jsonl") == d.train_tasks:
+            return manifest
+    return demo_data.write(
+        run.data_dir, seed=d.seed, train_tasks=d.train_tasks, eval_tasks_per_task=d.eval_per_task,
+        task_names=run.task_names, tokenizer_dir=run.teacher,
+    )
+
+
+def stage_convert(run: DemoRun) -> dict[str, Any]:
+    from efficient_dlm.train.loop import train
+
+    config = training_config(run)
+    started = time.perf_counter()
+    result = train(config)
+    losses = [h["loss"] for h in result.history]
+    return {
+        "steps": int(result.state.step),
+        "batch_size": config.train.batch_size,
+        "seq_len": config.data.seq_len,
+        "tokens": int(result.state.step) * config.train.batch_size * config.data.seq_len,
+        "final_loss": losses[-1] if losses else None,
+        "evals": result.evals,
+        "seconds_this_call": time.perf_counter() - started,
+    }
+
+
+def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any]:
+    """The AR teacher's task and text results, cached in the data directory (shared by variants)."""
+    from efficient_dlm.demo.evaluate import task_eval, text_eval
+    from efficient_dlm.port.hf_import import from_hf
+
+    d = run.config.demo
+    key = {"teacher": run.teacher, "batch": d.eval_batch, "max_new_tokens": d.max_new_tokens,
+           "text_batches": d.text_eval_batches, "seq_len": config.data.seq_len}
+    cache = os.path.join(run.data_dir, "teacher_eval.json")
+    if os.path.exists(cache) and _read_json(cache)["key"] == key:
+        return _read_json(cache)["results"]
+    model = from_hf(run.teacher)
+    results = {
+        "tasks": task_eval(model, tok, items, strategy="ar", batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens),
+        "nll": text_eval(config, model, d.text_eval_batches, objective="ar")["nll_per_token"],
+    }
+    _write_json(cache, {"key": key, "results": results})
+    return results
+
+
+def stage_evaluate(run: DemoRun) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from efficient_dlm import checkpoints
+    from efficient_dlm.demo.evaluate import task_eval, text_eval
+    from efficient_dlm.demo.tokenizer import load as load_tokenizer
+
+    d, config = run.config.demo, training_config(run)
+    objective = config.diffusion.objective
+    tok = load_tokenizer(run.teacher)
+    items = demo_data.eval_tasks(os.path.join(run.data_dir, "tasks_eval.jsonl"))
+    thresholds = [None] if objective == "ar" else run.thresholds
+    bar = tqdm(total=2 + len(thresholds), desc="evaluate", unit="setting")
+    teacher_results = _teacher_eval(run, items, tok, config)
+    bar.update()
+    trained = checkpoints.load(run.path("train"))
+    block = run.config.sample.block_size
+    common = dict(batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens)
+    dlm_tasks = []
+    for threshold in thresholds:
+        if threshold is None:  # the AR variant of the ablation: decoded as the teacher is
+            dlm_tasks.append(task_eval(trained, tok, items, strategy="ar", **common))
+        else:
+            dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold, block_size=block, **common))
+        bar.update()
+    elbo = text_eval(config, trained, d.text_eval_batches, objective=objective)["nll_per_token"]
+    bar.update()
+    bar.close()
+    return {
+        "teacher": teacher_results["tasks"], "dlm": dlm_tasks,
+        "text": {"teacher_nll": teacher_results["nll"], "dlm_elbo": elbo},
+        "objective": objective, "block_size": block,
+        "num_prompts": len(items), "per_task": d.eval_per_task, "batch_size": d.eval_batch,
+    }
+
+
+def stage_export(run: DemoRun) -> dict[str, Any]:
+    from efficient_dlm.demo.reload import reload_and_generate
+    from efficient_dlm.port.hf_export import to_hf
+
+    s = run.config.sample
+    hf_dir = run.path("hf")
+    to_hf(run.path("train"), hf_dir, tokenizer_dir=run.teacher, overwrite=True,
+          defaults={"block_size": s.block_size, "strategy": s.strategy, "threshold": s.threshold})
+    items = demo_data.eval_tasks(os.path.join(run.data_dir, "tasks_eval.jsonl"))
+    step = max(1, len(items) // max(1, run.config.demo.hf_samples))
+    samples = reload_and_generate(hf_dir, items[::step][: run.config.demo.hf_samples], block_size=s.block_size,
+                                  threshold=s.threshold, max_new_tokens=run.config.demo.max_new_tokens)
+    return {"hf_dir": hf_dir, "samples": samples}
+
+
+def stage_report(run: DemoRun, results: dict[str, Any]) -> dict[str, Any]:
+    ev = results["evaluate"]
+    plot_path = report.plot(ev["teacher"], ev["dlm"], run.path(report.PLOT_NAME), "Demo: AR teacher vs block-diffusion dLM")
+    results = {**results, "command": run.command, "machine": machine()}
+    text = report.markdown(results)
+    tmp = run.path("report.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, run.path("report.md"))
+    return {"report": run.path("report.md"), "plot": plot_path}
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def _check_config(run: DemoRun) -> None:
+    path = run.path("config.json")
+    plain = to_plain(run.config)
+    if os.path.exists(path):
+        if _read_json(path) != json.loads(json.dumps(plain)):
+            raise ValueError(f"{run.out} holds a demo run with a different recipe; choose another --out or delete it")
+    else:
+        _write_json(path, plain)
+
+
+def run_demo(
+    config: ConfigDict, out: str, *, command: str = "edlm demo", stages: tuple[str, ...] = STAGES, data_dir: str = ""
+) -> dict[str, Any]:
+    """Runs (or resumes) the stages; returns {stage: results} plus timing."""
+    run = DemoRun(config, os.path.abspath(out), command, data_dir)
+    run.teacher  # fail fast on a missing teacher
+    os.makedirs(run.out, exist_ok=True)
+    _check_config(run)
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for stage in stages:
+        marker = run.path("stages", f"{stage}.json")
+        if os.path.exists(marker):
+            saved = _read_json(marker)
+            results[stage], seconds[stage] = saved["results"], saved["seconds"]
+            run.log(f"[{stage}] done before ({seconds[stage]:.0f} s); skipped")
+            continue
+        run.log(f"[{stage}] ...")
+        started = time.perf_counter()
+        if stage == "report":
+            results[stage] = stage_report(run, {**results, "stage_seconds": seconds, "total_seconds": sum(seconds.values())})
+        else:
+            results[stage] = STAGE_FUNCTIONS[stage](run)
+        seconds[stage] = time.perf_counter() - started
+        _write_json(marker, {"results": results[stage], "seconds": seconds[stage]})
+        run.log(f"[{stage}] finished in {seconds[stage]:.0f} s")
+    return {**results, "stage_seconds": seconds, "total_seconds": sum(seconds.values())}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[DemoRun], dict[str, Any]]] = {
+    "data": stage_data,
+    "convert": stage_convert,
+    "evaluate": stage_evaluate,
+    "export": stage_export,
+}

@@ -1,0 +1,105 @@
+"""`edlm demo` and `edlm ablate` end to end on a reduced setting, with the shipped teacher.
+
+One module-scoped run (2 training steps, 1 held-out prompt per task) is checked against
+independent references: the AR teacher's answers against transformers' own Qwen3 greedy decoding,
+the exported dLM's transformers generate against efficient_dlm.generate (recorded by the demo), the
+report against the stage results; then resuming, the ablation and bad input.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from efficient_dlm import cli
+from efficient_dlm.demo import teacher as demo_teacher
+
+TINY = [
+    "--config.train.steps=2", "--config.train.batch_size=2", "--config.data.seq_len=32",
+    "--config.train.tensorboard=False", "--config.train.progress=False", "--config.train.save_every=1",
+    "--config.demo.train_tasks=70", "--config.demo.eval_per_task=1", "--config.demo.thresholds=0.5,0.9",
+    "--config.demo.eval_batch=7", "--config.demo.max_new_tokens=16", "--config.demo.text_eval_batches=1",
+    "--config.demo.hf_samples=1",
+]
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo") / "run")
+    assert cli.main(["edlm", "demo", f"--out={out}", *TINY]) == 0
+    return out
+
+
+def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
+    ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
+    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9] and ev["num_prompts"] == 7
+    for r in [ev["teacher"], *ev["dlm"]]:
+        assert r["generated_tokens"] > 0 and r["tokens_per_forward"] >= 1.0 - 1e-9
+    assert ev["teacher"]["tokens_per_forward"] == pytest.approx(1.0)  # AR: one token per forward
+    # A lower threshold never commits fewer tokens per forward on the same prompts and model.
+    assert ev["dlm"][0]["tokens_per_forward"] >= ev["dlm"][1]["tokens_per_forward"] - 1e-9
+    assert 0 < ev["text"]["teacher_nll"] < 20 and 0 < ev["text"]["dlm_elbo"] < 50
+    export = _json(os.path.join(demo_dir, "stages", "export.json"))["results"]
+    assert export["samples"] and all(s["same_as_efficient_dlm"] for s in export["samples"])
+    report = open(os.path.join(demo_dir, "report.md")).read()
+    acc = ev["dlm"][1]["accuracy"]["all"]
+    assert f"| dLM | threshold 0.9 | {acc:.1f} |" in report
+    assert f"{ev['text']['teacher_nll']:.3f}" in report
+    assert open(os.path.join(demo_dir, "accuracy_vs_tpf.png"), "rb").read(4) == b"\x89PNG"
+    conv = _json(os.path.join(demo_dir, "stages", "convert.json"))["results"]
+    assert conv["steps"] == 2 and conv["tokens"] == 2 * 2 * 32
+
+
+def test_teacher_answers_match_transformers_greedy_decoding(demo_dir):
+    """The AR baseline's numbers come from our sampler; transformers' Qwen3 decodes the same answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from efficient_dlm.demo import data, tasks
+
+    path = demo_teacher.teacher_dir()
+    items = data.eval_tasks(os.path.join(demo_dir, "data", "tasks_eval.jsonl"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    preds = []
+    for inst in items:
+        ids = tok(inst.prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        preds.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
+    assert ev["teacher"]["accuracy"] == tasks.accuracy(preds, items)
+
+
+def test_rerun_skips_finished_stages_and_refuses_another_recipe(demo_dir, capsys):
+    before = _json(os.path.join(demo_dir, "stages", "evaluate.json"))
+    os.remove(os.path.join(demo_dir, "stages", "report.json"))
+    assert cli.main(["edlm", "demo", f"--out={demo_dir}", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "[convert] done before" in out and "[evaluate] done before" in out and "[report] finished" in out
+    assert _json(os.path.join(demo_dir, "stages", "evaluate.json")) == before
+    assert cli.main(["edlm", "demo", f"--out={demo_dir}", *TINY, "--config.train.steps=3"]) == 2
+    assert "holds a demo run with a different recipe" in capsys.readouterr().err
+
+
+def test_ablation_variants_share_the_demo_data(demo_dir):
+    out = demo_dir  # variants go to DIR/<variant>; DIR/data and the teacher's cached results are reused
+    args = ["edlm", "ablate", f"--out={out}", *TINY, "--config.demo.variants=ar,block4", "--config.demo.thresholds=0.9"]
+    assert cli.main(args) == 0
+    table = open(os.path.join(out, "results.md")).read()
+    for name in ("| ar | AR continued training | ar |", "| block4 | block + clean context, block 4 | threshold 0.9, block 4 |"):
+        assert name in table
+    ar = _json(os.path.join(out, "ar", "stages", "evaluate.json"))["results"]
+    assert ar["dlm"][0]["strategy"] == "ar" and ar["dlm"][0]["tokens_per_forward"] == pytest.approx(1.0)
+    assert open(os.path.join(out, "ablation.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_missing_teacher_is_one_clear_error(tmp_path, capsys):
+    assert cli.main(["edlm", "demo", f"--out={tmp_path}", "--config.demo.teacher=/nonexistent/teacher"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/nonexistent/teacher: no demo teacher here" in err[0]
