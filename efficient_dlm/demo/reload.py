@@ -20,7 +20,7 @@ def reload_and_generate(
     from efficient_dlm.port.hf_import import from_hf
     from efficient_dlm.sample.api import generate
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
     model.eval()
     ours = from_hf(hf_dir)

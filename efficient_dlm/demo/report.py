@@ -19,6 +19,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _code(text: str) -> str:
+    """Inline-code form of a model output (newlines shown as \\n, backticks kept from closing it)."""
+    return "`" + text.replace("\n", "\\n").replace("`", "'") + "`"
+
+
 def task_table(teacher: dict[str, Any], dlm: list[dict[str, Any]], task_names: list[str]) -> list[str]:
     """One row per decoding setting: overall and per-task accuracy (%), TPF, generated tokens/s."""
     head = ["model", "decoding", "accuracy", *task_names, "tokens/forward", "tokens/s"]
@@ -113,8 +118,7 @@ def markdown(results: dict[str, Any]) -> str:
             "## Conversion (block-diffusion continued pretraining)",
             "",
             f"{conv.get('steps')} steps x {conv.get('batch_size')} sequences x {conv.get('seq_len')} tokens "
-            f"({conv.get('tokens', 0) / 1e6:.2f}M tokens), final loss {_fmt(conv.get('final_loss'), 3)}, "
-            f"{_fmt(conv.get('seconds'), 0)} s.",
+            f"({conv.get('tokens', 0) / 1e6:.2f}M tokens), final training loss {_fmt(conv.get('final_loss'), 3)}.",
             "",
         ]
     hf = results.get("export", {})
@@ -126,11 +130,15 @@ def markdown(results: dict[str, Any]) -> str:
             "trust_remote_code=True)` and generated:",
             "",
         ]
-        lines += [f"- `{s['prompt']}` -> `{s['output']}` (expected `{s['answer']}`)" for s in hf.get("samples", [])]
+        lines += [
+            f"- {_code(s['prompt'])} -> {_code(s['output'])} (expected {_code(s['answer'])}; "
+            f"{'same tokens as' if s['same_as_efficient_dlm'] else 'DIFFERENT tokens from'} efficient_dlm.generate)"
+            for s in hf.get("samples", [])
+        ]
         lines.append("")
     examples = dlm[-1]["examples"] if dlm else []
     if examples:
         lines += ["## Sample dLM outputs", ""]
-        lines += [f"- `{e['prompt']}` -> `{e['output']}` (expected `{e['answer']}`)" for e in examples]
+        lines += [f"- {_code(e['prompt'])} -> {_code(e['output'])} (expected {_code(e['answer'])})" for e in examples]
         lines.append("")
     return "\n".join(lines)

@@ -51,7 +51,10 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
         from efficient_dlm.port.hf_import import from_hf
 
         overrides = _overrides(config)
+        compute_dtype = overrides.pop("dtype")  # from_hf's own `dtype` argument is the parameter dtype
         model = from_hf(config.init.hf_dir, dtype=overrides.pop("param_dtype"), mesh=mesh, **overrides)
+        if compute_dtype != model.config.dtype:
+            model = checkpoints._with_config(model, model.config.replace(dtype=compute_dtype))
         hf_tok = config.init.hf_dir if os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")) else None
         return InitialModel(model, tokenizer or hf_tok, None, os.path.abspath(config.init.hf_dir))
     return InitialModel(init_model(model_config(config), seed=config.init.seed), tokenizer, None, "random init")
