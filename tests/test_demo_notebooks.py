@@ -10,8 +10,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    """On a tiny random teacher (EDLM_DEMO_TEACHER); the shipped one is checked in test_demo_teacher.py."""
+    from tests.demo_teacher_factory import make_tiny_teacher
+
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("EDLM_DEMO_TEACHER", make_tiny_teacher(str(tmp_path / "teacher")))
     monkeypatch.setenv("EDLM_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("EDLM_NOTEBOOK_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
