@@ -101,8 +101,9 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
 
 
 def _params_location(directory: str) -> epath.Path:
-    """params/ of a model checkpoint, or the newest step's params of a training run directory."""
-    root = epath.Path(directory)
+    """params/ of a model checkpoint, or the newest step's params of a training run directory (absolute:
+    orbax refuses relative paths)."""
+    root = epath.Path(os.path.abspath(directory))
     if (root / PARAMS_DIR).exists():
         return root / PARAMS_DIR
     steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
