@@ -17,14 +17,19 @@ def get_config():
     c.model.mask_token_id = 1
     d = c.diffusion
     d.objective = "block_diffusion"
-    d.block_size = 16
+    # Measured at this scale (docs/BENCHMARKS.md, demo section): block 16 with ELBO weighting and no
+    # token shift learns almost nothing in a CPU budget (0-9% task accuracy); token shift (the AR
+    # head's next-token alignment kept), plain mean CE (the 1/m weights of rare tiny-rate blocks make
+    # batch-16 gradients too noisy) and block 4 (closest to the teacher's causal pattern) reach 45%.
+    d.block_size = 4
     d.masking = "position"
     d.half_life = 0.25
-    d.loss_weighting = "elbo"
-    c.data.train_weights = "0.8,0.2"  # tasks, text (per document; see configs/demo_teacher.py)
+    d.loss_weighting = "mean"
+    d.token_shift = True
+    c.data.train_weights = "0.9,0.1"  # tasks, text (per document; see configs/demo_teacher.py)
     c.data.seq_len = 128
     t = c.train
-    t.steps = 300
+    t.steps = 450
     t.batch_size = 16
     t.learning_rate = 1e-3
     t.warmup_steps = 20
@@ -40,6 +45,6 @@ def get_config():
     s = c.sample
     s.strategy = "threshold"
     s.threshold = 0.9
-    s.block_size = 16
+    s.block_size = 4
     c.demo.train_tasks = 50_000
     return c

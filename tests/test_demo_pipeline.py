@@ -101,10 +101,10 @@ def test_rerun_skips_finished_stages_and_refuses_another_recipe(demo_dir, args, 
 
 def test_ablation_variants_share_the_demo_data(demo_dir, args):
     out = demo_dir  # variants go to DIR/<variant>; DIR/data and the teacher's cached results are reused
-    argv = ["edlm", "ablate", f"--out={out}", *args, "--config.demo.variants=ar,block4", "--config.demo.thresholds=0.9"]
+    argv = ["edlm", "ablate", f"--out={out}", *args, "--config.demo.variants=ar,block16", "--config.demo.thresholds=0.9"]
     assert cli.main(argv) == 0
     table = open(os.path.join(out, "results.md")).read()
-    for name in ("| ar | AR continued training | ar |", "| block4 | block + clean context, block 4 | threshold 0.9, block 4 |"):
+    for name in ("| ar | AR continued training | ar |", "| block16 | block + clean context, block 16 | threshold 0.9, block 16 |"):
         assert name in table
     ar = _json(os.path.join(out, "ar", "stages", "evaluate.json"))["results"]
     assert ar["dlm"][0]["strategy"] == "ar" and ar["dlm"][0]["tokens_per_forward"] == pytest.approx(1.0)

@@ -8,7 +8,7 @@ same data (the demo's), then is evaluated on the same held-out tasks and text:
     block           block diffusion without clean context (block-causal attention over x_t)
     block_clean     block diffusion with clean context [x_t ; x_0] (Efficient-DLM, the demo's default)
     uniform         block_clean with uniform instead of position-dependent masking
-    block4/block32  block_clean with block size 4 / 32 (the default is 16)
+    block16/block32 block_clean with block size 16 / 32 (the demo's default is 4)
 
 Diffusion variants are decoded with the threshold sampler at the recipe's block size (bidirectional
 too: semi-autoregressive block decoding, as LLaDA does; its prefix cache is then an approximation,
@@ -32,7 +32,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "block": ("block, no clean context", {"diffusion.objective": "block"}),
     "block_clean": ("block + clean context", {}),
     "uniform": ("block + clean context, uniform masking", {"diffusion.masking": "uniform"}),
-    "block4": ("block + clean context, block 4", {"diffusion.block_size": 4, "sample.block_size": 4}),
+    "block16": ("block + clean context, block 16", {"diffusion.block_size": 16, "sample.block_size": 16}),
     "block32": ("block + clean context, block 32", {"diffusion.block_size": 32, "sample.block_size": 32}),
 }
 

@@ -35,6 +35,7 @@ def task_eval(
     strategy: str,
     threshold: float = 0.9,
     block_size: int | None = None,
+    token_shift: bool = False,
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> dict[str, Any]:
@@ -46,6 +47,7 @@ def task_eval(
     kwargs = dict(
         max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
         block_size=None if strategy == "ar" else block_size,
+        token_shift=token_shift and strategy != "ar",
     )
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     batches = [b + [b[-1]] * (batch_size - len(b)) for b in batches]  # one batch shape: compile once
@@ -95,6 +97,7 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
 
     config = ConfigDict(to_plain(config))
     config.diffusion.objective = objective
+    config.diffusion.loss_weighting = "elbo"  # the bound needs CE / m whatever weighting the recipe trained with
     spec = data_spec(config, model.config, config.init.tokenizer or config.init.hf_dir or None)
     data = take(build_dataset(config.data.eval_files, spec, train=False), batches)
     block = None if objective == "ar" else config.diffusion.block_size

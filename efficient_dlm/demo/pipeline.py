@@ -160,7 +160,8 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
         if threshold is None:  # the AR variant of the ablation: decoded as the teacher is
             dlm_tasks.append(task_eval(trained, tok, items, strategy="ar", **common))
         else:
-            dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold, block_size=block, **common))
+            dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold, block_size=block,
+                                       token_shift=config.diffusion.token_shift, **common))
         bar.update()
     elbo = text_eval(config, trained, d.text_eval_batches, objective=objective)["nll_per_token"]
     bar.update()

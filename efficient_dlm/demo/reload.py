@@ -25,6 +25,7 @@ def reload_and_generate(
     model.eval()
     ours = from_hf(hf_dir)
     eos = tokenizer.eos_token_id
+    token_shift = bool(getattr(model.config, "token_shift", False))  # recorded by to_hf from the training recipe
     out = []
     for inst in items:
         ids = tokenizer(inst.prompt).input_ids
@@ -33,7 +34,8 @@ def reload_and_generate(
             return_dict_in_generate=True,
         )
         hf_ids = _until_stop([int(t) for t in result["new_tokens"][0]], eos)
-        jax_ids = generate(ours, [ids], max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold).sequences[0]
+        jax_ids = generate(ours, [ids], max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold,
+                           token_shift=token_shift).sequences[0]
         out.append({
             "prompt": inst.prompt,
             "answer": inst.answer.strip(),
