@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("efficient_dlm.train.cli_train", "block-diffusion (or AR) continued pretraining; resumes from run_dir"),
     "sample": ("efficient_dlm.sample.cli_sample", "generate completions (block diffusion or AR) for prompts"),
     "bench": ("efficient_dlm.sample.cli_bench", "AR vs dLM decoding: tokens/s, tokens per forward, latency, memory"),
+    "aot": ("efficient_dlm.parallel.cli_aot", "compile train step and sampler for a TPU topology: memory per chip, FLOPs"),
 }
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,6 +172,10 @@ def _run_verb(verb: str, module, argv: list[str]) -> int:
     try:
         args = ["edlm " + verb] + _rewrite_config_args(argv)
         config = _parse_config(args, resolve_config_path(getattr(module, "DEFAULT_CONFIG", DEFAULT_CONFIG)))
+        if getattr(module, "MULTI_HOST", True):  # jax.distributed when the environment asks for it
+            from efficient_dlm.parallel.distributed import initialize
+
+            initialize()
         result = module.run(config, flags.FLAGS)
     except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         if os.environ.get("EDLM_DEBUG"):

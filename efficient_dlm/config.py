@@ -125,8 +125,22 @@ def train_section() -> ConfigDict:
 
 
 def mesh_section() -> ConfigDict:
-    """Device mesh and logical-axis rules. Owned by efficient_dlm/parallel."""
-    return ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+    """Device mesh and logical-axis rules. Owned by efficient_dlm/parallel (mesh.py, rules.py).
+
+    data/fsdp/tensor/expert: axis sizes inside one slice (ICI); dcn_*: sizes across slices
+    (multi-slice); -1 = the rest (one per group). rules: {logical axis name: "mesh_axis,mesh_axis"}
+    ("" = replicated), e.g. --config.mesh.rules.embed=fsdp,tensor.
+    """
+    from efficient_dlm.parallel import mesh  # noqa: F401  (registers the mesh validator)
+    from efficient_dlm.parallel.rules import DEFAULT_RULES, rules_to_strings
+
+    return ConfigDict(
+        dict(
+            data=1, fsdp=-1, tensor=1, expert=1,
+            dcn_data=-1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1,
+            rules=rules_to_strings(DEFAULT_RULES),
+        )
+    )
 
 
 def sample_section() -> ConfigDict:

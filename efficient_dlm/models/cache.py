@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.parallel.rules import CACHE_AXES, constrain
 
 
 @flax.struct.dataclass
@@ -28,11 +29,12 @@ class KVCache:
         dtype = cfg.compute_dtype if dtype is None else dtype
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         zeros = jnp.zeros((batch,), jnp.int32)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), zeros, zeros)
+        k, v = (constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))  # sharded inside a mesh
+        return cls(k, v, zeros, zeros)
 
     def write(self, k_new: jax.Array, v_new: jax.Array, offset: jax.Array) -> "KVCache":
         """Stores chunk keys/values [layers, batch, T, kv_heads, head_dim] at slot `offset` (same for all rows)."""
         index = (0, 0, offset, 0, 0)
-        k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), index)
-        v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), index)
+        k = constrain(jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), index), CACHE_AXES)
+        v = constrain(jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), index), CACHE_AXES)
         return self.replace(k=k, v=v)

@@ -1,0 +1,1 @@
+"""Scale-out: mesh from config, logical-axis rules, sharded init/load, multi-host, AOT on TPU topologies."""

@@ -1,0 +1,187 @@
+"""Sharded numerics on 8 fake CPU devices, run as ONE subprocess by tests/test_parallel.py.
+
+Usage: python tests/multidevice_checks.py HF_DIR WORK_DIR. Each check asserts against the
+single-device computation (the reference) and prints "ok <name>"; the parent test requires all.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Cheap CPU code generation: halves compile time; every check compares programs compiled alike.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+)
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from efficient_dlm import checkpoints  # noqa: E402
+from efficient_dlm.config import base_config, model_config  # noqa: E402
+from efficient_dlm.models.cache import KVCache  # noqa: E402
+from efficient_dlm.models.decoder import Decoder  # noqa: E402
+from efficient_dlm.parallel import distributed, sharding  # noqa: E402
+from efficient_dlm.parallel import mesh as mesh_lib  # noqa: E402
+from efficient_dlm.port import hf_import  # noqa: E402
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]  # (fsdp, tensor, expert)
+
+
+def tiny_config():
+    c = base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 128, 32, 64, 2
+    m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm, m.mask_token_id = 4, 2, 8, True, 127
+    return c
+
+
+def mesh_for(c, shape):
+    """Mesh over (fsdp, tensor, expert) = shape; (1, 1, 1) is the single-device reference."""
+    c.mesh.data, (c.mesh.fsdp, c.mesh.tensor, c.mesh.expert) = 1, shape
+    devices = jax.devices()[: int(np.prod(shape))]
+    return mesh_lib.make_mesh(c.mesh, devices), mesh_lib.config_rules(c.mesh)
+
+
+def build(cfg, mesh, rules):
+    return sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)), mesh, rules)
+
+
+def train_and_decode(cfg, model, tokens, mesh, rules, steps=2):
+    """One jitted program (compiling once per mesh keeps the test fast) with two parts:
+    - the losses of `steps` AdamW steps on the clean-context block-diffusion loss (fixed mask);
+    - the sampler's step: a prompt prefilled into the KV cache, then a [MASK] block's logits."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.adamw(1e-2)
+    mask = jax.random.uniform(jax.random.key(3), tokens.shape) < 0.5
+
+    def loss_fn(p, tokens):
+        m = nnx.merge(graphdef, p)
+        xt = jnp.where(mask, 127, tokens)
+        h, _ = m.hidden(jnp.concatenate([xt, tokens], 1), attention="clean_context", block_size=4)
+        ce = optax.softmax_cross_entropy_with_integer_labels(m.logits(h[:, : tokens.shape[1]]), tokens)
+        return jnp.sum(ce * mask) / mask.sum()
+
+    def decode(p, prompt):
+        m = nnx.merge(graphdef, p)
+        batch, length = prompt.shape
+        cache = KVCache.empty(cfg, batch, 2 * length)
+        _, kv = m.decode(prompt, jnp.broadcast_to(jnp.arange(length), prompt.shape), cache, attention="causal")
+        cache = cache.write(*kv, 0).replace(length=jnp.full((batch,), length, jnp.int32))
+        block = jnp.full((batch, 4), 127)
+        h, _ = m.decode(block, jnp.broadcast_to(jnp.arange(length, length + 4), block.shape), cache, attention="bidirectional")
+        return m.logits(h), cache.k
+
+    @jax.jit
+    def run(p, tokens):
+        logits, cache_k = decode(p, tokens[:, :8])
+        opt, losses = tx.init(p), []
+        for _ in range(steps):
+            loss, g = jax.value_and_grad(loss_fn)(p, tokens)
+            u, opt = tx.update(g, opt, p)
+            p = optax.apply_updates(p, u)
+            losses.append(loss)
+        return jnp.stack(losses), p, logits, cache_k
+
+    with mesh_lib.use(mesh, rules):
+        return run(params, tokens)
+
+
+def check_train_and_decode(c, cfg):
+    """Same losses and decode logits on every mesh as on one device; parameters created in place with
+    the right values and shardings; batch, updated parameters and KV cache sharded by the rules."""
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 120))
+    mesh, rules = mesh_for(c, (1, 1, 1))
+    ref_model = build(cfg, mesh, rules)
+    ref_losses, _, ref_logits, _ = train_and_decode(cfg, ref_model, tokens, mesh, rules)
+    ref_state = nnx.to_flat_state(nnx.state(ref_model, nnx.Param))
+    for shape in MESHES:
+        mesh, rules = mesh_for(c, shape)
+        model = build(cfg, mesh, rules)
+        for (path, got), (_, want) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)), ref_state):
+            array = got.get_value()
+            assert array.sharding.spec == sharding.param_spec(got, mesh), (shape, path)
+            np.testing.assert_allclose(np.asarray(array), np.asarray(want.get_value()), rtol=1e-6, atol=1e-8)
+        batch = distributed.global_batch({"tokens": tokens}, mesh, 8)["tokens"]
+        assert batch.sharding.spec == sharding.batch_sharding(mesh, 2, batch.shape).spec
+        losses, params, logits, cache_k = train_and_decode(cfg, model, batch, mesh, rules)
+        np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=f"train losses, mesh {shape}")
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=f"decode logits, mesh {shape}")
+        k_proj = params["layers"]["attn"]["k_proj"][...]
+        want = sharding.named(mesh, ("layers", "embed", "kv_heads", "head_dim"), k_proj.shape)
+        assert k_proj.sharding.is_equivalent_to(want, k_proj.ndim), (shape, k_proj.sharding)
+        want = sharding.cache_sharding(mesh, cache_k.shape)
+        assert cache_k.sharding.is_equivalent_to(want, cache_k.ndim), (shape, cache_k.sharding)
+    print("ok train_and_decode", ref_losses)
+
+
+def check_hf_load(c, hf_dir):
+    """Every shard holds the right values and the reader was asked only for the shards' slices."""
+    ref = nnx.state(hf_import.from_hf(hf_dir), nnx.Param)
+    requests: dict[tuple, list] = {}
+    original = hf_import._slice_reader
+
+    def recording_reader(ckpt, rule, cfg, dtype):
+        read = original(ckpt, rule, cfg, dtype)
+        return lambda index: (requests.setdefault(rule.path, []).append(index), read(index))[1]
+
+    hf_import._slice_reader = recording_reader
+    try:
+        for shape in MESHES:
+            mesh, rules = mesh_for(c, shape)
+            requests.clear()
+            with mesh_lib.use(mesh, rules):
+                state = nnx.state(hf_import.from_hf(hf_dir, mesh=mesh), nnx.Param)
+            for (path, got), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(ref)):
+                key = tuple(str(p) for p in path)
+                array, expected = got.get_value(), np.asarray(want.get_value())
+                spec = sharding.param_spec(got, mesh)
+                assert array.sharding.spec == spec, (key, array.sharding.spec, spec)
+                for shard in array.addressable_shards:
+                    np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index], err_msg=str(key))
+                wanted = {_norm(i, array.shape) for i in array.sharding.devices_indices_map(array.shape).values()}
+                asked = {_norm(i, array.shape) for i in requests[key]}
+                assert asked == wanted, (key, shape, asked, wanted)
+                if any(spec):  # a sharded weight is never read whole
+                    assert _norm(tuple(slice(None) for _ in array.shape), array.shape) not in asked, key
+    finally:
+        hf_import._slice_reader = original
+    print("ok hf_load")
+
+
+def _norm(index, shape):
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def check_orbax_load(c, cfg, work_dir):
+    model = Decoder(cfg, rngs=nnx.Rngs(params=4))
+    path = checkpoints.save(model, os.path.join(work_dir, "ckpt"))
+    ref = nnx.state(model, nnx.Param)
+    mesh, rules = mesh_for(c, (2, 2, 2))
+    with mesh_lib.use(mesh, rules):
+        state = nnx.state(checkpoints.load(path, mesh=mesh), nnx.Param)
+    for (path_, got), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(ref)):
+        array = got.get_value()
+        assert array.sharding.spec == sharding.param_spec(got, mesh), path_
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(want.get_value())[shard.index])
+    print("ok orbax_load")
+
+
+def main(hf_dir: str, work_dir: str) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    c = tiny_config()
+    cfg = model_config(c)
+    check_train_and_decode(c, cfg)
+    check_hf_load(c, hf_dir)
+    check_orbax_load(c, cfg, work_dir)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
