@@ -11,7 +11,6 @@ in place) + temporaries + generated code. FLOPs from `cost_analysis()` are per c
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Callable
 
@@ -62,13 +61,10 @@ class Program:
 
 
 def target_model_config(config: ConfigDict) -> ModelConfig:
-    """The model config as it would run on TPU: 'auto' attention becomes the TPU kernel when the
-    kernels package is present (the AOT host itself is a CPU, so 'auto' would pick XLA)."""
+    """The model config as it runs on TPU: 'auto' attention means the TPU kernels there (this host is
+    a CPU, where 'auto' would resolve to the XLA reference)."""
     cfg = model_config(config)
-    if cfg.attention_backend == "auto":
-        has_kernels = importlib.util.find_spec("efficient_dlm.models.kernel_dispatch") is not None
-        cfg = cfg.replace(attention_backend="splash" if has_kernels else "xla")
-    return cfg
+    return cfg.replace(attention_backend="splash") if cfg.attention_backend == "auto" else cfg
 
 
 def _batch_args(mesh: Mesh, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
