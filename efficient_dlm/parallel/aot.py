@@ -202,17 +202,19 @@ def step_flops(name: str, config: ConfigDict, mesh: Mesh, rules, **options) -> f
     """FLOPs per chip of program `name` at the config's full depth.
 
     XLA's cost analysis counts the body of a loop once, so the scanned program under-reports by the
-    depth. We compile the same program unrolled at depth 1 and 2 (cheap) and extrapolate linearly,
-    F(L) = F(1) + (L - 1) * (F(2) - F(1)); tests/aot_checks.py finds it within 1e-4 of the count for
-    the whole program unrolled.
+    depth. We compile the same program unrolled with one and two repeating layers (after any leading
+    dense layers of an MoE model; cheap) and extrapolate linearly,
+    F(L) = F(d) + (L - d) * (F(d + 1) - F(d)); tests/aot_checks.py finds it within 1e-4 of the count
+    for the whole program unrolled.
     """
+    first = config.model.get("first_k_dense", 0) or 0
     counts = []
-    for depth in (1, 2):
+    for depth in (first + 1, first + 2):
         variant = config.copy_and_resolve_references()
         variant.model.num_layers = depth
         variant.model.scan_layers = False
         counts.append(_flops(PROGRAMS[name](variant, mesh, **options).compile(mesh, rules)))
-    return counts[0] + (config.model.num_layers - 1) * (counts[1] - counts[0])
+    return counts[0] + (config.model.num_layers - first - 1) * (counts[1] - counts[0])
 
 
 def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float, top: int = 6) -> dict[str, Any]:
