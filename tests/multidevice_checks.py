@@ -18,7 +18,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -30,6 +29,9 @@ from efficient_dlm.models.decoder import Decoder  # noqa: E402
 from efficient_dlm.parallel import distributed, sharding  # noqa: E402
 from efficient_dlm.parallel import mesh as mesh_lib  # noqa: E402
 from efficient_dlm.port import hf_import  # noqa: E402
+from efficient_dlm.train.optim import make_optimizer  # noqa: E402
+from efficient_dlm.train.state import create_state  # noqa: E402
+from efficient_dlm.train.step import make_train_step  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]  # (fsdp, tensor, expert)
 
@@ -39,6 +41,7 @@ def tiny_config():
     m = c.model
     m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 128, 32, 64, 2
     m.num_heads, m.num_kv_heads, m.head_dim, m.qk_norm, m.mask_token_id = 4, 2, 8, True, 127
+    c.diffusion.block_size = 4
     return c
 
 
@@ -53,44 +56,39 @@ def build(cfg, mesh, rules):
     return sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)), mesh, rules)
 
 
-def train_and_decode(cfg, model, tokens, mesh, rules, steps=2):
+def train_and_decode(c, cfg, model, tokens, mesh, rules, steps=2):
     """One jitted program (compiling once per mesh keeps the test fast) with two parts:
-    - the losses of `steps` AdamW steps on the clean-context block-diffusion loss (fixed mask);
+    - the losses of `steps` steps of the trainer's block-diffusion step (efficient_dlm.train.step);
     - the sampler's step: a prompt prefilled into the KV cache, then a [MASK] block's logits."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(1e-2)
-    mask = jax.random.uniform(jax.random.key(3), tokens.shape) < 0.5
-
-    def loss_fn(p, tokens):
-        m = nnx.merge(graphdef, p)
-        xt = jnp.where(mask, 127, tokens)
-        h, _ = m.hidden(jnp.concatenate([xt, tokens], 1), attention="clean_context", block_size=4)
-        ce = optax.softmax_cross_entropy_with_integer_labels(m.logits(h[:, : tokens.shape[1]]), tokens)
-        return jnp.sum(ce * mask) / mask.sum()
+    tx = make_optimizer(c.train)
+    state = create_state(model, tx, 0, mesh)
+    step = make_train_step(c, cfg, tx=tx, jit=False)
+    graphdef = nnx.graphdef(model)
+    batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.broadcast_to(np.arange(16), tokens.shape))
+    batch = distributed.global_batch(batch, mesh, tokens.shape[0])
+    assert batch["tokens"].sharding.spec == sharding.batch_sharding(mesh, 2, tokens.shape).spec
 
     def decode(p, prompt):
         m = nnx.merge(graphdef, p)
-        batch, length = prompt.shape
-        cache = KVCache.empty(cfg, batch, 2 * length)
+        rows, length = prompt.shape
+        cache = KVCache.empty(cfg, rows, 2 * length)
         _, kv = m.decode(prompt, jnp.broadcast_to(jnp.arange(length), prompt.shape), cache, attention="causal")
-        cache = cache.write(*kv, 0).replace(length=jnp.full((batch,), length, jnp.int32))
-        block = jnp.full((batch, 4), 127)
+        cache = cache.write(*kv, 0).replace(length=jnp.full((rows,), length, jnp.int32))
+        block = jnp.full((rows, 4), 127)
         h, _ = m.decode(block, jnp.broadcast_to(jnp.arange(length, length + 4), block.shape), cache, attention="bidirectional")
         return m.logits(h), cache.k
 
     @jax.jit
-    def run(p, tokens):
-        logits, cache_k = decode(p, tokens[:, :8])
-        opt, losses = tx.init(p), []
-        for _ in range(steps):
-            loss, g = jax.value_and_grad(loss_fn)(p, tokens)
-            u, opt = tx.update(g, opt, p)
-            p = optax.apply_updates(p, u)
-            losses.append(loss)
-        return jnp.stack(losses), p, logits, cache_k
+    def run(state, batch):
+        logits, cache_k = decode(state.params, batch["tokens"][:, :8])
+        losses = []
+        for i in range(steps):
+            state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(7), i))
+            losses.append(metrics["loss"])
+        return jnp.stack(losses), state.params, logits, cache_k
 
     with mesh_lib.use(mesh, rules):
-        return run(params, tokens)
+        return run(state, batch)
 
 
 def check_train_and_decode(c, cfg):
@@ -99,7 +97,7 @@ def check_train_and_decode(c, cfg):
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 120))
     mesh, rules = mesh_for(c, (1, 1, 1))
     ref_model = build(cfg, mesh, rules)
-    ref_losses, _, ref_logits, _ = train_and_decode(cfg, ref_model, tokens, mesh, rules)
+    ref_losses, _, ref_logits, _ = train_and_decode(c, cfg, ref_model, tokens, mesh, rules)
     ref_state = nnx.to_flat_state(nnx.state(ref_model, nnx.Param))
     for shape in MESHES:
         mesh, rules = mesh_for(c, shape)
@@ -108,9 +106,7 @@ def check_train_and_decode(c, cfg):
             array = got.get_value()
             assert array.sharding.spec == sharding.param_spec(got, mesh), (shape, path)
             np.testing.assert_allclose(np.asarray(array), np.asarray(want.get_value()), rtol=1e-6, atol=1e-8)
-        batch = distributed.global_batch({"tokens": tokens}, mesh, 8)["tokens"]
-        assert batch.sharding.spec == sharding.batch_sharding(mesh, 2, batch.shape).spec
-        losses, params, logits, cache_k = train_and_decode(cfg, model, batch, mesh, rules)
+        losses, params, logits, cache_k = train_and_decode(c, cfg, model, tokens, mesh, rules)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=f"train losses, mesh {shape}")
         np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=f"decode logits, mesh {shape}")
         k_proj = params["layers"]["attn"]["k_proj"][...]

@@ -61,9 +61,11 @@ class Program:
 
 
 def target_model_config(config: ConfigDict) -> ModelConfig:
-    """The model config as it runs on TPU: 'auto' attention means the TPU kernels there (this host is
-    a CPU, where 'auto' would resolve to the XLA reference)."""
-    cfg = model_config(config)
+    """The model config the recipe trains, as it runs on TPU: 'auto' attention means the TPU kernels
+    there (this host is a CPU, where 'auto' would resolve to the XLA reference)."""
+    from efficient_dlm.train.model_init import trained_config
+
+    cfg = trained_config(config)
     return cfg.replace(attention_backend="splash") if cfg.attention_backend == "auto" else cfg
 
 
@@ -73,52 +75,32 @@ def _batch_args(mesh: Mesh, batch: int, length: int) -> dict[str, jax.ShapeDtype
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k in ("tokens", "segment_ids", "positions")}
 
 
-def _interim_train_step(config: ConfigDict, cfg: ModelConfig, mesh: Mesh):
-    """Stand-in until efficient_dlm.train lands: clean-context forward + backward + AdamW."""
-    import optax
-    from flax import nnx
-
-    from efficient_dlm.models.decoder import abstract_model
-
-    graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
-    tx = optax.adamw(1e-4)
-    opt = jax.eval_shape(tx.init, params)
-    p_sh = sharding.state_shardings(params, mesh)
-    o_sh = sharding.opt_state_shardings(tx, opt, p_sh, mesh)
-    block = config.diffusion.block_size
-
-    def loss_fn(p, tokens, key):
-        model = nnx.merge(graphdef, p)
-        masked = jax.random.uniform(key, tokens.shape) < 0.5
-        xt = jnp.where(masked, cfg.mask_token_id or 0, tokens)
-        h, _ = model.hidden(jnp.concatenate([xt, tokens], 1), attention="clean_context", block_size=block)
-        logits = model.logits(h[:, : tokens.shape[1]])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-        return jnp.sum(ce * masked) / jnp.maximum(masked.sum(), 1)
-
-    def step(state, batch, key):
-        p, o = state
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch["tokens"], key)
-        updates, o = tx.update(grads, o, p)
-        return (optax.apply_updates(p, updates), o), loss
-
-    return (params, opt), (p_sh, o_sh), step
-
-
 def train_program(config: ConfigDict, mesh: Mesh) -> Program:
-    """The training step of `edlm train` with abstract state and batch for `mesh`."""
+    """The training step of `edlm train` (efficient_dlm.train.step) with abstract state and batch."""
+    from efficient_dlm.train.optim import make_optimizer
+    from efficient_dlm.train.state import abstract_state, state_shardings
+    from efficient_dlm.train.step import make_train_step
+
     cfg = target_model_config(config)
+    config = config.copy_and_resolve_references()
+    if config.diffusion.objective != "ar" and config.diffusion.mask_token == "append":
+        config.diffusion.valid_vocab_size = cfg.mask_token_id + 1  # as the trainer records it
+    tx = make_optimizer(config.train)
+    shardings = state_shardings(cfg, tx, mesh)
+    state = sharding.abstract_arrays(abstract_state(cfg, tx, config.seed), shardings)
     batch, length = config.train.batch_size, config.data.seq_len
-    state, state_shardings, step = _interim_train_step(config, cfg, mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     return Program(
         "train_step",
-        step,
-        (sharding.abstract_arrays(state, state_shardings), _batch_args(mesh, batch, length), key),
+        make_train_step(config, cfg, tx=tx, jit=False),
+        (state, _batch_args(mesh, batch, length), key),
         ("state", "batch", "rng"),
-        out_shardings=(state_shardings, None),
+        out_shardings=(shardings, None),
         donate_argnums=(0,),
-        notes=dict(batch=batch, seq_len=length, attention=cfg.attention_backend, remat=cfg.remat_policy),
+        notes=dict(
+            objective=config.diffusion.objective, batch=batch, seq_len=length, grad_accum=config.train.grad_accum,
+            attention=cfg.attention_backend, remat=cfg.remat_policy, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+        ),
     )
 
 

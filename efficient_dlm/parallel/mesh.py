@@ -78,6 +78,11 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
     return Mesh(array, MESH_AXES)
 
 
+def run_mesh(config: ConfigDict) -> Mesh | None:
+    """The mesh a run uses: None on a single device (plain jit, no constraints), else the config's."""
+    return make_mesh(config.mesh) if jax.device_count() > 1 else None
+
+
 def config_rules(mesh_cfg: ConfigDict):
     """The rules table from `mesh.rules` ({logical name: "axis,axis"}; "" = replicated)."""
     return _normalise(dict(mesh_cfg.rules))

@@ -1,8 +1,7 @@
 """Shardings of everything that lives on the mesh, all derived from logical names and the rules table.
 
 - model state: from each parameter's `out_sharding` metadata (`state_shardings`);
-- optimizer state: each moment follows its parameter, counters are replicated (`opt_state_shardings`,
-  through optax's own `tree_map_params`);
+- optimizer state: each moment follows its parameter (efficient_dlm.train.state.state_shardings);
 - batches and the KV cache: fixed logical layouts (`batch_sharding`, `cache_sharding`);
 - sharded initialisation (`create_sharded`): the init function is jitted with those output shardings,
   so every device materialises only its shard and a big model never exists on one host.
@@ -13,7 +12,6 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -62,21 +60,6 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nn
     with use(mesh, rules):
         state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
     return nnx.merge(graphdef, state)
-
-
-def opt_state_shardings(tx: optax.GradientTransformation, opt_state, param_shardings, mesh: Mesh):
-    """Shardings for an optax state: per-parameter leaves (moments) follow their parameter's sharding;
-    everything else (step counters, scalars) is replicated. `param_shardings` has the structure of the
-    parameters `opt_state` was initialised from (e.g. `state_shardings(nnx.state(model, nnx.Param))`)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)),
-    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:

@@ -12,10 +12,11 @@ DEFAULT_CONFIG = "configs/tiny_train.py"
 
 def run(config, FLAGS) -> int:
     from efficient_dlm.cli import UserError
+    from efficient_dlm.parallel.mesh import run_mesh
     from efficient_dlm.train.loop import NonFiniteError, train
 
     try:
-        result = train(config)
+        result = train(config, mesh=run_mesh(config))
     except NonFiniteError as err:
         raise UserError(str(err)) from None
     last = result.history[-1] if result.history else {}

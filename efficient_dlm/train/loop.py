@@ -24,6 +24,9 @@ from efficient_dlm.config import to_plain, validate
 from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
 from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.parallel import distributed
+from efficient_dlm.parallel import mesh as mesh_lib
+from efficient_dlm.parallel.rules import axis_rules
 from efficient_dlm.train import model_init
 from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
 from efficient_dlm.train.metrics import MetricsLogger
@@ -160,13 +163,7 @@ class _Run:
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         if self.mesh is None:
             return jax.device_put(batch)
-        from jax.sharding import NamedSharding
-
-        from efficient_dlm.parallel.rules import logical_to_spec
-
-        active = [name for name, size in self.mesh.shape.items() if size > 1]
-        sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), mesh_axes=active))
-        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+        return distributed.global_batch(batch, self.mesh, self.t.batch_size)
 
     def evaluate(self, block_size) -> dict[str, float]:
         if block_size not in self.eval_fns:
@@ -216,24 +213,25 @@ def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | No
     run = _Run(config, mesh, batch_transform)
     logger = None
     try:
-        run.setup()  # models and state are built outside the mesh context (state_shardings places them)
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            t = run.t
-            step = int(run.state.step)
-            tokens_per_step = t.batch_size * config.data.seq_len
-            logger = MetricsLogger(run.run_dir, total_steps=t.steps, start_step=step, tensorboard=t.tensorboard, progress=t.progress)
-            while step < t.steps:
-                _one_step(run, logger, step, tokens_per_step)
-                step += 1
-                evaluation = None
-                if run.eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                    evaluation = run.evaluate(run.block_size(step - 1))
-                    run.evals.append({"step": step, **evaluation})
-                    logger.write(step, evaluation, "eval")
-                    logger.message(f"step {step}: eval loss {evaluation['loss']:.4f} accuracy {evaluation['accuracy']:.3f}")
-                if step % t.save_every == 0 or step == t.steps or evaluation is not None:
-                    run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
-            run.ckpt.wait()
+        with axis_rules(mesh_lib.config_rules(config.mesh)):  # mesh.rules: state shardings and constraints
+            run.setup()  # models and state are built outside the mesh context (state_shardings places them)
+            with mesh_lib.use(mesh) if mesh is not None else contextlib.nullcontext():
+                t = run.t
+                step = int(run.state.step)
+                tokens_per_step = t.batch_size * config.data.seq_len
+                logger = MetricsLogger(run.run_dir, total_steps=t.steps, start_step=step, tensorboard=t.tensorboard, progress=t.progress)
+                while step < t.steps:
+                    _one_step(run, logger, step, tokens_per_step)
+                    step += 1
+                    evaluation = None
+                    if run.eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                        evaluation = run.evaluate(run.block_size(step - 1))
+                        run.evals.append({"step": step, **evaluation})
+                        logger.write(step, evaluation, "eval")
+                        logger.message(f"step {step}: eval loss {evaluation['loss']:.4f} accuracy {evaluation['accuracy']:.3f}")
+                    if step % t.save_every == 0 or step == t.steps or evaluation is not None:
+                        run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
+                run.ckpt.wait()
     finally:
         run.ckpt.close()
         if logger is not None:

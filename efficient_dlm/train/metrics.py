@@ -14,17 +14,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from efficient_dlm.parallel.distributed import is_main
+
 
 class MetricsLogger:
     def __init__(self, run_dir: str, *, total_steps: int, start_step: int, tensorboard: bool = True, progress: bool = True):
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._main = is_main()  # multi-host: only process 0 writes metrics and shows progress
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl") if self._main else os.devnull, "a")
         self._tb = None
-        if tensorboard:
+        if tensorboard and self._main:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+        disable = not (progress and self._main)
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=disable, unit="step", dynamic_ncols=True)
 
     def write(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         """Records scalar `values` at `step` under `prefix/` (TensorBoard tags, JSON keys)."""
@@ -42,7 +46,8 @@ class MetricsLogger:
 
     def message(self, text: str) -> None:
         """A line printed above the progress bar (skipped steps, evaluations, checkpoints)."""
-        self._bar.write(text)
+        if self._main:
+            self._bar.write(text)
 
     def close(self) -> None:
         self._bar.close()

@@ -66,13 +66,18 @@ def _pad_rows(table: jax.Array, rows: int) -> jax.Array:
     return jnp.concatenate([table, jnp.broadcast_to(mean, (rows, table.shape[1]))], axis=0)
 
 
+def _grown_vocab(vocab_size: int, multiple: int) -> int:
+    """Vocabulary size after appending [MASK]: vocab + 1 rounded up to `multiple`."""
+    return -(-(vocab_size + 1) // multiple) * multiple
+
+
 def append_mask_token(model: nnx.Module, multiple: int) -> tuple[nnx.Module, int]:
     """A model with one more vocabulary row for [MASK] (id = old vocab size), padded to `multiple`.
 
     Returns (model, valid_vocab_size). Ids >= valid_vocab_size are padding.
     """
     cfg = model.config
-    old, new = cfg.vocab_size, -(-(cfg.vocab_size + 1) // multiple) * multiple
+    old, new = cfg.vocab_size, _grown_vocab(cfg.vocab_size, multiple)
     grown = abstract_model(cfg.replace(vocab_size=new, mask_token_id=old))
 
     def resize(path, leaf):
@@ -102,6 +107,15 @@ def check_mask_token(config: ConfigDict, cfg) -> None:
     """A diffusion objective needs a [MASK] id: the model's, unless one is appended."""
     if config.diffusion.objective != "ar" and config.diffusion.mask_token == "model" and cfg.mask_token_id is None:
         raise ValueError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
+
+
+def trained_config(config: ConfigDict):
+    """The ModelConfig the trainer trains: the source's, grown by the appended [MASK] row when asked
+    (for AOT compilation and other planning that must not load weights)."""
+    cfg = source_config(config)
+    if config.diffusion.objective != "ar" and config.diffusion.mask_token == "append":
+        cfg = cfg.replace(vocab_size=_grown_vocab(cfg.vocab_size, config.diffusion.vocab_multiple), mask_token_id=cfg.vocab_size)
+    return cfg
 
 
 def source_config(config: ConfigDict):
