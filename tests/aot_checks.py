@@ -15,16 +15,17 @@ from efficient_dlm import cli  # noqa: E402
 
 
 def check_cli_report(out_dir: str) -> None:
-    """`edlm aot` on v5p-8 (4 chips): memory parts add up, FLOPs counted at full depth, shardings named."""
+    """`edlm aot` on v5p-8 (4 chips) for the train step: memory parts add up, the state is donated,
+    shardings follow the rules."""
     path = os.path.join(out_dir, "aot.json")
     argv = ["edlm", "aot", "--config=configs/tiny.py", "--topology=v5p-8", "--config.model.num_layers=3",
-            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", f"--json_out={path}"]
+            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--programs=train", f"--json_out={path}"]
     sys.argv = argv  # ml_collections reads --config.* overrides from sys.argv
     code = cli.main(argv)
     assert code == 0, code
     with open(path) as f:
         results = json.load(f)
-    assert set(results) == {"train", "sample"}, results.keys()
+    assert set(results) == {"train"}, results.keys()  # the sampler compiles in check_does_not_fit
     for name, r in results.items():
         mem = r["memory"]
         assert mem["total"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
