@@ -29,6 +29,7 @@ from efficient_dlm.models.decoder import Decoder  # noqa: E402
 from efficient_dlm.parallel import distributed, sharding  # noqa: E402
 from efficient_dlm.parallel import mesh as mesh_lib  # noqa: E402
 from efficient_dlm.port import hf_import  # noqa: E402
+from efficient_dlm.sample.api import prepare  # noqa: E402
 from efficient_dlm.train.optim import make_optimizer  # noqa: E402
 from efficient_dlm.train.state import create_state  # noqa: E402
 from efficient_dlm.train.step import make_train_step  # noqa: E402
@@ -56,45 +57,41 @@ def build(cfg, mesh, rules):
     return sharding.create_sharded(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)), mesh, rules)
 
 
-def train_and_decode(c, cfg, model, tokens, mesh, rules):
-    """One jitted program (compiling once per mesh keeps the test fast) with two parts:
+def train_and_sample(c, cfg, model, tokens, mesh, rules):
+    """One jitted program (compiling once per mesh keeps the test fast) with three parts:
     - loss and gradient norm of the trainer's block-diffusion step (efficient_dlm.train.step);
-    - the sampler's step: a prompt prefilled into the KV cache, then a [MASK] block's logits."""
+    - the sampler's whole generation program (efficient_dlm.sample: ragged prompts, prefill, blocks,
+      denoising steps, KV cache): tokens and the logits they were committed with;
+    - an empty KV cache, to read its sharding."""
     tx = make_optimizer(c.train)
     state = create_state(model, tx, 0, mesh)
     step = make_train_step(c, cfg, tx=tx, jit=False)
-    graphdef = nnx.graphdef(model)
     batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.broadcast_to(np.arange(16), tokens.shape))
     batch = distributed.global_batch(batch, mesh, tokens.shape[0])
     assert batch["tokens"].sharding.spec == sharding.batch_sharding(mesh, 2, tokens.shape).spec
-
-    def decode(p, prompt):
-        m = nnx.merge(graphdef, p)
-        rows, length = prompt.shape
-        cache = KVCache.empty(cfg, rows, 2 * length)
-        _, kv = m.decode(prompt, jnp.broadcast_to(jnp.arange(length), prompt.shape), cache, attention="causal")
-        cache = cache.write(*kv, 0).replace(length=jnp.full((rows,), length, jnp.int32))
-        block = jnp.full((rows, 4), 127)
-        h, _ = m.decode(block, jnp.broadcast_to(jnp.arange(length, length + 4), block.shape), cache, attention="bidirectional")
-        return m.logits(h), cache.k
+    prompts = [row[: 3 + i] for i, row in enumerate(tokens)]  # ragged: 3..10 tokens
+    prep = prepare(model, prompts, max_new_tokens=8, block_size=4, strategy="threshold", threshold=0.5, return_logits=True)
+    graphdef, plan, params, inputs, knobs = prep.args
 
     @jax.jit
-    def run(state, batch):
-        logits, cache_k = decode(state.params, batch["tokens"][:, :8])
+    def run(state, batch, params, inputs, knobs):
+        sampled = prep.program(graphdef, plan, params, inputs, knobs)
         state, metrics = step(state, batch, jax.random.key(7))
-        return jnp.stack([metrics["loss"], metrics["grad_norm"]]), state.params, logits, cache_k
+        cache = KVCache.empty(cfg, tokens.shape[0], 16)
+        return jnp.stack([metrics["loss"], metrics["grad_norm"]]), state.params, sampled, cache.k
 
     with mesh_lib.use(mesh, rules):
-        return run(state, batch)
+        return run(state, batch, params, inputs, knobs)
 
 
-def check_train_and_decode(c, cfg):
-    """Same loss, gradient norm and decode logits on every mesh as on one device; parameters created
+def check_train_and_sample(c, cfg):
+    """Same loss, gradient norm and sampled tokens on every mesh as on one device; parameters created
     in place (sharded init) with the right values; batch, parameters and KV cache sharded by the rules."""
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, 120))
     mesh, rules = mesh_for(c, (1, 1, 1))
     ref_model = build(cfg, mesh, rules)
-    ref_losses, _, ref_logits, _ = train_and_decode(c, cfg, ref_model, tokens, mesh, rules)
+    ref_losses, _, ref_sampled, _ = train_and_sample(c, cfg, ref_model, tokens, mesh, rules)
+    assert (ref_sampled["lengths"] == 8).all() and (ref_sampled["tokens"] != 127).all(), ref_sampled
     ref_state = nnx.state(ref_model, nnx.Param)
     for shape in MESHES:
         mesh, rules = mesh_for(c, shape)
@@ -106,15 +103,17 @@ def check_train_and_decode(c, cfg):
             array = got.get_value()
             assert array.sharding.spec == sharding.param_spec(got, mesh), (shape, path)
             np.testing.assert_allclose(np.asarray(array), np.asarray(want.get_value()), rtol=1e-6, atol=1e-8)
-        losses, params, logits, cache_k = train_and_decode(c, cfg, model, tokens, mesh, rules)
+        losses, params, sampled, cache_k = train_and_sample(c, cfg, model, tokens, mesh, rules)
         np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=f"train loss, grad norm, mesh {shape}")
-        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5, err_msg=f"decode logits, mesh {shape}")
+        for key in ("tokens", "commit_step", "lengths"):
+            np.testing.assert_array_equal(sampled[key], ref_sampled[key], err_msg=f"sampled {key}, mesh {shape}")
+        np.testing.assert_allclose(sampled["logits"], ref_sampled["logits"], rtol=1e-5, atol=1e-5, err_msg=f"mesh {shape}")
         k_proj = params["layers"]["attn"]["k_proj"][...]
         want = sharding.named(mesh, ("layers", "embed", "kv_heads", "head_dim"), k_proj.shape)
         assert k_proj.sharding.is_equivalent_to(want, k_proj.ndim), (shape, k_proj.sharding)
         want = sharding.cache_sharding(mesh, cache_k.shape)
         assert cache_k.sharding.is_equivalent_to(want, cache_k.ndim), (shape, cache_k.sharding)
-    print("ok train_and_decode", ref_losses)
+    print("ok train_and_sample", ref_losses, ref_sampled["tokens"][0])
 
 
 def check_hf_load(c, hf_dir):
@@ -174,7 +173,7 @@ def main(hf_dir: str, work_dir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     c = tiny_config()
     cfg = model_config(c)
-    check_train_and_decode(c, cfg)
+    check_train_and_sample(c, cfg)
     check_hf_load(c, hf_dir)
     check_orbax_load(c, cfg, work_dir)
 

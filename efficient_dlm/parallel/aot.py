@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import model_config
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel import sharding
@@ -104,39 +104,39 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
     )
 
 
-def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, context: int | None = None) -> Program:
-    """One denoising step of the sampler: a block of queries against a full static KV cache, the
-    block's logits, and the cache write of its keys/values (the inner loop body of `generate`)."""
-    from flax import nnx
-
-    from efficient_dlm.models.cache import KVCache
+def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: int | None = None) -> Program:
+    """The sampler of `edlm sample` (efficient_dlm.sample: the whole generation program, block loop,
+    denoising steps and exact KV cache, or the AR baseline per sample.strategy) for `batch` prompts of
+    `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens, weights and inputs sharded."""
+    from efficient_dlm.config import to_plain
     from efficient_dlm.models.decoder import abstract_model
+    from efficient_dlm.sample.api import prepare
+    from efficient_dlm.sample.settings import generate_kwargs
+    from efficient_dlm.sample.source import Source, training_metadata
 
     cfg = target_model_config(config)
-    block = config.sample.block_size
-    slots = context or config.data.seq_len
-    graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
-    p_sh = sharding.state_shardings(params, mesh)
-    cache = jax.eval_shape(lambda: KVCache.empty(cfg, batch, slots))
-    kv = sharding.cache_sharding(mesh, cache.k.shape)
-    rows = sharding.named(mesh, ("cache_batch",), (batch,))
-    cache_sh = KVCache(kv, kv, rows, rows)
-
-    def step(p, cache, tokens, positions):
-        model = nnx.merge(graphdef, p)
-        h, (k, v) = model.decode(tokens, positions, cache, attention="bidirectional", block_size=block)
-        return model.logits(h), cache.write(k, v, cache.length[0])
-
-    chunk = sharding.batch_sharding(mesh, 2, (batch, block))
-    ids = jax.ShapeDtypeStruct((batch, block), jnp.int32, sharding=chunk)
+    prompt_len = prompt_len or config.data.seq_len // 2
+    model = abstract_model(cfg)
+    source = Source(model, None, "aot", **training_metadata({"train_config": to_plain(config)}))
+    kwargs = generate_kwargs(config.sample, source)
+    prep = prepare(model, np.zeros((batch, prompt_len), np.int32), **kwargs)
+    graphdef, plan, state, inputs, knobs = prep.args
+    replicated = NamedSharding(mesh, PartitionSpec())
+    inputs = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape))
+        for k, v in inputs.items()
+    }
+    knobs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in knobs.items()}
+    state = sharding.abstract_arrays(state, sharding.state_shardings(state, mesh))
     return Program(
-        "sample_step",
-        step,
-        (sharding.abstract_arrays(params, p_sh), sharding.abstract_arrays(cache, cache_sh), ids, ids),
-        ("params", "cache", "tokens", "positions"),
-        out_shardings=(None, cache_sh),
-        donate_argnums=(1,),
-        notes=dict(batch=batch, cache_slots=slots, block=block, attention=cfg.attention_backend),
+        "sampler",
+        lambda state, inputs, knobs: prep.program(graphdef, plan, state, inputs, knobs),
+        (state, inputs, knobs),
+        ("params", "inputs", "knobs"),
+        notes=dict(
+            strategy=plan.strategy, prompt_len=prompt_len, max_new_tokens=plan.max_new_tokens,
+            **prep.shapes, attention=cfg.attention_backend,
+        ),
     )
 
 
@@ -153,7 +153,10 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
             tips.append("--config.model.remat_policy=full")
         tips.append(f"a smaller per-chip batch (train.batch_size below {config.train.batch_size}, or more train.grad_accum)")
     else:
-        tips.append(f"fewer rows or cache slots (--sample_batch below {program.notes['batch']}, --sample_context)")
+        tips.append(
+            f"fewer rows or a shorter context (--sample_batch below {program.notes['batch']}, --sample_prompt_len, "
+            "--config.sample.max_new_tokens)"
+        )
     return "; ".join(tips)
 
 
@@ -180,26 +183,27 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def step_flops(name: str, config: ConfigDict, mesh: Mesh, rules, **options) -> float:
-    """FLOPs per chip of program `name` at the config's full depth.
+def train_flops(config: ConfigDict, mesh: Mesh, rules) -> float:
+    """FLOPs per chip of the training step at the config's full depth.
 
-    XLA's cost analysis counts the body of a loop once, so the scanned program under-reports by the
-    depth. We compile the same program unrolled with one and two repeating layers (after any leading
-    dense layers of an MoE model; cheap) and extrapolate linearly,
-    F(L) = F(d) + (L - d) * (F(d + 1) - F(d)); tests/aot_checks.py finds it within 1e-4 of the count
-    for the whole program unrolled.
+    XLA's cost analysis counts the body of a loop once, so loops are taken out of the counted programs:
+    layers are unrolled at one and two repeating layers (after any leading dense layers of an MoE
+    model; cheap to compile) and extrapolated linearly, F(L) = F(d) + (L - d) * (F(d + 1) - F(d));
+    gradient accumulation becomes one pass over the whole batch and the chunked loss the plain one
+    (the same arithmetic, minus the chunked LM head's recomputation in the backward pass).
+    tests/aot_checks.py finds the extrapolation within 1e-4 of XLA's count for the unrolled program.
     """
     first = config.model.get("first_k_dense", 0) or 0
     counts = []
     for depth in (first + 1, first + 2):
         variant = config.copy_and_resolve_references()
-        variant.model.num_layers = depth
-        variant.model.scan_layers = False
-        counts.append(_flops(PROGRAMS[name](variant, mesh, **options).compile(mesh, rules)))
+        variant.model.num_layers, variant.model.scan_layers = depth, False
+        variant.train.grad_accum, variant.train.loss_chunk = 1, 0
+        counts.append(_flops(train_program(variant, mesh).compile(mesh, rules)))
     return counts[0] + (config.model.num_layers - first - 1) * (counts[1] - counts[0])
 
 
-def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float, top: int = 6) -> dict[str, Any]:
+def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float | None, top: int = 6) -> dict[str, Any]:
     """Per-chip memory (bytes) against HBM, FLOPs, and the largest argument tensors' shardings."""
     mem = compiled.memory_analysis()
     parts = dict(
@@ -217,7 +221,8 @@ def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float, 
         memory=dict(parts, total=total),
         hbm_fraction=total / target.hbm_bytes,
         flops_per_chip=flops_per_chip,
-        flops_total=flops_per_chip * target.total_chips,
+        xla_flops_per_chip=_flops(compiled),  # XLA's count for this program: loop bodies once
+        flops_total=None if flops_per_chip is None else flops_per_chip * target.total_chips,
         largest=sharding.describe_tree(dict(zip(program.arg_names, program.args)), top),
     )
 
@@ -230,7 +235,10 @@ def format_report(name: str, result: dict[str, Any], notes: dict[str, Any] | Non
     for key in ("arguments", "outputs", "aliased", "temporaries", "code", "total"):
         lines.append(f"   {key:<12} {mem[key] / GIB:9.3f} GiB per chip")
     lines.append(f"   HBM          {result['hbm_bytes'] / GIB:9.3f} GiB per chip -> {result['hbm_fraction']:.1%} used")
-    lines.append(f"   FLOPs        {result['flops_per_chip']:.3e} per chip, {result['flops_total']:.3e} per step")
+    if result["flops_per_chip"] is None:  # the sampler's loops run a data-dependent number of times
+        lines.append("   FLOPs        not counted (data-dependent decode loops)")
+    else:
+        lines.append(f"   FLOPs        {result['flops_per_chip']:.3e} per chip, {result['flops_total']:.3e} per step")
     lines.append("   largest inputs: global shape, dtype, sharding, MiB per chip")
     for row in result["largest"]:
         lines.append(

@@ -1,6 +1,6 @@
 """`edlm aot --config=configs/x.py --topology=v5p-256`: will this recipe fit on that TPU slice?
 
-Compiles the real training step (and the sampler's decode step) for the named topology on this host
+Compiles the real training step and the sampler's generation program for the named topology on this host
 through libtpu, with abstract sharded inputs, and prints per-chip memory against HBM, FLOPs per step
 and how the largest tensors are sharded. Exits 1, naming what to change, when a program does not fit
 under --hbm_limit of HBM.
@@ -18,7 +18,7 @@ flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; m
 flags.DEFINE_list("programs", ["train", "sample"], "what to compile: train, sample")
 flags.DEFINE_float("hbm_limit", 0.9, "fail when a program needs more than this fraction of HBM per chip")
 flags.DEFINE_integer("sample_batch", 8, "sampler: rows decoded together")
-flags.DEFINE_integer("sample_context", None, "sampler: KV cache slots (default data.seq_len)")
+flags.DEFINE_integer("sample_prompt_len", None, "sampler: prompt tokens per row (default data.seq_len / 2)")
 flags.DEFINE_string("json_out", None, "also write the reports as JSON to this path")
 
 # Set before libtpu loads; the verb never opens a real accelerator.
@@ -45,11 +45,11 @@ def run(config, FLAGS) -> int:
     print(f"target {target.describe()}; mesh {mesh_lib.describe(mesh)}")
     results, failed = {}, []
     for name in FLAGS.programs:
-        options = dict(batch=FLAGS.sample_batch, context=FLAGS.sample_context) if name == "sample" else {}
+        options = dict(batch=FLAGS.sample_batch, prompt_len=FLAGS.sample_prompt_len) if name == "sample" else {}
         program = aot.PROGRAMS[name](config, mesh, **options)
         start = time.perf_counter()
         compiled = aot.compile_or_explain(program, mesh, rules, config, target)
-        flops = aot.step_flops(name, config, mesh, rules, **options)
+        flops = aot.train_flops(config, mesh, rules) if name == "train" else None
         result = aot.report(compiled, target, program, flops)
         result.update(program=program.name, notes=program.notes, mesh=mesh_lib.describe(mesh), seconds=time.perf_counter() - start)
         results[name] = result
@@ -57,7 +57,7 @@ def run(config, FLAGS) -> int:
         if result["hbm_fraction"] > FLAGS.hbm_limit:
             failed.append(name)
             print(
-                f"   DOES NOT FIT: {result['hbm_fraction']:.1%} of HBM > {FLAGS.hbm_limit:.0%}. "
+                f"   DOES NOT FIT: {result['hbm_fraction']:.2%} of HBM > --hbm_limit={FLAGS.hbm_limit:g}. "
                 f"Try: {aot.advice(program, config, result['memory']['arguments'] / result['hbm_bytes'])}"
             )
     if FLAGS.json_out:

@@ -103,13 +103,91 @@ def _stop_ids(model, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
     return ids
 
 
-def _stream_adapter(on_block: Callable, pad_id: int) -> Callable:
+def _stream_adapter(on_block: Callable) -> Callable:
     """Adapts the program's (block, tokens, generated mask) to on_block(block, [tokens of each row])."""
 
     def handler(block: int, tokens: np.ndarray, generated: np.ndarray) -> None:
         on_block(block, [row[mask].tolist() for row, mask in zip(tokens, generated)])
 
     return handler
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One sampler call ready to run: `program(*args)` with args (graphdef, plan, state, inputs, knobs)."""
+
+    program: Callable  # jax.jit of diffusion_program / ar_program, graphdef and plan static
+    args: tuple
+    prompt_lengths: np.ndarray  # [batch]
+    shapes: dict  # static shapes of the program (batch, prompt bucket, cache size, ...)
+
+
+def prepare(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    block_size: int | None = None,
+    strategy: str = "threshold",
+    threshold: float = 0.9,
+    tokens_per_step: int = 1,
+    factor: float = 1.0,
+    entropy_bound: float = 0.3,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    prompt_bucket: int | None = None,
+    valid_vocab_size: int | None = None,
+    token_shift: bool = False,
+    return_logits: bool = False,
+    stream: bool = False,
+) -> Prepared:
+    """Validates a `generate` call and builds its compiled program's arguments without running it
+    (arguments as for `generate`; `stream` compiles the block-streaming hook in). `model` may be
+    abstract (`abstract_model`): `edlm aot` lowers the same program for a TPU topology from it."""
+    check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
+    check_model(model, strategy, top_k)
+    cfg = model.config
+    rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
+    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    sampling = Sampling(
+        greedy=temperature == 0, top_k=int(top_k) if temperature else 0, top_p=bool(temperature and top_p < 1),
+        entropy=strategy == "entropy",
+    )
+    plan = Plan(
+        strategy=strategy, max_new_tokens=int(max_new_tokens), sampling=sampling,
+        pad_id=int(pad_id), banned_ids=() if cfg.mask_token_id is None else (cfg.mask_token_id,),
+        valid_vocab_size=valid_vocab_size, vocab_size=cfg.vocab_size, record_logits=return_logits,
+        stream=stream,
+    )
+    if strategy == "ar":
+        lay = layout_lib.ar_layout(
+            rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=cfg.max_position_embeddings,
+            capacity=prompt_bucket,
+        )
+        program = _ar_jit
+        shapes = {"prompt_bucket": lay.prompt_len, "cache_size": lay.prompt_len + max_new_tokens - 1}
+    else:
+        lay = layout_lib.block_layout(
+            rows, block_size=int(block_size), max_new_tokens=max_new_tokens, mask_id=cfg.mask_token_id, pad_id=pad_id,
+            max_positions=cfg.max_position_embeddings, capacity=prompt_bucket,
+        )
+        plan = dataclasses.replace(
+            plan, block_size=int(block_size), num_blocks=lay.num_blocks, tokens_per_step=int(tokens_per_step),
+            mask_id=cfg.mask_token_id, token_shift=bool(token_shift),
+        )
+        program = _diffusion_jit
+        shapes = {"prompt_bucket": lay.prefix_len, "cache_size": lay.cache_size, "block_size": int(block_size)}
+    knobs = {
+        "threshold": jnp.float32(threshold), "factor": jnp.float32(factor), "entropy_bound": jnp.float32(entropy_bound),
+        "temperature": jnp.float32(max(temperature, 1e-6)), "top_p": jnp.float32(top_p), "seed": jnp.uint32(seed),
+        "stop_ids": jnp.asarray(stop_id_array(_stop_ids(model, stop_tokens))),
+    }
+    graphdef, state = nnx.split(model)
+    inputs = {name: jnp.asarray(value) for name, value in lay.arrays().items()}
+    return Prepared(program, (graphdef, plan, state, inputs, knobs), lay.prompt_lengths, {"batch": len(rows), **shapes})
 
 
 def generate(
@@ -150,58 +228,25 @@ def generate(
     measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.
     """
     started = time.perf_counter()
-    check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
-    check_model(model, strategy, top_k)
-    cfg = model.config
-    rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
-    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
-    sampling = Sampling(
-        greedy=temperature == 0, top_k=int(top_k) if temperature else 0, top_p=bool(temperature and top_p < 1),
-        entropy=strategy == "entropy",
-    )
-    plan = Plan(
-        strategy=strategy, max_new_tokens=int(max_new_tokens), sampling=sampling,
-        pad_id=int(pad_id), banned_ids=() if cfg.mask_token_id is None else (cfg.mask_token_id,),
-        valid_vocab_size=valid_vocab_size, vocab_size=cfg.vocab_size, record_logits=return_logits,
+    prep = prepare(
+        model, prompts, max_new_tokens=max_new_tokens, block_size=block_size, strategy=strategy, threshold=threshold,
+        tokens_per_step=tokens_per_step, factor=factor, entropy_bound=entropy_bound, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, prompt_bucket=prompt_bucket,
+        valid_vocab_size=valid_vocab_size, token_shift=token_shift, return_logits=return_logits,
         stream=on_block is not None,
     )
-    if strategy == "ar":
-        lay = layout_lib.ar_layout(
-            rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=cfg.max_position_embeddings,
-            capacity=prompt_bucket,
-        )
-        program = _ar_jit
-        shapes = {"prompt_bucket": lay.prompt_len, "cache_size": lay.prompt_len + max_new_tokens - 1}
-    else:
-        lay = layout_lib.block_layout(
-            rows, block_size=int(block_size), max_new_tokens=max_new_tokens, mask_id=cfg.mask_token_id, pad_id=pad_id,
-            max_positions=cfg.max_position_embeddings, capacity=prompt_bucket,
-        )
-        plan = dataclasses.replace(
-            plan, block_size=int(block_size), num_blocks=lay.num_blocks, tokens_per_step=int(tokens_per_step),
-            mask_id=cfg.mask_token_id, token_shift=bool(token_shift),
-        )
-        program = _diffusion_jit
-        shapes = {"prompt_bucket": lay.prefix_len, "cache_size": lay.cache_size, "block_size": int(block_size)}
-    knobs = {
-        "threshold": jnp.float32(threshold), "factor": jnp.float32(factor), "entropy_bound": jnp.float32(entropy_bound),
-        "temperature": jnp.float32(max(temperature, 1e-6)), "top_p": jnp.float32(top_p), "seed": jnp.uint32(seed),
-        "stop_ids": jnp.asarray(stop_id_array(_stop_ids(model, stop_tokens))),
-    }
-    graphdef, state = nnx.split(model)
-    inputs = {name: jnp.asarray(value) for name, value in lay.arrays().items()}
-    args = (graphdef, plan, state, inputs, knobs)
+    program, args = prep.program, prep.args
     program_started, cpu_started = time.perf_counter(), time.process_time()
-    with streaming(_stream_adapter(on_block, pad_id) if on_block else None):
+    with streaming(_stream_adapter(on_block) if on_block else None):
         out = jax.device_get(program(*args))
     finished, cpu_finished = time.perf_counter(), time.process_time()
     memory = _memory_analysis(program, args) if measure_memory else None  # after the run: a jit cache hit
     return GenerateResult(
         tokens=out["tokens"], lengths=out["lengths"], forward_passes=int(out["forwards"]),
-        row_forwards=out["row_forwards"], commit_step=out["commit_step"], prompt_lengths=lay.prompt_lengths,
+        row_forwards=out["row_forwards"], commit_step=out["commit_step"], prompt_lengths=prep.prompt_lengths,
         blocks=int(out["blocks"]), seconds=finished - started, program_seconds=finished - program_started,
         program_cpu_seconds=cpu_finished - cpu_started,
-        shapes={"batch": len(rows), **shapes}, logits=out.get("logits"), memory=memory,
+        shapes=prep.shapes, logits=out.get("logits"), memory=memory,
     )
 
 
