@@ -157,7 +157,7 @@ def test_edlm_train_cli_ar_then_bad_configs(tmp_path, capsys):
     assert model.config.hidden_size == 32 and model.config.mask_token_id == 511
     rc = cli.main(base + ["--config.diffusion.objective=mdlm", f"--config.run_dir={tmp_path / 'bad'}"])
     assert rc == 2 and capsys.readouterr().err.strip() == (
-        "edlm train: error: unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, bidirectional, ar"
+        "edlm train: error: unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, bidirectional, ar, opd"
     )
 
 
