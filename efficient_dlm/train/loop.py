@@ -114,7 +114,8 @@ class _Run:
             self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
         if latest is not None:
             self.state = self.ckpt.restore(latest, self._restore_target(), self.iterators())
-        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if self.config.data.eval_files else []
+        text_eval = self.text and self.config.data.eval_files  # OPD alone evaluates on opd.eval_files
+        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if text_eval else []
 
     def _resume(self, latest: int) -> str | None:
         """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
@@ -284,7 +285,9 @@ def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     elapsed = time.perf_counter() - start
     tokens = metrics["tokens"] if opd else tokens_per_step
-    metrics.update(step_time=elapsed, tokens_per_s=tokens / elapsed, block_size=block_size or 0, opd=float(opd))
+    metrics.update(step_time=elapsed, tokens_per_s=tokens / elapsed, block_size=block_size or 0)
+    if run.opd is not None:
+        metrics["opd"] = float(opd)
     run.history.append({"step": step + 1, **metrics})
     if metrics["skipped"]:
         run.skipped += 1

@@ -104,31 +104,46 @@ def student_objective(config: ConfigDict, cfg: ModelConfig) -> Objective:
                      mask_token_id=cfg.mask_token_id)
 
 
-def _states_and_teacher(config, cfg, teacher_cfg: ModelConfig, plan: Plan, params, teacher_params, batch, rng):
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What an OPD program closes over, built once outside any trace (graph definitions, plan)."""
+
+    config: ConfigDict
+    cfg: ModelConfig
+    plan: Plan
+    student: nnx.GraphDef
+    teacher: nnx.GraphDef
+    objective: Objective
+
+
+def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, max_new_tokens: int) -> _Parts:
+    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), graphdef_for(cfg), graphdef_for(teacher_cfg),
+                  student_objective(config, cfg))
+
+
+def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
     """Rollout, chosen states as a training Example, and the teacher's aligned hidden states."""
-    o = config.opd
+    o = p.config.opd
     roll_key, choose_key = jax.random.split(rng)
-    graphdef = graphdef_for(cfg)
-    traj, stats = rollout(graphdef, params, plan, batch, rollout_knobs(o, cfg, roll_key))
+    traj, stats = rollout(p.student, params, p.plan, batch, rollout_knobs(o, p.cfg, roll_key))
     group = o.block_size if o.states == "block" else traj.tokens.shape[1]
-    ex = student_example(traj, choose_steps(choose_key, traj.steps, group), student_objective(config, cfg))
-    tokens, segment_ids, positions = teacher_inputs(traj, plan.pad_id)
-    model = nnx.merge(graphdef_for(teacher_cfg), teacher_params)
-    h_t, _ = model.hidden(tokens, attention="causal", segment_ids=segment_ids, positions=positions)
+    ex = student_example(traj, choose_steps(choose_key, traj.steps, group), p.objective)
+    tokens, segment_ids, positions = teacher_inputs(traj, p.plan.pad_id)
+    teacher = nnx.merge(p.teacher, teacher_params)
+    h_t, _ = teacher.hidden(tokens, attention="causal", segment_ids=segment_ids, positions=positions)
     stats["tokens"] = jnp.sum(segment_ids).astype(jnp.float32)
     return ex, jax.lax.stop_gradient(shift_right(h_t)), stats
 
 
-def _loss_fn(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, teacher_params):
+def _loss_fn(p: _Parts, teacher_params):
     """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form."""
-    obj, graphdef, teacher_graphdef = student_objective(config, cfg), graphdef_for(cfg), graphdef_for(teacher_cfg)
-    o, valid = config.opd, config.diffusion.valid_vocab_size
+    o, valid = p.config.opd, p.config.diffusion.valid_vocab_size
 
     def loss_fn(params, inputs, normaliser, key, step):
         ex, h_t = inputs
-        student = nnx.merge(graphdef, params)
-        h_s, aux = predict_hidden(student, obj, ex)
-        stats = distill_stats(student, h_s, nnx.merge(teacher_graphdef, teacher_params), h_t,
+        student = nnx.merge(p.student, params)
+        h_s, _ = predict_hidden(student, p.objective, ex)
+        stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
                               top_k=o.top_k, valid_vocab=valid, chunk=o.kl_chunk)
         loss = jnp.sum(ex.weight * stats.kl) / normaliser
         sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree), "count": jnp.sum(ex.count)}
@@ -157,12 +172,12 @@ def make_opd_step(
     """The OPD train step for student `cfg` (see the module docstring). batch: the prompt pipeline's
     layout arrays (data/prompts.py) with leading dimension train.batch_size."""
     tx = tx or make_optimizer(config.train)
-    plan = rollout_plan(config, cfg, max_new_tokens)
+    parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
     accum = config.train.grad_accum
 
     def step(state: TrainState, teacher_params: nnx.State, batch: dict, rng: jax.Array):
-        ex, h_t, stats = _states_and_teacher(config, cfg, teacher_cfg, plan, state.params, teacher_params, batch, rng)
-        grad_fn = jax.value_and_grad(_loss_fn(config, cfg, teacher_cfg, teacher_params), has_aux=True)
+        ex, h_t, stats = _states_and_teacher(parts, state.params, teacher_params, batch, rng)
+        grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params), has_aux=True)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
         grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum)
         state, metrics = apply_gradients(config.train, tx, state, grads, sums)
@@ -176,11 +191,11 @@ def make_opd_step(
 def make_opd_eval_step(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True):
     """eval_step(params, teacher_params, batch, rng) -> summed statistics (kl, agree, count, generated,
     row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all batches."""
-    plan = rollout_plan(config, cfg, max_new_tokens)
+    parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
 
     def eval_step(params, teacher_params, batch, rng):
-        ex, h_t, stats = _states_and_teacher(config, cfg, teacher_cfg, plan, params, teacher_params, batch, rng)
-        _, sums = _loss_fn(config, cfg, teacher_cfg, teacher_params)(params, (ex, h_t), 1.0, rng, 0)
+        ex, h_t, stats = _states_and_teacher(parts, params, teacher_params, batch, rng)
+        _, sums = _loss_fn(parts, teacher_params)(params, (ex, h_t), 1.0, rng, 0)
         return {k: v for k, v in {**sums, **stats}.items() if k not in ("loss", "aux_loss")}
 
     return jax.jit(eval_step) if jit else eval_step
