@@ -60,7 +60,8 @@ def write_data(out: str, tasks, names: list[str], train_count: int, eval_count: 
 
 
 def base(args, run_dir: str):
-    spec = importlib.util.spec_from_file_location("opd_tiny", os.path.join(os.path.dirname(__file__), "..", "configs", "opd_tiny.py"))
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "opd_tiny.py")
+    spec = importlib.util.spec_from_file_location("opd_tiny", recipe)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -164,7 +165,8 @@ def main() -> None:
     record["stages"]["opd"] = {"steps": opd_steps, "tokens": opd_tokens, "seconds": seconds}
 
     results = []
-    models = [("teacher (AR)", teacher, "ar")] + [(n, os.path.join(args.out, n), "threshold") for n in ("start", "bd", "opd")]
+    models = [("teacher (AR)", teacher, "ar")]
+    models += [(name, os.path.join(args.out, name), "threshold") for name in ("start", "bd", "opd")]
     for name, ckpt, strategy in models:
         for tau in [0.0] if strategy == "ar" else [float(t) for t in args.thresholds.split(",")]:
             row = {"model": name, "strategy": strategy, "threshold": tau if strategy != "ar" else None}

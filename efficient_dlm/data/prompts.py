@@ -105,7 +105,8 @@ class PromptEncoder:
             raise ValueError(f"empty prompt: {json.dumps(record)[:80]}")
         ids = np.asarray(ids[-self.spec.max_prompt_len:], np.int32)
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
-            raise ValueError(f"prompt token id outside the vocabulary (size {self.spec.vocab_size}): {json.dumps(record)[:80]}")
+            size = self.spec.vocab_size
+            raise ValueError(f"prompt token id outside the vocabulary (size {size}): {json.dumps(record)[:80]}")
         return ids
 
 
@@ -136,7 +137,7 @@ def build_prompt_dataset(
     forever; otherwise read once in order (evaluation)."""
     patterns = _split_list(files)
     if not patterns:
-        raise ValueError("no prompt files given (set opd.prompt_files)" if train else "no evaluation prompt files given")
+        raise ValueError("no prompt files given (set opd.prompt_files)" if train else "no evaluation prompts given")
     opened = [PromptRecords(f) for p in patterns for f in sources_lib.expand(p)]
     opened = [s for s in opened if len(s)]
     if not opened:
@@ -145,7 +146,9 @@ def build_prompt_dataset(
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     ds = ds[process_index::process_count]
     if len(ds) < spec.batch_size:
-        raise ValueError(f"{files}: {len(ds)} prompts for process {process_index}, fewer than one batch of {spec.batch_size}")
+        raise ValueError(
+            f"{files}: {len(ds)} prompts for process {process_index}, fewer than one batch of {spec.batch_size}"
+        )
     if train:
         ds = ds.seed(spec.seed).shuffle().repeat()
     encoder = PromptEncoder(spec)

@@ -104,7 +104,8 @@ def student_example(traj: Trajectory, chosen: jax.Array, obj: Objective) -> Exam
     segment_ids = (traj.index() < traj.context[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(traj.index(), traj.tokens.shape)
     weight = trained.astype(jnp.float32)
-    return Example(jnp.concatenate([x_t, traj.tokens], axis=1), segment_ids, positions, traj.tokens, weight, weight, ~visible)
+    inputs = jnp.concatenate([x_t, traj.tokens], axis=1)
+    return Example(inputs, segment_ids, positions, traj.tokens, weight, weight, ~visible)
 
 
 def teacher_inputs(traj: Trajectory, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -126,7 +127,9 @@ class DistillStats(NamedTuple):
     agree: jax.Array
 
 
-def kl_from_logits(student: jax.Array, teacher: jax.Array, *, top_k: int = 0, valid_vocab: int | None = None) -> DistillStats:
+def kl_from_logits(
+    student: jax.Array, teacher: jax.Array, *, top_k: int = 0, valid_vocab: int | None = None
+) -> DistillStats:
     """KL(p || q) per position from float32 logits: student [..., Vs], teacher [..., Vt], Vt <= Vs.
 
     top_k = 0: p is the teacher's full softmax (student ids >= Vt get p = 0). top_k > 0: p is the

@@ -25,7 +25,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from efficient_dlm.diffusion.objectives import Objective, predict_hidden
-from efficient_dlm.diffusion.opd import Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs
+from efficient_dlm.diffusion.opd import (
+    Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
+)
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
@@ -56,7 +58,8 @@ def rollout_plan(config: ConfigDict, cfg: ModelConfig, max_new_tokens: int) -> P
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
     return Plan(
         strategy=o.strategy, max_new_tokens=max_new_tokens, sampling=Sampling(greedy=o.temperature == 0),
-        pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=config.diffusion.valid_vocab_size, vocab_size=cfg.vocab_size,
+        pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=config.diffusion.valid_vocab_size,
+        vocab_size=cfg.vocab_size,
         block_size=o.block_size, num_blocks=num_blocks(o.block_size, max_new_tokens),
         tokens_per_step=o.block_size // o.steps_per_block, mask_id=cfg.mask_token_id,
         token_shift=config.diffusion.token_shift, record_canvas=True,
@@ -94,7 +97,8 @@ def rollout(graphdef, params, plan: Plan, batch: dict[str, jax.Array], knobs: di
     """The student's decoding of the batch's prompts (no gradient flows back through it)."""
     inputs = {k: batch[k] for k in ("prefix", "prefix_positions", "first_block", "shift", "remainder")}
     out = diffusion_program(graphdef, plan, jax.lax.stop_gradient(params), inputs, knobs)
-    stats = {"generated": jnp.sum(out["lengths"]).astype(jnp.float32), "row_forwards": jnp.sum(out["row_forwards"]).astype(jnp.float32)}
+    stats = {"generated": jnp.sum(out["lengths"]), "row_forwards": jnp.sum(out["row_forwards"])}
+    stats = {k: v.astype(jnp.float32) for k, v in stats.items()}
     return trajectory(batch, out, plan.block_size, plan.mask_id), stats
 
 
@@ -146,7 +150,8 @@ def _loss_fn(p: _Parts, teacher_params):
         stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
                               top_k=o.top_k, valid_vocab=valid, chunk=o.kl_chunk)
         loss = jnp.sum(ex.weight * stats.kl) / normaliser
-        sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree), "count": jnp.sum(ex.count)}
+        sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
+        sums["count"] = jnp.sum(ex.count)
         return loss, {**sums, "loss": loss, "aux_loss": jnp.zeros(())}
 
     return loss_fn
@@ -188,7 +193,9 @@ def make_opd_step(
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_opd_eval_step(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True):
+def make_opd_eval_step(
+    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True
+):
     """eval_step(params, teacher_params, batch, rng) -> summed statistics (kl, agree, count, generated,
     row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all batches."""
     parts = _parts(config, cfg, teacher_cfg, max_new_tokens)

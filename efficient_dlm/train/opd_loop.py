@@ -64,7 +64,8 @@ def check_teacher(teacher_cfg: ModelConfig, cfg: ModelConfig, valid_vocab: int |
     student_vocab = valid_vocab or cfg.vocab_size
     if teacher_cfg.vocab_size > student_vocab:
         raise ValueError(
-            f"opd.teacher has a vocabulary of {teacher_cfg.vocab_size} tokens, more than the student's {student_vocab}; "
+            f"opd.teacher has a vocabulary of {teacher_cfg.vocab_size} tokens, more than the student's "
+            f"{student_vocab}; "
             "teacher and student must share the tokenizer"
         )
 
@@ -104,14 +105,17 @@ class OPDRun:
         spec = self._spec(tokenizer)
         process = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.iterator = iter(build_prompt_dataset(o.prompt_files, spec, train=True, **process))
-        self.eval_batches = take(build_prompt_dataset(o.eval_files, spec, train=False, **process), o.eval_batches) if o.eval_files else []
+        held_out = build_prompt_dataset(o.eval_files, spec, train=False, **process) if o.eval_files else None
+        self.eval_batches = take(held_out, o.eval_batches) if held_out is not None else []
         self.teacher = load_teacher(config, mesh)
         check_teacher(self.teacher.config, cfg, config.diffusion.valid_vocab_size)
 
     def _spec(self, tokenizer: str | None) -> PromptSpec:
         o, cfg, count = self.config.opd, self.cfg, jax.process_count()
         if self.config.train.batch_size % count:
-            raise ValueError(f"train.batch_size ({self.config.train.batch_size}) must be a multiple of the process count ({count})")
+            raise ValueError(
+                f"train.batch_size ({self.config.train.batch_size}) must be a multiple of the process count ({count})"
+            )
         pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
         return PromptSpec(
             batch_size=self.config.train.batch_size // count, block_size=o.block_size, max_prompt_len=o.max_prompt_len,
@@ -163,7 +167,9 @@ def check_opd(config: ConfigDict) -> None:
     if o.strategy == "topk" and o.block_size % o.steps_per_block:
         raise ValueError(f"opd.steps_per_block ({o.steps_per_block}) must divide opd.block_size ({o.block_size})")
     if not 0.0 <= o.threshold <= 1.0 or o.temperature < 0:
-        raise ValueError(f"opd.threshold must be in [0, 1] and opd.temperature >= 0, got {o.threshold}, {o.temperature}")
+        raise ValueError(
+            f"opd.threshold must be in [0, 1] and opd.temperature >= 0, got {o.threshold}, {o.temperature}"
+        )
     if o.top_k < 0 or o.kl_chunk < 0 or o.start_step < -1:
         raise ValueError("opd.top_k and opd.kl_chunk must be >= 0 and opd.start_step >= -1")
     rollout_schedule(config)
