@@ -337,8 +337,6 @@ def test_bad_opd_configs_fail_with_one_clear_line(opd_setup):
 
     overrides, tmp = opd_setup
     bad = {
-        "opd.teacher": ("", "opd.teacher is not set"),
-        "opd.prompt_files": ("", "opd.prompt_files is not set"),
         "opd.strategy": ("factor", "unknown opd.strategy 'factor'; choose one of topk, threshold"),
         "opd.steps_per_block": (3, "opd.steps_per_block (3) must divide opd.block_size (4)"),
         "opd.states": ("all", "unknown opd.states 'all'; choose one of sequence, block"),
@@ -351,8 +349,11 @@ def test_bad_opd_configs_fail_with_one_clear_line(opd_setup):
             validate(_config({**overrides, key: value}, tmp / "bad"))
         assert str(err.value) == message or message in str(err.value), (key, err.value)
         assert "\n" not in str(err.value)
-    with pytest.raises(FileNotFoundError, match="opd.teacher '/nonexistent' is not a directory"):
-        validate(_config({**overrides, "opd.teacher": "/nonexistent"}, tmp / "bad"))
+    missing = [("opd.teacher", "", "opd.teacher is not set"), ("opd.prompt_files", "", "opd.prompt_files is not set"),
+               ("opd.teacher", "/nonexistent", "opd.teacher '/nonexistent' is not a directory")]
+    for key, value, message in missing:  # checked when a run starts, before any weights load
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(_config({**overrides, key: value}, tmp / "bad_paths"))
     with pytest.raises(ValueError, match="needs a diffusion student"):
         validate(_config({**overrides, "diffusion.objective": "ar", "opd.start_step": 0}, tmp / "bad"))
     with pytest.raises(ValueError, match="needs 132 positions, beyond the model's max_position_embeddings=128"):

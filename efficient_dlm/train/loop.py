@@ -106,6 +106,8 @@ class _Run:
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
+        if opd_loop.enabled(self.config):
+            opd_loop.check_inputs(self.config)
         tokenizer = self._resume(latest) if latest is not None else self._start()
         spec = data_spec(self.config, self.cfg, tokenizer)
         if latest is not None and self.text:

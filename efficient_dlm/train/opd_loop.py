@@ -143,6 +143,18 @@ class OPDRun:
 
 
 
+def check_inputs(config: ConfigDict) -> None:
+    """The teacher and prompt paths, checked when a run starts, before any weights load (recipes leave
+    them to the command line, so `validate` does not require them)."""
+    o = config.opd
+    if not o.teacher:
+        raise ValueError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint")
+    if not os.path.isdir(o.teacher):
+        raise FileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
+    if not o.prompt_files:
+        raise ValueError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
+
+
 @register_validator
 def check_opd(config: ConfigDict) -> None:
     """The opd section, when OPD steps will run (one line naming the key)."""
@@ -151,12 +163,6 @@ def check_opd(config: ConfigDict) -> None:
     o = config.opd
     if config.diffusion.objective == "ar":
         raise ValueError("opd.start_step needs a diffusion student; diffusion.objective 'ar' has no [MASK] token")
-    if not o.teacher:
-        raise ValueError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint")
-    if not os.path.isdir(o.teacher):
-        raise FileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
-    if not o.prompt_files:
-        raise ValueError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
     choices = {"strategy": ROLLOUT_STRATEGIES, "states": STATE_MODES, "teacher_dtype": DTYPES}
     for key, allowed in choices.items():
         if o[key] not in allowed:
