@@ -184,6 +184,33 @@ def test_kl_is_zero_when_the_student_is_its_teacher_and_positive_otherwise(model
     assert other["kl"] / other["count"] > 1e-2
 
 
+def test_opd_steps_of_a_moe_student_move_its_selection_bias_and_log_expert_load():
+    """The trainer's MoE handling (aux losses, aux-loss-free bias update, load metrics) applies to OPD steps."""
+    from flax import nnx
+
+    from efficient_dlm.config import model_config
+    from efficient_dlm.models.decoder import init_model
+    from efficient_dlm.models.moe import BIAS_PATH
+    from efficient_dlm.train.optim import make_optimizer
+    from efficient_dlm.train.state import create_state
+    from tests.test_moe_configs import _recipe as moe_recipe
+
+    c = moe_recipe("tiny_moe_train")
+    c.model.update(vocab_size=96, mask_token_id=MASK, first_k_dense=0, num_layers=1)
+    c.opd.update(dict(block_size=BLOCK, steps_per_block=BLOCK, top_k=0))
+    student = init_model(model_config(c), seed=0)
+    state = create_state(student, make_optimizer(c.train), seed=0)
+    teacher_params = jax.tree.map(jnp.copy, state.params)  # the student's initial weights, frozen
+    step = opd_lib.make_opd_step(c, student.config, student.config, max_new_tokens=8, donate=False)
+    bias = lambda s: np.asarray(dict(nnx.to_flat_state(s.params))[BIAS_PATH][...])  # noqa: E731
+    rate, batch = c.model.router_bias_update_rate, _batch(PROMPTS)
+    for i in range(2):
+        before, (state, metrics) = bias(state), step(state, teacher_params, batch, jax.random.PRNGKey(i))
+        moves = (bias(state) - before) / rate  # one step: every expert moved by exactly +-rate (or 0)
+        assert np.allclose(np.abs(moves), np.round(np.abs(moves)), atol=1e-4) and np.abs(moves).max() == pytest.approx(1)
+        assert float(metrics["aux_loss"]) > 0 and float(metrics["expert_load_max"]) >= 1 >= float(metrics["expert_load_min"])
+
+
 def _write_prompts(path, count: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:

@@ -153,8 +153,10 @@ def _loss_fn(p: _Parts, teacher_params, accum: int = 1):
         loss = jnp.sum(ex.weight * stats.kl) / normaliser
         sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
         sums["count"] = jnp.sum(ex.count)
-        aux = aux_losses(aux) / accum
-        return loss + aux, {**sums, "loss": loss, "aux_loss": aux}
+        if "expert_counts" in aux:  # MoE routing counts: the trainer's bias update and load metrics
+            sums["expert_counts"] = aux["expert_counts"]
+        aux_loss = aux_losses(aux) / accum
+        return loss + aux_loss, {**sums, "loss": loss, "aux_loss": aux_loss}
 
     return loss_fn
 
@@ -187,7 +189,7 @@ def make_opd_step(
         grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params, accum), has_aux=True)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
         grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum)
-        state, metrics = apply_gradients(config.train, tx, state, grads, sums)
+        state, metrics = apply_gradients(config.train, tx, cfg, state, grads, sums)
         return state, {**metrics, **summarize({**sums, **stats}), "tokens": stats["tokens"]}
 
     if not jit:
@@ -205,6 +207,6 @@ def make_opd_eval_step(
     def eval_step(params, teacher_params, batch, rng):
         ex, h_t, stats = _states_and_teacher(parts, params, teacher_params, batch, rng)
         _, sums = _loss_fn(parts, teacher_params)(params, (ex, h_t), 1.0, rng, 0)
-        return {k: v for k, v in {**sums, **stats}.items() if k not in ("loss", "aux_loss")}
+        return {k: v for k, v in {**sums, **stats}.items() if k not in ("loss", "aux_loss", "expert_counts")}
 
     return jax.jit(eval_step) if jit else eval_step
