@@ -200,6 +200,37 @@ def demo_section() -> ConfigDict:
     )
 
 
+def opd_section() -> ConfigDict:
+    """On-policy distillation from the frozen AR teacher (METHOD.md section 5). Owned by efficient_dlm/train/opd.py.
+
+    diffusion.objective="opd" trains only with OPD; any other diffusion objective mixes OPD steps in
+    from opd.start_step on (every opd.every-th step; -1 = never).
+    """
+    return ConfigDict(
+        dict(
+            teacher="",  # the AR model: a Hugging Face directory or an orbax checkpoint (never updated)
+            teacher_dtype="bfloat16",  # its parameters and compute
+            prompt_files="",  # comma-separated JSONL: {"prompt": text} | {"prompt_ids": [...]} | {"messages": [...]}
+            eval_files="",  # held-out prompts: KL and teacher agreement at evaluation
+            eval_batches=2,
+            chat_template=False,  # wrap prompts in the tokenizer's chat template (tokenizer_config.json)
+            max_prompt_len=64,  # prompt capacity in tokens; longer prompts keep their last tokens
+            max_new_tokens=32,  # rollout length ...
+            max_new_tokens_schedule="",  # ... or "step:tokens,..." (e.g. growing: "0:16,200:32,400:64")
+            block_size=4,  # rollout block size (the paper: 4)
+            strategy="topk",  # topk: opd.steps_per_block steps per block | threshold (Fast-dLLM)
+            steps_per_block=4,  # topk: block_size / steps_per_block tokens committed per step
+            threshold=0.9,  # threshold strategy
+            temperature=0.0,  # 0: greedy rollouts; > 0: sampled (seeded from the step)
+            states="sequence",  # sequence: one partially denoised state per row | block: one per block
+            top_k=16,  # KL over the teacher's top-k tokens (renormalised); 0 = the full vocabulary
+            kl_chunk=0,  # > 0: logits of this many positions at a time (large vocabularies)
+            start_step=-1,  # mixed recipes: first OPD step (with another diffusion objective)
+            every=1,  # mixed recipes: OPD on every n-th step from start_step
+        )
+    )
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.model = model_section()
@@ -213,6 +244,7 @@ def base_config() -> ConfigDict:
     c.sample = sample_section()
     c.bench = bench_section()
     c.demo = demo_section()
+    c.opd = opd_section()
     c.seed = 0
     c.run_dir = "runs/default"
     return c

@@ -157,7 +157,7 @@ def test_edlm_train_cli_ar_then_bad_configs(tmp_path, capsys):
     assert model.config.hidden_size == 32 and model.config.mask_token_id == 511
     rc = cli.main(base + ["--config.diffusion.objective=mdlm", f"--config.run_dir={tmp_path / 'bad'}"])
     assert rc == 2 and capsys.readouterr().err.strip() == (
-        "edlm train: error: unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, bidirectional, ar"
+        "edlm train: error: unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, bidirectional, ar, opd"
     )
 
 
@@ -232,11 +232,11 @@ def test_checkpoint_retention_keeps_the_last_k_and_the_best(tmp_path):
     for step in range(1, 6):
         next(data)
         state = TrainState(jnp.asarray(step, jnp.int32), {"w": jnp.full((3,), step, jnp.float32)}, {}, jax.random.PRNGKey(0))
-        ckpt.save(state, data, {"eval_loss": eval_loss[step]} if step in eval_loss else None)
+        ckpt.save(state, {"data": data}, {"eval_loss": eval_loss[step]} if step in eval_loss else None)
     ckpt.wait()
     assert sorted(ckpt.all_steps()) == [2, 4, 5]
     restored_data = iter(grain.MapDataset.range(100).to_iter_dataset())
     target = jax.eval_shape(lambda: state)
-    back = ckpt.restore(2, target, restored_data)
+    back = ckpt.restore(2, target, {"data": restored_data})
     assert int(back.step) == 2 and np.all(np.asarray(back.params["w"]) == 2) and next(restored_data) == 2
     ckpt.close()

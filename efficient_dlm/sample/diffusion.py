@@ -201,4 +201,6 @@ def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) ->
     carry = jax.lax.while_loop(more_blocks, functools.partial(_decode_block, ctx), carry)
     out = finish(plan, knobs, carry.canvas, carry.canvas_step, ctx.first, carry.canvas_logits)
     out.update(forwards=carry.counters.forwards, row_forwards=carry.counters.row_forwards, blocks=carry.block)
+    if plan.record_canvas:  # every committed token and its step, also those after a stop (the exact trajectory)
+        out.update(canvas=carry.canvas, canvas_step=carry.canvas_step)
     return out

@@ -44,6 +44,7 @@ class Plan:
     token_shift: bool = False
     record_logits: bool = False
     stream: bool = False
+    record_canvas: bool = False  # diffusion: also return the raw canvas and commit steps (on-policy distillation)
 
     def allowed(self) -> np.ndarray:
         return allowed_ids(self.vocab_size, self.banned_ids, self.valid_vocab_size)

@@ -5,6 +5,7 @@ Layout of `run_dir`:
     <step>/params                      the model parameters (what `efficient_dlm.load(run_dir)` reads)
     <step>/train_state                 step, optimizer state, PRNG key
     <step>/data                        the grain iterator state, one file per process
+    <step>/prompts                     the same for the OPD prompt iterator (runs with OPD steps)
 Saves are asynchronous (device-to-host copy happens in `save`, the write in the background) and
 atomic (orbax writes a temporary directory and renames it). Retention keeps the last
 `train.keep_last` steps plus the one with the best evaluation loss.
@@ -50,25 +51,26 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, state: TrainState, data_iterator, metrics: dict[str, float] | None = None) -> None:
+    def save(self, state: TrainState, iterators: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+        """Saves the state and each named data iterator (e.g. {"data": text, "prompts": OPD prompts})."""
         step = int(state.step)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state, "rng": state.rng}),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            **{name: grain.checkpoint.CheckpointSave(it) for name, it in iterators.items()},
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
-    def restore(self, step: int, target: TrainState, data_iterator) -> TrainState:
-        """The state at `step` laid out like `target` (abstract, possibly sharded); the data iterator
-        is restored in place."""
+    def restore(self, step: int, target: TrainState, iterators: dict[str, Any]) -> TrainState:
+        """The state at `step` laid out like `target` (abstract, possibly sharded); the named data
+        iterators are restored in place."""
         rest = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target.params),
                 train_state=ocp.args.StandardRestore(rest),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                **{name: grain.checkpoint.CheckpointRestore(it) for name, it in iterators.items()},
             ),
         )
         ts: dict[str, Any] = out["train_state"]

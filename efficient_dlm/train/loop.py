@@ -27,7 +27,7 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import distributed
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.rules import axis_rules
-from efficient_dlm.train import model_init
+from efficient_dlm.train import model_init, opd_loop
 from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
 from efficient_dlm.train.metrics import MetricsLogger
 from efficient_dlm.train.optim import make_optimizer
@@ -98,6 +98,9 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, float]] = []
         self.skipped = 0
+        self.text = config.diffusion.objective != opd_loop.OBJECTIVE  # OPD alone reads prompts, no text
+        self.data_iter = None
+        self.opd: opd_loop.OPDRun | None = None
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -106,12 +109,18 @@ class _Run:
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
+        if opd_loop.enabled(self.config):
+            opd_loop.check_inputs(self.config)
         tokenizer = self._resume(latest) if latest is not None else self._start()
         spec = data_spec(self.config, self.cfg, tokenizer)
-        if latest is not None:
+        if latest is not None and self.text:
             self.data_iter = iter(_build_data(self.config, spec, True))
-            self.state = self.ckpt.restore(latest, self._restore_target(), self.data_iter)
-        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if self.config.data.eval_files else []
+        if opd_loop.enabled(self.config):
+            self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
+        if latest is not None:
+            self.state = self.ckpt.restore(latest, self._restore_target(), self.iterators())
+        text_eval = self.text and self.config.data.eval_files  # OPD alone evaluates on opd.eval_files
+        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if text_eval else []
 
     def _resume(self, latest: int) -> str | None:
         """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
@@ -126,7 +135,8 @@ class _Run:
         source_cfg = model_init.source_config(self.config)
         model_init.check_mask_token(self.config, source_cfg)
         tokenizer = self.config.init.tokenizer or self._source_tokenizer()
-        self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
+        if self.text:
+            self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
         init = model_init.prepare_model(self.config, self.mesh)
         self.cfg = init.model.config
         self.config.diffusion.valid_vocab_size = init.valid_vocab_size
@@ -135,6 +145,11 @@ class _Run:
         checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
         self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
         return init.tokenizer_dir
+
+    def iterators(self) -> dict[str, Any]:
+        """The run's data iterators by checkpoint item name (text batches, OPD prompts)."""
+        named = {"data": self.data_iter, opd_loop.OPDRun.ITERATOR_NAME: self.opd and self.opd.iterator}
+        return {name: it for name, it in named.items() if it is not None}
 
     def _source_tokenizer(self) -> str | None:
         if self.config.init.checkpoint:
@@ -165,7 +180,19 @@ class _Run:
             return jax.device_put(batch)
         return distributed.global_batch(batch, self.mesh, self.t.batch_size)
 
-    def evaluate(self, block_size) -> dict[str, float]:
+    def has_eval(self) -> bool:
+        return bool(self.eval_batches or (self.opd and self.opd.eval_batches))
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out text metrics (loss, nll, accuracy, ...) and/or OPD prompt metrics (kl, ...); "loss" is
+        the text loss, else the KL, and selects the best checkpoint."""
+        out = self.evaluate_text(self.block_size(step)) if self.eval_batches else {}
+        if self.opd and self.opd.eval_batches:
+            out.update(self.opd.evaluate(self.state.params, step, self.device_batch))
+            out.setdefault("loss", out["kl"])
+        return out
+
+    def evaluate_text(self, block_size) -> dict[str, float]:
         if block_size not in self.eval_fns:
             self.eval_fns[block_size] = cached_step(make_eval_step, self.config, self.cfg, block_size)
         fn, key = self.eval_fns[block_size], jax.random.PRNGKey(self.config.seed + 1)
@@ -180,7 +207,7 @@ class _Run:
     def save(self, metrics: dict[str, float] | None) -> None:
         if not params_finite(self.state):
             raise NonFiniteError(f"step {int(self.state.step)}: parameters are not finite; refusing to write a checkpoint")
-        self.ckpt.save(self.state, self.data_iter, metrics)
+        self.ckpt.save(self.state, self.iterators(), metrics)
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -224,11 +251,12 @@ def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | No
                     _one_step(run, logger, step, tokens_per_step)
                     step += 1
                     evaluation = None
-                    if run.eval_batches and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                        evaluation = run.evaluate(run.block_size(step - 1))
+                    if run.has_eval() and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+                        evaluation = run.evaluate(step - 1)
                         run.evals.append({"step": step, **evaluation})
                         logger.write(step, evaluation, "eval")
-                        logger.message(f"step {step}: eval loss {evaluation['loss']:.4f} accuracy {evaluation['accuracy']:.3f}")
+                        shown = [k for k in ("loss", "accuracy", "kl", "teacher_accuracy") if k in evaluation]
+                        logger.message(f"step {step}: eval " + " ".join(f"{k} {evaluation[k]:.4f}" for k in shown))
                     if step % t.save_every == 0 or step == t.steps or evaluation is not None:
                         run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
                 run.ckpt.wait()
@@ -240,9 +268,12 @@ def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | No
 
 
 def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int) -> None:
-    block_size = run.block_size(step)
-    fn = run.step_fn(block_size)
-    batch = next(run.data_iter)
+    opd = run.opd is not None and opd_loop.is_opd_step(run.config, step)
+    if opd:  # on-policy distillation: prompts in, the student's rollouts are the batch (train/opd.py)
+        block_size, fn, batch = run.config.opd.block_size, run.opd.step_fn(step), next(run.opd.iterator)
+    else:
+        block_size = run.block_size(step)
+        fn, batch = run.step_fn(block_size), next(run.data_iter)
     if run.batch_transform is not None:
         batch = run.batch_transform(step, batch)
     batch = run.device_batch(batch)
@@ -250,7 +281,10 @@ def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int)
     run.state, metrics = fn(run.state, batch, jax.random.fold_in(run.state.rng, step))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     elapsed = time.perf_counter() - start
-    metrics.update(step_time=elapsed, tokens_per_s=tokens_per_step / elapsed, block_size=block_size or 0)
+    tokens = metrics["tokens"] if opd else tokens_per_step
+    metrics.update(step_time=elapsed, tokens_per_s=tokens / elapsed, block_size=block_size or 0)
+    if run.opd is not None:
+        metrics["opd"] = float(opd)
     run.history.append({"step": step + 1, **metrics})
     if metrics["skipped"]:
         run.skipped += 1

@@ -69,7 +69,7 @@ def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: f
     return loss_fn
 
 
-def _accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
+def accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
     """Sum of gradients and metric sums over `accum` micro-batches (lax.scan)."""
     if accum == 1:
         (_, sums), grads = grad_fn(params, ex, normaliser, key, step)
@@ -98,6 +98,34 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
+def apply_gradients(
+    t: ConfigDict, tx: optax.GradientTransformation, model_cfg: ModelConfig, state: TrainState, grads,
+    sums: dict[str, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optax update from summed gradients; a non-finite loss (sums["loss"] + sums["aux_loss"]) or
+    gradient leaves params and moments untouched (optax.apply_if_finite). MoE (sums["expert_counts"]):
+    the aux-loss-free selection-bias update and expert-load metrics. Shared by every objective."""
+    loss = sums["loss"] + sums["aux_loss"]
+    finite = jnp.isfinite(loss)  # a non-finite loss poisons the gradients so apply_if_finite skips
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    moe_metrics = {}
+    if "expert_counts" in sums:
+        params = with_updated_expert_bias(params, state.params, sums["expert_counts"], model_cfg, finite)
+        moe_metrics = expert_load_metrics(sums["expert_counts"])
+    metrics = {
+        "loss": loss,
+        "aux_loss": sums["aux_loss"],
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": learning_rate_schedule(t)(state.step),
+        "skipped": ~opt_state.last_finite,  # what apply_if_finite decided
+        "nonfinite_streak": opt_state.notfinite_count,
+        **moe_metrics,
+    }
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
 def make_train_step(
     config: ConfigDict,
     model_cfg: ModelConfig,
@@ -113,7 +141,6 @@ def make_train_step(
     """
     obj = make_objective(config, model_cfg, block_size)
     tx = tx or make_optimizer(config.train)
-    schedule = learning_rate_schedule(config.train)
     accum = config.train.grad_accum
     grad_fn = jax.value_and_grad(_loss_fn(graphdef_for(model_cfg), obj, config, accum, config.train.z_loss), has_aux=True)
 
@@ -121,30 +148,9 @@ def make_train_step(
         corrupt_key, noise_key = jax.random.split(rng)
         ex = corrupt(obj, batch, corrupt_key)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
-        grads, sums = _accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum)
-        loss = sums["loss"] + sums["aux_loss"]
-        finite = jnp.isfinite(loss)  # a non-finite loss poisons the gradients so apply_if_finite skips
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-        moe_metrics = {}
-        if "expert_counts" in sums:  # MoE: load metrics and the aux-loss-free selection-bias update
-            counts = sums.pop("expert_counts")
-            params = with_updated_expert_bias(params, state.params, counts, model_cfg, finite)
-            moe_metrics = expert_load_metrics(counts)
-        metrics = {
-            "loss": loss,
-            "aux_loss": sums["aux_loss"],
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-            "skipped": ~opt_state.last_finite,  # what apply_if_finite decided
-            "nonfinite_streak": opt_state.notfinite_count,
-            "tokens": sums["tokens"],
-            **summarize(sums),
-            **moe_metrics,
-        }
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        grads, sums = accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum)
+        state, metrics = apply_gradients(config.train, tx, model_cfg, state, grads, sums)
+        return state, {**metrics, "tokens": sums["tokens"], **summarize(sums)}
 
     if not jit:
         return step

@@ -8,7 +8,9 @@ from ml_collections import ConfigDict
 
 from efficient_dlm.config import register_validator
 from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS
+from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
+from efficient_dlm.train import opd_loop  # noqa: F401  (registers the opd section's validator)
 from efficient_dlm.train.optim import SCHEDULES
 
 MASK_TOKEN_MODES = ("model", "append")
@@ -21,7 +23,7 @@ def _choice(value, choices, key: str) -> None:
 
 def check_diffusion(config: ConfigDict) -> None:
     d, seq_len = config.diffusion, config.data.seq_len
-    _choice(d.objective, OBJECTIVES, "diffusion.objective")
+    _choice(d.objective, (*OBJECTIVES, OPD), "diffusion.objective")
     _choice(d.masking, MASKINGS, "diffusion.masking")
     _choice(d.loss_weighting, WEIGHTINGS, "diffusion.loss_weighting")
     _choice(d.mask_token, MASK_TOKEN_MODES, "diffusion.mask_token")

@@ -1,0 +1,41 @@
+"""On-policy distillation of the tiny model on a laptop CPU (tests, smoke runs, the OPD benchmark).
+
+    edlm train --config=configs/opd_tiny.py --config.opd.teacher=AR_CKPT --config.init.checkpoint=DLM_CKPT \
+        --config.opd.prompt_files=prompts.jsonl [--config.opd.eval_files=held_out.jsonl]
+
+The student (init.checkpoint: usually a block-diffusion run such as configs/tiny_train.py's, or the
+AR checkpoint itself) decodes each prompt with block 4 and 4 steps per block (OPDLM's setting) and
+learns the teacher's top-16 next-token distributions at the [MASK] positions of one state per rollout.
+Mixed recipes: set diffusion.objective=block_diffusion, data.train_files and opd.start_step (phases)
+/ opd.every (interleaving) instead.
+"""
+import importlib.util
+import os
+
+
+def _tiny_train():
+    path = os.path.join(os.path.dirname(__file__), "tiny_train.py")
+    spec = importlib.util.spec_from_file_location("tiny_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _tiny_train()
+    c.diffusion.objective = "opd"
+    o = c.opd
+    o.block_size = 4
+    o.strategy = "topk"
+    o.steps_per_block = 4
+    o.max_prompt_len = 32
+    o.max_new_tokens_schedule = "0:16,100:32"  # rollouts grow as the student improves
+    o.top_k = 16
+    o.teacher_dtype = "float32"  # tiny model on CPU: bf16 brings no saving
+    c.train.steps = 200
+    c.train.batch_size = 8
+    c.train.learning_rate = 3e-4
+    c.train.warmup_steps = 10
+    c.train.eval_every = 50
+    c.run_dir = "runs/opd_tiny"
+    return c

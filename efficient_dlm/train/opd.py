@@ -1,0 +1,212 @@
+"""The on-policy distillation step: rollout, state choice, teacher, KL and update in one jitted program.
+
+`make_opd_step(config, model_cfg, teacher_cfg, max_new_tokens=...)` returns
+`step(state, teacher_params, batch, rng) -> (state, metrics)`:
+  1. the student decodes the batch's prompts with the sampler's compiled block-diffusion program
+     (efficient_dlm.sample.diffusion; current parameters under stop_gradient: on-policy, and no
+     gradient through the rollout), which also returns the raw canvas and the step of every commit;
+  2. one state per row (or per block, opd.states) is chosen and rebuilt (diffusion/opd.py);
+  3. the frozen AR teacher runs causally on the finished sequences;
+  4. loss = KL(teacher || student) at the state's [MASK] positions, normalised by their count;
+     gradients (accumulated over train.grad_accum micro-batches) and the optax update are the
+     trainer's (train/step.py), so OPD shares the optimizer, schedule and non-finite handling.
+The teacher's parameters are an argument, never donated and never differentiated: they stay bitwise
+unchanged. One compiled step per rollout length (opd.max_new_tokens_schedule).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from efficient_dlm.diffusion.objectives import Objective, aux_losses, predict_hidden
+from efficient_dlm.diffusion.opd import (
+    Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
+)
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.sample.choice import Sampling
+from efficient_dlm.sample.diffusion import diffusion_program
+from efficient_dlm.sample.program import Plan, stop_id_array
+from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.state import TrainState, graphdef_for
+from efficient_dlm.train.step import accumulate, apply_gradients
+
+ROLLOUT_STRATEGIES = ("topk", "threshold")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The frozen AR teacher: its architecture (static, compiled in) and parameters (a step argument)."""
+
+    config: ModelConfig
+    params: nnx.State
+
+
+def num_blocks(block_size: int, max_new_tokens: int) -> int:
+    """Blocks the sampler decodes for any prompt remainder (as sample/layout.py's block_layout)."""
+    return -(-(block_size - 1 + max_new_tokens) // block_size)
+
+
+def rollout_plan(config: ConfigDict, cfg: ModelConfig, max_new_tokens: int) -> Plan:
+    """The sampler's static plan for the student's rollouts (block size, strategy, greedy or sampled)."""
+    o = config.opd
+    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    return Plan(
+        strategy=o.strategy, max_new_tokens=max_new_tokens, sampling=Sampling(greedy=o.temperature == 0),
+        pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=config.diffusion.valid_vocab_size,
+        vocab_size=cfg.vocab_size,
+        block_size=o.block_size, num_blocks=num_blocks(o.block_size, max_new_tokens),
+        tokens_per_step=o.block_size // o.steps_per_block, mask_id=cfg.mask_token_id,
+        token_shift=config.diffusion.token_shift, record_canvas=True,
+    )
+
+
+def rollout_knobs(o: ConfigDict, cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """The sampler's traced settings; the sampling seed comes from the step's key."""
+    stops = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+    return {
+        "threshold": jnp.float32(o.threshold), "factor": jnp.float32(1.0), "entropy_bound": jnp.float32(0.0),
+        "temperature": jnp.float32(max(o.temperature, 1e-6)), "top_p": jnp.float32(1.0),
+        "seed": jax.random.bits(key, (), jnp.uint32), "stop_ids": jnp.asarray(stop_id_array(stops)),
+    }
+
+
+def trajectory(batch: dict[str, jax.Array], out: dict[str, jax.Array], block_size: int, mask_id: int) -> Trajectory:
+    """The rollout left-aligned: [prompt's full blocks ; decoded blocks] shifted so index = position."""
+    prefix, shift = batch["prefix"], batch["shift"]
+    decoded, decoded_steps = out["canvas"][:, block_size:], out["canvas_step"][:, block_size:]
+    tokens = jnp.concatenate([prefix, decoded], axis=1)
+    steps = jnp.concatenate([jnp.full_like(prefix, -1), decoded_steps], axis=1)
+    width = tokens.shape[1]
+    index = jnp.arange(width, dtype=jnp.int32)[None, :] + shift[:, None]
+    inside = index < width
+
+    def align(x, fill):
+        return jnp.where(inside, jnp.take_along_axis(x, jnp.minimum(index, width - 1), axis=1), fill)
+
+    prompt_lengths = prefix.shape[1] - shift + batch["remainder"]
+    return Trajectory(align(tokens, mask_id), align(steps, -1), prompt_lengths, out["lengths"], width - shift)
+
+
+def rollout(graphdef, params, plan: Plan, batch: dict[str, jax.Array], knobs: dict) -> tuple[Trajectory, dict]:
+    """The student's decoding of the batch's prompts (no gradient flows back through it)."""
+    inputs = {k: batch[k] for k in ("prefix", "prefix_positions", "first_block", "shift", "remainder")}
+    out = diffusion_program(graphdef, plan, jax.lax.stop_gradient(params), inputs, knobs)
+    stats = {"generated": jnp.sum(out["lengths"]), "row_forwards": jnp.sum(out["row_forwards"])}
+    stats = {k: v.astype(jnp.float32) for k, v in stats.items()}
+    return trajectory(batch, out, plan.block_size, plan.mask_id), stats
+
+
+def student_objective(config: ConfigDict, cfg: ModelConfig) -> Objective:
+    """The clean-context pattern at the rollout's block size: how the sampler's KV cache decodes."""
+    return Objective(kind="block_diffusion", block_size=config.opd.block_size, token_shift=config.diffusion.token_shift,
+                     mask_token_id=cfg.mask_token_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What an OPD program closes over, built once outside any trace (graph definitions, plan)."""
+
+    config: ConfigDict
+    cfg: ModelConfig
+    plan: Plan
+    student: nnx.GraphDef
+    teacher: nnx.GraphDef
+    objective: Objective
+
+
+def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, max_new_tokens: int) -> _Parts:
+    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), graphdef_for(cfg), graphdef_for(teacher_cfg),
+                  student_objective(config, cfg))
+
+
+def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
+    """Rollout, chosen states as a training Example, and the teacher's aligned hidden states."""
+    o = p.config.opd
+    roll_key, choose_key = jax.random.split(rng)
+    traj, stats = rollout(p.student, params, p.plan, batch, rollout_knobs(o, p.cfg, roll_key))
+    group = o.block_size if o.states == "block" else traj.tokens.shape[1]
+    ex = student_example(traj, choose_steps(choose_key, traj.steps, group), p.objective)
+    tokens, segment_ids, positions = teacher_inputs(traj, p.plan.pad_id)
+    teacher = nnx.merge(p.teacher, teacher_params)
+    h_t, _ = teacher.hidden(tokens, attention="causal", segment_ids=segment_ids, positions=positions)
+    stats["tokens"] = jnp.sum(segment_ids).astype(jnp.float32)
+    return ex, jax.lax.stop_gradient(shift_right(h_t)), stats
+
+
+def _loss_fn(p: _Parts, teacher_params, accum: int = 1):
+    """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form; the
+    student's auxiliary losses (MoE routers) are added as in block-diffusion training."""
+    o, valid = p.config.opd, p.config.diffusion.valid_vocab_size
+
+    def loss_fn(params, inputs, normaliser, key, step):
+        ex, h_t = inputs
+        student = nnx.merge(p.student, params)
+        h_s, aux = predict_hidden(student, p.objective, ex)
+        stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
+                              top_k=o.top_k, valid_vocab=valid, chunk=o.kl_chunk)
+        loss = jnp.sum(ex.weight * stats.kl) / normaliser
+        sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
+        sums["count"] = jnp.sum(ex.count)
+        if "expert_counts" in aux:  # MoE routing counts: the trainer's bias update and load metrics
+            sums["expert_counts"] = aux["expert_counts"]
+        aux_loss = aux_losses(aux) / accum
+        return loss + aux_loss, {**sums, "loss": loss, "aux_loss": aux_loss}
+
+    return loss_fn
+
+
+def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Ratios from summed OPD statistics: KL per trained token, agreement with the teacher's argmax,
+    and the rollouts' tokens per forward pass (generated tokens / row forward passes, as the sampler)."""
+    count = jnp.maximum(sums["count"], 1.0)
+    return {
+        "kl": sums["kl"] / count,
+        "teacher_accuracy": sums["agree"] / count,
+        "tokens_per_forward": sums["generated"] / jnp.maximum(sums["row_forwards"], 1.0),
+        "trained_tokens": sums["count"],
+        "generated_tokens": sums["generated"],
+    }
+
+
+def make_opd_step(
+    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int,
+    tx: optax.GradientTransformation | None = None, jit: bool = True, donate: bool = True,
+) -> Callable[[TrainState, nnx.State, dict, jax.Array], tuple[TrainState, dict[str, Any]]]:
+    """The OPD train step for student `cfg` (see the module docstring). batch: the prompt pipeline's
+    layout arrays (data/prompts.py) with leading dimension train.batch_size."""
+    tx = tx or make_optimizer(config.train)
+    parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
+    accum = config.train.grad_accum
+
+    def step(state: TrainState, teacher_params: nnx.State, batch: dict, rng: jax.Array):
+        ex, h_t, stats = _states_and_teacher(parts, state.params, teacher_params, batch, rng)
+        grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params, accum), has_aux=True)
+        normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
+        grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum)
+        state, metrics = apply_gradients(config.train, tx, cfg, state, grads, sums)
+        return state, {**metrics, **summarize({**sums, **stats}), "tokens": stats["tokens"]}
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_opd_eval_step(
+    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True
+):
+    """eval_step(params, teacher_params, batch, rng) -> summed statistics (kl, agree, count, generated,
+    row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all batches."""
+    parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
+
+    def eval_step(params, teacher_params, batch, rng):
+        ex, h_t, stats = _states_and_teacher(parts, params, teacher_params, batch, rng)
+        _, sums = _loss_fn(parts, teacher_params)(params, (ex, h_t), 1.0, rng, 0)
+        return {k: v for k, v in {**sums, **stats}.items() if k not in ("loss", "aux_loss", "expert_counts")}
+
+    return jax.jit(eval_step) if jit else eval_step
