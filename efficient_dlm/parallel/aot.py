@@ -171,6 +171,11 @@ def compile_or_explain(program: Program, mesh: Mesh, rules, config: ConfigDict, 
         if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise
         first = next((line for line in text.splitlines() if "memory" in line.lower()), text.splitlines()[0])
+        if "space=vmem" in text:  # a kernel's tile, not HBM: more chips do not help
+            raise UserError(
+                f"{program.name} does not compile on {target.describe()}: a kernel's block exceeds the chip's "
+                f"VMEM ({first.strip()[:160]}). Try: --config.model.attention_backend=xla, or smaller kernel blocks"
+            ) from None
         raise UserError(
             f"{program.name} does not fit on {target.describe()} with mesh {mesh_lib.describe(mesh)}: "
             f"{first.strip().rstrip('.')}. Try: {advice(program, config)}"
