@@ -187,13 +187,18 @@ def main() -> None:
         source = given_teacher(args.teacher)
     record["teacher"] = dataclasses.asdict(source)
 
+    start_from = source.path
+    if source.hf:  # the students start from an orbax copy of the teacher (what `edlm import-hf` writes)
+        start_from = os.path.join(args.out, "teacher_ckpt")
+        if not os.path.exists(start_from):
+            from efficient_dlm import checkpoints
+
+            checkpoints.save(load_model(source.path, True)[0], start_from, tokenizer_dir=source.tokenizer)
+
     def from_source(name: str, init: str | None, objective: str):
         """A student stage initialised from `init` (a run of this benchmark), else from the teacher."""
         c = base(args, os.path.join(args.out, name))
-        if init is None and source.hf:
-            c.init.hf_dir = source.path
-        else:
-            c.init.checkpoint = init or source.path
+        c.init.checkpoint = init or start_from
         c.init.tokenizer = source.tokenizer
         c.model.mask_token_id = source.mask_token_id
         c.diffusion.mask_token = "model" if source.mask_token_id is not None else "append"
