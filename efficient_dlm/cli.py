@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import sys
 import warnings
 
@@ -163,8 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         _deactivate_verb_flags()
 
 
+_INVOCATION = ""
+
+
+def invocation() -> str:
+    """The running verb's command line as typed (`edlm demo --out X --config.k=v`), for reports."""
+    return _INVOCATION
+
+
 def _run_verb(verb: str, module, argv: list[str]) -> int:
     from absl import flags
+
+    global _INVOCATION
+    _INVOCATION = shlex.join(["edlm", verb, *argv])
 
     if any(arg in ("-h", "--help", "--helpfull") for arg in argv):
         print(_verb_help(verb, module))

@@ -63,6 +63,7 @@ def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     acc = ev["dlm"][1]["accuracy"]["all"]
     assert f"| dLM | threshold 0.9 | {acc:.1f} |" in report
     assert f"{ev['text']['teacher_nll']:.3f}" in report
+    assert f"Command: `edlm demo --out={demo_dir} --config.train.steps=2 " in report  # overrides included
     assert open(os.path.join(demo_dir, "accuracy_vs_tpf.png"), "rb").read(4) == b"\x89PNG"
     conv = _json(os.path.join(demo_dir, "stages", "convert.json"))["results"]
     assert conv["steps"] == 2 and conv["tokens"] == 2 * 2 * 32

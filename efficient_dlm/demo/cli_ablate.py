@@ -14,9 +14,11 @@ flags.DEFINE_string("out", "runs/ablation", "output directory (one subdirectory 
 
 
 def run(config, FLAGS) -> int:
+    from efficient_dlm.cli import invocation
+
     from efficient_dlm.demo.ablate import run_ablation
 
-    result = run_ablation(config, FLAGS.out, command=f"edlm ablate --out {FLAGS.out}")
+    result = run_ablation(config, FLAGS.out, command=invocation())
     print("\n".join(result["table"]))
     print(f"plot: {result['plot']}")
     return 0

@@ -14,11 +14,13 @@ flags.DEFINE_string("out", "runs/demo", "output directory (data, checkpoints, ex
 
 
 def run(config, FLAGS) -> int:
+    from efficient_dlm.cli import invocation
+
     import os
 
     from efficient_dlm.demo.pipeline import run_demo
 
-    results = run_demo(config, FLAGS.out, command=f"edlm demo --out {FLAGS.out}")
+    results = run_demo(config, FLAGS.out, command=invocation())
     report = results["report"]["report"]
     print(f"\nreport: {report}\nplot:   {results['report']['plot']}\ntotal:  {results['total_seconds']:.0f} s")
     with open(report) as f:
