@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--eval_max_new", type=int, default=32)
     p.add_argument("--thresholds", default="0.9,0.7")
     args = p.parse_args()
+    args.out = os.path.abspath(args.out)  # orbax wants absolute paths
     os.makedirs(args.out, exist_ok=True)
     tasks = _tasks_module(args.tasks_module)
     names = args.tasks.split(",") if args.tasks else list(tasks.TASKS) if args.teacher else TASKS.split(",")
