@@ -6,19 +6,11 @@ Variants are defined in efficient_dlm/demo/ablate.py. Every variant trains train
 train.batch_size x data.seq_len tokens from the same teacher, data order and seed, and is decoded at
 threshold 0.9 (the AR variant: greedily, token by token).
 """
-import importlib.util
-import os
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("demo_recipe", os.path.join(os.path.dirname(__file__), "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from efficient_dlm.config import sibling_recipe
 
 
 def get_config():
-    c = _demo()
+    c = sibling_recipe(__file__, "demo")
     c.demo.thresholds = "0.9"
     c.demo.hf_samples = 0
     return c

@@ -9,20 +9,11 @@ learns the teacher's top-16 next-token distributions at the [MASK] positions of 
 Mixed recipes: set diffusion.objective=block_diffusion, data.train_files and opd.start_step (phases)
 / opd.every (interleaving) instead.
 """
-import importlib.util
-import os
-
-
-def _tiny_train():
-    path = os.path.join(os.path.dirname(__file__), "tiny_train.py")
-    spec = importlib.util.spec_from_file_location("tiny_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from efficient_dlm.config import sibling_recipe
 
 
 def get_config():
-    c = _tiny_train()
+    c = sibling_recipe(__file__, "tiny_train")
     c.diffusion.objective = "opd"
     o = c.opd
     o.block_size = 4

@@ -9,19 +9,11 @@ the masked-token count, [MASK] appended as a new vocabulary row (151936 is alrea
 so the vocabulary grows to 152064). bf16 compute with fp32 master weights, full rematerialisation,
 chunked cross-entropy for the 152k vocabulary.
 """
-import importlib.util
-import os
-
-
-def _qwen3_8b():
-    spec = importlib.util.spec_from_file_location("qwen3_8b", os.path.join(os.path.dirname(__file__), "qwen3_8b.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from efficient_dlm.config import sibling_recipe
 
 
 def get_config():
-    c = _qwen3_8b()
+    c = sibling_recipe(__file__, "qwen3_8b")
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"

@@ -12,20 +12,11 @@ state per rollout, logits 512 positions at a time for the 152k vocabulary. The s
 interleave OPD with block diffusion: keep diffusion.objective=block_diffusion, set data.train_files,
 opd.start_step=0 and opd.every=4.
 """
-import importlib.util
-import os
-
-
-def _qwen3_8b_bd():
-    path = os.path.join(os.path.dirname(__file__), "qwen3_8b_bd.py")
-    spec = importlib.util.spec_from_file_location("qwen3_8b_bd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from efficient_dlm.config import sibling_recipe
 
 
 def get_config():
-    c = _qwen3_8b_bd()
+    c = sibling_recipe(__file__, "qwen3_8b_bd")
     c.diffusion.objective = "opd"
     o = c.opd
     o.teacher_dtype = "bfloat16"

@@ -6,21 +6,12 @@
 The model is configs/tiny.py (random init); text is tokenized byte by byte with the tokenizer shipped
 in efficient_dlm/assets/byte_tokenizer (<eos> = 1, [MASK] = 511).
 """
-import importlib.util
-import os
-
+from efficient_dlm.config import sibling_recipe
 from efficient_dlm.data.byte_tokenizer import ASSET_DIR
 
 
-def _tiny():
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(os.path.dirname(__file__), "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config():
-    c = _tiny()
+    c = sibling_recipe(__file__, "tiny")
     c.init.tokenizer = ASSET_DIR
     c.diffusion.objective = "block_diffusion"
     c.diffusion.block_size = 8

@@ -12,6 +12,8 @@ meaning of its section; the defaults live here so a reader sees the whole schema
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import typing
 from typing import Any, Callable
 
@@ -229,6 +231,16 @@ def opd_section() -> ConfigDict:
             every=1,  # mixed recipes: OPD on every n-th step from start_step
         )
     )
+
+
+def sibling_recipe(anchor: str, name: str) -> ConfigDict:
+    """get_config() of the recipe `name`.py next to the file `anchor` (a recipe's __file__): recipes
+    build on one another (qwen3_8b_opd on qwen3_8b_bd on qwen3_8b) without configs/ being a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"edlm_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def base_config() -> ConfigDict:

@@ -4,16 +4,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    num_experts_per_tok=2,
-)
+from tests.hf_factory import BASE as DENSE_BASE
+
+BASE = {**DENSE_BASE, "intermediate_size": 48, "num_experts_per_tok": 2}  # the dense oracle's sizes
 
 # name -> (config class, model class, overrides). Each exercises a router / layout option.
 MOE_FAMILIES = {
