@@ -51,18 +51,23 @@ FAMILIES = {
 }
 
 
-def make_hf_model(name: str, directory: str, seed: int = 0, dtype=torch.float32, **overrides):
-    """Creates, saves (safetensors) and returns the torch model for family option `name`."""
-    config_cls, model_cls, extra = FAMILIES[name]
+def random_hf_model(spec: tuple, seed: int = 0, base: dict = BASE, **overrides):
+    """The torch model of a (config class, model class, config overrides) spec, with random (not
+    default-initialised) norms and biases so every tensor matters in parity tests."""
+    config_cls, model_cls, extra = spec
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    config = getattr(transformers, config_cls)(**{**base, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
-    # Random (not default-initialised) norms and biases so every tensor matters in parity tests.
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
-    model = model.to(dtype)
+    return model
+
+
+def make_hf_model(name: str, directory: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """Creates, saves (safetensors) and returns the torch model for family option `name`."""
+    model = random_hf_model(FAMILIES[name], seed, **overrides).to(dtype)
     model.save_pretrained(directory)
     return model
 

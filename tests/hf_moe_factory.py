@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-import transformers
 
 from tests.hf_factory import BASE as DENSE_BASE
+from tests.hf_factory import random_hf_model
 
 BASE = {**DENSE_BASE, "intermediate_size": 48, "num_experts_per_tok": 2}  # the dense oracle's sizes
 
@@ -40,15 +40,10 @@ MOE_FAMILIES = {
 
 def make_moe_hf_model(name: str, directory: str, seed: int = 0, **overrides):
     """Creates, saves (safetensors) and returns the torch model for MoE option `name`."""
-    config_cls, model_cls, extra = MOE_FAMILIES[name]
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
-    model = getattr(transformers, model_cls)(config).eval()
+    model = random_hf_model(MOE_FAMILIES[name], seed, base=BASE, **overrides)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "norm" in pname or pname.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
-            elif pname.endswith(("gate.weight", "shared_expert_gate.weight")):
+            if pname.endswith(("gate.weight", "shared_expert_gate.weight")):
                 p.copy_(torch.randn_like(p) * 0.5)  # decisive routing: no near-ties between experts
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
