@@ -39,8 +39,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def slice_of(args) -> TpuSlice:
-    return parse(args.tpu, args.num_slices)
+def prologue(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, TpuSlice, "Runner"]:
+    """Both launchers' prologue: the shared flags added and parsed, the slice resolved (a bad --tpu is
+    one argparse error line), the runner made and the plan's header printed."""
+    add_common_args(parser)
+    args = parse_args(parser, argv)
+    try:
+        target = parse(args.tpu, args.num_slices)
+    except ValueError as err:
+        parser.error(str(err))
+    print(plan_header(target))
+    return args, target, Runner(args.dry_run)
 
 
 def edlm_command(args, target: TpuSlice) -> str:

@@ -16,7 +16,7 @@ import argparse
 import shlex
 import sys
 
-from common import parse_args, LOG_FILE, REPO_ROOT, Runner, add_common_args, edlm_command, plan_header, slice_of
+from common import LOG_FILE, REPO_ROOT, Runner, edlm_command, prologue
 
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 REMOTE_DIR = "efficient_dlm"
@@ -91,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queued", action="store_true", help="create through a queued resource")
     parser.add_argument("--spot", action="store_true", help="spot capacity")
     parser.add_argument("--keep", action="store_true", help="with `all`: do not delete the TPU at the end")
-    add_common_args(parser)
-    args = parse_args(parser, argv)
-    try:
-        target = slice_of(args)
-    except ValueError as err:
-        parser.error(str(err))
-    run = Runner(args.dry_run)
-    print(plan_header(target))
+    args, target, run = prologue(parser, argv)
     steps = {"create": create, "install": install, "run": start, "delete": delete}
     if args.step != "all":
         print(f"# {args.step}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import parse_args, REPO_ROOT, Runner, add_common_args, edlm_command, plan_header, slice_of
+from common import REPO_ROOT, Runner, edlm_command, prologue
 
 STEPS = ("build", "create", "logs", "delete")
 
@@ -50,14 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("step", choices=STEPS + ("all",), help="one step, or all of them in order")
     parser.add_argument("--cluster", required=True, help="GKE cluster made with `xpk cluster create`")
     parser.add_argument("--image", required=True, help="container image to build and run, e.g. gcr.io/p/edlm:tag")
-    add_common_args(parser)
-    args = parse_args(parser, argv)
-    try:
-        target = slice_of(args)
-    except ValueError as err:
-        parser.error(str(err))
-    run = Runner(args.dry_run)
-    print(plan_header(target))
+    args, target, run = prologue(parser, argv)
     steps = {"build": build, "create": create, "logs": logs, "delete": delete}
     for name in STEPS if args.step == "all" else (args.step,):
         print(f"# {name}")
