@@ -51,7 +51,7 @@ def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
     assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9] and ev["num_prompts"] == 7
     for r in [ev["teacher"], *ev["dlm"]]:
-        # Every sampler step commits at least one token; prefill and cache-write forwards count too.
+        # Every sampler step commits at least one token (the prompt rides along in the first step).
         assert r["generated_tokens"] > 0 and 0 < r["tokens_per_forward"] <= ev["block_size"]
     assert ev["teacher"]["tokens_per_forward"] == pytest.approx(1.0)  # AR: one token per forward
     # A lower threshold never commits fewer tokens per forward on the same prompts and model.

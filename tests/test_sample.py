@@ -23,11 +23,6 @@ def model():
     return peaked_model()
 
 
-def _prefill_forwards(prompt) -> int:
-    """The prompt's full blocks but the last are prefilled in one extra forward pass (bucket K = 2 here)."""
-    return int(len(prompt) // BLOCK >= 2)
-
-
 def _assert_logits_close(ours, ref):
     assert ours.shape == ref.shape
     assert np.max(np.abs(ours - ref)) <= 1e-5 * max(1.0, np.max(np.abs(ref)))
@@ -42,7 +37,7 @@ def test_cached_generation_equals_full_recompute(model, case):
         tokens, logits, steps = reference_dlm(model, prompt, block=BLOCK, max_new=MAX_NEW, strategy=strategy, **knobs)
         assert result.sequences[row] == tokens
         _assert_logits_close(result.logits[row, : len(tokens)], logits)
-        assert result.row_forwards[row] == steps + _prefill_forwards(prompt)
+        assert result.row_forwards[row] == steps  # the prompt rides along in block 0's first step: no prefill forward
     assert result.tokens_per_forward == pytest.approx(result.lengths.sum() / result.row_forwards.sum())
 
 
@@ -53,7 +48,7 @@ def test_threshold_zero_commits_the_whole_block_in_one_step(model):
         steps = result.commit_step[row, : result.lengths[row]]
         for block in np.unique(blocks):
             assert len(set(steps[blocks == block])) == 1
-        assert result.row_forwards[row] == len(np.unique(blocks)) + _prefill_forwards(prompt)
+        assert result.row_forwards[row] == len(np.unique(blocks))
         assert result.sequences[row] == reference_dlm(model, prompt, block=BLOCK, max_new=MAX_NEW,
                                                       strategy="threshold", threshold=0.0)[0]
 
@@ -64,7 +59,7 @@ def test_topk_one_commits_exactly_one_token_per_step(model):
     for row, prompt in enumerate(PROMPTS):
         steps = result.commit_step[row, : result.lengths[row]]
         assert result.lengths[row] == MAX_NEW and len(set(steps.tolist())) == MAX_NEW
-        assert result.row_forwards[row] == MAX_NEW + _prefill_forwards(prompt)
+        assert result.row_forwards[row] == MAX_NEW
 
 
 def test_stop_token_ends_its_row_while_others_continue(model):

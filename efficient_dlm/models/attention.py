@@ -13,7 +13,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from efficient_dlm.models.masks import MaskSpec, dense_mask, visible
+from efficient_dlm.models.masks import MaskSpec, chunk_visible, dense_mask
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 _logged_backends: set[tuple[str, str]] = set()
@@ -65,17 +65,6 @@ def attention(
         return kernel_dispatch.training_attention(q, k, v, spec, segment_ids, backend)
     mask = dense_mask(spec, q.shape[1], k.shape[1], segment_ids, segment_ids)
     return xla_attention(q, k, v, mask)
-
-
-def chunk_visible(mode: str, block_size: int | None, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """Visibility inside a decoded chunk from positions: causal, block-causal or bidirectional."""
-    if mode == "causal":
-        return k_pos <= q_pos
-    if mode == "block":
-        return visible(MaskSpec("block", block_size), q_pos, k_pos)
-    if mode == "bidirectional":
-        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=bool)
-    raise ValueError(f"attention mode {mode!r} cannot be used with a KV cache; use causal, block or bidirectional")
 
 
 def cached_attention(

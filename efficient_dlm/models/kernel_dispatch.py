@@ -152,9 +152,10 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
         return attention_lib.cached_attention(
             q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend="xla"
         )
-    own_mask = attention_lib.chunk_visible(mode, block_size, positions[:, :, None], positions[:, None, :])
-    kernel = functools.partial(decode_lib.decode_attention, max_tile=_tiles()["decode"], interpret=_interpret())
-    args = (q, k, v, cache_k, cache_v, cache_start, cache_length, own_mask)
+    kernel = functools.partial(
+        decode_lib.decode_attention, mode=mode, block_size=block_size, max_tile=_tiles()["decode"], interpret=_interpret()
+    )
+    args = (q, k, v, cache_k, cache_v, cache_start, cache_length, positions)
     mesh = _mesh()
     if mesh is None:
         return kernel(*args)
@@ -162,7 +163,7 @@ def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, posit
     heads = kv_spec[2] if kv_spec[2] == q_spec[2] else None  # else replicate heads: never copy the cache
     batch = q_spec[0]
     spec, row = P(batch, None, heads, None), P(batch)
-    return _shard(kernel, mesh, args, (spec, spec, spec, spec, spec, row, row, P(batch, None, None)), spec)
+    return _shard(kernel, mesh, args, (spec, spec, spec, spec, spec, row, row, P(batch, None)), spec)
 
 
 # ---- LM-head confidence --------------------------------------------------------------------------

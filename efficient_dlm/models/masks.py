@@ -78,6 +78,17 @@ def visible(spec: MaskSpec, q_idx, k_idx):
     return same_block_same_stream | noisy_sees_clean_past | clean_sees_clean_past
 
 
+def chunk_visible(mode: str, block_size: int | None, q_pos: jnp.ndarray, k_pos: jnp.ndarray) -> jnp.ndarray:
+    """Visibility inside a decoded chunk from positions: causal, block-causal or bidirectional."""
+    if mode == "causal":
+        return k_pos <= q_pos
+    if mode == "block":
+        return visible(MaskSpec("block", block_size), q_pos, k_pos)
+    if mode == "bidirectional":
+        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=bool)
+    raise ValueError(f"attention mode {mode!r} cannot be used with a KV cache; use causal, block or bidirectional")
+
+
 def dense_mask(spec: MaskSpec, q_len: int, k_len: int, q_segment_ids=None, kv_segment_ids=None):
     """[batch or 1, q_len, k_len] boolean mask, built on device from indices (XLA reference path)."""
     q_idx = jnp.arange(q_len, dtype=jnp.int32)[:, None]

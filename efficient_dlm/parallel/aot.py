@@ -188,27 +188,43 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def train_flops(config: ConfigDict, mesh: Mesh, rules) -> float:
-    """FLOPs per chip of the training step at the config's full depth.
+def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) -> tuple[float, str]:
+    """(FLOPs per chip of the training step at the config's full depth and batch, how they were counted).
 
     XLA's cost analysis counts the body of a loop once, so loops are taken out of the counted programs:
     layers are unrolled at one and two repeating layers (after any leading dense layers of an MoE
     model; cheap to compile) and extrapolated linearly, F(L) = F(d) + (L - d) * (F(d + 1) - F(d));
-    gradient accumulation becomes one pass over the whole batch and the chunked loss the plain one
-    (the same arithmetic, minus the chunked LM head's recomputation in the backward pass).
-    tests/aot_checks.py finds the extrapolation within 1e-4 of XLA's count for the unrolled program.
+    gradient accumulation becomes one pass over the batch and the chunked loss the plain one (the same
+    arithmetic, minus the chunked LM head's recomputation in the backward pass). When that whole-batch
+    program does not fit the chip (plain [B, T, V] logits: the 100B MoE's needs 125 GiB on v5p), or
+    with per_shard, the batch is extrapolated the same way from one and two sequences per batch shard
+    (an estimate: XLA simplifies some one-row shapes, 0.14% off on tiny models).
+    tests/aot_checks.py checks both against XLA's count for the unrolled program.
     """
-    first = config.model.get("first_k_dense", 0) or 0
-    counts = []
-    for depth in (first + 1, first + 2):
-        variant = config.copy_and_resolve_references()
-        variant.model.num_layers, variant.model.scan_layers = depth, False
-        variant.train.grad_accum, variant.train.loss_chunk = 1, 0
-        counts.append(_flops(train_program(variant, mesh).compile(mesh, rules)))
-    return counts[0] + (config.model.num_layers - first - 1) * (counts[1] - counts[0])
+    first, layers = config.model.get("first_k_dense", 0) or 0, config.model.num_layers
+    batch, length = config.train.batch_size, config.data.seq_len
+
+    def at_depth(rows: int) -> float:
+        counts = []
+        for depth in (first + 1, first + 2):
+            variant = config.copy_and_resolve_references()
+            variant.model.num_layers, variant.model.scan_layers = depth, False
+            variant.train.grad_accum, variant.train.loss_chunk, variant.train.batch_size = 1, 0, rows
+            counts.append(_flops(train_program(variant, mesh).compile(mesh, rules)))
+        return counts[0] + (layers - first - 1) * (counts[1] - counts[0])
+
+    if not per_shard:
+        try:
+            return at_depth(batch), "whole batch, layers extrapolated"
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+    shards = batch // sharding.batch_sharding(mesh, 2, (batch, length)).shard_shape((batch, length))[0]
+    one, two = at_depth(shards), at_depth(2 * shards)
+    return one + (batch // shards - 1) * (two - one), "layers and batch (1, 2 rows per shard) extrapolated"
 
 
-def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float | None, top: int = 6) -> dict[str, Any]:
+def report(compiled, target: TpuSlice, program: Program, flops: tuple[float, str] | None, top: int = 6) -> dict[str, Any]:
     """Per-chip memory (bytes) against HBM, FLOPs, and the largest argument tensors' shardings."""
     mem = compiled.memory_analysis()
     parts = dict(
@@ -219,6 +235,7 @@ def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float |
         code=mem.generated_code_size_in_bytes,
     )
     total = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"] + parts["code"]
+    flops_per_chip, flops_method = flops or (None, None)
     return dict(
         target=target.describe(),
         chips=target.total_chips,
@@ -226,6 +243,7 @@ def report(compiled, target: TpuSlice, program: Program, flops_per_chip: float |
         memory=dict(parts, total=total),
         hbm_fraction=total / target.hbm_bytes,
         flops_per_chip=flops_per_chip,
+        flops_method=flops_method,
         xla_flops_per_chip=_flops(compiled),  # XLA's count for this program: loop bodies once
         flops_total=None if flops_per_chip is None else flops_per_chip * target.total_chips,
         largest=sharding.describe_tree(dict(zip(program.arg_names, program.args)), top),
@@ -243,7 +261,10 @@ def format_report(name: str, result: dict[str, Any], notes: dict[str, Any] | Non
     if result["flops_per_chip"] is None:  # the sampler's loops run a data-dependent number of times
         lines.append("   FLOPs        not counted (data-dependent decode loops)")
     else:
-        lines.append(f"   FLOPs        {result['flops_per_chip']:.3e} per chip, {result['flops_total']:.3e} per step")
+        lines.append(
+            f"   FLOPs        {result['flops_per_chip']:.3e} per chip, {result['flops_total']:.3e} per step "
+            f"({result['flops_method']})"
+        )
     lines.append("   largest inputs: global shape, dtype, sharding, MiB per chip")
     for row in result["largest"]:
         lines.append(

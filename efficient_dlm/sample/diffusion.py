@@ -11,9 +11,10 @@ a separate forward, the first step of block k runs the chunk [clean block k-1 ; 
 block-causal attention: the clean half gets exactly the keys/values it had in training (x_0 stream),
 block k sees the prefix, the clean block and itself (x_t stream), and the clean half's keys/values
 are then written into the cache. For block 0 the clean block is the prompt's last full block (padding
-if the prompt is shorter than B); the prompt's earlier full blocks are prefilled in one block-causal
-forward pass. So no forward pass is spent on cache writes alone, and every block runs the same code
-(the model is traced three times per program: prefill, first step, later steps). With token shift
+if the prompt is shorter than B), and the prompt's earlier full blocks ride along in the same
+block-causal forward pass (the prefill is block 0's first step; block 0 runs before the loop because
+its first chunk is wider). So no forward pass is spent on cache writes alone: a prompt costs no extra
+forward, as in AR decoding, where the prefill yields the first token. With token shift
 (position i predicted from the hidden state at i - 1, as in training), the block's first position
 reads the clean block's last hidden state, which the first step computes anyway.
 
@@ -121,8 +122,12 @@ def _remaining_steps(ctx: _Context, blk: Block, counters: Counters, cache: KVCac
     return jax.lax.while_loop(cond, body, (blk, counters, jnp.int32(0)))[:2]
 
 
-def _decode_block(ctx: _Context, carry: Carry) -> Carry:
-    """Decodes block k = carry.block (canvas block k + 1), caching clean canvas block k in its first step."""
+def _decode_block(ctx: _Context, carry: Carry, prefix: tuple[jax.Array, jax.Array] | None = None) -> Carry:
+    """Decodes block k = carry.block (canvas block k + 1), caching clean canvas block k in its first step.
+
+    prefix: (tokens, positions) of the prompt's full blocks before canvas block 0, prepended to block
+    0's first chunk and cached with it (block 0 only).
+    """
     plan = ctx.plan
     size, k = plan.block_size, carry.block
     batch = carry.canvas.shape[0]
@@ -137,11 +142,14 @@ def _decode_block(ctx: _Context, carry: Carry) -> Carry:
     )
     chunk = jax.lax.dynamic_slice(carry.canvas, (0, k * size), (batch, 2 * size)).at[:, size:].set(blk.tokens)
     chunk_positions = jax.lax.dynamic_slice(ctx.positions, (0, k * size), (batch, 2 * size))
+    if prefix is not None:
+        chunk, chunk_positions = (jnp.concatenate(pair, axis=1) for pair in zip(prefix, (chunk, chunk_positions)))
     blk, counters, (keys, values) = _denoise(ctx, blk, carry.counters, chunk, chunk_positions, carry.cache, "block")
-    offset = ctx.prefix_len - size + k * size
-    cache = carry.cache.write(keys[:, :, :size], values[:, :, :size], offset)
-    cache = cache.replace(length=jnp.full((batch,), offset + size, jnp.int32))
-    blk, counters = _remaining_steps(ctx, blk, counters, cache, chunk_positions[:, size:])
+    clean = chunk.shape[1] - size  # tokens before the block, all final: cached now
+    offset = ctx.prefix_len + k * size - clean
+    cache = carry.cache.write(keys[:, :, :clean], values[:, :, :clean], offset)
+    cache = cache.replace(length=jnp.full((batch,), offset + clean, jnp.int32))
+    blk, counters = _remaining_steps(ctx, blk, counters, cache, chunk_positions[:, -size:])
 
     first_stop = _first_stop(ctx.knobs, blk.tokens, blk.step)
     stream(plan, k, blk.tokens, (blk.step >= 0) & (jnp.arange(size)[None, :] <= first_stop[:, None]))
@@ -157,20 +165,6 @@ def _decode_block(ctx: _Context, carry: Carry) -> Carry:
         counters,
         k + 1,
     )
-
-
-def _prefill(ctx: _Context, inputs: dict, cache: KVCache, counters: Counters) -> tuple[KVCache, Counters]:
-    """Caches the prompt's full blocks but the last (block-causal, as the clean stream in training)."""
-    size = ctx.plan.block_size
-    width = ctx.prefix_len - size
-    if width == 0:
-        return cache, counters
-    _, (keys, values) = ctx.model.decode(
-        inputs["prefix"][:, :width], inputs["prefix_positions"][:, :width], cache, attention="block", block_size=size
-    )
-    batch = keys.shape[1]
-    cache = cache.write(keys, values, 0).replace(length=jnp.full((batch,), width, jnp.int32))
-    return cache, Counters(counters.forwards + 1, counters.row_forwards + (inputs["shift"] < width))
 
 
 def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) -> dict:
@@ -189,7 +183,6 @@ def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) ->
     )
     ctx = _Context(model, plan, knobs, positions, inputs["remainder"] + size, prefix_len)
     counters = Counters(jnp.int32(0), jnp.zeros((batch,), jnp.int32))
-    cache, counters = _prefill(ctx, inputs, cache, counters)
     canvas_logits = jnp.zeros((*canvas.shape, plan.vocab_size), jnp.float32) if plan.record_logits else None
     carry = Carry(
         cache, canvas, jnp.full_like(canvas, -1), canvas_logits, jnp.zeros((batch,), bool), counters, jnp.int32(0)
@@ -198,6 +191,9 @@ def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) ->
     def more_blocks(carry: Carry):
         return (carry.block < blocks) & ~carry.done.all()
 
+    width = prefix_len - size  # the prompt's full blocks before canvas block 0
+    if width:
+        carry = _decode_block(ctx, carry, (inputs["prefix"][:, :width], inputs["prefix_positions"][:, :width]))
     carry = jax.lax.while_loop(more_blocks, functools.partial(_decode_block, ctx), carry)
     out = finish(plan, knobs, carry.canvas, carry.canvas_step, ctx.first, carry.canvas_logits)
     out.update(forwards=carry.counters.forwards, row_forwards=carry.counters.row_forwards, blocks=carry.block)
