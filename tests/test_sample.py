@@ -151,3 +151,20 @@ def test_missing_mask_token_is_a_clear_error():
     with pytest.raises(ValueError, match="no mask_token_id") as err:
         generate(peaked_model(mask_token_id=None), PROMPTS, max_new_tokens=4, block_size=BLOCK)
     assert "\n" not in str(err.value)
+
+
+def test_threshold_fast_path_equals_the_ranked_commit():
+    """The sort-free threshold commit equals the general ranked one, ties and all-below rows included."""
+    import jax.numpy as jnp
+
+    from efficient_dlm.sample.strategies import commit_mask
+
+    rng = np.random.default_rng(3)
+    confidence = rng.choice([0.2, 0.5, 0.9, 0.95], size=(256, 6)).astype(np.float32)  # many exact ties
+    open_ = rng.random((256, 6)) < 0.6
+    for threshold in (0.0, 0.5, 0.9, 0.99, 1.0):
+        knobs = {"threshold": jnp.float32(threshold)}
+        fast = commit_mask("threshold", jnp.asarray(confidence), None, jnp.asarray(open_), knobs)
+        ranked = commit_mask("threshold", jnp.asarray(confidence), None, jnp.asarray(open_), knobs, ranked=True)
+        np.testing.assert_array_equal(fast, ranked)
+        assert (np.asarray(fast).sum(-1) >= open_.any(-1)).all()  # a row with open positions commits one at least

@@ -45,8 +45,22 @@ def commit_count(strategy: str, confidence, entropy, open_, order, knobs: dict, 
     return jnp.where(num_open > 0, jnp.clip(n, 1, num_open), 0)
 
 
-def commit_mask(strategy: str, confidence, entropy, open_, knobs: dict, tokens_per_step: int = 1) -> jax.Array:
-    """Boolean [batch, B]: the open positions committed by this step."""
+def _threshold_mask(confidence, open_, threshold) -> jax.Array:
+    """The threshold strategy without ranking: the open positions at or above the threshold, or, where
+    there is none, the most confident open one (the first on ties, as the ranking's stable order).
+    Equal to the ranked form (the n top-ranked positions are exactly those above the threshold), with
+    no sort in the sampler's inner loop."""
+    above = open_ & (confidence >= threshold)
+    best = jnp.argmax(jnp.where(open_, confidence, -jnp.inf), axis=-1)
+    fallback = (jnp.arange(open_.shape[-1])[None, :] == best[:, None]) & open_ & ~above.any(axis=-1, keepdims=True)
+    return above | fallback
+
+
+def commit_mask(strategy: str, confidence, entropy, open_, knobs: dict, tokens_per_step: int = 1, ranked: bool = False) -> jax.Array:
+    """Boolean [batch, B]: the open positions committed by this step (ranked=True: the threshold
+    strategy through the general ranking too, the direct form its fast path is tested against)."""
+    if strategy == "threshold" and not ranked:
+        return _threshold_mask(confidence, open_, knobs["threshold"])
     order, rank = _ranked(confidence, open_)
     n = commit_count(strategy, confidence, entropy, open_, order, knobs, tokens_per_step)
     return open_ & (rank < n[:, None])
