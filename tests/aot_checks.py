@@ -63,8 +63,8 @@ def check_flops_extrapolation(results) -> None:
 
 
 def check_flops_per_shard_estimate(results) -> None:
-    """The fallback for batches whose plain-loss program does not fit: extrapolated from 1 and 2 rows per
-    batch shard, within 0.5% of XLA's count for the same (3-layer, batch-8) program."""
+    """The fallback for batches whose plain-loss program does not fit: scaled from 1 row per batch shard,
+    within 2% of XLA's count for the same (3-layer, batch-8) program."""
     from efficient_dlm.parallel import aot
     from efficient_dlm.parallel import mesh as mesh_lib
     from efficient_dlm.parallel.topology import parse
@@ -77,7 +77,7 @@ def check_flops_per_shard_estimate(results) -> None:
     mesh = mesh_lib.make_mesh(config.mesh, aot.tpu_devices(parse("v5p-8")))
     got, method = aot.train_flops(config, mesh, mesh_lib.config_rules(config.mesh), per_shard=True)
     direct = results["train"]["xla_flops_per_chip"]
-    assert method.startswith("layers and batch") and abs(got - direct) <= 5e-3 * direct, (got, direct)
+    assert method.endswith("1 row per shard") and abs(got - direct) <= 2e-2 * direct, (got, direct)
     print("ok flops_per_shard_estimate")
 
 

@@ -196,9 +196,11 @@ def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) 
     model; cheap to compile) and extrapolated linearly, F(L) = F(d) + (L - d) * (F(d + 1) - F(d));
     gradient accumulation becomes one pass over the batch and the chunked loss the plain one (the same
     arithmetic, minus the chunked LM head's recomputation in the backward pass). When that whole-batch
-    program does not fit the chip (plain [B, T, V] logits: the 100B MoE's needs 125 GiB on v5p), or
-    with per_shard, the batch is extrapolated the same way from one and two sequences per batch shard
-    (an estimate: XLA simplifies some one-row shapes, 0.14% off on tiny models).
+    program does not fit the chip (plain [B, T, V] logits: the 100B MoE's needs 125 GiB on v5p even at
+    2 rows per chip), or with per_shard, the program runs one sequence per batch shard and is scaled
+    to the batch: an estimate that also scales the optimizer update, which does not grow with the
+    batch (within 2% on a tiny model, where that share is largest; negligible at billions of
+    parameters, where a parameter's update costs ~10 FLOPs against ~6 per token it sees).
     tests/aot_checks.py checks both against XLA's count for the unrolled program.
     """
     first, layers = config.model.get("first_k_dense", 0) or 0, config.model.num_layers
@@ -220,8 +222,7 @@ def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) 
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise
     shards = batch // sharding.batch_sharding(mesh, 2, (batch, length)).shard_shape((batch, length))[0]
-    one, two = at_depth(shards), at_depth(2 * shards)
-    return one + (batch // shards - 1) * (two - one), "layers and batch (1, 2 rows per shard) extrapolated"
+    return at_depth(shards) * batch / shards, "layers extrapolated, batch scaled from 1 row per shard"
 
 
 def report(compiled, target: TpuSlice, program: Program, flops: tuple[float, str] | None, top: int = 6) -> dict[str, Any]:
