@@ -106,6 +106,8 @@ def test_data_writer_layout(tmp_path):
     assert held == tasks.instances("eval", 14, 3)
     first = json.loads((out / "tasks_train.jsonl").read_text().splitlines()[0])
     assert first == {"text": tasks.instances("train", 1, 3)[0].text}
+    prompts = [r["prompt"] for r in data.read_jsonl(str(out / "tasks_prompts.jsonl"))]  # OPD rollouts' prompts
+    assert prompts == [i.prompt for i in tasks.instances("train", 140, 3)]
     assert len(data.read_jsonl(str(out / "text_eval.jsonl"))) == len(corpus.documents("eval"))
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

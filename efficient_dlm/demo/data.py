@@ -3,6 +3,7 @@
 Layout of `out_dir`:
     text_train.jsonl    {"text": ...} standard-library documents (train split)
     tasks_train.jsonl   {"text": prompt + answer} generated task instances (train split)
+    tasks_prompts.jsonl {"prompt": ...} the same instances' prompts (on-policy distillation rollouts)
     text_eval.jsonl     {"text": ...} held-out documents
     tasks_eval.jsonl    {"task", "prompt", "answer", "text"} held-out task instances
     tokenizer/          the tokenizer (trained here for the teacher, copied from the teacher otherwise)
@@ -76,6 +77,7 @@ def write(
         "text_train.jsonl": write_jsonl(os.path.join(out_dir, "text_train.jsonl"), ({"text": d} for d in text_train)),
         "text_eval.jsonl": write_jsonl(os.path.join(out_dir, "text_eval.jsonl"), ({"text": d} for d in text_eval)),
         "tasks_train.jsonl": write_jsonl(os.path.join(out_dir, "tasks_train.jsonl"), ({"text": i.text} for i in train_items)),
+        "tasks_prompts.jsonl": write_jsonl(os.path.join(out_dir, "tasks_prompts.jsonl"), ({"prompt": i.prompt} for i in train_items)),
         "tasks_eval.jsonl": write_jsonl(
             os.path.join(out_dir, "tasks_eval.jsonl"),
             ({"task": i.task, "prompt": i.prompt, "answer": i.answer, "text": i.text} for i in eval_items),

@@ -78,6 +78,10 @@ def training_config(run: DemoRun) -> ConfigDict:
     d = run.data_dir
     c.data.train_files = f"{d}/tasks_train.jsonl,{d}/text_train.jsonl"
     c.data.eval_files = f"{d}/text_eval.jsonl"
+    if c.diffusion.objective == "opd" or c.opd.start_step >= 0:  # on-policy distillation from the same teacher
+        c.opd.teacher = run.teacher
+        c.opd.prompt_files = f"{d}/tasks_prompts.jsonl"
+        c.opd.eval_files = f"{d}/tasks_eval.jsonl"
     c.run_dir = run.path("train")
     return c
 
@@ -91,7 +95,7 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
     if os.path.exists(manifest_path):  # shared with an earlier variant of an ablation
         manifest = _read_json(manifest_path)
         if manifest.get("seed") == d.seed and manifest.get("tasks") == run.task_names and \
-                manifest.get("counts", {}).get("tasks_train.jsonl") == d.train_tasks:
+                manifest.get("counts", {}).get("tasks_prompts.jsonl") == d.train_tasks:
             return manifest
     return demo_data.write(
         run.data_dir, seed=d.seed, train_tasks=d.train_tasks, eval_tasks_per_task=d.eval_per_task,
