@@ -4,7 +4,11 @@ The architecture of configs/moe_16b.py at d 4096: 32 layers, 32 heads / 4 KV hea
 leading dense layer (MLP 9216), 31 MoE layers of 256 experts (1024 wide), top-8 within the best 4
 of 8 groups, one shared expert. Total: 102,889,697,280 parameters, exactly the BF16 parameter count
 published for Ling-flash-2.0 (its F32 remainder, 7,936 = 31 x 256, is the selection bias).
-Shard it with an expert axis, e.g. --config.mesh.expert=16.
+Shard it with an expert axis, e.g. --config.mesh.expert=16. At that scale the recipe routes with
+capacity 1.25 (GShard-style per-row expert capacity) instead of dropless: dropless expert parallelism
+sends static worst-case buffers (ep x the tokens), which at ep=16 made the v5p-256 step need 98.6 GiB
+per chip; with capacity 1.25 it needs 40.8 GiB (docs/BENCHMARKS.md). The 157k-vocabulary loss is
+computed 512 positions at a time.
 """
 from efficient_dlm.config import sibling_recipe
 
@@ -18,4 +22,6 @@ def get_config():
     m.intermediate_size = 9216  # the leading dense layer's MLP
     m.moe_intermediate_size = 1024
     m.shared_expert_intermediate_size = 1024  # one shared expert
+    m.capacity_factor = 1.25
+    c.train.loss_chunk = 512
     return c
