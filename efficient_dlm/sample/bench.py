@@ -10,9 +10,9 @@ Sampler overhead = the program's wall time divided by the time the same forward 
 jitted `model.decode` + LM head calls of the same shapes (measured in a lax.fori_loop, so neither has
 per-call dispatch costs; the LM head on the positions the sampler reads: the block, or AR's last
 token): everything the sampler adds (choice, ranking, commits, cache writes, loop control) shows up
-as the excess over 1. Both times are the best of the repeats per batch (other processes' load only
-ever adds time, so the minimum is the estimate of the program's own cost); the same ratio over this
-process's CPU time (`sampler_overhead_cpu`) is reported too.
+as the excess over 1. Both times are the best of `repeats` back-to-back calls per batch (other
+processes' load only ever adds time, so the minimum is the estimate of the program's own cost); the
+same ratio over this process's CPU time (`sampler_overhead_cpu`) is reported too.
 """
 from __future__ import annotations
 
@@ -152,6 +152,19 @@ def _memory(result: GenerateResult) -> dict:
     }
 
 
+def overhead_times(model, batches, kwargs: dict, strategy: str, repeats: int, iterations: int) -> np.ndarray:
+    """[[program wall, CPU], [bare wall, CPU]] summed over batches, each the best of `repeats` calls in a
+    row: back-to-back calls of one program find the caches as warm as the bare loop's later iterations
+    do (interleaving the two would charge the sampler for the bare loop's cache traffic)."""
+    total = np.zeros((2, 2))
+    for batch, _ in batches:
+        ids = [p.ids for p in batch]
+        results = [generate(model, ids, **kwargs) for _ in range(repeats)]
+        total[0] += np.min([[r.program_seconds, r.program_cpu_seconds] for r in results], axis=0)
+        total[1] += np.min([bare_seconds(model, results[0], strategy, iterations) for _ in range(repeats)], axis=0)
+    return total
+
+
 def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base: dict, *, repeats: int, warmup: int,
                 overhead_forwards: int) -> dict:
     """Measures one setting; returns the JSON-ready record."""
@@ -162,18 +175,15 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
         for batch, _ in batches:
             generate(model, [p.ids for p in batch], **kwargs)
     runs, latencies, correct = [], [], []
-    program, bare = np.full((len(batches), 2), np.inf), np.full((len(batches), 2), np.inf)  # best (wall, CPU) per batch
     for repeat in range(repeats):
         tokens = forwards = row_forwards = 0
         wall = 0.0
-        for i, (batch, real) in enumerate(batches):
+        for batch, real in batches:
             result = generate(model, [p.ids for p in batch], **kwargs)
             tokens += int(result.lengths[:real].sum())
             row_forwards += int(result.row_forwards[:real].sum())
             forwards += result.forward_passes
             wall += result.seconds
-            program[i] = np.minimum(program[i], [result.program_seconds, result.program_cpu_seconds])
-            bare[i] = np.minimum(bare[i], bare_seconds(model, result, setting.strategy, overhead_forwards))
             latencies += [result.seconds] * real
             if repeat == 0:
                 for prompt, ids in zip(batch[:real], result.sequences):
@@ -183,7 +193,8 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
         runs.append({"tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall, "forward_passes": forwards,
                      "tokens_per_forward": tokens / max(row_forwards, 1)})
     median = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
-    (program_wall, program_cpu), (bare_wall, bare_cpu) = program.sum(axis=0), bare.sum(axis=0)
+    (program_wall, program_cpu), (bare_wall, bare_cpu) = overhead_times(model, batches, kwargs, setting.strategy,
+                                                                         repeats, overhead_forwards)
     return {
         "setting": setting.name, "strategy": setting.strategy, "batch_size": setting.batch_size,
         "generate_kwargs": kwargs, "num_prompts": len(prompts), "repeats": repeats, "warmup": warmup,

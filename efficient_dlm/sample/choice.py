@@ -86,6 +86,12 @@ def choose_tokens(
         return Choice(token, confidence, jnp.zeros_like(confidence) if entropy is None else entropy, None)
     raw = model.logits(hidden)
     logits = jnp.where(jnp.asarray(allowed), raw, _NEG_INF)
+    if sampling.greedy and not sampling.entropy:
+        # The argmax's probability is 1 / sum(exp(z - max z)): one pass of exponentials, no gather.
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        confidence = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return Choice(token, confidence, jnp.zeros_like(confidence), raw)
     if sampling.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:

@@ -73,7 +73,7 @@ class _Context(NamedTuple):
 def _first_stop(knobs: dict, tokens, step) -> jax.Array:
     """[batch] index of the first generated stop token in the block (block size when there is none)."""
     stopped = (step >= 0) & is_stop(knobs, tokens)
-    return jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1), tokens.shape[1])
+    return jnp.min(jnp.where(stopped, jnp.arange(tokens.shape[1])[None, :], tokens.shape[1]), axis=1)
 
 
 def _denoise(ctx: _Context, blk: Block, counters: Counters, tokens, positions, cache, attention: str):

@@ -60,7 +60,12 @@ def stop_id_array(stop_ids: tuple[int, ...]) -> np.ndarray:
 
 
 def is_stop(knobs: dict, tokens: jax.Array) -> jax.Array:
-    return jnp.any(tokens[..., None] == knobs["stop_ids"], axis=-1)
+    """Elementwise OR over the stop-id slots (no reduction: it fuses into its consumer in the step)."""
+    stop_ids = knobs["stop_ids"]
+    hit = tokens == stop_ids[0]
+    for i in range(1, MAX_STOP_TOKENS):
+        hit = hit | (tokens == stop_ids[i])
+    return hit
 
 
 def step_key(knobs: dict, step: jax.Array) -> jax.Array:
