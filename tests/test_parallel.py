@@ -182,3 +182,18 @@ def test_aot_tiny_config_on_tpu_topology(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     for check in ("cli_report", "flops_extrapolation", "does_not_fit"):
         assert f"ok {check}" in result.stdout, result.stdout
+
+
+def test_aot_advice_names_capacity_routing_for_dropless_expert_parallelism():
+    """The one line `edlm aot` prints when a program does not fit names the fix that fits the 100B MoE."""
+    from efficient_dlm.config import sibling_recipe
+    from efficient_dlm.parallel.aot import Program, advice
+
+    config = sibling_recipe(os.path.join(os.path.dirname(__file__), "..", "configs", "moe_100b.py"), "moe_100b")
+    step = Program("train_step", None, (), (), notes={})
+    config.mesh.expert = 16
+    assert "capacity_factor" not in advice(step, config)  # the recipe already routes with capacity
+    config.model.capacity_factor = None
+    assert "--config.model.capacity_factor=1.25" in advice(step, config)
+    config.mesh.expert = 1  # no expert axis: nothing is padded to the worst case
+    assert "capacity_factor" not in advice(step, config)

@@ -148,6 +148,10 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
     tips = []
     if state_fraction is None or state_fraction > 0.4:
         tips.append("shard over more chips (larger mesh.fsdp, mesh.tensor, or a bigger topology)")
+    m = config.model
+    if m.get("num_experts") and m.get("capacity_factor") is None and config.mesh.get("expert", 1) not in (0, 1):
+        # Dropless expert parallelism sends static worst-case buffers: ep x the local tokens.
+        tips.append("--config.model.capacity_factor=1.25 (dropless expert parallelism sizes its buffers for the worst case)")
     if program.name == "train_step":
         if config.model.remat_policy != "full":
             tips.append("--config.model.remat_policy=full")
