@@ -7,8 +7,8 @@ published for Ling-flash-2.0 (its F32 remainder, 7,936 = 31 x 256, is the select
 Shard it with an expert axis, e.g. --config.mesh.expert=16. At that scale the recipe routes with
 capacity 1.25 (GShard-style per-row expert capacity) instead of dropless: dropless expert parallelism
 sends static worst-case buffers (ep x the tokens), which at ep=16 made the v5p-256 step need 98.6 GiB
-per chip; with capacity 1.25 it needs 40.8 GiB (docs/BENCHMARKS.md). The 157k-vocabulary loss is
-computed 512 positions at a time.
+per chip; with capacity 1.25 it needs 40.8 GiB (docs/BENCHMARKS.md). Sequences of 4096 tokens,
+global batch 256; the 157k-vocabulary loss is computed 512 positions at a time.
 """
 from efficient_dlm.config import sibling_recipe
 
@@ -23,5 +23,7 @@ def get_config():
     m.moe_intermediate_size = 1024
     m.shared_expert_intermediate_size = 1024  # one shared expert
     m.capacity_factor = 1.25
+    c.data.seq_len = 4096  # 8192 with block diffusion's clean copy
+    c.train.batch_size = 256
     c.train.loss_chunk = 512
     return c
