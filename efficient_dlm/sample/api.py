@@ -145,7 +145,7 @@ def prepare(
     stream: bool = False,
 ) -> Prepared:
     """Validates a `generate` call and builds its compiled program's arguments without running it
-    (arguments as for `generate`; `stream` compiles the block-streaming hook in). `model` may be
+    (the decoding settings are documented on `generate`; `stream` compiles the block-streaming hook in). `model` may be
     abstract (`abstract_model`): `edlm aot` lowers the same program for a TPU topology from it."""
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
     check_model(model, strategy, top_k)
@@ -194,47 +194,27 @@ def generate(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
-    block_size: int | None = None,
-    strategy: str = "threshold",
-    threshold: float = 0.9,
-    tokens_per_step: int = 1,
-    factor: float = 1.0,
-    entropy_bound: float = 0.3,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    stop_tokens: Sequence[int] | None = None,
-    prompt_bucket: int | None = None,
-    valid_vocab_size: int | None = None,
-    token_shift: bool = False,
     on_block: Callable[[int, list[list[int]]], None] | None = None,
-    return_logits: bool = False,
     measure_memory: bool = False,
+    **settings,
 ) -> GenerateResult:
     """Generates up to max_new_tokens after each prompt (lists of token ids, ragged lengths allowed).
 
-    strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion, METHOD.md section 6,
-    needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the baseline).
-    threshold / tokens_per_step / factor / entropy_bound parametrise the strategies.
-    temperature 0 is greedy; otherwise tokens are sampled (top_p, top_k filters) with `seed`.
-    stop_tokens default to model.config.eos_token_id; a row ends after its first stop token.
-    prompt_bucket fixes the cache's prompt capacity (default: the next power of two, so few shapes).
-    valid_vocab_size: ids at or above it are vocabulary padding and never generated.
-    token_shift: the dLM was trained to predict token i from the hidden state at i - 1 (dLM only).
+    settings: the decoding arguments of `prepare`, which validates them:
+    max_new_tokens (required); strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion,
+    METHOD.md section 6, needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the
+    baseline); threshold / tokens_per_step / factor / entropy_bound parametrise the strategies;
+    temperature 0 is greedy, otherwise tokens are sampled (top_p, top_k filters) with `seed`;
+    stop_tokens default to model.config.eos_token_id, and a row ends after its first stop token;
+    prompt_bucket fixes the cache's prompt capacity (default: the next power of two, so few shapes);
+    valid_vocab_size: ids at or above it are vocabulary padding and never generated; token_shift: the
+    dLM was trained to predict token i from the hidden state at i - 1 (dLM only); return_logits
+    records the raw logits with which each token was committed (tests, analysis).
     on_block(block_index, tokens_per_row) is called on the host as each block becomes final.
-    return_logits records the raw logits with which each token was committed (tests, analysis).
     measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.
     """
     started = time.perf_counter()
-    prep = prepare(
-        model, prompts, max_new_tokens=max_new_tokens, block_size=block_size, strategy=strategy, threshold=threshold,
-        tokens_per_step=tokens_per_step, factor=factor, entropy_bound=entropy_bound, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens, prompt_bucket=prompt_bucket,
-        valid_vocab_size=valid_vocab_size, token_shift=token_shift, return_logits=return_logits,
-        stream=on_block is not None,
-    )
+    prep = prepare(model, prompts, stream=on_block is not None, **settings)
     program, args = prep.program, prep.args
     program_started, cpu_started = time.perf_counter(), time.process_time()
     with streaming(_stream_adapter(on_block) if on_block else None):
