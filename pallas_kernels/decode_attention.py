@@ -161,8 +161,10 @@ def decode_attention(
     num_tiles = slots // tile
     padded, own_tile = _own_layout(width, max_tile)
     own_tiles = padded // own_tile
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - width)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, positions = pad(q), pad(k), pad(v), pad(positions.astype(jnp.int32))
+    positions = positions.astype(jnp.int32)
+    if padded > width:  # only long chunks (prefills) are padded; a decode step's block never is
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - width)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, positions = pad(q), pad(k), pad(v), pad(positions)
     rows = group * padded
     row_tile = _row_tile(rows, max(max_tile // 2, 8))  # a query tile holds G heads' rows: half the key tile
     # Rows of a kv head's group are ordered (query head in group, position): [G * T, D] per kv head.
@@ -220,4 +222,4 @@ def decode_attention(
         cache_v,
     )
     out = out.reshape(batch, kv_heads, group, padded, dim).transpose(0, 3, 1, 2, 4).reshape(batch, padded, heads, dim)
-    return out[:, :width]
+    return out[:, :width] if padded > width else out
