@@ -12,8 +12,9 @@ part of the data depends on the Python version; the tasks do not):
 The last step measures the teacher on the fixed held-out task set and records the accuracy in the
 asset's demo_teacher.json (tests/test_demo_teacher.py checks the shipped model reproduces it).
 Data: task documents ("<task>: <input> -><answer>" + EOS) mixed with standard-library text;
-weights are per document, and a text document is ~12x longer than a task, so 0.8 : 0.2 gives
-roughly a quarter of the tokens to text.
+weights are per document, and a text document is ~14x longer than a task (277 vs 20 tokens), so
+0.975 : 0.025 gives about a quarter of the tokens to text. (The first teacher used 0.8 : 0.2, i.e.
+78% text, saw ~12k instances per task and never learned arithmetic or recall.)
 """
 from efficient_dlm.config import base_config
 
@@ -43,7 +44,7 @@ def get_config():
     c.init.seed = 0
     c.diffusion.objective = "ar"
     c.data.train_files = f"{DATA}/tasks_train.jsonl,{DATA}/text_train.jsonl"
-    c.data.train_weights = "0.8,0.2"
+    c.data.train_weights = "0.975,0.025"
     c.data.eval_files = f"{DATA}/text_eval.jsonl"
     c.data.seq_len = 128
     t = c.train

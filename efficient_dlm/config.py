@@ -187,7 +187,7 @@ def demo_section() -> ConfigDict:
     return ConfigDict(
         dict(
             teacher="",  # HF directory of the AR teacher; "" = the shipped efficient_dlm/assets/demo_teacher
-            tasks="add,sub,reverse,upper,shift,sort,recall",  # generated exact-match tasks (demo/tasks.py)
+            tasks="add,sub,reverse,upper,shift,sort",  # generated exact-match tasks (demo/tasks.py)
             seed=0,  # task generation seed (train and held-out instances)
             train_tasks=200000,  # task instances written for training
             eval_per_task=100,  # held-out instances per task for accuracy
