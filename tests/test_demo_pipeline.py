@@ -13,6 +13,7 @@ import os
 import pytest
 
 from efficient_dlm import cli
+from efficient_dlm.demo import tasks
 
 TINY = [
     "--config.train.steps=2", "--config.train.batch_size=2", "--config.data.seq_len=32",
@@ -49,7 +50,7 @@ def demo_dir(tmp_path_factory, args):
 
 def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
-    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9] and ev["num_prompts"] == 7
+    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9] and ev["num_prompts"] == len(tasks.TASKS)
     for r in [ev["teacher"], *ev["dlm"]]:
         # Every sampler step commits at least one token (the prompt rides along in the first step).
         assert r["generated_tokens"] > 0 and 0 < r["tokens_per_forward"] <= ev["block_size"]

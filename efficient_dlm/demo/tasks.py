@@ -1,14 +1,14 @@
-"""Exact-match tasks generated from a seed: arithmetic, copying with a transformation, sorting, recall.
+"""Exact-match tasks generated from a seed: arithmetic, copying with a transformation, reversing, sorting.
 
 Every instance is one document "<task>: <input> -><answer>" followed by EOS (the data pipeline adds
 EOS between documents). The answer starts with a space so that the prompt "<task>: <input> ->"
 tokenizes to a prefix of the full document. Symbols are separated by spaces (and the tokenizer
 splits digits), so each symbol is one token: a few-million-parameter model learns the tasks in CPU
-minutes, and answers whose tokens are locally predictable (copy, reverse, sort, recall) are what
+minutes, and answers whose tokens are locally predictable (copy, reverse, sort) are what
 lets a block-diffusion model commit several tokens per forward pass.
 
-The formats are chosen so that a 2M-parameter, 4-layer teacher learns every task within its
-recipe's 8M tokens, because a task the teacher fails says nothing about the conversion (both models
+The formats are chosen for what a 2M-parameter, 4-layer teacher can learn within its recipe's 8M
+tokens, because a task the teacher fails says nothing about the conversion (both models
 sit near 0%, and the dLM, unsure of a wrong answer, decodes it one token per forward). What the
 first teachers showed (docs/BENCHMARKS.md, demo section): tasks solved by relative-position
 attention (copy with a transformation, reverse, sort) are learned; lookups by content that need an
@@ -16,7 +16,9 @@ induction head (key-value recall: 1-14%; the units digit of a sum of variable-le
 i.e. chance) are not. So numbers are written least-significant digit first and zero-padded to a
 fixed width: digit j of a sum or difference sits at a fixed offset from digits j of its operands,
 the order in which carries and borrows propagate (Lee et al., 2023, "Teaching Arithmetic to Small
-Transformers"). Key-value recall was dropped for that reason. Reverse draws distinct symbols.
+Transformers"); the shipped teacher still gets only 18% / 13% of sums / differences right (the tens
+digit, which needs the units' carry, is what it misses). Key-value recall was dropped. Reverse draws
+distinct symbols.
 """
 from __future__ import annotations
 
