@@ -21,6 +21,21 @@ def test_shipped_teacher_is_small_and_records_its_recipe():
     assert record["recipe"] == "configs/demo_teacher.py" and record["architecture"]["model_type"] == "qwen3"
 
 
+def test_shipped_tokenizer_gives_one_token_per_task_symbol():
+    """The task formats rely on it (efficient_dlm/demo/tasks.py): a symbol is one position, digits included."""
+    from efficient_dlm.demo import tasks
+    from efficient_dlm.demo.tokenizer import load as load_tokenizer
+
+    tok = load_tokenizer(teacher.teacher_dir())
+    for inst in tasks.instances("eval", 60, seed=0):
+        prompt, full = tok.encode(inst.prompt).ids, tok.encode(inst.text).ids
+        assert full[: len(prompt)] == prompt
+        body = inst.prompt[len(inst.task) + 2 : -3]  # "<task>: <body> ->"
+        for text in (body, inst.answer):
+            symbols = text.split() if inst.task not in ("add", "sub") else [c for c in text if c.isdigit() or c in "+-"]
+            assert len(tok.encode(" " + text.strip()).ids) == len(symbols), (inst, text)
+
+
 def test_shipped_teacher_reaches_its_recorded_accuracy():
     recorded = teacher.read_record()["check_set"]
     measured = teacher.measure(teacher.teacher_dir())

@@ -4,8 +4,10 @@ Byte-level (GPT-2 / Qwen style) so any text round-trips; digits are split one pe
 and Qwen do) so arithmetic sees place values, each keeping the space before it (" 7" is one token,
 as " k" is), so that every space-separated task symbol is exactly one token. (The first demo
 tokenizer split " 7" into " " and "7": digit symbols took two positions and letters one, and the
-teacher reached only 63% on reverse over such irregular spacing, 100% after this change.) Special tokens: `<|endoftext|>` (id 0, end of document
-and padding) and `<|mask|>` (id 1, the token a dLM learns to fill). The result is saved as
+teacher reached only 63% on reverse over such irregular spacing, 100% after this change.)
+
+Special tokens: `<|endoftext|>` (id 0, end of document and padding) and `<|mask|>` (id 1, the token
+a dLM learns to fill). The result is saved as
 `tokenizer.json` + `tokenizer_config.json`, the Hugging Face format that `AutoTokenizer` /
 `PreTrainedTokenizerFast` and our data pipeline read.
 """
