@@ -15,6 +15,8 @@ import shlex
 import sys
 import warnings
 
+from efficient_dlm.errors import UserError  # noqa: F401  (re-exported: verbs import it from here today)
+
 VERBS: dict[str, tuple[str, str]] = {
     # verb: (module, one-line help)
     "import-hf": ("efficient_dlm.port.cli_import", "convert a local Hugging Face model directory to an orbax checkpoint"),
@@ -59,10 +61,6 @@ def _usage() -> str:
     lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
     lines += ["", "`edlm <verb> --help` lists a verb's flags."]
     return "\n".join(lines)
-
-
-class UserError(Exception):
-    """An error whose message is the whole story (no traceback)."""
 
 
 # Flags each verb module defined on its first import (absl Flag objects), re-registered per call.
