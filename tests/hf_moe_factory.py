@@ -32,7 +32,7 @@ MOE_FAMILIES = {
         dict(
             n_routed_experts=16, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
             n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5, norm_topk_prob=True,
-            use_qk_norm=True, partial_rotary_factor=1.0, head_dim=8,
+            use_qk_norm=True, partial_rotary_factor=0.5, head_dim=8,  # GLM-4.5's partial RoPE: 4 of 8 dims rotate
         ),
     ),
 }

@@ -44,5 +44,13 @@ def test_hf_config_dense_layers_become_a_leading_dense_stack():
         model_config_from_hf(_hf(mlp_only_layers=[0, 2]))
     with pytest.raises(CheckpointError, match=r"dense layers \[0, 2\]"):
         model_config_from_hf(_hf(decoder_sparse_step=2))
-    with pytest.raises(CheckpointError, match="partial_rotary_factor"):
-        model_config_from_hf(_hf(model_type="glm4_moe", n_routed_experts=8, rope_parameters=dict(partial_rotary_factor=0.5)))
+
+
+
+def test_hf_config_partial_rotary_factor_follows_transformers():
+    glm = dict(model_type="glm4_moe", n_routed_experts=8)
+    assert model_config_from_hf(_hf(**glm)).partial_rotary_factor == 0.5  # Glm4MoeConfig's default
+    assert model_config_from_hf(_hf(**glm, partial_rotary_factor=0.25)).rotary_dim == 2  # head_dim 8
+    assert model_config_from_hf(_hf(**glm, rope_parameters=dict(rope_theta=1e4, partial_rotary_factor=1.0))).rotary_dim == 8
+    with pytest.raises(CheckpointError, match=r"partial_rotary_factor=0.5 is not supported for qwen3_moe"):
+        model_config_from_hf(_hf(rope_parameters=dict(rope_theta=1e4, partial_rotary_factor=0.5)))

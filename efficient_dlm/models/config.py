@@ -53,6 +53,7 @@ class ModelConfig:
     rope_mscale_all_dim: float | None = None  # yarn
     rope_attention_factor: float | None = None  # yarn
     rope_truncate: bool = True  # yarn
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims of each head (GLM-4.5, Ling 2.0)
     # Special tokens. mask_token_id is what the dLM learns to fill; None for a plain AR model.
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -104,6 +105,11 @@ class ModelConfig:
         return self.num_layers - self.first_k_dense if self.is_moe else 0
 
     @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (the rest pass through), as transformers computes it."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def num_query_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -144,6 +150,11 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"model.sliding_window must be positive or None, got {cfg.sliding_window}")
     if cfg.head_dim % 2:
         raise ValueError(f"model.head_dim must be even for RoPE, got {cfg.head_dim}")
+    if not 0 < cfg.partial_rotary_factor <= 1 or cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
+        raise ValueError(
+            f"model.partial_rotary_factor {cfg.partial_rotary_factor} must be in (0, 1] and rotate an even number "
+            f"(>= 2) of the head_dim {cfg.head_dim} dims, got {cfg.rotary_dim}"
+        )
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in DTYPES:
             raise ValueError(f"unknown model.{name} {getattr(cfg, name)!r}; choose one of {', '.join(DTYPES)}")

@@ -3,7 +3,9 @@
 The inverse-frequency formulas follow `transformers.modeling_rope_utils` exactly (that is what the
 parity tests check), computed in float32 NumPy at trace time as transformers does in torch, except
 for `dynamic`, whose base depends on the longest position in the batch and is therefore computed on
-device.
+device. Partial rotary embeddings (`partial_rotary_factor` < 1, GLM-4.5 / Ling 2.0) rotate only the
+first `cfg.rotary_dim` dims of each head, with the frequencies of a head of that size, and pass the
+rest through unchanged (transformers' Glm4Moe `apply_rotary_pos_emb`, rotate_half convention).
 """
 from __future__ import annotations
 
@@ -64,12 +66,12 @@ def _yarn(cfg: ModelConfig, dim: int) -> tuple[np.ndarray, float]:
 
 
 def inv_frequencies(cfg: ModelConfig, max_position: jax.Array | None = None) -> tuple[jax.Array, float]:
-    """Returns (inv_freq [head_dim // 2], attention_factor) for the configured rope_type.
+    """Returns (inv_freq [rotary_dim // 2], attention_factor) for the configured rope_type.
 
     `max_position` (traced scalar) is only read by `dynamic`, which, like HF, rescales the base when
     the longest position exceeds max_position_embeddings and uses plain RoPE otherwise.
     """
-    dim = cfg.head_dim
+    dim = cfg.rotary_dim
     if cfg.rope_type == "default":
         return jnp.asarray(_base_inv_freq(dim, cfg.rope_theta)), 1.0
     if cfg.rope_type == "linear":
@@ -93,7 +95,7 @@ def inv_frequencies(cfg: ModelConfig, max_position: jax.Array | None = None) -> 
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [batch, length, head_dim] in float32 for integer `positions` [batch, length]."""
+    """cos and sin tables [batch, length, rotary_dim] in float32 for integer `positions` [batch, length]."""
     max_position = jnp.max(positions) if cfg.rope_type == "dynamic" else None
     inv_freq, attention_factor = inv_frequencies(cfg, max_position)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
@@ -102,10 +104,15 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [batch, length, heads, head_dim] (HF's rotate_half convention), in float32."""
+    """Rotates the first cos.shape[-1] dims of x [batch, length, heads, head_dim] (HF's rotate_half
+    convention) in float32; the remaining dims pass through."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
     return out.astype(dtype)

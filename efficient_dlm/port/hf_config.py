@@ -58,7 +58,25 @@ def read_config_json(directory: str) -> dict[str, Any]:
             raise CheckpointError(f"{path}: invalid JSON ({err})") from None
 
 
-def rope_fields(hf: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
+# Families whose transformers attention rotates part of each head, and their class default (a GLM-4.5
+# config.json may omit partial_rotary_factor and mean 0.5). Elsewhere transformers cannot run a factor < 1.
+_PARTIAL_ROTARY_DEFAULTS = {"glm4_moe": 0.5}
+
+
+def _partial_rotary_factor(hf: Mapping[str, Any], params: Mapping[str, Any], model_type: str, dlm_export: bool) -> float:
+    """rope_parameters' partial_rotary_factor, else the top-level key, else the family default (transformers' order)."""
+    value = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if value is None:
+        value = _PARTIAL_ROTARY_DEFAULTS.get(model_type, 1.0)
+    if float(value) != 1.0 and not dlm_export and model_type not in _PARTIAL_ROTARY_DEFAULTS:
+        raise CheckpointError(
+            f"partial_rotary_factor={value} is not supported for {model_type} (transformers rotates whole heads there); "
+            f"families with partial rotary embeddings: {', '.join(_PARTIAL_ROTARY_DEFAULTS)}"
+        )
+    return float(value)
+
+
+def rope_fields(hf: Mapping[str, Any], max_positions: int, model_type: str = "llama", dlm_export: bool = False) -> dict[str, Any]:
     """Flattens rope_parameters (new) or rope_theta + rope_scaling (old) into ModelConfig fields.
 
     As transformers does, llama3 and yarn default original_max_position_embeddings to
@@ -70,13 +88,12 @@ def rope_fields(hf: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    out["partial_rotary_factor"] = _partial_rotary_factor(hf, params, model_type, dlm_export)
     for key, value in params.items():
         if key in _ROPE_FIELDS and value is not None:
             out[_ROPE_FIELDS[key]] = value
-        elif key not in ("partial_rotary_factor",) and value is not None:
+        elif key != "partial_rotary_factor" and value is not None:
             raise CheckpointError(f"unsupported rope parameter {key!r} for rope_type {rope_type!r}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError("partial_rotary_factor != 1 is not supported")
     if rope_type in ("llama3", "yarn"):
         original = out.setdefault("rope_original_max_position_embeddings", max_positions)
         if rope_type == "yarn" and out.get("rope_factor") is None:
@@ -226,7 +243,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         dtype=dtype,
         param_dtype=dtype,
     )
-    fields.update(rope_fields(hf, max_positions))
+    fields.update(rope_fields(hf, max_positions, model_type, dlm_export))
     fields.update({f: hf[f] for f in DLM_MOE_FIELDS if f in hf} if dlm_export else moe_fields(hf, model_type))
     if dlm_export:
         fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))

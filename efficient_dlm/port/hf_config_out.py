@@ -75,6 +75,8 @@ class DlmFields:
 
 def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.partial_rotary_factor != 1.0 or cfg.model_type == "glm4_moe":  # GLM's class default is 0.5: always say it
+        out["partial_rotary_factor"] = cfg.partial_rotary_factor
     for hf_key, field in _ROPE_FIELDS.items():
         value = getattr(cfg, field)
         if field == "rope_truncate":  # a yarn option whose default is True: write it only when it matters
@@ -127,7 +129,7 @@ def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type in ("mistral", "mixtral"):
         return {"sliding_window": cfg.sliding_window}
     if cfg.model_type == "glm4_moe":
-        return {"attention_bias": cfg.attention_bias, "use_qk_norm": cfg.qk_norm, "partial_rotary_factor": 1.0}
+        return {"attention_bias": cfg.attention_bias, "use_qk_norm": cfg.qk_norm, "partial_rotary_factor": cfg.partial_rotary_factor}
     return {"attention_bias": cfg.attention_bias, "mlp_bias": False}
 
 
@@ -173,6 +175,9 @@ def check_expressible(cfg: ModelConfig) -> None:
                 f"model.{field}={getattr(cfg, field)} cannot be expressed in a {cfg.model_type} config.json "
                 f"(the family fixes it to {value}); export it as a dLM instead"
             )
+    if cfg.partial_rotary_factor != 1.0 and cfg.model_type != "glm4_moe":
+        raise ValueError(f"model.partial_rotary_factor={cfg.partial_rotary_factor} cannot be expressed in a {cfg.model_type} "
+                         "config.json (transformers rotates whole heads there); export it as a dLM instead")
     if cfg.sliding_window is not None and cfg.model_type in ("llama", "glm4_moe"):
         raise ValueError(f"model.sliding_window cannot be expressed in a {cfg.model_type} config.json")
     if cfg.model_type == "qwen2_moe" and cfg.shared_expert_gate != bool(cfg.shared_expert_intermediate_size):

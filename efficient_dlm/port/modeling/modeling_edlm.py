@@ -73,11 +73,16 @@ def _yarn_inv_freq(p: dict, config: EdlmConfig, dim: int) -> tuple[torch.Tensor,
     return inv_freq, float(attention_factor)
 
 
+def rotary_dim(config: EdlmConfig) -> int:
+    """Leading dims of each head that RoPE rotates (partial_rotary_factor, GLM-4.5 style); the rest pass through."""
+    return int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+
+
 def rope_inv_freq(config: EdlmConfig, max_position: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim // 2] float32, attention scaling) for config.rope_parameters."""
+    """(inv_freq [rotary_dim // 2] float32, attention scaling) for config.rope_parameters."""
     p = dict(config.rope_parameters)
     rope_type = p.get("rope_type", p.get("type", "default"))
-    dim, theta = config.head_dim, p.get("rope_theta", 10000.0)
+    dim, theta = rotary_dim(config), p.get("rope_theta", 10000.0)
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
     inv_freq = 1.0 / (theta**exponents)
     if rope_type == "default":
@@ -105,7 +110,7 @@ def rope_inv_freq(config: EdlmConfig, max_position: int) -> tuple[torch.Tensor, 
 
 
 def rope_tables(config: EdlmConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [batch, length, head_dim] (float32) for integer positions [batch, length]."""
+    """cos, sin [batch, length, rotary_dim] (float32) for integer positions [batch, length]."""
     inv_freq, scaling = rope_inv_freq(config, int(positions.max()) if positions.numel() else 0)
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)
@@ -113,11 +118,13 @@ def rope_tables(config: EdlmConfig, positions: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [batch, length, heads, head_dim] in float32 (rotate_half convention)."""
+    """Rotates the first cos.shape[-1] dims of x [batch, length, heads, head_dim] in float32 (rotate_half
+    convention); the remaining dims pass through."""
     dtype, x = x.dtype, x.to(torch.float32)
+    x, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).to(dtype)
+    return torch.cat([x * cos[:, :, None, :] + rotated * sin[:, :, None, :], rest], dim=-1).to(dtype)
 
 
 # ---- attention visibility -----------------------------------------------------------------------------
