@@ -62,7 +62,7 @@ def diffusion_section() -> ConfigDict:
             rate_max=1.0,
             complementary=False,  # each row also trained with the complementary mask
             token_shift=False,  # predict token i from the hidden state at i - 1
-            loss_weighting="elbo",  # elbo (CE / m) | mean; both / masked-token count
+            loss_weighting="elbo",  # elbo (CE * n / k per block) | mean; both / masked-token count
             mask_token="model",  # model: model.mask_token_id | append: a new embedding row
             vocab_multiple=128,  # with append: vocabulary padded to this multiple
             valid_vocab_size=config_dict.placeholder(int),  # ids >= this never predicted (set by append)

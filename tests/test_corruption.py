@@ -1,4 +1,5 @@
-"""Masking statistics (METHOD.md section 2) against direct computations."""
+"""Masking laws and the ELBO weight (docs/METHOD.md sections 2-3) against exact enumerations."""
+import itertools
 import math
 
 import jax
@@ -20,7 +21,7 @@ def test_exact_k_per_block_and_clipped_rates():
     assert float(rates.min()) >= 0.2 and float(rates.max()) <= 0.7
     mask = _position_mask(jax.random.PRNGKey(1), rates, jnp.ones((batch, length), bool), block)
     per_block = np.asarray(mask).reshape(batch, -1, block).sum(-1)
-    expected = np.maximum(1, np.round(np.asarray(rates) * block))
+    expected = np.clip(np.ceil(np.asarray(rates) * block), 1, block)  # k = ceil(m n), n = block
     np.testing.assert_array_equal(per_block, expected)
 
 
@@ -41,7 +42,7 @@ def test_position_bias_matches_weighted_sampling_without_replacement(rate):
     block, half_life, draws = 16, 0.25, 4000
     lam = math.log(2) / (half_life * block)
     weights = np.exp(lam * (1 - rate) * np.arange(block))
-    k = max(1, round(rate * block))
+    k = max(1, math.ceil(rate * block))
     rates = jnp.full((draws, 1), rate, jnp.float32)
     mask = _position_mask(jax.random.PRNGKey(2), rates, jnp.ones((draws, block), bool), block, half_life)
     freq = np.asarray(mask).mean(0)
@@ -54,29 +55,102 @@ def test_position_bias_matches_weighted_sampling_without_replacement(rate):
     assert freq[-1] > freq[0]  # later positions are masked more often at small rates
 
 
-def test_uniform_masking_rate_and_complementary_pairs_cover_every_token_once():
-    batch, length = 64, 32
-    tokens = jnp.arange(batch * length, dtype=jnp.int32).reshape(batch, length) % 50 + 2
-    segment_ids = jnp.ones((batch, length), jnp.int32).at[:, -4:].set(0)  # 4 padding tokens per row
-    batch_dict = {"tokens": tokens, "segment_ids": segment_ids, "positions": jnp.broadcast_to(jnp.arange(length), (batch, length))}
-    obj = Objective("block_diffusion", 8, masking="uniform", complementary=True, mask_token_id=1)
-    ex = jax.jit(lambda b, k: corrupt(obj, b, k))(batch_dict, jax.random.PRNGKey(3))
-    x_t = np.asarray(ex.inputs[:, :length])
-    masked = x_t == 1
-    np.testing.assert_array_equal(np.asarray(ex.inputs[:, length:]), np.tile(np.asarray(tokens), (2, 1)))
-    first, second = masked[:batch], masked[batch:]
-    real = np.asarray(segment_ids) > 0
+def _count_law(n, rate_min, rate_max):
+    """P(k) for k = 1..n under the documented law: m ~ U(rate_min, rate_max), k = ceil(m n) in [1, n]."""
+    cells = [(max(lo, rate_min), min(hi, rate_max)) for lo, hi in ((0.0, 1 / n), *(((k - 1) / n, k / n) for k in range(2, n + 1)))]
+    return np.array([max(hi - lo, 0.0) for lo, hi in cells]) / (rate_max - rate_min)
+
+
+def _subsets(n):
+    return [s for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
+
+
+def _weights_of(masks, eligible, block):
+    """The code's ELBO weight for explicit masks (rows), as numpy."""
+    fn = jax.jit(corruption.elbo_weight, static_argnums=2)
+    return np.asarray(fn(jnp.asarray(masks), jnp.asarray(np.broadcast_to(eligible, masks.shape)), block))
+
+
+@pytest.mark.parametrize("eligible", [[1, 1, 1, 1], [1, 0, 1, 1, 0, 1]], ids=["full", "padded"])
+def test_elbo_weight_makes_the_weighted_loss_the_exact_any_order_bound(eligible):
+    """Enumerate every mask S of one block with its probability under the uniform law (k uniform on
+    1..n, S uniform given k) and any table CE(i | S masked): the expected weighted loss equals the
+    any-order NLL bound averaged over all n! generation orders, computed independently here. A
+    complementary pair gives twice the bound less the fully-masked term (counted once, not twice)."""
+    eligible = np.array(eligible, bool)
+    block, idx = len(eligible), np.flatnonzero(eligible)
+    n = len(idx)
+    rng = np.random.default_rng(0)
+    ce = {s: dict(zip(s, rng.uniform(0.1, 3.0, len(s)))) for s in _subsets(n)}  # CE of token i given S masked
+    bound = np.mean([sum(ce[tuple(sorted(order[j:]))][order[j]] for j in range(n)) for order in itertools.permutations(range(n))])
+    law = _count_law(n, 1e-12, 1.0)
+    subsets = _subsets(n)
+    masks = np.zeros((len(subsets), block), bool)
+    for r, s in enumerate(subsets):
+        masks[r, idx[list(s)]] = True
+    w = _weights_of(masks, eligible, block)
+    comp = masks ^ eligible
+    w_comp = _weights_of(comp, eligible, block)
+    expected = pair = 0.0
+    for r, s in enumerate(subsets):
+        p = law[len(s) - 1] / math.comb(n, len(s))
+        rest = tuple(i for i in range(n) if i not in s)
+        loss = sum(w[r, idx[i]] * ce[s][i] for i in s)
+        expected += p * loss
+        pair += p * (loss + sum(w_comp[r, idx[i]] * ce[rest][i] for i in rest))
+        assert np.all(w[r][~masks[r]] == 0) and np.all(w_comp[r][~comp[r]] == 0)
+    np.testing.assert_allclose(expected, bound, rtol=1e-6)  # float32 weights
+    full_mask_term = np.mean(list(ce[tuple(range(n))].values()))
+    np.testing.assert_allclose(pair, 2 * bound - full_mask_term, rtol=1e-6)  # float32 weights
+
+
+@pytest.mark.parametrize("masking", ["uniform", "position"])
+def test_corrupt_draws_the_documented_law_and_weights_both_halves_alike(masking):
+    """corrupt() against the exact law: the count k per block is uniform on 1..n (n eligible, so a
+    partly padded block too), uniform masking draws every k-subset equally often, every masked token
+    of both halves of a complementary pair carries n / k of its own half, and the pair covers each
+    eligible token exactly once."""
+    rows, length, block = 6000, 8, 4
+    seg = np.ones((rows, length), np.int32)
+    seg[:, -2:] = 0  # the second block has n = 2 eligible tokens
+    batch = {"tokens": jnp.full((rows, length), 5, jnp.int32), "segment_ids": jnp.asarray(seg),
+             "positions": jnp.broadcast_to(jnp.arange(length), (rows, length))}
+    obj = Objective("block_diffusion", block, masking=masking, complementary=True, mask_token_id=1)
+    ex = jax.jit(lambda b, k: corrupt(obj, b, k))(batch, jax.random.PRNGKey(3))
+    masked = np.asarray(ex.inputs[:, :length]) == 1
+    first, second = masked[:rows], masked[rows:]
+    real = seg > 0
     np.testing.assert_array_equal(first.astype(int) + second.astype(int), real.astype(int))
-    # ELBO weight 1/m on masked tokens; the complement's rate is its masked fraction of the block.
     weight, count = np.asarray(ex.weight), np.asarray(ex.count)
     np.testing.assert_array_equal(count, masked.astype(np.float32))
-    assert np.all(weight[masked] >= 1.0) and np.all(weight[~masked] == 0)
-    # Uniform: one rate per block (equal weights inside a block); m ~ U(1e-3, 1) masks half on average.
-    for row in range(batch):
-        for b in range(length // 8):
-            w = weight[row, b * 8:(b + 1) * 8][first[row, b * 8:(b + 1) * 8]]
-            assert np.allclose(w, w[0]) if len(w) else True
-    assert abs(first[real].mean() - 0.5) < 0.08
+    for b, n in ((0, 4), (1, 2)):
+        cols = slice(b * block, b * block + n)
+        k = masked[:, cols].sum(1)
+        want = np.where(masked[:, cols], (n / np.maximum(k, 1))[:, None], 0.0)
+        np.testing.assert_allclose(weight[:, cols], want, rtol=1e-6)
+        law = _count_law(n, obj.rate_min, obj.rate_max)
+        freq = np.bincount(k[:rows], minlength=n + 1)[1:] / rows
+        assert np.all(np.abs(freq - law) <= 5 * np.sqrt(law * (1 - law) / rows)), (freq, law)
+        if masking == "uniform":
+            patterns = {s: np.mean(np.all(first[:, cols] == np.isin(np.arange(n), s), 1)) for s in _subsets(n)}
+            for s, f in patterns.items():
+                p = law[len(s) - 1] / math.comb(n, len(s))
+                assert abs(f - p) <= 5 * np.sqrt(p * (1 - p) / rows), (s, f, p)
+
+
+def test_bidirectional_weights_by_the_row_masked_fraction():
+    """MDLM: the whole row is one block; weight = (eligible tokens of the row) / (masked in the row)."""
+    rows, length = 64, 16
+    seg = np.ones((rows, length), np.int32)
+    seg[::2, 10:] = 0
+    batch = {"tokens": jnp.full((rows, length), 5, jnp.int32), "segment_ids": jnp.asarray(seg),
+             "positions": jnp.broadcast_to(jnp.arange(length), (rows, length))}
+    obj = Objective("bidirectional", None, masking="uniform", mask_token_id=1)
+    ex = jax.jit(lambda b, k: corrupt(obj, b, k))(batch, jax.random.PRNGKey(4))
+    masked = np.asarray(ex.inputs) == 1
+    n, k = (seg > 0).sum(1), masked.sum(1)
+    assert np.all(k >= 1) and not masked[seg == 0].any()
+    np.testing.assert_allclose(np.asarray(ex.weight), np.where(masked, (n / k)[:, None], 0.0), rtol=1e-6)
 
 
 def test_token_shift_never_masks_document_starts_and_ar_weights():

@@ -50,6 +50,8 @@ def test_ablation_variants_change_only_what_they_name():
     v = ablate.variant_config(c, "block16")
     assert (v.diffusion.block_size, v.sample.block_size, v.diffusion.objective) == (16, 16, "block_diffusion")
     assert ablate.variant_config(c, "uniform").diffusion.masking == "uniform"
+    mdlm = ablate.variant_config(c, "bidirectional").diffusion  # MDLM: full attention AND uniform masking
+    assert (mdlm.objective, mdlm.masking) == ("bidirectional", "uniform")
     assert c.diffusion.block_size == 4  # the recipe itself is untouched
     c.demo.variants = "ar, block32"
     assert ablate.selected(c) == ["ar", "block32"]

@@ -4,7 +4,7 @@ Every variant starts from the same AR teacher and trains for the same steps x ba
 same data (the demo's), then is evaluated on the same held-out tasks and text:
 
     ar              continued next-token training (the baseline), decoded autoregressively
-    bidirectional   MDLM / LLaDA full diffusion (one rate per sequence, full attention)
+    bidirectional   MDLM / LLaDA full diffusion (full attention; uniform masking, one rate per sequence)
     block           block diffusion without clean context (block-causal attention over x_t)
     block_clean     block diffusion with clean context [x_t ; x_0] (Efficient-DLM, the demo's default)
     uniform         block_clean with uniform instead of position-dependent masking
@@ -28,7 +28,7 @@ from efficient_dlm.demo import pipeline
 # name: (what it tests, {section.key: value} overrides of the recipe)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ar": ("AR continued training", {"diffusion.objective": "ar"}),
-    "bidirectional": ("full bidirectional (MDLM)", {"diffusion.objective": "bidirectional"}),
+    "bidirectional": ("full bidirectional (MDLM)", {"diffusion.objective": "bidirectional", "diffusion.masking": "uniform"}),
     "block": ("block, no clean context", {"diffusion.objective": "block"}),
     "block_clean": ("block + clean context", {}),
     "uniform": ("block + clean context, uniform masking", {"diffusion.masking": "uniform"}),

@@ -82,9 +82,11 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     """The trainer's evaluation step over the first `batches` batches of config.data.eval_files.
 
     objective "ar" gives the next-token NLL; "block_diffusion" (or another diffusion objective of
-    the trainer) gives the ELBO: sum over masked tokens of CE / m, per token of text, with the
-    recipe's corruption and a fixed key, so the number is an upper bound on the dLM's NLL that is
-    reproducible run to run. Both are in nats per token.
+    the trainer) gives the ELBO: sum over masked tokens of CE * n / k (docs/METHOD.md section 3),
+    per token of text, with the recipe's attention and block size but uniform masking without
+    complementary pairs (the law under which its expectation is the any-order bound on the dLM's
+    NLL, whatever masking the recipe trained with) and a fixed key, so it is reproducible run to
+    run. Both are in nats per token.
     """
     import jax
     from ml_collections import ConfigDict
@@ -97,7 +99,8 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
 
     config = ConfigDict(to_plain(config))
     config.diffusion.objective = objective
-    config.diffusion.loss_weighting = "elbo"  # the bound needs CE / m whatever weighting the recipe trained with
+    d = config.diffusion  # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with
+    d.loss_weighting, d.masking, d.complementary, d.rate_min, d.rate_max = "elbo", "uniform", False, 1e-6, 1.0
     spec = data_spec(config, model.config, config.init.tokenizer or config.init.hf_dir or None)
     data = take(build_dataset(config.data.eval_files, spec, train=False), batches)
     block = None if objective == "ar" else config.diffusion.block_size
@@ -109,7 +112,7 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
         sums = step(params, jax.device_put(batch), jax.random.fold_in(key, j))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    # AR: every token with a predecessor is scored once (count); diffusion: weights 1/m over the
+    # AR: every token with a predecessor is scored once (count); diffusion: weights n / k over the
     # masked tokens estimate the sum over all tokens, so divide by the token count.
     denominator = totals["count"] if objective == "ar" else totals["tokens"]
     return {"nll_per_token": totals["loss"] / max(denominator, 1.0), "tokens": totals["tokens"], "batches": len(data)}

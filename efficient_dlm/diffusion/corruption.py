@@ -1,8 +1,9 @@
-"""Corruption (METHOD.md section 2): which tokens become [MASK], sampled on device from a PRNG key.
+"""Corruption (docs/METHOD.md section 2): which tokens become [MASK], and their ELBO weight (section 3).
 
 Why our own code: no library implements per-block position-dependent masking. Everything here is a
 pure function of (tokens, key) so it runs inside the jitted train step, sharded like the batch and
-reproducible from (seed, step).
+reproducible from (seed, step). Every law masks an exact count k per block, drawn from the block's
+rate m and its number n of eligible tokens, and the ELBO weight n / k is read off the drawn mask.
 
 Shapes: tokens [B, L]; a "block" is a run of `block_size` positions (for whole-sequence diffusion the
 block is the sequence). `eligible` [B, L] marks tokens that may be masked (real tokens; with token
@@ -28,50 +29,74 @@ def position_logits(rates: jax.Array, block_size: int, half_life: float) -> jax.
     return lam * (1.0 - rates)[..., None] * i
 
 
-def masks_per_block(rates: jax.Array, block_size: int) -> jax.Array:
-    """k = round(m B), at least 1: the exact number of masked tokens in a full block."""
-    return jnp.maximum(1, jnp.round(rates * block_size)).astype(jnp.int32)
-
-
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] // block_size, block_size)
+
+
+def block_counts(eligible: jax.Array, block_size: int) -> jax.Array:
+    """n: eligible tokens per block, int32 [B, num_blocks]."""
+    return _blocks(eligible, block_size).sum(-1).astype(jnp.int32)
+
+
+def masks_per_block(rates: jax.Array, eligible_count: jax.Array) -> jax.Array:
+    """k = ceil(m n) clipped to [1, n]: the exact number of masked tokens of a block with n eligible.
+
+    With m ~ U(0, 1) this makes k uniform on {1, ..., n} (P(k) = 1/n, the cell ((k-1)/n, k/n] of
+    m), the law under which the ELBO weight n / k is exact (docs/METHOD.md section 3). A block with
+    n = 0 masks nothing.
+    """
+    n = eligible_count.astype(jnp.float32)
+    k = jnp.clip(jnp.ceil(rates * n), 1.0, n)
+    return k.astype(jnp.int32)
+
+
+def exact_count_mask(
+    key: jax.Array, rates: jax.Array, eligible: jax.Array, block_size: int, logits: jax.Array | None = None
+) -> jax.Array:
+    """Exactly k = masks_per_block(m, n) eligible tokens per block, drawn without replacement with
+    weights exp(logits) (uniformly when logits is None). Returns bool [B, L].
+
+    Gumbel-top-k: the k largest of logits + Gumbel noise are a weighted sample without replacement.
+    """
+    batch, length = eligible.shape
+    scores = jax.random.gumbel(key, (batch, length // block_size, block_size), jnp.float32)
+    if logits is not None:
+        scores = scores + logits
+    elig = _blocks(eligible, block_size)
+    scores = jnp.where(elig, scores, -jnp.inf)
+    k = masks_per_block(rates, block_counts(eligible, block_size))
+    descending = -jnp.sort(-scores, axis=-1)
+    threshold = jnp.take_along_axis(descending, jnp.maximum(k - 1, 0)[..., None], axis=-1)
+    return ((scores >= threshold) & elig).reshape(batch, length)
 
 
 def position_dependent_mask(
     key: jax.Array, rates: jax.Array, eligible: jax.Array, block_size: int, half_life: float
 ) -> jax.Array:
-    """Exactly k = round(m B) eligible tokens per block, drawn without replacement with weights w_i.
-
-    Gumbel-top-k: the k largest of log w_i + Gumbel noise are a weighted sample without replacement.
-    Blocks with fewer than k eligible tokens mask all of them. Returns bool [B, L].
-    """
-    batch, length = eligible.shape
-    scores = position_logits(rates, block_size, half_life) + jax.random.gumbel(
-        key, (batch, length // block_size, block_size), jnp.float32
-    )
-    elig = _blocks(eligible, block_size)
-    scores = jnp.where(elig, scores, -jnp.inf)
-    k = masks_per_block(rates, block_size)
-    descending = -jnp.sort(-scores, axis=-1)
-    threshold = jnp.take_along_axis(descending, (k - 1)[..., None], axis=-1)
-    return ((scores >= threshold) & elig).reshape(batch, length)
+    """Efficient-DLM: k tokens per block with weights w_i = exp(lambda (1 - m) i). Bool [B, L]."""
+    return exact_count_mask(key, rates, eligible, block_size, position_logits(rates, block_size, half_life))
 
 
 def uniform_mask(key: jax.Array, rates: jax.Array, eligible: jax.Array, block_size: int) -> jax.Array:
-    """Each eligible token masked independently with its block's rate (MDLM / LLaDA). Bool [B, L]."""
-    per_token = jnp.repeat(rates, block_size, axis=1)
-    return (jax.random.uniform(key, eligible.shape) < per_token) & eligible
+    """MDLM / LLaDA: k tokens per block, every k-subset of the eligible tokens equally likely. Bool [B, L].
 
-
-def complement_rates(mask: jax.Array, eligible: jax.Array, block_size: int, rate_min: float) -> jax.Array:
-    """Rate of the complementary mask: its masked fraction of each block's eligible tokens.
-
-    For a full block with k masked this is 1 - k / B, the rate whose ELBO weight 1/m matches the
-    number of tokens it supervises. Floored at rate_min so the weight stays bounded.
+    This is the law of independent masking with t ~ U(0, 1) given at least one mask: integrating
+    t^k (1 - t)^(n - k) over t makes every count k in {0, ..., n} equally likely and the subset
+    uniform given k, so only the empty mask (no supervision) is left out.
     """
-    comp = _blocks(eligible & ~mask, block_size).sum(-1)
-    total = jnp.maximum(_blocks(eligible, block_size).sum(-1), 1)
-    return jnp.maximum(comp / total, rate_min).astype(jnp.float32)
+    return exact_count_mask(key, rates, eligible, block_size)
+
+
+def elbo_weight(mask: jax.Array, eligible: jax.Array, block_size: int) -> jax.Array:
+    """Per-token ELBO weight [B, L]: n / k on the masked tokens of a block (n eligible, k masked), else 0.
+
+    1 / (the block's realised masked fraction), computed from the mask itself, so a primary mask, its
+    complement and a partly padded block are weighted by the same rule (docs/METHOD.md section 3).
+    """
+    n = block_counts(eligible, block_size).astype(jnp.float32)
+    k = block_counts(mask & eligible, block_size).astype(jnp.float32)
+    per_block = jnp.where(k > 0, n / jnp.maximum(k, 1.0), 0.0)
+    return jnp.repeat(per_block, block_size, axis=1) * (mask & eligible)
 
 
 def apply_mask(tokens: jax.Array, mask: jax.Array, mask_token_id: int) -> jax.Array:

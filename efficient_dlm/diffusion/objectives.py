@@ -1,4 +1,4 @@
-"""Training objectives (METHOD.md sections 1-3): corrupt a batch, run the model, weight the loss.
+"""Training objectives (docs/METHOD.md sections 1-3): corrupt a batch, run the model, weight the loss.
 
 An objective is split in two pure functions so the train step can normalise exactly over gradient
 accumulation: `corrupt(objective, batch, key)` -> `Example` (model inputs, targets, per-token loss
@@ -84,9 +84,10 @@ class Example(NamedTuple):
     """A corrupted batch ready for the model. B' = 2B with complementary masks.
 
     inputs [B', L or 2L]: token ids fed to the model ([x_t ; x_0] for block_diffusion).
-    targets, weight, count, noised: [B', L]. weight is the per-token loss weight (1/m for the
-    ELBO, 1 for the mean, times the batch's loss_weights), count the per-token normaliser
-    contribution, noised marks [MASK] positions (mask-embedding noise).
+    targets, weight, count, noised: [B', L]. weight is the per-token loss weight (for the ELBO
+    n / k, the inverse of the block's realised masked fraction, docs/METHOD.md section 3; 1 for the
+    mean; times the batch's loss_weights), count the per-token normaliser contribution, noised
+    marks [MASK] positions (mask-embedding noise).
     """
 
     inputs: jax.Array
@@ -126,18 +127,14 @@ def corrupt(obj: Objective, batch: dict[str, jax.Array], key: jax.Array) -> Exam
         mask = corruption.position_dependent_mask(mask_key, rates, eligible, block, obj.half_life)
     else:
         mask = corruption.uniform_mask(mask_key, rates, eligible, block)
-    masks, rate_sets = [mask], [rates]
-    if obj.complementary:
-        masks.append(eligible & ~mask)
-        rate_sets.append(corruption.complement_rates(mask, eligible, block, obj.rate_min))
+    masks = [mask, eligible & ~mask] if obj.complementary else [mask]
     mask = jnp.concatenate(masks)
-    per_token_rate = jnp.repeat(jnp.concatenate(rate_sets), block, axis=1)
     copies = len(masks)
-    tokens, seg, pos, lw = (jnp.tile(x, (copies, 1)) for x in (tokens, seg, batch["positions"], lw))
+    tokens, seg, pos, lw, eligible = (jnp.tile(x, (copies, 1)) for x in (tokens, seg, batch["positions"], lw, eligible))
     x_t = corruption.apply_mask(tokens, mask, obj.mask_token_id)
     inputs = jnp.concatenate([x_t, tokens], axis=1) if obj.kind == "block_diffusion" else x_t
     count = mask * lw
-    weight = count / per_token_rate if obj.weighting == "elbo" else count
+    weight = count * corruption.elbo_weight(mask, eligible, block) if obj.weighting == "elbo" else count
     return Example(inputs, seg, pos, tokens, weight, count, mask)
 
 
