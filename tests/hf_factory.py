@@ -31,6 +31,8 @@ FAMILIES = {
     "mistral_gqa": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2)),
     "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    "llama_qkvo_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True)),  # q/k/v and o_proj biases
+    "qwen3_qkvo_bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(attention_bias=True, head_dim=8)),
     "qwen3_qknorm_tied": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=8)),
     "qwen3_wide_head_dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
     "llama_mqa_linear_rope": (

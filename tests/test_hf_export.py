@@ -47,7 +47,7 @@ def write_tokenizer(directory, vocab=VOCAB) -> str:
 def dlm_config(**changes) -> ModelConfig:
     base = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=8, qk_norm=True, attention_bias=True, tie_word_embeddings=True, eos_token_id=1, mask_token_id=VOCAB - 1,
+        head_dim=8, qk_norm=True, attention_bias=True, attention_out_bias=True, tie_word_embeddings=True, eos_token_id=1, mask_token_id=VOCAB - 1,
         max_position_embeddings=64, rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0, rope_original_max_position_embeddings=16,
     )
@@ -122,7 +122,7 @@ def test_dlm_export_runs_in_transformers_like_jax_and_reads_back(dlm_model, dlm_
         assert np.array_equal(back16[path], value.astype(back16[path].dtype)), path
 
 
-@pytest.mark.parametrize("family", ["qwen3_qknorm_tied", "qwen2_bias", "llama_yarn_rope", "mistral_gqa"])
+@pytest.mark.parametrize("family", ["qwen3_qknorm_tied", "qwen2_bias", "llama_yarn_rope", "mistral_gqa", "llama_qkvo_bias"])
 def test_ar_round_trip_reproduces_source(family, tmp_path):
     src = str(tmp_path / "src")
     torch_model = make_hf_model(family, src)
@@ -183,6 +183,8 @@ def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch
         edlm.to_hf(model, str(tmp_path / "a"), tokenizer_dir=tok, dtype="fp8")
     with pytest.raises(ValueError, match="format 'dlm' needs .*mask_token_id"):
         edlm.to_hf(abstract_model(dlm_config(mask_token_id=None)), str(tmp_path / "a"), tokenizer_dir=tok, format="dlm")
+    with pytest.raises(ValueError, match="attention_out_bias=True with model.attention_bias=True cannot be expressed in a qwen2"):
+        edlm.to_hf(abstract_model(dlm_config(model_type="qwen2", qk_norm=False)), str(tmp_path / "a"), tokenizer_dir=tok, format="ar")
     with pytest.raises(ValueError, match="output directory contains the source"):
         edlm.to_hf(model, str(tmp_path), tokenizer_dir=tok, overwrite=True)
     assert not os.path.exists(tmp_path / "a")  # nothing written by a refused export

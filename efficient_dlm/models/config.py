@@ -36,7 +36,8 @@ class ModelConfig:
     head_dim: int = 16
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
-    attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2; Llama / Qwen3 attention_bias)
+    attention_out_bias: bool = False  # o_proj bias (Llama / Qwen3 / Qwen3-MoE attention_bias puts one there too)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # causal mode only (Mistral v0.1)

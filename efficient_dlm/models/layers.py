@@ -53,7 +53,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with optional q/k/v bias (Qwen2) and per-head QK RMSNorm (Qwen3)."""
+    """Grouped-query attention with optional q/k/v bias (Qwen2), o bias (Llama / Qwen3 attention_bias)
+    and per-head QK RMSNorm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -66,6 +67,8 @@ class Attention(nnx.Module):
             self.q_bias = param(rngs, cfg, (h, d), ("heads", "head_dim"), zeros)
             self.k_bias = param(rngs, cfg, (kv, d), ("kv_heads", "head_dim"), zeros)
             self.v_bias = param(rngs, cfg, (kv, d), ("kv_heads", "head_dim"), zeros)
+        if cfg.attention_out_bias:
+            self.o_bias = param(rngs, cfg, (e,), ("embed",), zeros)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg, d, rngs=rngs)
             self.k_norm = RMSNorm(cfg, d, rngs=rngs)
@@ -91,7 +94,9 @@ class Attention(nnx.Module):
         return q, k, v
 
     def output(self, attn: jax.Array) -> jax.Array:
-        return jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(self.cfg.compute_dtype))
+        dt = self.cfg.compute_dtype
+        out = jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(dt))
+        return out + self.o_bias[...].astype(dt) if self.cfg.attention_out_bias else out
 
 
 class MLP(nnx.Module):

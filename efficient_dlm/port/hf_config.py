@@ -191,6 +191,10 @@ def moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     return fields
 
 
+# Families whose `attention_bias` also puts a bias on o_proj (transformers' Llama / Qwen3 / Qwen3-MoE attention).
+_OUT_BIAS_FAMILIES = ("llama", "qwen3", "qwen3_moe")
+
+
 def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
     """q/k/v projection biases: always in Qwen2, never in Mistral / Mixtral, else as configured."""
     if model_type == "qwen2":
@@ -200,6 +204,11 @@ def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
     if model_type == "qwen2_moe":
         return bool(hf.get("qkv_bias", True))
     return bool(hf.get("attention_bias", False))
+
+
+def _attention_out_bias(hf: Mapping[str, Any], model_type: str) -> bool:
+    """The o_proj bias: `attention_bias` in the Llama / Qwen3 families, none elsewhere."""
+    return model_type in _OUT_BIAS_FAMILIES and bool(hf.get("attention_bias", False))
 
 
 def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
@@ -214,8 +223,6 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         raise CheckpointError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu (SwiGLU) is supported")
     if hf.get("mlp_bias"):
         raise CheckpointError("mlp_bias=True is not supported")
-    if not dlm_export and model_type in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
-        raise CheckpointError(f"attention_bias=True is not supported for {model_type} (it puts a bias on o_proj too)")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in hf]
     if missing:
         raise CheckpointError(f"config.json lacks {', '.join(missing)}")
@@ -233,6 +240,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         max_position_embeddings=max_positions,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         attention_bias=_attention_bias(hf, model_type),
+        attention_out_bias=_attention_out_bias(hf, model_type),
         qk_norm=model_type in ("qwen3", "qwen3_moe") or bool(hf.get("use_qk_norm", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=sliding_window(hf, model_type, hf["num_hidden_layers"]),
@@ -246,7 +254,10 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
     fields.update(rope_fields(hf, max_positions, model_type, dlm_export))
     fields.update({f: hf[f] for f in DLM_MOE_FIELDS if f in hf} if dlm_export else moe_fields(hf, model_type))
     if dlm_export:
-        fields.update(qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]))
+        fields.update(
+            qk_norm=bool(hf["qk_norm"]), attention_bias=bool(hf["attention_bias"]),
+            attention_out_bias=bool(hf.get("attention_out_bias", False)),
+        )
     try:
         return ModelConfig(**fields)
     except ValueError as err:

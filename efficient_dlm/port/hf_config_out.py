@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.port.hf_config import DLM_MOE_FIELDS, DLM_PREFIX, _ROPE_FIELDS
+from efficient_dlm.port.hf_config import _OUT_BIAS_FAMILIES, _ROPE_FIELDS, DLM_MOE_FIELDS, DLM_PREFIX
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -29,14 +29,14 @@ ARCHITECTURES = {
 }
 # What each family's config.json cannot express (the importer derives it from model_type). Our
 # attention_bias is q/k/v bias only: Qwen2(-MoE) and GLM-4.5 have exactly that, while Llama / Qwen3
-# "attention_bias" would also add an o_proj bias we do not have.
+# "attention_bias" is q/k/v and o bias together (checked in check_expressible).
 _SOFTMAX_ROUTER = dict(router_score="softmax", router_groups=1, router_topk_groups=1, routed_scaling_factor=1.0, router_bias=False)
 _IMPLIED = {
-    "llama": dict(qk_norm=False, attention_bias=False),
+    "llama": dict(qk_norm=False),
     "mistral": dict(qk_norm=False, attention_bias=False),
     "qwen2": dict(qk_norm=False, attention_bias=True),
-    "qwen3": dict(qk_norm=True, attention_bias=False),
-    "qwen3_moe": dict(qk_norm=True, attention_bias=False, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
+    "qwen3": dict(qk_norm=True),
+    "qwen3_moe": dict(qk_norm=True, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
     "qwen2_moe": dict(qk_norm=False, **_SOFTMAX_ROUTER),
     "mixtral": dict(qk_norm=False, attention_bias=False, router_norm_topk=True, first_k_dense=0, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
     "glm4_moe": dict(router_score="sigmoid", router_bias=True, shared_expert_gate=False),
@@ -175,6 +175,12 @@ def check_expressible(cfg: ModelConfig) -> None:
                 f"model.{field}={getattr(cfg, field)} cannot be expressed in a {cfg.model_type} config.json "
                 f"(the family fixes it to {value}); export it as a dLM instead"
             )
+    out_bias = cfg.attention_bias if cfg.model_type in _OUT_BIAS_FAMILIES else False
+    if cfg.attention_out_bias != out_bias:
+        raise ValueError(
+            f"model.attention_out_bias={cfg.attention_out_bias} with model.attention_bias={cfg.attention_bias} cannot be "
+            f"expressed in a {cfg.model_type} config.json; export it as a dLM instead"
+        )
     if cfg.partial_rotary_factor != 1.0 and cfg.model_type != "glm4_moe":
         raise ValueError(f"model.partial_rotary_factor={cfg.partial_rotary_factor} cannot be expressed in a {cfg.model_type} "
                          "config.json (transformers rotates whole heads there); export it as a dLM instead")
@@ -211,6 +217,7 @@ def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
         out.update({field: getattr(cfg, field) for field in DLM_MOE_FIELDS})
     out.update(
         attention_bias=cfg.attention_bias,
+        attention_out_bias=cfg.attention_out_bias,
         qk_norm=cfg.qk_norm,
         mask_token_id=cfg.mask_token_id,
         valid_vocab_size=dlm.valid_vocab_size,

@@ -78,6 +78,7 @@ def _attention_rules(stack: str, when: Callable[[ModelConfig], bool] = lambda c:
         Rule(_layer("self_attn.q_proj.bias"), (stack, "attn", "q_bias"), HEADS_BIAS, both(lambda c: c.attention_bias)),
         Rule(_layer("self_attn.k_proj.bias"), (stack, "attn", "k_bias"), HEADS_BIAS, both(lambda c: c.attention_bias)),
         Rule(_layer("self_attn.v_proj.bias"), (stack, "attn", "v_bias"), HEADS_BIAS, both(lambda c: c.attention_bias)),
+        Rule(_layer("self_attn.o_proj.bias"), (stack, "attn", "o_bias"), when=both(lambda c: c.attention_out_bias)),
         Rule(_layer("self_attn.q_norm.weight"), (stack, "attn", "q_norm", "scale"), when=both(lambda c: c.qk_norm)),
         Rule(_layer("self_attn.k_norm.weight"), (stack, "attn", "k_norm", "scale"), when=both(lambda c: c.qk_norm)),
         Rule(_layer("post_attention_layernorm.weight"), (stack, "post_attn_norm", "scale"), when=when),

@@ -26,6 +26,7 @@ class EdlmConfig(PretrainedConfig):
         rms_norm_eps=1e-6,
         rope_parameters=None,
         attention_bias=False,
+        attention_out_bias=False,
         qk_norm=False,
         sliding_window=None,
         use_sliding_window=False,
@@ -68,7 +69,8 @@ class EdlmConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-        self.attention_bias = attention_bias
+        self.attention_bias = attention_bias  # q/k/v projections
+        self.attention_out_bias = attention_out_bias  # o_proj
         self.qk_norm = qk_norm
         self.sliding_window = sliding_window  # used by causal (AR) attention only, as in training
         self.use_sliding_window = use_sliding_window

@@ -182,7 +182,7 @@ class EdlmRMSNorm(nn.Module):
 
 
 class EdlmAttention(nn.Module):
-    """Grouped-query attention with optional q/k/v bias and per-head QK RMSNorm."""
+    """Grouped-query attention with optional q/k/v bias, o bias and per-head QK RMSNorm."""
 
     def __init__(self, config: EdlmConfig):
         super().__init__()
@@ -191,7 +191,7 @@ class EdlmAttention(nn.Module):
         self.q_proj = nn.Linear(e, self.heads * d, bias=config.attention_bias)
         self.k_proj = nn.Linear(e, self.kv_heads * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(e, self.kv_heads * d, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.heads * d, e, bias=False)
+        self.o_proj = nn.Linear(self.heads * d, e, bias=getattr(config, "attention_out_bias", False))
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = EdlmRMSNorm(d, config.rms_norm_eps)
