@@ -50,7 +50,7 @@ def model_config(config: ConfigDict) -> ModelConfig:
 
 
 def diffusion_section() -> ConfigDict:
-    """Objective and corruption (METHOD.md sections 2-4). Owned by efficient_dlm/diffusion."""
+    """Objective and corruption (docs/METHOD.md sections 2-4). Owned by efficient_dlm/diffusion."""
     return ConfigDict(
         dict(
             objective="block_diffusion",  # block_diffusion (clean context) | block | bidirectional | ar
@@ -203,7 +203,7 @@ def demo_section() -> ConfigDict:
 
 
 def opd_section() -> ConfigDict:
-    """On-policy distillation from the frozen AR teacher (METHOD.md section 5). Owned by efficient_dlm/train/opd.py.
+    """On-policy distillation from the frozen AR teacher (docs/METHOD.md section 5). Owned by efficient_dlm/train/opd.py.
 
     diffusion.objective="opd" trains only with OPD; any other diffusion objective mixes OPD steps in
     from opd.start_step on (every opd.every-th step; -1 = never).

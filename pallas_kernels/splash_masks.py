@@ -6,7 +6,7 @@ function here is `efficient_dlm.models.masks.visible`, the single definition of 
 
 Why not the library's `make_splash_mha(mask)`: its `process_mask` classifies tiles by evaluating the
 mask tile by tile in Python, O(L^2) work (minutes for the clean-context layout at L=32768, 2L=65536).
-Every pattern of METHOD.md section 1 shows each query at most two contiguous key ranges, so
+Every pattern of docs/METHOD.md section 1 shows each query at most two contiguous key ranges, so
 `visible_intervals` classifies all tiles with O(L) numpy work and `mask_infos` builds the same
 (shrunk-grid) `MaskInfo` the library would; tests check both against the library on small shapes.
 """

@@ -1,6 +1,6 @@
 """Slow reference decoders for the sampler tests: they recompute the whole sequence with `model(...)`
 at every step (no KV cache, one row at a time, no padding) and implement the commit rules of
-METHOD.md section 6 in NumPy, independently of efficient_dlm.sample."""
+docs/METHOD.md section 6 in NumPy, independently of efficient_dlm.sample."""
 from __future__ import annotations
 
 import functools
@@ -58,7 +58,7 @@ def greedy_choice(logits: np.ndarray, banned: list[int]):
 
 
 def commit_count(strategy: str, confidence, entropy, open_, **knobs) -> int:
-    """METHOD.md section 6, written out on sorted lists."""
+    """docs/METHOD.md section 6, written out on sorted lists."""
     order = [i for i in np.argsort(-np.where(open_, confidence, -np.inf), kind="stable") if open_[i]]
     conf = [confidence[i] for i in order]
     if strategy == "threshold":

@@ -1,4 +1,4 @@
-"""The training-time attention patterns of METHOD.md section 1, checked against direct definitions.
+"""The training-time attention patterns of docs/METHOD.md section 1, checked against direct definitions.
 
 The identities that make the decode-time KV cache exact: block mode with block_size 1 is causal; the
 x_0 half of the clean-context layout is block mode on x_0; an x_t block reads only its own noisy
@@ -30,7 +30,7 @@ def tokens(shape, seed=0):
 
 
 def reference_visible(mode: str, q: int, k: int, block: int, length: int) -> bool:
-    """METHOD.md section 1, one (query, key) pair at a time, over physical indices."""
+    """docs/METHOD.md section 1, one (query, key) pair at a time, over physical indices."""
     if mode == "causal":
         return k <= q
     if mode == "bidirectional":

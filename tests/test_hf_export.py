@@ -198,7 +198,7 @@ def test_bad_input_fails_with_one_clear_message(dlm_model, tmp_path, monkeypatch
 
 
 def reference_generate(forward, prompt, max_new_tokens, block_size, threshold, mask_id, stop, valid_vocab_size):
-    """METHOD.md section 6 the slow way, one row: recompute the whole sequence (block-causal) every step.
+    """docs/METHOD.md section 6 the slow way, one row: recompute the whole sequence (block-causal) every step.
 
     Positions n .. n + max_new_tokens - 1 are generated in training-aligned blocks; after a committed
     stop token the rest of its block is left masked and the row ends.

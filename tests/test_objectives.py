@@ -40,7 +40,7 @@ def _batch():
 
 
 def test_clean_context_pattern_matches_direct_construction():
-    """visible() for [x_t ; x_0] against METHOD.md section 1 written out index by index."""
+    """visible() for [x_t ; x_0] against docs/METHOD.md section 1 written out index by index."""
     length, block = 12, 4
     spec = MaskSpec("clean_context", block, length)
     got = np.asarray(visible(spec, jnp.arange(2 * length)[:, None], jnp.arange(2 * length)[None, :]))

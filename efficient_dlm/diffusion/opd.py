@@ -1,4 +1,4 @@
-"""On-policy distillation (OPDLM, METHOD.md section 5): training states from a student rollout and the
+"""On-policy distillation (OPDLM, docs/METHOD.md section 5): training states from a student rollout and the
 forward KL from the frozen AR teacher.
 
 A rollout (efficient_dlm.sample, run inside the train step) leaves, for every row, the decoded tokens
@@ -8,7 +8,7 @@ visible, everything else [MASK]". So a state is chosen by choosing a step, unifo
 the row actually ran (`choose_steps`), and rebuilt without storing any intermediate canvas.
 
 The student reads that state as the sampler decodes it: with the clean-context layout [x_t ; x_0]
-(METHOD.md section 1), block k of x_t sees x_t block k and the finished blocks < k of x_0, exactly
+(docs/METHOD.md section 1), block k of x_t sees x_t block k and the finished blocks < k of x_0, exactly
 the block plus its prefix KV cache at decode time. Under this pattern x_t blocks never see each other,
 so one forward can also train one state of *every* block (states="block") at the cost of one.
 

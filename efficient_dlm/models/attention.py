@@ -1,7 +1,7 @@
 """One attention function with modes, and its XLA reference implementation.
 
 `attention` is what the model calls for training-time patterns (causal, block, bidirectional,
-clean_context; METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
+clean_context; docs/METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
 against a static-shape KV cache (valid slots [start, length) per row) plus the chunk itself.
 `xla_attention` is the oracle every kernel is tested against: GQA by grouping query heads, logits and
 softmax in float32, rows that see no key return zeros instead of NaN.

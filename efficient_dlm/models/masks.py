@@ -1,4 +1,4 @@
-"""Attention visibility as predicates over indices (METHOD.md section 1).
+"""Attention visibility as predicates over indices (docs/METHOD.md section 1).
 
 Masks are never stored: `visible(spec, q_idx, k_idx)` answers "may query q attend to key k" from
 integer indices alone, so the same definition serves the XLA reference (evaluated on device into a

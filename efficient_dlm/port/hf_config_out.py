@@ -51,7 +51,7 @@ AUTO_MAP = {
 
 @dataclasses.dataclass(frozen=True)
 class DlmFields:
-    """How the dLM was trained and how it decodes by default (METHOD.md sections 1, 3, 6)."""
+    """How the dLM was trained and how it decodes by default (docs/METHOD.md sections 1, 3, 6)."""
 
     block_size: int = 32
     token_shift: bool = False

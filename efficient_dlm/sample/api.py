@@ -202,7 +202,7 @@ def generate(
 
     settings: the decoding arguments of `prepare`, which validates them:
     max_new_tokens (required); strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion,
-    METHOD.md section 6, needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the
+    docs/METHOD.md section 6, needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the
     baseline); threshold / tokens_per_step / factor / entropy_bound parametrise the strategies;
     temperature 0 is greedy, otherwise tokens are sampled (top_p, top_k filters) with `seed`;
     stop_tokens default to model.config.eos_token_id, and a row ends after its first stop token;

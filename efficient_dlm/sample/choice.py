@@ -1,6 +1,6 @@
 """Token choice and confidence: the one place where hidden states become (token, confidence, entropy).
 
-Every strategy ranks masked positions by the confidence of the token chosen there (METHOD.md
+Every strategy ranks masked positions by the confidence of the token chosen there (docs/METHOD.md
 section 6): greedy takes the argmax and its probability; sampling draws from the tempered
 distribution restricted by top-k / top-p and uses the drawn token's probability. Ids the model must
 never emit (the [MASK] token, vocabulary padding past `valid_vocab_size`) are removed first.

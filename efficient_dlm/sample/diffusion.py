@@ -1,4 +1,4 @@
-"""The block-diffusion sampler as one compiled program (METHOD.md section 6).
+"""The block-diffusion sampler as one compiled program (docs/METHOD.md section 6).
 
 Outer loop over blocks (a lax.while_loop that stops when every row is done), inner loop over
 denoising steps (lax.scan for fixed-step strategies, a lax.while_loop bounded by the block size for

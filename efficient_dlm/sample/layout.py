@@ -3,7 +3,7 @@
 Block diffusion decodes blocks aligned to positions, exactly as in training: the block of position i
 is i // B, and positions start at 0 at each row's first real token. With ragged prompts, row b has
 n_b = p_b // B full prompt blocks and r_b = p_b % B prompt tokens that sit inside its first decoded
-block (METHOD.md section 6: "a block starts all [MASK]; prompt tokens inside it stay").
+block (docs/METHOD.md section 6: "a block starts all [MASK]; prompt tokens inside it stay").
 
 Each row's full prompt blocks are right-aligned to end at slot D0 = K * B (K = bucketed max n_b, at
 least 1), so

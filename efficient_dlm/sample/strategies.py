@@ -1,4 +1,4 @@
-"""Which masked positions a denoising step commits (METHOD.md section 6).
+"""Which masked positions a denoising step commits (docs/METHOD.md section 6).
 
 Every strategy is "commit the n most confident open positions" with its own n per row:
 - threshold (Fast-dLLM): n = #open with confidence >= tau (threshold 0 commits the whole block);

@@ -2,7 +2,7 @@
 
 Self-contained (torch + transformers only). The weights keep the base model's tensor names
 (Llama / Mistral / Qwen2 / Qwen3), so the architecture is the base model's; what differs is how it is
-run, as the model was trained (efficient_dlm METHOD.md):
+run, as the model was trained (docs/METHOD.md of efficient_dlm):
 - attention is block-causal: position q sees position k iff k // block_size <= q // block_size
   (`attention="causal"` and `"bidirectional"` are available too);
 - `generate` decodes block by block: a block starts as [MASK] tokens and each step commits every
