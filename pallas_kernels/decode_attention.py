@@ -7,7 +7,9 @@ Paged/ragged decode kernels assume one query per row and causal visibility. This
 - tiles queries, the chunk's own keys and the cache, so a long chunk (a 2k-token prompt prefill)
   fits VMEM as well as a 4-token block: grid (row, query tile, own key tiles then cache tiles);
 - builds the chunk's visibility in the kernel from positions (`masks.chunk_visible`), never as a
-  dense [T, T] table in HBM;
+  dense [T, T] table in HBM; a sliding window also hides cache slots whose position (slot - start)
+  is `sliding_window` or more before the query (tiles are still visited: the window hides, it does
+  not skip);
 - reads the row's start/length by scalar prefetch and visits cache tiles first..last only: a grid step
   outside the valid range maps to the same tile index (no DMA) and skips compute (`pl.when`), so
   work beyond the valid prefix is bounded by one tile per end;
@@ -26,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from efficient_dlm.models.masks import chunk_visible
+from efficient_dlm.models.masks import chunk_visible, within_window
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # the XLA reference's mask value
 DEFAULT_TILE = 512
@@ -83,7 +85,7 @@ def _online_update(m_ref, l_ref, acc_ref, h: int, s: jax.Array, mask: jax.Array,
 
 def _kernel(start_ref, length_ref, q_ref, qpos_ref, k_ref, v_ref, kpos_ref, ck_ref, cv_ref, o_ref, m_ref, l_ref, acc_ref,
             *, tile: int, num_tiles: int, own_tile: int, own_tiles: int, width: int, scale: float, kv_heads: int,
-            mode: str, block_size: int | None):
+            mode: str, block_size: int | None, sliding_window: int | None):
     b, j = pl.program_id(0), pl.program_id(2)
     start, length = start_ref[b], length_ref[b]
     first, count = _tile_range(start, length, tile)
@@ -97,7 +99,7 @@ def _kernel(start_ref, length_ref, q_ref, qpos_ref, k_ref, v_ref, kpos_ref, ck_r
     @pl.when(j < own_tiles)
     def _own_tile():
         key = j * own_tile + lax.broadcasted_iota(jnp.int32, (1, own_tile), 1)
-        mask = chunk_visible(mode, block_size, qpos_ref[...], kpos_ref[...]) & (key < width)
+        mask = chunk_visible(mode, block_size, qpos_ref[...], kpos_ref[...], sliding_window) & (key < width)
         for h in range(kv_heads):
             q = q_ref[h]
             s = lax.dot_general(q, k_ref[h], _NT, preferred_element_type=jnp.float32) * scale
@@ -111,6 +113,9 @@ def _kernel(start_ref, length_ref, q_ref, qpos_ref, k_ref, v_ref, kpos_ref, ck_r
         in_range = lambda slot: (slot >= start) & (slot < length)
         valid_keys = in_range(offset + lax.broadcasted_iota(jnp.int32, (1, tile), 1))  # for logits [rows, tile]
         valid_rows = in_range(offset + lax.broadcasted_iota(jnp.int32, (tile, 1), 0))  # for values [tile, D]
+        if sliding_window is not None:  # slot j holds position j - start
+            slot_positions = offset + lax.broadcasted_iota(jnp.int32, (1, tile), 1) - start
+            valid_keys = valid_keys & within_window(sliding_window, qpos_ref[...], slot_positions)
         for h in range(kv_heads):
             q = q_ref[h]
             s = lax.dot_general(q, ck_ref[:, h, :].astype(q.dtype), _NT, preferred_element_type=jnp.float32) * scale
@@ -146,13 +151,15 @@ def decode_attention(
     *,
     mode: str,
     block_size: int | None = None,
+    sliding_window: int | None = None,
     max_tile: int = DEFAULT_TILE,
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, T, H, D]; k/v [B, T, Hkv, D] of the chunk at `positions` [B, T]; cache_k/v [B, S, Hkv, D]
     valid on cache_start[b] <= slot < cache_length[b]. The chunk's keys are visible to its queries by
-    `mode` (causal, block with block_size, bidirectional) over positions. Returns [B, T, H, D], softmax
-    scale D^-0.5; a query that sees no key gets zeros.
+    `mode` (causal, block with block_size, bidirectional) over positions, and with `sliding_window` W
+    only keys less than W positions before the query (cache slot j is at position j - cache_start).
+    Returns [B, T, H, D], softmax scale D^-0.5; a query that sees no key gets zeros.
     """
     batch, width, heads, dim = q.shape
     kv_heads, slots = k.shape[2], cache_k.shape[1]
@@ -183,7 +190,7 @@ def decode_attention(
     out = pl.pallas_call(
         functools.partial(
             _kernel, tile=tile, num_tiles=num_tiles, own_tile=own_tile, own_tiles=own_tiles, width=width,
-            scale=dim**-0.5, kv_heads=kv_heads, mode=mode, block_size=block_size,
+            scale=dim**-0.5, kv_heads=kv_heads, mode=mode, block_size=block_size, sliding_window=sliding_window,
         ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,

@@ -54,13 +54,24 @@ def visible_intervals(spec: MaskSpec, q_idx: np.ndarray, length: int) -> tuple[n
     Equal to `visible(spec, q, k)` for k < length (tested exhaustively on small shapes).
     """
     q = np.asarray(q_idx, dtype=np.int64)
+    lo1, hi1, lo2, hi2 = _pattern_intervals(spec, q, length)
+    if spec.sliding_window is not None:  # keys at positions >= p - W + 1 for a query at position p
+        n = spec.seq_len if spec.mode == "clean_context" else 0
+        own_stream = n * (q >= n) if n else 0  # interval 1 lies in the query's stream, interval 2 in x_0
+        earliest = q - own_stream - spec.sliding_window + 1
+        lo1 = np.maximum(lo1, own_stream + earliest)
+        lo2 = np.maximum(lo2, n + earliest)
+    clip = lambda a: np.clip(a, 0, length)
+    return clip(lo1), clip(hi1), clip(lo2), clip(hi2)
+
+
+def _pattern_intervals(spec: MaskSpec, q: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
     zero = np.zeros_like(q)
     if spec.mode == "bidirectional":
         lo1, hi1 = zero, zero + length
         lo2 = hi2 = zero
     elif spec.mode == "causal":
-        lo1 = zero if spec.sliding_window is None else np.maximum(q - spec.sliding_window + 1, 0)
-        hi1 = q + 1
+        lo1, hi1 = zero, q + 1
         lo2 = hi2 = zero
     elif spec.mode == "block":
         lo1, hi1 = zero, (q // spec.block_size + 1) * spec.block_size
@@ -73,8 +84,7 @@ def visible_intervals(spec: MaskSpec, q_idx: np.ndarray, length: int) -> tuple[n
         lo1 = np.where(clean, n, start)
         hi1 = np.where(clean, n + start + size, start + size)
         lo2, hi2 = np.where(clean, 0, n), np.where(clean, 0, n + start)
-    clip = lambda a: np.clip(a, 0, length)
-    return clip(lo1), clip(hi1), clip(lo2), clip(hi2)
+    return lo1, hi1, lo2, hi2
 
 
 def _mark(counts: np.ndarray, rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> None:

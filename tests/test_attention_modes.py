@@ -29,8 +29,11 @@ def tokens(shape, seed=0):
 # ---- masks against the method's definitions ----------------------------------------------------
 
 
-def reference_visible(mode: str, q: int, k: int, block: int, length: int) -> bool:
-    """docs/METHOD.md section 1, one (query, key) pair at a time, over physical indices."""
+def reference_visible(mode: str, q: int, k: int, block: int, length: int, window: int | None = None) -> bool:
+    """docs/METHOD.md section 1, one (query, key) pair at a time, over physical indices; a sliding window
+    hides keys `window` or more positions (not indices: x_t and x_0 share positions) before the query."""
+    if window is not None and (q % length) - (k % length) >= window:
+        return False
     if mode == "causal":
         return k <= q
     if mode == "bidirectional":
@@ -46,13 +49,14 @@ def reference_visible(mode: str, q: int, k: int, block: int, length: int) -> boo
     return s_q == 1 and s_k == 1 and b_k <= b_q
 
 
+@pytest.mark.parametrize("window", [None, 3, 6])
 @pytest.mark.parametrize("mode", ["causal", "block", "bidirectional", "clean_context"])
-def test_dense_mask_matches_double_loop(mode):
+def test_dense_mask_matches_double_loop(mode, window):
     physical = 2 * L if mode == "clean_context" else L
     segments = np.array([[1] * 8 + [2] * 4] * (2 if mode == "clean_context" else 1)).reshape(1, physical)
-    mask = np.asarray(dense_mask(MaskSpec(mode, B, L), physical, physical, segments, segments))[0]
+    mask = np.asarray(dense_mask(MaskSpec(mode, B, L, window), physical, physical, segments, segments))[0]
     expected = np.array(
-        [[reference_visible(mode, q, k, B, L) and segments[0, q] == segments[0, k] for k in range(physical)]
+        [[reference_visible(mode, q, k, B, L, window) and segments[0, q] == segments[0, k] for k in range(physical)]
          for q in range(physical)]
     )
     np.testing.assert_array_equal(mask, expected)

@@ -15,6 +15,9 @@ SPECS = [
     (MaskSpec("block", 12, 36), 36),
     (MaskSpec("clean_context", 4, 20), 40),
     (MaskSpec("clean_context", 12, 36), 72),
+    (MaskSpec("block", 8, sliding_window=5), 40),
+    (MaskSpec("bidirectional", sliding_window=9), 40),
+    (MaskSpec("clean_context", 4, 20, sliding_window=6), 40),
 ]
 
 
@@ -33,7 +36,8 @@ def test_intervals_equal_the_pattern(spec, length):
 @pytest.mark.parametrize(
     "spec,length,block",
     [(MaskSpec("clean_context", 24, 192), 384, 128), (MaskSpec("block", 40, 640), 640, 128),
-     (MaskSpec("causal", sliding_window=300), 512, 128), (MaskSpec("clean_context", 128, 256), 512, 256)],
+     (MaskSpec("causal", sliding_window=300), 512, 128), (MaskSpec("clean_context", 128, 256), 512, 256),
+     (MaskSpec("clean_context", 24, 192, sliding_window=100), 384, 128)],
     ids=lambda x: str(x),
 )
 def test_mask_info_equals_splash_process_mask(spec, length, block):

@@ -29,10 +29,10 @@ def _segments(rng, batch, length, documents):
     "spec,length,heads,kv_heads,documents",
     [
         (MaskSpec("clean_context", 12, 132), 264, 4, 2, 3),  # 2L = 264 -> 3 x 3 tiles of 128, empty ones skipped
-        (MaskSpec("block", 12, 204), 204, 2, 2, None),  # no segment ids: padding gets its own segment
+        (MaskSpec("block", 12, 204, sliding_window=30), 204, 2, 2, None),  # no segment ids: padding gets its own segment
         (MaskSpec("causal", sliding_window=50), 150, 4, 1, 2),  # MQA
     ],
-    ids=["clean_context", "block", "causal_window"],
+    ids=["clean_context", "block_window", "causal_window"],
 )
 def test_training_attention_matches_xla_forward_and_gradients(spec, length, heads, kv_heads, documents):
     rng = np.random.default_rng(length)
@@ -59,10 +59,10 @@ def test_training_attention_matches_xla_forward_and_gradients(spec, length, head
 
 
 @pytest.mark.parametrize(
-    "mode,width,heads,kv_heads,slots",
-    [("bidirectional", 5, 4, 2, 44), ("block", 6, 3, 1, 30)],
+    "mode,width,heads,kv_heads,slots,window",
+    [("bidirectional", 5, 4, 2, 44, None), ("block", 6, 3, 1, 30, 9)],
 )
-def test_decode_attention_matches_xla_with_ragged_prefixes(mode, width, heads, kv_heads, slots):
+def test_decode_attention_matches_xla_with_ragged_prefixes(mode, width, heads, kv_heads, slots, window):
     rng = np.random.default_rng(slots)
     batch, dim = 4, 8
     q = _normal(rng, batch, width, heads, dim)
@@ -73,10 +73,10 @@ def test_decode_attention_matches_xla_with_ragged_prefixes(mode, width, heads, k
     positions = length[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
     block = 3 if mode == "block" else None
     args = (q, k, v, cache_k, cache_v, start, length, positions, mode, block)
-    ref = cached_attention(*args, backend="xla")
+    ref = cached_attention(*args, backend="xla", sliding_window=window)
     poisoned = cache_v.at[1, :2].set(jnp.nan).at[3].set(jnp.inf)  # slots outside [start, length) must not leak
     args = (q, k, v, cache_k, poisoned, start, length, positions)
-    out = jax.jit(lambda *a: kernel_dispatch.decode_attention(*a, mode, block, "pallas"))(*args)
+    out = jax.jit(lambda *a: kernel_dispatch.decode_attention(*a, mode, block, "pallas", window))(*args)
     assert float(jnp.abs(out - ref).max()) <= 1e-5
 
 

@@ -12,7 +12,7 @@ import transformers
 
 import efficient_dlm as edlm
 from efficient_dlm.models.cache import KVCache
-from tests.hf_factory import random_model, tiny_config, variant
+from tests.hf_factory import make_hf_model, random_model, tiny_config, variant
 from tests.test_hf_export import relative_error, write_tokenizer
 
 VOCAB = 97
@@ -64,3 +64,74 @@ def test_partial_rope_dlm_export_runs_in_transformers_like_jax(partial_rope_mode
         ours = hf(torch.tensor(tokens)).logits.numpy()
     assert relative_error(ours, full_logits(partial_rope_model, tokens, "block", 4)) <= 1e-4
     assert edlm.from_hf(out).config == partial_rope_model.config
+
+
+# ---- sliding window (Mistral window 4, sequences of 12) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def window_models(tmp_path_factory):
+    """(transformers Mistral with sliding_window 4, our import of it as a dLM)."""
+    directory = str(tmp_path_factory.mktemp("mistral_window"))
+    torch_model = make_hf_model("mistral_sliding_window", directory)
+    write_tokenizer(directory)
+    return torch_model, edlm.from_hf(directory, mask_token_id=VOCAB - 1)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_sliding_window_cached_decode_matches_transformers(window_models, backend):
+    torch_model, model = window_models
+    tokens = np.random.RandomState(3).randint(0, VOCAB, size=(2, 12))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(tokens)).logits.numpy()[:, 8:]
+    ours = chunked_logits(variant(model, attention_backend=backend), tokens, 8, "causal")
+    assert relative_error(ours, ref) <= 1e-4
+    assert relative_error(chunked_logits(variant(model, sliding_window=None), tokens, 8, "causal"), ref) > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_sliding_window_block_decode_equals_full_block_forward(window_models, backend):
+    _, model = window_models
+    model = variant(model, attention_backend=backend)
+    tokens = np.random.RandomState(4).randint(0, VOCAB, size=(2, 12))
+    ref = full_logits(variant(model, attention_backend="xla"), tokens, "block", 4)[:, 8:]
+    assert relative_error(chunked_logits(model, tokens, 8, "block", 4), ref) <= 1e-5
+    assert relative_error(full_logits(variant(model, sliding_window=None, attention_backend="xla"), tokens, "block", 4)[:, 8:], ref) > 1e-3
+
+
+def test_sliding_window_clean_context_block_equals_its_decode_step(window_models):
+    """The x_t block at positions 8..11 under clean_context is the sampler's step: that block, bidirectional,
+    against a cache holding the clean blocks before it; both drop keys 4 or more positions back."""
+    _, model = window_models
+    rng = np.random.RandomState(5)
+    x0, xt = rng.randint(0, VOCAB, size=(2, 12)), rng.randint(0, VOCAB, size=(2, 12))
+    ref = full_logits(model, np.concatenate([xt, x0], axis=1), "clean_context", 4)[:, 8:12]
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+
+    @jax.jit
+    def step(x0, xt):
+        cache = KVCache.empty(model.config, 2, 8)
+        _, (k, v) = model.decode(x0[:, :8], positions[:, :8], cache, attention="block", block_size=4)
+        cache = cache.write(k, v, 0).replace(length=jnp.full((2,), 8, jnp.int32))
+        hidden, _ = model.decode(xt[:, 8:], positions[:, 8:], cache, attention="bidirectional")
+        return model.logits(hidden)
+
+    assert relative_error(np.asarray(step(x0, xt)), ref) <= 1e-5
+
+
+def test_sliding_window_dlm_export_runs_in_transformers_like_jax(window_models, tmp_path):
+    _, model = window_models
+    out = str(tmp_path / "dlm")
+    edlm.to_hf(model, out, tokenizer_dir=write_tokenizer(tmp_path / "tok"), block_size=4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    tokens = np.random.RandomState(6).randint(0, VOCAB, size=(2, 12))
+    t = torch.tensor(tokens)
+    with torch.no_grad():
+        block = hf(t).logits.numpy()
+        prefix = hf(t[:, :8], use_cache=True).past_key_values
+        chunk = hf(t[:, 8:], past_key_values=prefix).logits.numpy()
+        causal = hf(t, attention="causal").logits.numpy()
+    expected = full_logits(model, tokens, "block", 4)
+    assert relative_error(block, expected) <= 1e-4 and relative_error(chunk, expected[:, 8:]) <= 1e-4
+    assert relative_error(causal, full_logits(model, tokens, "causal")) <= 1e-4
+    assert edlm.from_hf(out).config == model.config

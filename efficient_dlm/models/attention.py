@@ -2,7 +2,8 @@
 
 `attention` is what the model calls for training-time patterns (causal, block, bidirectional,
 clean_context; docs/METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
-against a static-shape KV cache (valid slots [start, length) per row) plus the chunk itself.
+against a static-shape KV cache (valid slots [start, length) per row, slot j holding position
+j - start; see models/cache.py) plus the chunk itself, with the sliding window of masks.py on both.
 `xla_attention` is the oracle every kernel is tested against: GQA by grouping query heads, logits and
 softmax in float32, rows that see no key return zeros instead of NaN.
 """
@@ -13,7 +14,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from efficient_dlm.models.masks import MaskSpec, chunk_visible, dense_mask
+from efficient_dlm.models.masks import MaskSpec, chunk_visible, dense_mask, within_window
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 _logged_backends: set[tuple[str, str]] = set()
@@ -79,11 +80,13 @@ def cached_attention(
     mode: str,
     block_size: int | None = None,
     backend: str = "xla",
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Chunk queries q [B, T, H, D] attend to cache slots start <= j < length, plus the chunk's own k/v.
 
     The cache holds keys/values of finished tokens only (static shape [B, S, Hkv, D]); the chunk's keys
-    are visible to its queries according to `mode` over `positions` [B, T].
+    are visible to its queries according to `mode` over `positions` [B, T]. With `sliding_window` W a
+    query at position q sees only keys (cached at position j - start, or in the chunk) with q - k < W.
     """
     backend = resolve_backend(backend)
     _log_once(f"decode/{mode}", backend)
@@ -91,12 +94,14 @@ def cached_attention(
         from efficient_dlm.models import kernel_dispatch
 
         return kernel_dispatch.decode_attention(
-            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend
+            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend, sliding_window
         )
     slots = jnp.arange(cache_k.shape[1], dtype=jnp.int32)[None, None, :]
     cache_mask = (slots >= cache_start[:, None, None]) & (slots < cache_length[:, None, None])
+    if sliding_window is not None:
+        cache_mask = cache_mask & within_window(sliding_window, positions[:, :, None], slots - cache_start[:, None, None])
     cache_mask = jnp.broadcast_to(cache_mask, (q.shape[0], q.shape[1], cache_k.shape[1]))
-    own_mask = chunk_visible(mode, block_size, positions[:, :, None], positions[:, None, :])
+    own_mask = chunk_visible(mode, block_size, positions[:, :, None], positions[:, None, :], sliding_window)
     mask = jnp.concatenate([cache_mask, own_mask], axis=-1)
     keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)

@@ -1,7 +1,9 @@
 """Static-shape KV cache for decoding: finished tokens' keys and values, per layer and row.
 
-Slots start <= j < length of row b are valid (left padding lives below `start`). Shapes never change
-during a generation, so the sampler compiles once per (batch, cache size).
+Slots start <= j < length of row b are valid (left padding lives below `start`), and slot j holds the
+token at position j - start: rows are contiguous from their first real token, which is what the
+sliding window reads the cached positions from (models/attention.py). Shapes never change during a
+generation, so the sampler compiles once per (batch, cache size).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class ModelConfig:
     attention_out_bias: bool = False  # o_proj bias (Llama / Qwen3 / Qwen3-MoE attention_bias puts one there too)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None  # causal mode only (Mistral v0.1)
+    sliding_window: int | None = None  # keys >= this many positions back are hidden, in every mode (models/masks.py)
     # RoPE, flattened from HF's rope_parameters / rope_scaling. None means "not set".
     rope_theta: float = 10000.0
     rope_type: str = "default"

@@ -152,7 +152,7 @@ class Decoder(nnx.Module):
         stream_len = length // 2 if attention == "clean_context" else length
         if attention == "clean_context" and length % 2:
             raise ValueError(f"clean_context input must be [x_t ; x_0] of even length, got {length}")
-        spec = MaskSpec(attention, block_size, stream_len, self.config.sliding_window if attention == "causal" else None)
+        spec = MaskSpec(attention, block_size, stream_len, self.config.sliding_window)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) % stream_len, (batch, length))
         elif positions.shape[1] == stream_len and length == 2 * stream_len:
@@ -203,7 +203,8 @@ class Decoder(nnx.Module):
         def attend(q, k, v, layer_cache):
             ck, cv = layer_cache
             return attn_lib.cached_attention(
-                q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend
+                q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend,
+                self.config.sliding_window,
             )
 
         h, kv, _ = self._layers(self.embed(tokens), positions, attend, (cache.k, cache.v))

@@ -144,16 +144,19 @@ def training_attention(q, k, v, spec: MaskSpec, segment_ids, backend: str) -> ja
 # ---- block decode attention ----------------------------------------------------------------------
 
 
-def decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend) -> jax.Array:
+def decode_attention(
+    q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend, sliding_window=None
+) -> jax.Array:
     """The chunk against the KV cache (see attention.cached_attention) on the kernel of `backend`."""
     backend = attention_lib.resolve_backend(backend)
     _log_once("decode", backend)
     if backend not in KERNEL_BACKENDS:
         return attention_lib.cached_attention(
-            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend="xla"
+            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, "xla", sliding_window
         )
     kernel = functools.partial(
-        decode_lib.decode_attention, mode=mode, block_size=block_size, max_tile=_tiles()["decode"], interpret=_interpret()
+        decode_lib.decode_attention, mode=mode, block_size=block_size, sliding_window=sliding_window,
+        max_tile=_tiles()["decode"], interpret=_interpret(),
     )
     args = (q, k, v, cache_k, cache_v, cache_start, cache_length, positions)
     mesh = _mesh()

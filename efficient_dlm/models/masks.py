@@ -7,6 +7,12 @@ documents) are AND-ed on top by the callers.
 
 Index convention for `clean_context`: the physical sequence is [x_t ; x_0] of length 2L; index i < L
 is x_t at position i, index i >= L is x_0 at position i - L.
+
+Sliding window W (Mistral, Qwen2 `use_sliding_window`), in every mode and in decoding: on top of the
+mode's pattern, a query at position q never sees a key at position k <= q - W, i.e. it sees keys with
+q - k < W (transformers' `sliding_window_overlay`). Keys after the query, which the block-causal and
+bidirectional patterns show, are not limited by the window: the window bounds how far back a token
+looks, the diffusion block how far ahead. One rule for training and decoding keeps the two identical.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ class MaskSpec:
     """Static description of a training-time attention pattern over one physical sequence.
 
     seq_len is L, the length of one stream (for clean_context the physical length is 2L).
-    sliding_window (causal only) limits keys to the last `sliding_window` positions, as Mistral.
+    sliding_window hides keys `sliding_window` or more positions before the query (module docstring).
     """
 
     mode: str
@@ -40,6 +46,8 @@ class MaskSpec:
                 raise ValueError(f"block_size {self.block_size} does not divide sequence length {self.seq_len}")
         if self.mode == "clean_context" and self.seq_len is None:
             raise ValueError("attention mode 'clean_context' needs seq_len (the length L of one stream)")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
 
     @property
     def physical_len(self) -> int | None:
@@ -56,15 +64,26 @@ def stream_and_position(spec: MaskSpec, idx):
     return stream, idx - stream * spec.seq_len
 
 
+def within_window(window: int, q_pos, k_pos):
+    """The sliding-window condition q - k < window on positions."""
+    return q_pos - k_pos < window
+
+
 def visible(spec: MaskSpec, q_idx, k_idx):
     """Boolean visibility for broadcastable integer arrays of query and key physical indices."""
+    ok = _pattern_visible(spec, q_idx, k_idx)
+    if spec.sliding_window is None:
+        return ok
+    _, q_pos = stream_and_position(spec, q_idx)
+    _, k_pos = stream_and_position(spec, k_idx)
+    return ok & within_window(spec.sliding_window, q_pos, k_pos)
+
+
+def _pattern_visible(spec: MaskSpec, q_idx, k_idx):
     if spec.mode == "bidirectional":
         return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), dtype=bool)
     if spec.mode == "causal":
-        ok = k_idx <= q_idx
-        if spec.sliding_window is not None:
-            ok = ok & (q_idx - k_idx < spec.sliding_window)
-        return ok
+        return k_idx <= q_idx
     if spec.mode == "block":
         return k_idx // spec.block_size <= q_idx // spec.block_size
     q_stream, q_pos = stream_and_position(spec, q_idx)
@@ -78,15 +97,18 @@ def visible(spec: MaskSpec, q_idx, k_idx):
     return same_block_same_stream | noisy_sees_clean_past | clean_sees_clean_past
 
 
-def chunk_visible(mode: str, block_size: int | None, q_pos: jnp.ndarray, k_pos: jnp.ndarray) -> jnp.ndarray:
-    """Visibility inside a decoded chunk from positions: causal, block-causal or bidirectional."""
+def chunk_visible(mode: str, block_size: int | None, q_pos: jnp.ndarray, k_pos: jnp.ndarray,
+                  sliding_window: int | None = None) -> jnp.ndarray:
+    """Visibility inside a decoded chunk from positions: causal, block-causal or bidirectional, and the window."""
     if mode == "causal":
-        return k_pos <= q_pos
-    if mode == "block":
-        return visible(MaskSpec("block", block_size), q_pos, k_pos)
-    if mode == "bidirectional":
-        return jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=bool)
-    raise ValueError(f"attention mode {mode!r} cannot be used with a KV cache; use causal, block or bidirectional")
+        ok = k_pos <= q_pos
+    elif mode == "block":
+        ok = visible(MaskSpec("block", block_size), q_pos, k_pos)
+    elif mode == "bidirectional":
+        ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=bool)
+    else:
+        raise ValueError(f"attention mode {mode!r} cannot be used with a KV cache; use causal, block or bidirectional")
+    return ok if sliding_window is None else ok & within_window(sliding_window, q_pos, k_pos)
 
 
 def dense_mask(spec: MaskSpec, q_len: int, k_len: int, q_segment_ids=None, kv_segment_ids=None):

@@ -219,6 +219,7 @@ def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
         attention_bias=cfg.attention_bias,
         attention_out_bias=cfg.attention_out_bias,
         qk_norm=cfg.qk_norm,
+        sliding_window=cfg.sliding_window,  # every base family: the modeling file reads it
         mask_token_id=cfg.mask_token_id,
         valid_vocab_size=dlm.valid_vocab_size,
         block_size=dlm.block_size,

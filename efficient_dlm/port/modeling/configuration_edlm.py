@@ -72,7 +72,7 @@ class EdlmConfig(PretrainedConfig):
         self.attention_bias = attention_bias  # q/k/v projections
         self.attention_out_bias = attention_out_bias  # o_proj
         self.qk_norm = qk_norm
-        self.sliding_window = sliding_window  # used by causal (AR) attention only, as in training
+        self.sliding_window = sliding_window  # keys this many positions back are hidden, in every pattern, as in training
         self.use_sliding_window = use_sliding_window
         self.mask_token_id = mask_token_id
         self.valid_vocab_size = valid_vocab_size  # ids at or above it are vocabulary padding, never generated

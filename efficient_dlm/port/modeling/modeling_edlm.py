@@ -131,39 +131,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def visibility(pattern: str, block_size: int, q_pos: torch.Tensor, k_pos: torch.Tensor, window=None) -> torch.Tensor:
-    """[batch, q, k] bool from positions q_pos [batch, q] and k_pos [batch, k]."""
+    """[batch, q, k] bool from positions q_pos [batch, q] and k_pos [batch, k].
+
+    A sliding window W (every pattern, as in training) hides keys W or more positions before the query.
+    """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
     if pattern == "block":
-        return torch.div(k, block_size, rounding_mode="floor") <= torch.div(q, block_size, rounding_mode="floor")
-    if pattern == "causal":
+        ok = torch.div(k, block_size, rounding_mode="floor") <= torch.div(q, block_size, rounding_mode="floor")
+    elif pattern == "causal":
         ok = k <= q
-        return ok & (q - k < window) if window is not None else ok
-    if pattern == "bidirectional":
-        return torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q_pos.device)
-    raise ValueError(f"unknown attention pattern {pattern!r}; choose one of {', '.join(ATTENTION_PATTERNS)}")
+    elif pattern == "bidirectional":
+        ok = torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q_pos.device)
+    else:
+        raise ValueError(f"unknown attention pattern {pattern!r}; choose one of {', '.join(ATTENTION_PATTERNS)}")
+    return ok & (q - k < window) if window is not None else ok
 
 
 class EdlmPrefixCache:
-    """Keys/values (after RoPE) of finished tokens per layer, with which slots hold real tokens.
+    """Keys/values (after RoPE) of finished tokens per layer, with which slots hold real tokens and
+    their positions (a sliding window reads them).
 
     It only grows by whole chunks that are final (a prompt, a decoded block), so attending to it is
     exactly what the model saw in training.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor):
-        self.keys, self.values, self.valid = keys, values, valid
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, positions: torch.Tensor):
+        self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
 
     def get_seq_length(self) -> int:
         return self.valid.shape[1]
 
-    def extended(self, chunk_kv, valid: torch.Tensor) -> "EdlmPrefixCache":
+    def extended(self, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
         keys = [torch.cat([old, new], dim=1) for old, (new, _) in zip(self.keys, chunk_kv)]
         values = [torch.cat([old, new], dim=1) for old, (_, new) in zip(self.values, chunk_kv)]
-        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1))
+        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1))
 
     @classmethod
-    def from_chunk(cls, chunk_kv, valid: torch.Tensor) -> "EdlmPrefixCache":
-        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid)
+    def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
+        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid, positions)
 
 
 # ---- layers -------------------------------------------------------------------------------------------
@@ -295,11 +300,13 @@ class EdlmModel(EdlmPreTrainedModel):
         if position_ids is None:
             start = 0 if past_key_values is None else past_key_values.get_seq_length()
             position_ids = torch.arange(start, start + length, device=device)[None].expand(batch, length)
-        window = self.config.sliding_window if pattern == "causal" else None
+        window = self.config.sliding_window
         mask = visibility(pattern, block_size, position_ids, position_ids, window) & valid[:, None, :]
         mask |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows: no all-masked softmax
         if past_key_values is not None:
             cached = past_key_values.valid[:, None, :].expand(batch, length, -1)
+            if window is not None:
+                cached = cached & (position_ids[:, :, None] - past_key_values.positions[:, None, :] < window)
             mask = torch.cat([cached, mask], dim=-1)
         cos, sin = rope_tables(self.config, position_ids)
         h = self.embed_tokens(input_ids)
@@ -311,9 +318,9 @@ class EdlmModel(EdlmPreTrainedModel):
         cache = None
         if use_cache:
             cache = (
-                EdlmPrefixCache.from_chunk(chunk_kv, valid)
+                EdlmPrefixCache.from_chunk(chunk_kv, valid, position_ids)
                 if past_key_values is None
-                else past_key_values.extended(chunk_kv, valid)
+                else past_key_values.extended(chunk_kv, valid, position_ids)
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=cache)
 
