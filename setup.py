@@ -1,6 +1,7 @@
 """efficient_dlm: turn pretrained autoregressive LLMs into fast block-diffusion LLMs (JAX/TPU-first).
 
-`pip install -e ".[test]"` gives the library, the `edlm` command and the test tools. The pins are one
+`pip install -e ".[test]"` gives the library, the `edlm` command and the test tools (lm-eval included);
+`pip install -e ".[eval]"` the library with lm-evaluation-harness (`edlm eval`, the lm-eval model `edlm`). The pins are one
 mutually compatible set, checked together in CI; bump them together.
 """
 from setuptools import find_packages, setup
@@ -33,7 +34,9 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    "lm_eval==0.4.13",  # tests/test_eval_*.py call lm-eval's own entry points
 ]
+EVAL = ["lm_eval==0.4.13", "torch==2.13.0", "transformers==5.23.0"]  # `edlm eval`, the lm-eval model `edlm`
 
 setup(
     name="efficient_dlm",
@@ -42,12 +45,17 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["efficient_dlm", "efficient_dlm.*", "pallas_kernels", "pallas_kernels.*"]),
     include_package_data=True,
-    package_data={"efficient_dlm": ["assets/**/*"]},
+    package_data={"efficient_dlm": ["assets/**/*", "eval/tasks/*.yaml", "eval/tasks/*.jsonl"]},
     install_requires=CORE,
     extras_require={
         "test": TEST,
         "tpu": ["jax[tpu]==0.10.2"],
         "hub": ["huggingface_hub>=0.30"],
+        "eval": EVAL,
     },
-    entry_points={"console_scripts": ["edlm=efficient_dlm.cli:main"]},
+    entry_points={
+        "console_scripts": ["edlm=efficient_dlm.cli:main"],
+        # lm-eval's plugin group (lm-eval releases after 0.4.13 discover it; with 0.4.13 use `python -m efficient_dlm.eval`)
+        "lm_eval.models": ["edlm=efficient_dlm.eval.lm:EdlmLM"],
+    },
 )

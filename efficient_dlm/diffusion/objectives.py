@@ -111,7 +111,10 @@ def _autoregressive(batch: dict[str, jax.Array]) -> Example:
 
 
 def corrupt(obj: Objective, batch: dict[str, jax.Array], key: jax.Array) -> Example:
-    """Masks the batch {tokens, segment_ids, positions[, loss_weights]} (all [B, L]) for `obj`."""
+    """Masks the batch {tokens, segment_ids, positions[, loss_weights][, maskable]} (all [B, L]) for `obj`.
+
+    `maskable` (bool) restricts which tokens may be masked: scoring a continuation keeps its prefix clean.
+    """
     if obj.kind == "ar":
         return _autoregressive(batch)
     tokens, seg = batch["tokens"], batch["segment_ids"]
@@ -119,6 +122,8 @@ def corrupt(obj: Objective, batch: dict[str, jax.Array], key: jax.Array) -> Exam
     block = obj.corruption_block(length)
     lw = _loss_weights(batch)
     eligible = seg > 0
+    if "maskable" in batch:
+        eligible &= batch["maskable"]
     if obj.token_shift:
         eligible &= corruption.predecessor_in_document(seg)
     rate_key, mask_key = jax.random.split(key)

@@ -1,0 +1,91 @@
+"""What an evaluation reads from `ckpt=DIR`: the model, its tokenizer, and how it was trained.
+
+DIR is an efficient_dlm checkpoint (a training run directory or `edlm.save` output, model_config.json)
+or a Hugging Face directory (config.json + safetensors: an AR model such as the demo teacher). A
+checkpoint trained with a diffusion objective is a dLM; everything else is scored as an AR model.
+The diffusion settings (block size, token shift, masking, rates) come from the training config the
+checkpoint records, so the ELBO corrupts exactly as training did.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from efficient_dlm import checkpoints
+from efficient_dlm.errors import UserError
+from efficient_dlm.port.hf_import import from_hf
+from efficient_dlm.sample.source import training_metadata
+
+HF_CONFIG = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Diffusion:
+    """The corruption a dLM was trained with (METHOD.md section 2) and what decoding must match."""
+
+    block_size: int
+    token_shift: bool = False
+    masking: str = "position"
+    half_life: float = 0.25
+    rate_min: float = 1e-3
+    rate_max: float = 1.0
+    objective: str = "block_diffusion"
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: object
+    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer_dir: str
+    diffusion: Diffusion | None  # None: an AR model
+    valid_vocab_size: int | None = None
+    description: str = ""
+
+
+def _tokenizer(directory: str | None, ckpt: str):
+    from tokenizers import Tokenizer
+
+    if not directory or not os.path.exists(os.path.join(directory, "tokenizer.json")):
+        raise UserError(f"{ckpt}: no tokenizer.json (expected in the checkpoint's tokenizer/ or the HF directory); "
+                        "pass tokenizer=DIR in model_args")
+    return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+
+
+def _diffusion(extra: dict) -> Diffusion | None:
+    """The training config's diffusion section, or None when the checkpoint was trained as an AR model."""
+    section = (extra.get("train_config") or {}).get("diffusion") or {}
+    if not section or section.get("objective", "block_diffusion") == "ar":
+        return None
+    meta = training_metadata(extra)
+    return Diffusion(
+        block_size=int(meta["block_size"]), token_shift=meta["token_shift"],
+        masking=section.get("masking", "position"), half_life=float(section.get("half_life", 0.25)),
+        rate_min=float(section.get("rate_min", 1e-3)), rate_max=float(section.get("rate_max", 1.0)),
+        objective=section.get("objective", "block_diffusion"),
+    )
+
+
+def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, kind: str = "auto") -> Loaded:
+    """The model at `ckpt` with its tokenizer; kind "ar" scores a dLM checkpoint as an AR model."""
+    if kind not in ("auto", "ar", "dlm"):
+        raise UserError(f"kind must be auto, ar or dlm, got {kind!r}")
+    if not ckpt or not os.path.isdir(ckpt):
+        raise UserError(f"ckpt: checkpoint directory {ckpt!r} does not exist")
+    if os.path.exists(os.path.join(ckpt, checkpoints.CONFIG_NAME)):
+        _, extra = checkpoints.read_model_config(ckpt)
+        model = checkpoints.load(ckpt, dtype=dtype)
+        diffusion = _diffusion(extra)
+        valid = extra.get("valid_vocab_size")
+        tok_dir = tokenizer or checkpoints.tokenizer_dir(ckpt)
+    elif os.path.exists(os.path.join(ckpt, HF_CONFIG)):
+        model = from_hf(ckpt, dtype=dtype or "float32")
+        diffusion, valid, tok_dir = None, None, tokenizer or ckpt
+    else:
+        raise UserError(f"ckpt: {ckpt} holds neither {checkpoints.CONFIG_NAME} (efficient_dlm) nor {HF_CONFIG} (Hugging Face)")
+    if kind == "ar":
+        diffusion = None
+    elif kind == "dlm" and diffusion is None:
+        raise UserError(f"ckpt: {ckpt} records no diffusion training (kind=dlm needs a checkpoint trained as a dLM)")
+    if diffusion is not None and model.config.mask_token_id is None:
+        raise UserError(f"ckpt: {ckpt} was trained as a dLM but its model config has no mask_token_id")
+    return Loaded(model, _tokenizer(tok_dir, ckpt), tok_dir, diffusion, valid, os.path.abspath(ckpt))
