@@ -45,7 +45,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["efficient_dlm", "efficient_dlm.*", "pallas_kernels", "pallas_kernels.*"]),
     include_package_data=True,
-    package_data={"efficient_dlm": ["assets/**/*", "eval/tasks/*.yaml", "eval/tasks/*.jsonl"]},
+    package_data={"efficient_dlm": ["assets/**/*", "eval/tasks/*.yaml", "eval/tasks/*.jsonl", "eval/tasks/*.py"]},
     install_requires=CORE,
     extras_require={
         "test": TEST,

@@ -51,28 +51,25 @@ def _plackett_luce_set(members: tuple[int, ...], weights: dict[int, float]) -> f
 
 
 def _subset_probabilities(eligible: list[int], obj: Objective) -> dict[tuple[int, ...], float]:
-    """P(M) over every subset M of a block's eligible positions, integrated over m on a midpoint grid."""
+    """P(M) over the non-empty subsets M of a block's eligible positions under the training law
+    (docs/METHOD.md section 2: k = min(n, max(1, ceil(m n))), weights exp(lambda (1 - m) i)), integrated
+    over m ~ U(rate_min, rate_max) on a midpoint grid."""
+    n = len(eligible)
     rates = obj.rate_min + (np.arange(GRID) + 0.5) / GRID * (obj.rate_max - obj.rate_min)
     lam = math.log(2.0) / (obj.half_life * BLOCK)
-    probs = {}
-    for size in range(len(eligible) + 1):
-        for members in itertools.combinations(eligible, size):
-            total = 0.0
-            for m in rates:
-                if obj.masking == "uniform":
-                    total += m**size * (1 - m) ** (len(eligible) - size)
-                    continue
-                k = min(max(1, int(np.round(m * BLOCK))), len(eligible))
-                if k == size:
-                    weights = {i: math.exp(lam * (1 - m) * (i % BLOCK)) for i in eligible}
-                    total += _plackett_luce_set(members, weights)
-            probs[members] = total / GRID
+    probs = {m: 0.0 for size in range(1, n + 1) for m in itertools.combinations(eligible, size)}
+    for m in rates:
+        k = min(n, max(1, math.ceil(m * n)))
+        weights = {i: math.exp(lam * (1 - m) * (i % BLOCK)) if obj.masking == "position" else 1.0 for i in eligible}
+        for members in itertools.combinations(eligible, k):
+            probs[members] += _plackett_luce_set(members, weights) / GRID
     return probs
 
 
-def _masked_ces(model, tokens: list[int], subsets: list[tuple[int, ...]], shift: bool) -> dict[tuple[int, ...], float]:
-    """Sum of CE over each subset with only its positions masked, block-causal attention (no [x_t ; x_0]);
-    one batched forward for all subsets."""
+def _masked_ces(model, subsets: list[tuple[int, ...]], shift: bool) -> dict[tuple[int, ...], dict[int, float]]:
+    """CE of each position of each subset with only that subset masked, block-causal attention (no
+    [x_t ; x_0]: what the clean-context pattern shows a block); one batched forward for all subsets."""
+    tokens = CONTEXT + CONTINUATION
     padded = -(-len(tokens) // BLOCK) * BLOCK
     x = np.zeros((len(subsets), padded), np.int32)
     x[:, : len(tokens)] = tokens
@@ -82,38 +79,57 @@ def _masked_ces(model, tokens: list[int], subsets: list[tuple[int, ...]], shift:
     logits = np.asarray(model(x, attention="block", block_size=BLOCK, segment_ids=segment_ids), np.float64)
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    return {members: float(-sum(logp[row, i - 1 if shift else i, tokens[i]] for i in members))
+    return {members: {i: -logp[row, i - 1 if shift else i, tokens[i]] for i in members}
             for row, members in enumerate(subsets)}
 
 
-def exact_elbo(model, obj: Objective) -> float:
-    """E over the training corruption of sum_blocks (E_b / |M_b|) * masked CE, by enumeration."""
-    tokens = CONTEXT + CONTINUATION
-    blocks = [[i for i in range(b, min(b + BLOCK, len(tokens))) if i >= len(CONTEXT)] for b in range(0, len(tokens), BLOCK)]
-    probs = [_subset_probabilities(eligible, obj) for eligible in blocks]
-    ces = _masked_ces(model, tokens, [m for p in probs for m in p if m], obj.token_shift)
-    total = 0.0
-    for eligible, block_probs in zip(blocks, probs):
-        value = lambda members: len(eligible) / len(members) * ces[members] if members else 0.0
-        for members, p in block_probs.items():
-            rest = tuple(i for i in eligible if i not in members)
-            total += p * (0.5 * (value(members) + value(rest)) if obj.complementary else value(members))
-    return total
+def _blocks() -> list[list[int]]:
+    """Eligible (continuation) positions of each block; the context stays clean."""
+    length = len(CONTEXT + CONTINUATION)
+    return [[i for i in range(b, min(b + BLOCK, length)) if i >= len(CONTEXT)] for b in range(0, length, BLOCK)]
 
 
-@pytest.mark.parametrize("masking,token_shift,complementary", [("position", True, True), ("uniform", False, False)])
-def test_elbo_estimate_converges_to_the_exact_enumeration(peaked_model, masking, token_shift, complementary):
-    obj = Objective(kind="block_diffusion", block_size=BLOCK, masking=masking, token_shift=token_shift,
-                    complementary=complementary, mask_token_id=MASK_ID)
-    plan = likelihood.ElboPlan(obj, copies=1)
-    samples = 4096
-    values = likelihood.elbo_samples(peaked_model, plan, [(CONTEXT, CONTINUATION)], samples=samples,
-                                     key=jax.random.PRNGKey(0), prefix_id=0)[:, 0]
-    assert values.shape == (samples // (2 if complementary else 1),)
-    estimate, stderr = values.mean(), values.std(ddof=1) / math.sqrt(len(values))
-    exact = exact_elbo(peaked_model, obj)
-    assert values.std() > 0.05 * exact  # the masks matter: a wrong mask distribution or weight would show
+def expected_training_loss(model, obj: Objective) -> float:
+    """E over the training law of sum_blocks (n_b / |M_b|) * masked CE, by enumerating every mask."""
+    probs = [_subset_probabilities(eligible, obj) for eligible in _blocks()]
+    ces = _masked_ces(model, [m for p in probs for m in p], obj.token_shift)
+    return sum(len(eligible) / len(m) * sum(ces[m].values()) * p
+               for eligible, block in zip(_blocks(), probs) for m, p in block.items())
+
+
+def any_order_bound(model, shift: bool) -> float:
+    """sum_blocks E_sigma sum_j -log p(x_sigma_j | the block's tokens before j in sigma revealed): the average,
+    over every order of revealing each block's tokens one at a time, of the order's NLL (METHOD.md section 3)."""
+    orders = [list(itertools.permutations(eligible)) for eligible in _blocks()]
+    subsets = sorted({tuple(sorted(o[j:])) for block in orders for o in block for j in range(len(o))})
+    ces = _masked_ces(model, subsets, shift)
+    return sum(sum(ces[tuple(sorted(o[j:]))][o[j]] for j in range(len(o))) / len(block) for block in orders for o in block)
+
+
+def _estimate(model, obj: Objective, samples: int) -> tuple[float, float, int]:
+    values = likelihood.elbo_samples(model, likelihood.ElboPlan(obj, copies=1), [(CONTEXT, CONTINUATION)],
+                                     samples=samples, key=jax.random.PRNGKey(0), prefix_id=0)[:, 0]
+    return values.mean(), values.std(ddof=1) / math.sqrt(len(values)), len(values)
+
+
+def test_training_law_estimate_converges_to_the_exact_enumeration(peaked_model):
+    """masking=train: position-dependent masks with token shift, as the demo trains."""
+    obj = Objective(kind="block_diffusion", block_size=BLOCK, masking="position", token_shift=True, mask_token_id=MASK_ID)
+    estimate, stderr, count = _estimate(peaked_model, obj, 4096)
+    exact = expected_training_loss(peaked_model, obj)
+    assert count == 4096 and stderr * math.sqrt(count) > 0.05 * exact  # the masks matter
     assert abs(estimate - exact) < 4 * stderr, (estimate, exact, stderr)
+
+
+@pytest.mark.parametrize("complementary", [False, True])
+def test_uniform_estimate_converges_to_the_any_order_bound(peaked_model, complementary):
+    """The default ELBO (uniform masking, rates (1e-6, 1)); complementary pairs plus their fully-masked term."""
+    obj = Objective(kind="block_diffusion", block_size=BLOCK, masking="uniform", rate_min=1e-6, rate_max=1.0,
+                    complementary=complementary, mask_token_id=MASK_ID)
+    estimate, stderr, count = _estimate(peaked_model, obj, 4096)
+    bound = any_order_bound(peaked_model, shift=False)
+    assert count == (2048 if complementary else 4096)
+    assert abs(estimate - bound) < 4 * stderr, (estimate, bound, stderr)
 
 
 def test_dlm_loglikelihood_is_minus_the_elbo_with_its_standard_error(peaked_model):

@@ -3,13 +3,14 @@
 AR: one causal forward over context + continuation; the sum of log p(x_i | x_<i) over the continuation
 and whether every continuation token is the argmax (lm-eval's `is_greedy`).
 
-dLM (docs/METHOD.md, "Scoring a continuation"): a dLM has no exact likelihood; we estimate the block
-diffusion ELBO the model was trained on. The context stays clean, the continuation's blocks are
-corrupted by `objectives.corrupt` exactly as in training (per-block rate, position-dependent or
-uniform masking, optional complementary pairs), the clean-context forward scores the masked tokens,
-and each block's masked CE is weighted by 1 / (masked fraction of its eligible tokens). The mean over
-Monte Carlo masks estimates  -ELBO >= -log p; its standard error is reported with it. All samples of
-a batch of requests run as one compiled program (the samples are batch rows).
+dLM (docs/METHOD.md, "Scoring a continuation with a dLM"): a dLM has no exact likelihood; we estimate
+the block-diffusion ELBO. The context stays clean; the continuation's blocks are corrupted by
+`objectives.corrupt` (per-block count k of the block's n eligible tokens; uniform masking by default,
+whose expected n / k-weighted loss is exactly the any-order bound, or the training law), the
+clean-context forward scores the masked tokens, and each masked CE is weighted by n / k. The mean over
+Monte Carlo masks estimates the bound  -log p(continuation | context) <= ELBO; its standard error is
+reported with it. Complementary pairs share one draw of k. All samples of a batch of requests run as
+one compiled program (the samples are batch rows).
 
 Why our own code: the ELBO is this project's training objective; lm-eval only calls into it.
 """
@@ -114,39 +115,37 @@ class ElboPlan:
     valid_vocab: int | None = None
 
 
-def eligible_tokens(plan: ElboPlan, segment_ids: jax.Array, maskable: jax.Array) -> jax.Array:
-    """[B, L] tokens `corrupt` may mask: continuation tokens (with token shift: those with a predecessor)."""
-    eligible = (segment_ids > 0) & maskable
-    if plan.objective.token_shift:
-        eligible &= corruption.predecessor_in_document(segment_ids)
-    return eligible
-
-
-def block_weights(mask: jax.Array, eligible: jax.Array, block_size: int) -> jax.Array:
-    """[B, L] ELBO weight of each masked token: 1 / (masked fraction of its block's eligible tokens)."""
-    batch, length = mask.shape
-    per_block = lambda x: x.reshape(batch, length // block_size, block_size).sum(-1).astype(jnp.float32)
-    masked, total = per_block(mask), per_block(eligible)
-    weight = jnp.where(masked > 0, total / jnp.maximum(masked, 1.0), 0.0)
-    return jnp.repeat(weight, block_size, axis=1) * mask
+def _masked_ce(model, plan: ElboPlan, obj: Objective, batch: dict, key) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token CE, `corrupt`'s weight, masked flags), each [B', L], of one corruption of `batch`."""
+    ex = corrupt(obj, batch, key)
+    h, _ = predict_hidden(model, obj, ex)
+    return token_stats(model, h, ex.targets, valid_vocab=plan.valid_vocab).ce, ex.weight, ex.count > 0
 
 
 def _elbo_program(graphdef, plan: ElboPlan, state, tokens, segment_ids, maskable, key):
-    """[samples, N] Monte Carlo values of the ELBO (nats) for N requests; pairs are averaged into one sample."""
+    """[samples, N] Monte Carlo values of the ELBO (nats) for N requests; a pair is one sample.
+
+    The loss weights are 1 on the continuation, so `corrupt`'s weight is the ELBO weight n / k of each
+    masked continuation token (docs/METHOD.md section 3) and 0 elsewhere. A complementary copy masks
+    n - k tokens, uniform on {0, ..., n-1}: it never draws the fully masked block, so a pair's mean
+    misses half of the k = n term of the bound, (1 / 2n) sum_i CE_i(block fully masked), which is
+    deterministic and is added from one more forward with every block fully masked (rate 1).
+    """
     model = nnx.merge(graphdef, state)
     n, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
-    tile = lambda x: jnp.tile(x, (plan.copies, 1))
-    batch = {"tokens": tile(tokens), "segment_ids": tile(segment_ids), "positions": tile(positions),
-             "loss_weights": tile(maskable).astype(jnp.float32), "maskable": tile(maskable)}
-    ex = corrupt(plan.objective, batch, key)
-    h, _ = predict_hidden(model, plan.objective, ex)
-    ce = token_stats(model, h, ex.targets, valid_vocab=plan.valid_vocab).ce
-    pairs = 2 if plan.objective.complementary else 1
-    eligible = jnp.tile(eligible_tokens(plan, batch["segment_ids"], batch["maskable"]), (pairs, 1))
-    masked = ex.count > 0  # count = mask * loss weight: the masked continuation tokens
-    values = jnp.sum(block_weights(masked, eligible, plan.objective.block_size) * ce, axis=1)
-    return values.reshape(pairs, plan.copies, n).mean(axis=0)
+    base = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+            "loss_weights": maskable.astype(jnp.float32), "maskable": maskable}
+    tiled = {name: jnp.tile(x, (plan.copies, 1)) for name, x in base.items()}
+    ce, weight, _ = _masked_ce(model, plan, plan.objective, tiled, key)
+    values = jnp.sum(weight * ce, axis=1)
+    if not plan.objective.complementary:
+        return values.reshape(plan.copies, n)
+    full = dataclasses.replace(plan.objective, rate_min=1.0, rate_max=1.0, complementary=False)
+    ce_full, _, masked = _masked_ce(model, plan, full, base, key)
+    eligible_per_block = jnp.repeat(corruption.block_counts(masked, full.block_size), full.block_size, axis=1)
+    missing = jnp.sum(jnp.where(masked, ce_full / jnp.maximum(eligible_per_block, 1), 0.0), axis=1)
+    return values.reshape(2, plan.copies, n).mean(axis=0) + 0.5 * missing[None, :]
 
 
 _elbo_jit = jax.jit(_elbo_program, static_argnums=(0, 1))

@@ -29,7 +29,7 @@ import jax
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from efficient_dlm.diffusion.objectives import Objective
 from efficient_dlm.errors import UserError
@@ -50,6 +50,23 @@ def _bool(value: Any, name: str) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise UserError(f"model_args: {name} must be true or false, got {value!r}")
+
+
+BOUND_RATES = (1e-6, 1.0)  # uniform masking over these rates: the any-order bound (docs/METHOD.md section 3)
+
+
+def elbo_objective(diffusion, masking: str, complementary: bool, mask_token_id: int) -> Objective:
+    """The corruption the ELBO draws: masking "uniform" (the bound, default) or "train" (the checkpoint's own
+    law and rates, i.e. its training loss), at the checkpoint's block size and token shift."""
+    if masking not in ("uniform", "train"):
+        raise UserError(f"model_args: masking must be uniform (the ELBO bound) or train (the training law), got {masking!r}")
+    train = masking == "train"
+    rate_min, rate_max = (diffusion.rate_min, diffusion.rate_max) if train else BOUND_RATES
+    return Objective(
+        kind=diffusion.objective, block_size=diffusion.block_size, masking=diffusion.masking if train else "uniform",
+        half_life=diffusion.half_life, rate_min=rate_min, rate_max=rate_max, complementary=complementary,
+        token_shift=diffusion.token_shift, mask_token_id=mask_token_id,
+    )
 
 
 @register_model("edlm")
@@ -75,7 +92,7 @@ class EdlmLM(TemplateLM):
         mc_samples: int = 32,
         mc_batch: int = 0,
         mc_complementary: bool | str = False,
-        masking: str | None = None,
+        masking: str = "uniform",
         greedy_check: bool | str = True,
         warmup: bool | str = True,
         kind: str = "auto",
@@ -115,18 +132,24 @@ class EdlmLM(TemplateLM):
         self.greedy_check, self.warmup = _bool(greedy_check, "greedy_check"), _bool(warmup, "warmup")
         self.elbo = None
         if diffusion is not None:
-            objective = Objective(
-                kind=diffusion.objective, block_size=diffusion.block_size, masking=masking or diffusion.masking,
-                half_life=diffusion.half_life, rate_min=diffusion.rate_min, rate_max=diffusion.rate_max,
-                complementary=_bool(mc_complementary, "mc_complementary"), token_shift=diffusion.token_shift,
-                mask_token_id=self.model.config.mask_token_id,
-            )
+            objective = elbo_objective(diffusion, masking, _bool(mc_complementary, "mc_complementary"),
+                                       self.model.config.mask_token_id)
             self.elbo = likelihood.ElboPlan(objective, copies=1, valid_vocab=self.loaded.valid_vocab_size)
         self.mc_samples, self.mc_batch = int(mc_samples), int(mc_batch) or None
         self.stats = {"generate": {"requests": 0, "generated_tokens": 0, "row_forwards": 0, "program_seconds": 0.0,
                                    "batches": 0},
                       "loglikelihood": {"requests": 0, "tokens": 0, "program_calls": 0}}
         self._stderr_sum = 0.0  # dLM: sum of the requests' Monte Carlo standard errors
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "EdlmLM":
+        """lm-eval's constructor path; settings in --model_args win over lm-eval's own (--batch_size ...)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "EdlmLM":
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # ---- tokenizer ---------------------------------------------------------------------------
 
@@ -308,7 +331,8 @@ class EdlmLM(TemplateLM):
         if diffusion is not None:
             info["diffusion"] = {**vars(diffusion), "mc_samples": self.mc_samples,
                                  "mc_complementary": self.elbo.objective.complementary,
-                                 "masking": self.elbo.objective.masking}
+                                 "elbo_masking": self.elbo.objective.masking,
+                                 "elbo_rates": [self.elbo.objective.rate_min, self.elbo.objective.rate_max]}
             if ll["requests"]:
                 info["loglikelihood"]["mean_stderr"] = self._stderr_sum / ll["requests"]
         return {"edlm": info}
