@@ -21,6 +21,7 @@ Why our own adapter: lm-eval's models wrap torch/vLLM backends; ours decodes wit
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -35,10 +36,11 @@ from efficient_dlm.diffusion.objectives import Objective
 from efficient_dlm.errors import UserError
 from efficient_dlm.eval import likelihood
 from efficient_dlm.eval.loading import load
-from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings, generate
+from efficient_dlm.sample.api import check_settings, generate, prepare
 
-DECODING_KEYS = ("strategy", "threshold", "block_size", "tokens_per_step", "factor", "entropy_bound",
-                 "temperature", "top_p", "top_k", "seed")
+DECODING_TYPES = {"strategy": str, "threshold": float, "block_size": int, "tokens_per_step": int, "factor": float,
+                  "entropy_bound": float, "temperature": float, "top_p": float, "top_k": int, "seed": int}
+DECODING_KEYS = tuple(DECODING_TYPES)
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -50,6 +52,22 @@ def _bool(value: Any, name: str) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise UserError(f"model_args: {name} must be true or false, got {value!r}")
+
+
+def _decoding(settings: dict, diffusion, ckpt: str) -> dict:
+    """The decoding settings: `prepare`'s defaults, the checkpoint's block size, then model_args; validated."""
+    defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items() if k in DECODING_KEYS}
+    defaults.update(strategy="ar" if diffusion is None else "threshold", block_size=diffusion.block_size if diffusion else None)
+    given = {k: v for k, v in settings.items() if k in DECODING_TYPES and v is not None}
+    out = {k: None if v is None else DECODING_TYPES[k](v) for k, v in {**defaults, **given}.items()}
+    if out["strategy"] != "ar" and diffusion is None:
+        raise UserError(f"model_args: strategy={out['strategy']} needs a dLM checkpoint; {ckpt} is scored as an AR model")
+    try:
+        check_settings(out["strategy"], 1, out["block_size"], out["threshold"], out["tokens_per_step"],
+                       out["temperature"], out["top_p"], out["top_k"])
+    except ValueError as err:
+        raise UserError(f"model_args: {err}") from None
+    return out
 
 
 BOUND_RATES = (1e-6, 1.0)  # uniform masking over these rates: the any-order bound (docs/METHOD.md section 3)
@@ -77,16 +95,6 @@ class EdlmLM(TemplateLM):
         self,
         ckpt: str | None = None,
         *,
-        strategy: str | None = None,
-        threshold: float = 0.9,
-        block_size: int | None = None,
-        tokens_per_step: int = 1,
-        factor: float = 1.0,
-        entropy_bound: float = 0.3,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
         batch_size: int | str = 16,
         max_gen_toks: int = 256,
         mc_samples: int = 32,
@@ -98,10 +106,13 @@ class EdlmLM(TemplateLM):
         kind: str = "auto",
         dtype: str | None = None,
         tokenizer: str | None = None,
-        **unused: Any,
+        **settings: Any,
     ) -> None:
+        """settings: `generate`'s decoding arguments (DECODING_KEYS; defaults: the checkpoint's block size,
+        strategy "threshold" for a dLM and "ar" for an AR model, `prepare`'s defaults for the rest)."""
         super().__init__()
-        unknown = sorted(k for k, v in unused.items() if v is not None and k not in ("device", "max_batch_size"))
+        unknown = sorted(k for k, v in settings.items()
+                         if v is not None and k not in DECODING_KEYS and k not in ("device", "max_batch_size"))
         if unknown:
             raise UserError(f"model_args: unknown key(s) {', '.join(unknown)} for --model edlm")
         if not ckpt:
@@ -114,20 +125,7 @@ class EdlmLM(TemplateLM):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise UserError(f"model_args: batch_size must be >= 1, got {batch_size}")
-        strategy = strategy or ("ar" if diffusion is None else "threshold")
-        if strategy not in ALL_STRATEGIES:
-            raise UserError(f"model_args: strategy must be one of {', '.join(ALL_STRATEGIES)}, got {strategy!r}")
-        if strategy != "ar" and diffusion is None:
-            raise UserError(f"model_args: strategy={strategy} needs a dLM checkpoint; {ckpt} is scored as an AR model")
-        block = int(block_size) if block_size else (diffusion.block_size if diffusion else None)
-        self.decoding = dict(strategy=strategy, threshold=float(threshold), block_size=block,
-                             tokens_per_step=int(tokens_per_step), factor=float(factor), entropy_bound=float(entropy_bound),
-                             temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), seed=int(seed))
-        try:
-            check_settings(strategy, 1, block, self.decoding["threshold"], self.decoding["tokens_per_step"],
-                           self.decoding["temperature"], self.decoding["top_p"], self.decoding["top_k"])
-        except ValueError as err:
-            raise UserError(f"model_args: {err}") from None
+        self.decoding = _decoding(settings, diffusion, str(ckpt))
         self.max_gen_toks = int(max_gen_toks)
         self.greedy_check, self.warmup = _bool(greedy_check, "greedy_check"), _bool(warmup, "warmup")
         self.elbo = None
