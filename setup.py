@@ -1,6 +1,7 @@
 """efficient_dlm: turn pretrained autoregressive LLMs into fast block-diffusion LLMs (JAX/TPU-first).
 
-`pip install -e ".[test]"` gives the library, the `edlm` command and the test tools (lm-eval included);
+`pip install -e ".[test]"` gives the library, the `edlm` command, the test tools (lm-eval included) and
+(on Linux) libtpu for `edlm aot`; `.[tpu]` alone adds libtpu to a plain install;
 `pip install -e ".[eval]"` the library with lm-evaluation-harness (`edlm eval`, the lm-eval model `edlm`). The pins are one
 mutually compatible set, checked together in CI; bump them together.
 """
@@ -35,6 +36,8 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "lm_eval==0.4.13",  # tests/test_eval_*.py call lm-eval's own entry points
+    # libtpu: the AOT tests and `edlm aot` compile for TPU topologies on any Linux host (no TPU needed).
+    "jax[tpu]==0.10.2; sys_platform == 'linux'",
 ]
 EVAL = ["lm_eval==0.4.13", "torch==2.13.0", "transformers==5.23.0"]  # `edlm eval`, the lm-eval model `edlm`
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from efficient_dlm.platforms import quiet_libtpu
+
+quiet_libtpu()  # before anything starts a JAX backend: no libtpu start-up noise on hosts without TPUs
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -2,10 +2,12 @@
 
 Layout of a model checkpoint directory:
     model_config.json   ModelConfig fields (plus "extra": free-form metadata such as the recipe)
-    params/             orbax StandardCheckpointer output (atomic: written to a temp dir, renamed)
+    params/             orbax StandardCheckpointer output (atomic: written to a temp dir, renamed),
+                        with params/checksums.json (efficient_dlm.integrity) verified on every load
     tokenizer/          tokenizer.json and friends, when known
 Training checkpoints (train/) reuse `model_config.json` and the tokenizer directory around an orbax
-CheckpointManager; `load` reads either kind (for a training run it picks the latest step).
+CheckpointManager; `load` reads either kind (for a training run the newest step, or `step=`; it never
+falls back to an older step when the newest is missing or damaged: that is a CheckpointError).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from efficient_dlm import integrity
+from efficient_dlm.integrity import CheckpointError
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.models.routers import ExpertBias
@@ -92,6 +96,7 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
         staged.rmtree()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(staged, nnx.state(model, MODEL_STATE))
+    integrity.record(staged)
     if params_path.exists():
         params_path.rmtree()
     staged.rename(params_path)
@@ -100,22 +105,40 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
     return directory
 
 
-def _params_location(directory: str) -> epath.Path:
-    """params/ of a model checkpoint, or the newest step's params of a training run directory (absolute:
-    orbax refuses relative paths)."""
+def run_steps(directory: str) -> list[int]:
+    """The step numbers of a training run directory (finalized orbax step directories), ascending."""
+    root = epath.Path(os.path.abspath(directory))
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.is_dir() else []
+
+
+def params_location(directory: str, step: int | None = None) -> tuple[epath.Path, str]:
+    """(params directory, label) of a model checkpoint, or of `step` (default: the newest step) of a
+    training run directory, verified against its checksums. Absolute: orbax refuses relative paths."""
     root = epath.Path(os.path.abspath(directory))
     if (root / PARAMS_DIR).exists():
-        return root / PARAMS_DIR
-    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
-    for step in steps:
-        candidate = root / str(step) / "params"
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{directory}: no parameters found (expected {PARAMS_DIR}/ or <step>/params/)")
+        if step is not None:
+            raise CheckpointError(f"{directory}: a model checkpoint (no training steps); drop step={step} / --step")
+        integrity.verify(root / PARAMS_DIR, directory)
+        return root / PARAMS_DIR, directory
+    steps = run_steps(directory)
+    if not steps:
+        raise CheckpointError(f"{directory}: no parameters found (expected {PARAMS_DIR}/ or <step>/params/)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{directory}: no step {step} (steps: {', '.join(map(str, steps))})")
+    label = f"{directory} step {step}"
+    integrity.verify(root / str(step), label)
+    return root / str(step) / PARAMS_DIR, label
 
 
-def load(directory: str, *, mesh=None, dtype: str | None = None, **overrides: Any):
-    """Restores a `Decoder` from a checkpoint directory, sharded over `mesh` when given."""
+def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | None = None, **overrides: Any):
+    """Restores a `Decoder` from a checkpoint directory, sharded over `mesh` when given.
+
+    step: for a training run directory, the step to read (default: the newest; never an older one in
+    its place). The files are checked against the checksums recorded at save time first
+    (CheckpointError naming the step and the file).
+    """
     cfg, _ = read_model_config(directory)
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
@@ -130,8 +153,9 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, **overrides: An
         target = jax.tree.map(
             lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), target, shardings
         )
+    location, _ = params_location(directory, step)
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(_params_location(directory), target)
+        state = ckptr.restore(location, target)
     nnx.update(model, state)
     if cfg != stored_cfg:
         model = _with_config(model, cfg)

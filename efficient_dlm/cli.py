@@ -9,8 +9,10 @@ sees only its verb's flags, at their defaults.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -115,18 +117,44 @@ def _verb_help(verb: str, module) -> str:
     return "\n".join(lines)
 
 
-def _flag_error_message(err: Exception, args: list[str]) -> str:
-    """One line for a failed flag parse; names the offending --config.key when that is the cause."""
+def _plain_text(err: Exception) -> str:
+    """The error's message as one would read it: a KeyError's repr-quoted text unquoted."""
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    for arg in args:
-        key = arg.lstrip("-").split("=")[0].removeprefix("config.")
-        if not arg.lstrip("-").startswith("config."):
-            continue
-        unknown_flag = f"'config.{key}'" in text
-        unknown_field = isinstance(err, (KeyError, AttributeError)) and f"'{key.split('.')[-1]}'" in text
-        if unknown_flag or unknown_field:
-            return f"unknown config key {key!r} (not in the recipe's schema; see efficient_dlm/config.py)"
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = str(ast.literal_eval(text))
+        except (ValueError, SyntaxError):
+            pass
     return text
+
+
+def _flag_error_message(err: Exception, args: list[str]) -> str:
+    """One line for a failed flag parse; names the offending --config.key (or section) when that is
+    the cause, with ml_collections' "did you mean" suggestion."""
+    text = _plain_text(err)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in args:
+        body = arg.lstrip("-")
+        if not body.startswith("config."):
+            continue
+        key = body.split("=")[0].removeprefix("config.")
+        parts = key.split(".")
+        if f"'config.{key}'" in text:
+            index = len(parts) - 1
+        elif isinstance(err, (KeyError, AttributeError)):
+            index = next((i for i, part in enumerate(parts) if f"'{part}'" in text or text.split("\n")[0] == part), None)
+        else:
+            index = None
+        if index is None:
+            continue
+        hint = ""
+        if suggestion:
+            hint = f"did you mean {'.'.join(parts[:index] + [suggestion.group(1)])!r}? "
+        if index == 0 and len(parts) > 1:
+            return f"unknown config section {parts[0]!r} in --config.{key} ({hint}see efficient_dlm/config.py)"
+        where = ".".join(parts[: index + 1])
+        return f"unknown config key {where!r} ({hint or 'not in the recipe' + chr(39) + 's schema; '}see efficient_dlm/config.py)"
+    return " ".join(text.split())
 
 
 def _parse_config(args: list[str], default_config: str):

@@ -112,6 +112,7 @@ def train_section() -> ConfigDict:
             z_loss=0.0,
             loss_chunk=0,  # >0: cross-entropy over this many positions at a time (large vocabularies)
             max_nonfinite_steps=10,  # stop after this many consecutive non-finite steps
+            max_param_norm_ratio=10.0,  # stop when the parameter norm exceeds this times its start value; 0 = off
             save_every=100,
             keep_last=3,
             keep_best=True,  # also keep the checkpoint with the best eval loss

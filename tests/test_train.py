@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ def test_training_learns_resumes_bit_exactly_accumulates_and_skips_non_finite_st
     config = tiny_config(tmp_path, "straight")
     result = train(config)
     _check_learning_and_run_layout(result)
-    _check_kill_and_resume(config, result, tmp_path)
+    _check_kill_and_resume(config, result, tmp_path, capsys)
+    _check_signal_stops_cleanly_and_resumes(config, result, tmp_path, capsys)
     _check_gradient_accumulation(config, result)
     _check_non_finite_steps(config, tmp_path, capsys)
 
@@ -79,18 +81,46 @@ def _check_learning_and_run_layout(result):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(result.run_dir, "tensorboard")))
 
 
-def _check_kill_and_resume(config, result, tmp):
+def _check_kill_and_resume(config, result, tmp, capsys):
     resumed_dir = tmp / "resumed"
-    shutil.copytree(result.run_dir, resumed_dir, ignore=shutil.ignore_patterns("12", "16", "metrics.jsonl", "tensorboard"))
+    # As if killed after step 16's metrics were logged but before checkpoints 12 and 16 were written.
+    shutil.copytree(result.run_dir, resumed_dir, ignore=shutil.ignore_patterns("12", "16", "tensorboard"))
     config = ConfigDict(config.to_dict())
     config.run_dir = str(resumed_dir)
+    capsys.readouterr()
     resumed = train(config)  # fresh Checkpointer, data iterator, state; restores step 8
+    assert resumed.resumed_from == 8 and f"resumed {resumed_dir} from step 8" in capsys.readouterr().out
     assert [h["step"] for h in resumed.history] == list(range(9, 17))
+    logged = [json.loads(x) for x in open(resumed_dir / "metrics.jsonl")]
+    assert [x["step"] for x in logged if x["kind"] == "train"] == list(range(1, 17))  # each step once
+    assert [x["step"] for x in logged if x["kind"] == "eval"] == [8, 16]
     for a, b in zip(resumed.history, result.history[8:]):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     for a, b in zip(_params(resumed.state.params), _params(result.state.params)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_params(resumed.state.opt_state), _params(result.state.opt_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _check_signal_stops_cleanly_and_resumes(config, result, tmp, capsys):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint is written, the run says where to
+    resume; resuming then ends bit-identical to the uninterrupted run."""
+    config = ConfigDict(config.to_dict())
+    config.run_dir = str(tmp / "signalled")
+
+    def terminate_during_step_6(step, batch):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    capsys.readouterr()
+    stopped = train(config, batch_transform=terminate_during_step_6)
+    assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == 6
+    assert f"SIGTERM: stopped after step 6; checkpoint step 6 in {config.run_dir}; run the same command to resume" in capsys.readouterr().out
+    assert edlm.checkpoints.run_steps(config.run_dir) == [4, 6]
+    resumed = train(config)
+    assert resumed.resumed_from == 6 and resumed.stopped_by is None
+    for a, b in zip(_params(resumed.state.params), _params(result.state.params)):
         np.testing.assert_array_equal(a, b)
 
 

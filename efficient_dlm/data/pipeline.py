@@ -63,8 +63,8 @@ def _open_pattern(pattern: str, spec: DataSpec) -> tuple[grain.MapDataset, bool]
     if sum(len(s) for s in opened) == 0:
         raise ValueError(f"{pattern}: empty dataset (no documents)")
     for s in opened:
-        if isinstance(s, sources_lib.TokenArraySource) and s.max_token >= spec.vocab_size:
-            raise ValueError(f"{s.path}: token id {s.max_token} is outside the vocabulary (size {spec.vocab_size})")
+        if isinstance(s, sources_lib.TokenArraySource):
+            s.check_ids(spec.vocab_size)
     datasets = [grain.MapDataset.source(s) for s in opened if len(s)]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
     return ds, not kinds.pop()

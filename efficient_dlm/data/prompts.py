@@ -24,6 +24,8 @@ import grain
 import numpy as np
 
 from efficient_dlm.data import sources as sources_lib
+from efficient_dlm.errors import UserError
+from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.data.pipeline import _split_list
 from efficient_dlm.sample.layout import block_layout
 
@@ -97,10 +99,15 @@ class PromptEncoder:
             return self._tokenizer.encode(text, add_special_tokens=False).ids
         if "messages" in record:
             raise ValueError("a \"messages\" prompt needs opd.chat_template=True")
-        return self._tokenizer.encode(str(record["prompt"])).ids
+        if not isinstance(record["prompt"], str):
+            raise UserError(f"\"prompt\" must be a string: {json.dumps(record)[:80]}")
+        return self._tokenizer.encode(record["prompt"]).ids
 
     def __call__(self, record: dict[str, Any]) -> np.ndarray:
-        ids = [int(i) for i in record["prompt_ids"]] if "prompt_ids" in record else self._text_ids(record)
+        if "prompt_ids" in record:
+            ids = check_token_ids(record["prompt_ids"], None, f"prompt {json.dumps(record)[:60]}").reshape(-1).tolist()
+        else:
+            ids = self._text_ids(record)
         if not ids:
             raise ValueError(f"empty prompt: {json.dumps(record)[:80]}")
         ids = np.asarray(ids[-self.spec.max_prompt_len:], np.int32)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from efficient_dlm.errors import UserError
+
 TEXT_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrayrecord", ".array_record")
 TOKEN_EXTENSIONS = (".npy",)
 
@@ -35,7 +37,20 @@ def expand(pattern: str) -> list[str]:
         files = [pattern] if epath.Path(pattern).exists() else []
     if not files:
         raise FileNotFoundError(f"data file not found: {pattern}")
+    for f in files:
+        check_regular_file(f, "data file")
     return files
+
+
+def check_regular_file(path: str, what: str) -> None:
+    """A local path must be a regular file: a directory named x.jsonl, a FIFO (which would block the
+    reader forever) or a device is refused by name."""
+    if "://" in path or not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} is not a regular file (a FIFO, socket or device)")
 
 
 def _read_bytes(path: str):
@@ -50,8 +65,11 @@ def _read_bytes(path: str):
 
 def _text_of(record: Any, text_key: str, where: str) -> str:
     if not isinstance(record, dict) or text_key not in record:
-        raise ValueError(f"{where}: no {text_key!r} field (set data.text_key)")
-    return str(record[text_key])
+        raise UserError(f"{where}: no {text_key!r} field (set data.text_key)")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_key!r} is {type(text).__name__} {json.dumps(text)[:40]}, not a string")
+    return text
 
 
 class JsonlSource:
@@ -68,37 +86,48 @@ class JsonlSource:
         visible = np.flatnonzero(~np.isin(data, np.frombuffer(b" \t\r\n", np.uint8)))
         nonblank = np.searchsorted(visible, ends) > np.searchsorted(visible, starts)
         self._starts, self._ends = starts[nonblank], ends[nonblank]
+        self._line_numbers = np.flatnonzero(nonblank) + 1  # 1-based line of each record (blank lines counted)
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> str:
         line = self._buf[self._starts[index]:self._ends[index]]
+        where = f"{self.path}: line {self._line_numbers[index]}"
         try:
-            record = json.loads(line)
+            record = json.loads(bytes(line).decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{where} is not valid UTF-8 (byte {err.start})") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path}: line {index + 1} is not valid JSON ({err.msg})") from None
-        return _text_of(record, self.text_key, f"{self.path}: record {index}")
+            raise UserError(f"{where} is not valid JSON ({err.msg})") from None
+        return _text_of(record, self.text_key, where)
 
 
 class ParquetSource:
     """The `text_key` column of a Parquet file (read once, memory-mapped for local files)."""
 
     def __init__(self, path: str, text_key: str = "text"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.path = path
+        self.path, self.text_key = path, text_key
         source = path if os.path.exists(path) else epath.Path(path).open("rb")
         schema = pq.read_schema(source)
         if text_key not in schema.names:
-            raise ValueError(f"{path}: no {text_key!r} column (columns: {', '.join(schema.names)}; set data.text_key)")
+            raise UserError(f"{path}: no {text_key!r} column (columns: {', '.join(schema.names)}; set data.text_key)")
+        kind = schema.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: column {text_key!r} holds {kind}, not strings")
         self._column = pq.read_table(source, columns=[text_key], memory_map=os.path.exists(path)).column(0)
 
     def __len__(self) -> int:
         return len(self._column)
 
     def __getitem__(self, index: int) -> str:
-        return str(self._column[index].as_py())
+        text = self._column[index].as_py()
+        if text is None:
+            raise UserError(f"{self.path}: row {index}: column {self.text_key!r} is null, not a string")
+        return text
 
 
 class ArrayRecordSource:
@@ -115,7 +144,10 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> str:
         raw = self._records[index]
-        text = raw.decode("utf-8")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{self.path}: record {index} is not valid UTF-8 (byte {err.start})") from None
         if text.lstrip().startswith("{"):
             return _text_of(json.loads(text), self.text_key, f"{self.path}: record {index}")
         return text
@@ -131,7 +163,7 @@ class TokenArraySource:
         local = path if os.path.exists(path) else epath.Path(path).open("rb")
         tokens = np.load(local, mmap_mode="r" if isinstance(local, str) else None, allow_pickle=False)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"{path}: expected a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
+            raise UserError(f"{path}: expected a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
         self._tokens = tokens
         ends = np.flatnonzero(tokens == eos_id) + 1
         if len(tokens) and (not len(ends) or ends[-1] != len(tokens)):
@@ -139,9 +171,15 @@ class TokenArraySource:
         self._starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         self._ends = ends.astype(np.int64)
 
-    @property
-    def max_token(self) -> int:
-        return int(self._tokens.max()) if len(self._tokens) else -1
+    def check_ids(self, vocab_size: int) -> None:
+        """Every id in [0, vocab_size), or one line naming the first offending position."""
+        if not len(self._tokens):
+            return
+        low, high = int(self._tokens.min()), int(self._tokens.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            at = int(np.flatnonzero(np.asarray(self._tokens) == bad)[0])
+            raise UserError(f"{self.path}: token id {bad} at position {at} is outside the vocabulary [0, {vocab_size})")
 
     def __len__(self) -> int:
         return len(self._starts)

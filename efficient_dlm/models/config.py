@@ -7,9 +7,11 @@ every field must be overridable from the command line (`--config.model.rope_type
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")
@@ -130,8 +132,26 @@ class ModelConfig:
         return cls(**dict(values))
 
 
+_KINDS = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool, np.bool_), "str": (str,)}
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Each field holds its declared kind ("2" or 2.5 for an integer field is named, not a TypeError)."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        kind, _, optional = str(field.type).partition(" | ")
+        if value is None and optional:
+            continue
+        allowed = _KINDS.get(kind)
+        if allowed is None:
+            continue
+        if isinstance(value, (bool, np.bool_)) and kind != "bool" or not isinstance(value, allowed):
+            raise ValueError(f"model.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+
+
 def validate(cfg: ModelConfig) -> None:
     """Raises ValueError with one line naming the first inconsistent field."""
+    _check_types(cfg)
     if cfg.model_type not in MODEL_TYPES:
         raise ValueError(f"unsupported model_type {cfg.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -167,6 +187,9 @@ def validate(cfg: ModelConfig) -> None:
         )
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
         raise ValueError(f"model.mask_token_id {cfg.mask_token_id} is outside the vocabulary (size {cfg.vocab_size})")
+    for name in ("eos_token_id", "pad_token_id"):
+        if cfg.mask_token_id is not None and cfg.mask_token_id == getattr(cfg, name):
+            raise ValueError(f"model.mask_token_id {cfg.mask_token_id} equals model.{name}; [MASK] must be a token of its own")
     _validate_moe(cfg)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from efficient_dlm.models import attention as attn_lib
@@ -22,6 +23,7 @@ from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
 from efficient_dlm.models.masks import MaskSpec
 from efficient_dlm.models.moe import MoEDecoderLayer, with_moe_losses
 from efficient_dlm.models.routers import ExpertBias
+from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.models.rope import rope_tables
 from efficient_dlm.parallel.rules import constrain
 
@@ -177,7 +179,9 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, vocab] in float32."""
+        """Logits [B, T, vocab] in float32. Host token ids (numpy, lists, concrete arrays) are checked
+        against the vocabulary first: inside jit a bad id silently gathers a wrong row."""
+        tokens = _checked_tokens(tokens, self.config.vocab_size)
         h, _ = self.hidden(tokens, attention=attention, block_size=block_size, segment_ids=segment_ids, positions=positions)
         return self.logits(h)
 
@@ -219,3 +223,11 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
 def abstract_model(cfg: ModelConfig) -> Decoder:
     """The model's structure with ShapeDtypeStruct leaves, allocating nothing (for loading)."""
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=0)))
+
+
+def _checked_tokens(tokens, vocab_size: int):
+    """tokens, validated on the host when concrete (not under tracing, not a multi-host global array)."""
+    if isinstance(tokens, jax.core.Tracer) or (isinstance(tokens, jax.Array) and not tokens.is_fully_addressable):
+        return tokens
+    checked = check_token_ids(tokens, vocab_size, "Model(tokens)")
+    return tokens if hasattr(tokens, "shape") else checked

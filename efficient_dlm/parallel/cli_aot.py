@@ -7,6 +7,7 @@ under --hbm_limit of HBM.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -33,6 +34,8 @@ def run(config, FLAGS) -> int:
 
     if not FLAGS.topology:
         raise UserError("--topology is required (e.g. --topology=v5p-256)")
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError("edlm aot compiles through libtpu, which is not installed: pip install -e '.[tpu]'")
     unknown = sorted(set(FLAGS.programs) - set(aot.PROGRAMS))
     if unknown:
         raise UserError(f"unknown --programs {', '.join(unknown)}; choose from {', '.join(aot.PROGRAMS)}")

@@ -13,6 +13,8 @@ import re
 
 from absl import flags
 
+from efficient_dlm.outputs import check_output_dir
+
 flags.DEFINE_string("ckpt", None, "efficient_dlm checkpoint directory (from `edlm import-hf`, `edlm train` or save)")
 flags.DEFINE_string("out", None, "output directory (must be empty or absent unless --overwrite)")
 flags.DEFINE_string("tokenizer_dir", None, "tokenizer files to ship (default: the checkpoint's tokenizer/)")
@@ -26,6 +28,7 @@ flags.DEFINE_string("strategy", None, "default decoding strategy written to conf
 flags.DEFINE_float("threshold", None, "default confidence threshold written to config.json")
 flags.DEFINE_string("push_to_hub", None, "upload the export to this Hugging Face repo id (namespace/name)")
 flags.DEFINE_bool("private", True, "with --push_to_hub: create the repo as private")
+flags.DEFINE_integer("step", None, "training run directory: the step to export (default: the newest)")
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
@@ -50,6 +53,7 @@ def run(config, FLAGS) -> int:
 
     if not FLAGS.ckpt or not FLAGS.out:
         raise ValueError("--ckpt and --out are required")
+    check_output_dir(FLAGS.out)
     hub = check_push_args(FLAGS.push_to_hub) if FLAGS.push_to_hub else None
     defaults = {
         "block_size": config.diffusion.block_size,
@@ -69,6 +73,7 @@ def run(config, FLAGS) -> int:
         strategy=FLAGS.strategy,
         threshold=FLAGS.threshold,
         defaults=defaults,
+        step=FLAGS.step,
     )
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
     if hub is not None:

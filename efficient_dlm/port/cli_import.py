@@ -11,12 +11,30 @@ import time
 from absl import flags
 
 from efficient_dlm.models.config import DTYPES
+from efficient_dlm.outputs import check_output_dir
 
 flags.DEFINE_string("hf_dir", None, "local Hugging Face model directory (default: --config.init.hf_dir)")
 flags.DEFINE_string("out", None, "output checkpoint directory")
 flags.DEFINE_string("dtype", "float32", "parameter dtype of the checkpoint: float32, bfloat16 or float16")
 flags.DEFINE_integer("mask_token_id", None, "record this token id as the [MASK] token")
 flags.DEFINE_bool("overwrite", False, "replace an existing checkpoint at --out")
+
+
+def check_tokenizer_files(hf_dir: str) -> None:
+    """A tokenizer.json that `tokenizers` cannot read is refused here, naming the file, instead of being
+    copied into the checkpoint and failing later at sample time."""
+    import tokenizers
+
+    from efficient_dlm.cli import UserError
+
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return
+    try:
+        tokenizers.Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception for every parse failure
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not a readable tokenizer.json ({reason})") from None
 
 
 def run(config, FLAGS) -> int:
@@ -31,6 +49,8 @@ def run(config, FLAGS) -> int:
         raise UserError(f"unknown --dtype {FLAGS.dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     if os.path.exists(os.path.join(FLAGS.out, "params")) and not FLAGS.overwrite:
         raise UserError(f"{FLAGS.out}: a checkpoint already exists (pass --overwrite)")
+    check_output_dir(FLAGS.out)
+    check_tokenizer_files(hf_dir)
     start = time.perf_counter()
     overrides = {} if FLAGS.mask_token_id is None else {"mask_token_id": FLAGS.mask_token_id}
     model = from_hf(hf_dir, dtype=FLAGS.dtype, progress=True, **overrides)

@@ -53,9 +53,43 @@ def read_config_json(directory: str) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model directory)")
     with open(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
+            hf = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    check_value_types(hf, path)
+    return hf
+
+
+# config.json keys that must hold integers (token ids may also be lists of integers) or numbers.
+_INT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "max_position_embeddings", "sliding_window", "num_experts", "num_local_experts", "n_routed_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "first_k_dense_replace",
+    "n_group", "topk_group", "max_window_layers", "block_size",
+)
+_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "router_aux_loss_coef")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_value_types(hf: Mapping[str, Any], path: str) -> None:
+    """A string "2" where config.json means the integer 2 is named here, not a TypeError later."""
+    for key in _INT_KEYS:
+        if hf.get(key) is not None and not _is_int(hf[key]):
+            raise CheckpointError(f"{path}: {key} must be an integer, got {json.dumps(hf[key])}")
+    for key in _ID_KEYS:
+        value = hf.get(key)
+        if value is not None and not _is_int(value) and not (isinstance(value, list) and all(map(_is_int, value))):
+            raise CheckpointError(f"{path}: {key} must be an integer token id (or a list of them), got {json.dumps(value)}")
+    for key in _FLOAT_KEYS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointError(f"{path}: {key} must be a number, got {json.dumps(value)}")
 
 
 # Families whose transformers attention rotates part of each head, and their class default (a GLM-4.5

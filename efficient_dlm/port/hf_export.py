@@ -25,6 +25,7 @@ from flax import nnx
 
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE
+from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.port import hf_config_out, keymaps, model_card
 from efficient_dlm.port.hf_config_out import DlmFields
 from efficient_dlm.port.safetensors_writer import TensorSpec, parse_size, write_sharded
@@ -128,8 +129,9 @@ def resolve_dlm_fields(extra: dict[str, Any], overrides: dict[str, Any], default
     return DlmFields(**values)
 
 
-def recorded_metrics(checkpoint: str | None) -> dict[str, dict[str, Any]]:
-    """The last logged record of each kind ("train", "eval") in a training run's metrics.jsonl."""
+def recorded_metrics(checkpoint: str | None, step: int | None = None) -> dict[str, dict[str, Any]]:
+    """The last logged record of each kind ("train", "eval") in a training run's metrics.jsonl, up to
+    `step` when given (the exported step, so the card describes the weights it ships)."""
     path = os.path.join(checkpoint, METRICS_FILE) if checkpoint else ""
     last: dict[str, dict[str, Any]] = {}
     if os.path.exists(path):
@@ -139,7 +141,8 @@ def recorded_metrics(checkpoint: str | None) -> dict[str, dict[str, Any]]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a killed run; the card reports what was written
-                last[str(record.pop("kind", "train"))] = record
+                if step is None or record.get("step", 0) <= step:
+                    last[str(record.pop("kind", "train"))] = record
     return last
 
 
@@ -264,6 +267,7 @@ def to_hf(
     token_shift: bool | None = None,
     strategy: str | None = None,
     threshold: float | None = None,
+    step: int | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> str:
     """Writes `model` (a Decoder, or an efficient_dlm checkpoint directory) as a Hugging Face directory.
@@ -272,6 +276,8 @@ def to_hf(
     format: "auto" (dLM when the model has a mask token, else AR), "dlm" or "ar".
     block_size / token_shift / strategy / threshold: dLM fields; default the checkpoint's training
     metadata, then `defaults` (the recipe's diffusion.block_size, sample.strategy, sample.threshold).
+    step: for a training run directory, the step to export (default: the newest; never an older one
+    in its place: a missing or damaged newest step is an error).
     Everything is validated before any work; the directory is written under a temporary name and
     renamed, so it is complete or absent. Returns out_dir.
     """
@@ -280,6 +286,7 @@ def to_hf(
     max_shard_bytes = parse_size(max_shard_size)
     checkpoint = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])
+    check_output_dir(out_dir, "out_dir")
     cfg, extra, ckpt_tokenizer = _describe_source(model)
     tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
     dlm = None
@@ -291,7 +298,7 @@ def to_hf(
     if checkpoint is not None:  # every argument is valid: now the weights
         from efficient_dlm import checkpoints
 
-        model = checkpoints.load(checkpoint)
+        model = checkpoints.load(checkpoint, step=step)  # verified; the newest step unless `step`
     plan = tensor_plan(model, dtype)
 
     writer = jax.process_index() == 0
@@ -315,7 +322,7 @@ def to_hf(
         _write_modeling(tmp, cfg.model_type)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         name = os.path.basename(os.path.abspath(out_dir))
-        f.write(model_card.render(cfg, dlm, extra, dtype, name, recorded_metrics(checkpoint)))
+        f.write(model_card.render(cfg, dlm, extra, dtype, name, recorded_metrics(checkpoint, step)))
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

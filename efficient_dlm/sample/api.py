@@ -7,6 +7,7 @@ and returns the generated tokens with the statistics every benchmark needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Sequence
 
@@ -68,16 +69,20 @@ def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_s
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if strategy != "ar" and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if not 0.0 <= threshold <= 1.0:
+    if not 0.0 <= threshold <= 1.0:  # false for NaN too
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not _is_int(tokens_per_step) or tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be an integer >= 1, got {tokens_per_step!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_model(model, strategy: str, top_k: int = 0) -> None:
@@ -148,6 +153,9 @@ def prepare(
     (the decoding settings are documented on `generate`; `stream` compiles the block-streaming hook in). `model` may be
     abstract (`abstract_model`): `edlm aot` lowers the same program for a TPU topology from it."""
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
+    for name, value in (("factor", factor), ("entropy_bound", entropy_bound)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     check_model(model, strategy, top_k)
     cfg = model.config
     rows = layout_lib.check_prompts(prompts, cfg.vocab_size)

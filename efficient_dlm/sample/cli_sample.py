@@ -11,6 +11,7 @@ import sys
 
 from absl import flags
 
+from efficient_dlm.outputs import check_output_file
 from efficient_dlm.sample import settings  # noqa: F401  (registers the sample/bench config validators)
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
@@ -19,6 +20,7 @@ flags.DEFINE_string("prompts_jsonl", None, 'JSONL file of {"prompt": text} or {"
 flags.DEFINE_string("out", None, "write one JSON record per prompt to this JSONL file (default: print completions)")
 flags.DEFINE_integer("batch_size", 8, "prompts decoded together")
 flags.DEFINE_bool("stream", False, "print each block as soon as it is final")
+flags.DEFINE_integer("step", None, "training run directory: the step to load (default: the newest)")
 
 
 def _printer(tokenizer, batch: int):
@@ -51,7 +53,9 @@ def run(config, FLAGS) -> int:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
     if FLAGS.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    source = load_source(FLAGS.ckpt, config)
+    if FLAGS.out:
+        check_output_file(FLAGS.out)  # before any work: a bad --out must not cost the generation
+    source = load_source(FLAGS.ckpt, config, step=FLAGS.step)
     check_model(source.model, config.sample.strategy, config.sample.top_k)
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []

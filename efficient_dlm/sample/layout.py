@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from efficient_dlm.models.token_ids import check_token_ids
+
 
 def bucket(n: int, minimum: int = 1) -> int:
     """0 for 0, else the smallest power of two >= max(n, minimum): few shapes, few compilations."""
@@ -35,7 +37,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.
         raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
     rows = []
     for i, prompt in enumerate(prompts):
-        row = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        row = check_token_ids(prompt, None, f"prompt {i}").reshape(-1)
         if row.size == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         bad = row[(row < 0) | (row >= vocab_size)]

@@ -2,9 +2,12 @@
 mapping from the `sample` section to `generate` keyword arguments."""
 from __future__ import annotations
 
+import math
+
 from ml_collections import ConfigDict
 
 from efficient_dlm.config import register_validator
+from efficient_dlm.errors import UserError
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
 
 
@@ -35,6 +38,9 @@ def validate_sample(config: ConfigDict) -> None:
                        s.temperature, s.top_p, s.top_k)
     except ValueError as err:
         raise ValueError(f"sample.{err}") from None
+    for key in ("factor", "entropy_bound"):
+        if not (math.isfinite(s[key]) and s[key] > 0):
+            raise UserError(f"sample.{key} must be a finite number > 0, got {s[key]}")
     if s.prompt_bucket < 0:
         raise ValueError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
 

@@ -9,6 +9,9 @@ import os
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
+from efficient_dlm.data.sources import check_regular_file
+from efficient_dlm.errors import UserError
+from efficient_dlm.models.token_ids import check_token_ids
 
 
 @dataclasses.dataclass
@@ -49,17 +52,21 @@ def _tokenizer(directory: str | None):
     return Tokenizer.from_file(path)
 
 
-def load_source(ckpt: str | None, config: ConfigDict) -> Source:
-    """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model."""
+def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
+    """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model.
+    step: the step of a training run directory (default: the newest)."""
     ckpt = ckpt or config.init.checkpoint
+    if step is not None and not ckpt:
+        raise UserError("--step needs --ckpt (a training run directory)")
     tokenizer_dir = config.init.tokenizer or None
     if ckpt:
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"checkpoint directory {ckpt!r} does not exist")
         _, extra = checkpoints.read_model_config(ckpt)
-        model = checkpoints.load(ckpt)
+        model = checkpoints.load(ckpt, step=step)
         tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
-        return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(ckpt), **training_metadata(extra))
+        where = os.path.abspath(ckpt) + ("" if step is None else f" step {step}")
+        return Source(model, _tokenizer(tokenizer_dir), where, **training_metadata(extra))
     if config.init.hf_dir:
         from efficient_dlm.port.hf_import import from_hf
 
@@ -78,9 +85,14 @@ def read_prompts(path: str) -> list[Prompt]:
     """JSONL: {"prompt": text} or {"prompt_ids": [ids]}, optionally "reference" (or "answer")."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    check_regular_file(path, "prompt file")
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
             try:
@@ -90,8 +102,13 @@ def read_prompts(path: str) -> list[Prompt]:
             if not isinstance(record, dict) or ("prompt" not in record and "prompt_ids" not in record):
                 raise ValueError(f"{path}:{number}: needs a \"prompt\" (text) or \"prompt_ids\" (token ids) field")
             reference = record.get("reference", record.get("answer"))
-            ids = [int(i) for i in record.get("prompt_ids", [])]
-            prompts.append(Prompt(ids, record.get("prompt"), None if reference is None else str(reference)))
+            text = record.get("prompt")
+            if "prompt_ids" not in record and not isinstance(text, str):
+                raise UserError(f"{path}:{number}: \"prompt\" must be a string, got {type(text).__name__} {json.dumps(text)[:40]}")
+            ids = check_token_ids(record.get("prompt_ids", []), None, f"{path}:{number}: \"prompt_ids\"").reshape(-1).tolist()
+            if "prompt_ids" in record and not ids:
+                raise UserError(f"{path}:{number}: \"prompt_ids\" is empty")
+            prompts.append(Prompt(ids, text if isinstance(text, str) else None, None if reference is None else str(reference)))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

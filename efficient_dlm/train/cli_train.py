@@ -5,6 +5,8 @@ returns the trained model.
 """
 from __future__ import annotations
 
+import signal
+
 import efficient_dlm.train.validation  # noqa: F401  (registers the section validators)
 
 DEFAULT_CONFIG = "configs/tiny_train.py"
@@ -19,6 +21,8 @@ def run(config, FLAGS) -> int:
         result = train(config, mesh=run_mesh(config))
     except NonFiniteError as err:
         raise UserError(str(err)) from None
+    if result.stopped_by:  # train() printed where it stopped and how to resume
+        return 128 + int(signal.Signals[result.stopped_by])
     last = result.history[-1] if result.history else {}
     summary = f"loss {last['loss']:.4f}" if last else "nothing to do (already at train.steps)"
     print(f"trained {config.diffusion.objective} to step {int(result.state.step)} in {result.run_dir}: {summary}")

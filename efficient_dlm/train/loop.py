@@ -3,8 +3,11 @@
 The loop is thin host code around `make_train_step`: it resumes from the newest checkpoint in
 run_dir (params, optimizer, step, PRNG key, data iterator), switches compiled step functions at the
 block-size schedule's boundaries, reads each step's metrics, stops after
-`train.max_nonfinite_steps` consecutive non-finite steps (NonFiniteError), evaluates on a fixed set of
-held-out batches, and saves asynchronously (never a non-finite state).
+`train.max_nonfinite_steps` consecutive non-finite steps or when the parameter norm exceeds
+`train.max_param_norm_ratio` times its value at the start of the call (NonFiniteError), evaluates on
+a fixed set of held-out batches, and saves asynchronously (never a non-finite state). One writer per
+run_dir (train/run_lock.py); SIGINT / SIGTERM stop after the current step with a checkpoint
+(train/stop.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
@@ -28,9 +32,13 @@ from efficient_dlm.parallel import distributed
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.rules import axis_rules
 from efficient_dlm.train import model_init, opd_loop
+from efficient_dlm.errors import UserError
+from efficient_dlm.parallel.distributed import is_main
 from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
 from efficient_dlm.train.metrics import MetricsLogger
 from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.run_lock import RunLock
+from efficient_dlm.train.stop import StopSignals
 from efficient_dlm.train.state import TrainState, abstract_state, create_state, params_finite, state_shardings
 from efficient_dlm.train.step import STEP_TRAIN_KEYS, make_eval_step, make_train_step, summarize
 
@@ -38,7 +46,7 @@ BatchTransform = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with non-finite loss or gradients."""
+    """Too many consecutive steps with non-finite loss or gradients, or a diverging parameter norm."""
 
 
 @dataclasses.dataclass
@@ -49,6 +57,8 @@ class TrainResult:
     evals: list[dict[str, float]]
     run_dir: str
     skipped_steps: int
+    resumed_from: int | None = None  # the checkpoint step this call restored
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
 
 
 def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> DataSpec:
@@ -90,7 +100,6 @@ class _Run:
     def __init__(self, config: ConfigDict, mesh, batch_transform: BatchTransform | None):
         self.config, self.t, self.mesh, self.batch_transform = config, config.train, mesh, batch_transform
         self.run_dir = os.path.abspath(config.run_dir)
-        self.ckpt = Checkpointer(self.run_dir, self.t)
         self.tx = make_optimizer(self.t)
         self.schedule = parse_schedule(config.diffusion.block_size_schedule, config.diffusion.block_size)
         self.step_fns: dict[int | None, Callable] = {}
@@ -101,6 +110,10 @@ class _Run:
         self.text = config.diffusion.objective != opd_loop.OBJECTIVE  # OPD alone reads prompts, no text
         self.data_iter = None
         self.opd: opd_loop.OPDRun | None = None
+        self.resumed_from: int | None = None
+        self.stopped_by: str | None = None
+        self.initial_norm = 0.0
+        self.ckpt = Checkpointer(self.run_dir, self.t)  # last: nothing above can fail with it open
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -118,13 +131,19 @@ class _Run:
         if opd_loop.enabled(self.config):
             self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
         if latest is not None:
+            if self.ckpt.verify(latest):
+                print(f"step {latest} had no checksums (the run stopped before recording them); recorded them now")
             self.state = self.ckpt.restore(latest, self._restore_target(), self.iterators())
+            self.resumed_from = latest
+        if self.t.max_param_norm_ratio:
+            self.initial_norm = float(jax.jit(optax.tree.norm)(self.state.params))
         text_eval = self.text and self.config.data.eval_files  # OPD alone evaluates on opd.eval_files
         self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if text_eval else []
 
     def _resume(self, latest: int) -> str | None:
         """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
         cfg, extra = checkpoints.read_model_config(self.run_dir)
+        check_same_architecture(self.config, extra.get("train_config") or {}, self.run_dir)
         self.cfg = cfg.replace(**_numerics(self.config))
         self.config.diffusion.valid_vocab_size = extra.get("valid_vocab_size")
         return checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
@@ -230,41 +249,78 @@ def _tokenizer_folder(path: str | None) -> str | None:
     return os.path.dirname(path) if path and os.path.isfile(path) else path
 
 
+def check_same_architecture(config: ConfigDict, started: dict, run_dir: str) -> None:
+    """A resumed run keeps the architecture it started with: a model key that differs from the run's
+    recorded start config is an error, not silently ignored (numerics may change)."""
+    before = started.get("model") or {}
+    for key, value in config.model.items():
+        if key in model_init.NUMERIC_FIELDS or key not in before:
+            continue
+        if value != before[key] and not (isinstance(value, (list, tuple)) and list(value) == before[key]):
+            raise UserError(
+                f"model.{key} is {value!r} but the run in {run_dir} started with {before[key]!r}; the architecture "
+                "cannot change on resume (use a new run_dir)"
+            )
+
+
 def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
     """Runs (or resumes) the training described by `config` until train.steps; returns the final state.
 
     mesh: a jax.sharding.Mesh to shard state and batches over (None: default device).
     batch_transform(step, batch) -> batch: applied to each host batch before it goes to the device.
+    SIGINT / SIGTERM (main thread) end the loop after the current step with a checkpoint; the result
+    says which signal (`stopped_by`).
     """
     config = ConfigDict(to_plain(validate(config)))
-    run = _Run(config, mesh, batch_transform)
-    logger = None
+    lock = RunLock(os.path.abspath(config.run_dir))
+    if is_main():
+        lock.acquire()
+    run, logger = None, None
     try:
-        with axis_rules(mesh_lib.config_rules(config.mesh)):  # mesh.rules: state shardings and constraints
+        with StopSignals() as stop, axis_rules(mesh_lib.config_rules(config.mesh)):  # mesh.rules: shardings
+            run = _Run(config, mesh, batch_transform)
             run.setup()  # models and state are built outside the mesh context (state_shardings places them)
+            t = run.t
+            logger = MetricsLogger(run.run_dir, total_steps=t.steps, start_step=int(run.state.step),
+                                   tensorboard=t.tensorboard, progress=t.progress)
             with mesh_lib.use(mesh) if mesh is not None else contextlib.nullcontext():
-                t = run.t
-                step = int(run.state.step)
-                tokens_per_step = t.batch_size * config.data.seq_len
-                logger = MetricsLogger(run.run_dir, total_steps=t.steps, start_step=step, tensorboard=t.tensorboard, progress=t.progress)
-                while step < t.steps:
-                    _one_step(run, logger, step, tokens_per_step)
-                    step += 1
-                    evaluation = None
-                    if run.has_eval() and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
-                        evaluation = run.evaluate(step - 1)
-                        run.evals.append({"step": step, **evaluation})
-                        logger.write(step, evaluation, "eval")
-                        shown = [k for k in ("loss", "accuracy", "kl", "teacher_accuracy") if k in evaluation]
-                        logger.message(f"step {step}: eval " + " ".join(f"{k} {evaluation[k]:.4f}" for k in shown))
-                    if step % t.save_every == 0 or step == t.steps or evaluation is not None:
-                        run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
-                run.ckpt.wait()
+                _loop(run, logger, stop)
     finally:
-        run.ckpt.close()
-        if logger is not None:
-            logger.close()
-    return TrainResult(run.state, run.cfg, run.history, run.evals, run.run_dir, run.skipped)
+        try:
+            if run is not None:
+                run.ckpt.close()
+        finally:
+            if logger is not None:
+                logger.close()
+            lock.release()
+    return TrainResult(run.state, run.cfg, run.history, run.evals, run.run_dir, run.skipped, run.resumed_from, run.stopped_by)
+
+
+def _loop(run: _Run, logger: MetricsLogger, stop: StopSignals) -> None:
+    t, config = run.t, run.config
+    step = int(run.state.step)
+    tokens_per_step = t.batch_size * config.data.seq_len
+    if run.resumed_from is not None:
+        logger.message(f"resumed {run.run_dir} from step {run.resumed_from}")
+    run.stopped_by = None
+    while step < t.steps and not stop.received:
+        _one_step(run, logger, step, tokens_per_step)
+        step += 1
+        evaluation = None
+        if run.has_eval() and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
+            evaluation = run.evaluate(step - 1)
+            run.evals.append({"step": step, **evaluation})
+            logger.write(step, evaluation, "eval")
+            shown = [k for k in ("loss", "accuracy", "kl", "teacher_accuracy") if k in evaluation]
+            logger.message(f"step {step}: eval " + " ".join(f"{k} {evaluation[k]:.4f}" for k in shown))
+        if step % t.save_every == 0 or step == t.steps or evaluation is not None or stop.received:
+            run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)
+    run.ckpt.wait()
+    if stop.received:
+        run.stopped_by = stop.name
+        saved = run.ckpt.latest_step()
+        where = f"checkpoint step {saved} in {run.run_dir}" if saved is not None else f"no checkpoint in {run.run_dir}"
+        logger.message(f"{stop.name}: stopped after step {step}; {where}; run the same command to resume")
 
 
 def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int) -> None:
@@ -291,13 +347,27 @@ def _one_step(run: _Run, logger: MetricsLogger, step: int, tokens_per_step: int)
         streak = int(metrics["nonfinite_streak"])
         logger.message(f"step {step + 1}: non-finite loss or gradients; update skipped ({streak} in a row)")
         if streak >= run.t.max_nonfinite_steps:
-            run.ckpt.wait()
-            latest = run.ckpt.latest_step()
-            raise NonFiniteError(
-                f"stopped at step {step + 1}: {streak} consecutive steps with non-finite loss or gradients "
-                f"(train.max_nonfinite_steps={run.t.max_nonfinite_steps}); last checkpoint: "
-                f"{'none' if latest is None else f'step {latest}'}"
-            )
+            _stop(run, f"stopped at step {step + 1}: {streak} consecutive steps with non-finite loss or gradients "
+                       f"(train.max_nonfinite_steps={run.t.max_nonfinite_steps})")
+    _check_param_norm(run, step + 1, metrics.get("param_norm"))
     if (step + 1) % run.t.log_every == 0 or step + 1 == run.t.steps or metrics["skipped"]:
         logger.write(step + 1, metrics)
     logger.advance(step + 1, metrics["loss"], metrics["tokens_per_s"])
+
+
+def _check_param_norm(run: _Run, step: int, norm: float | None) -> None:
+    """The divergence guard beside the non-finite one: a learning rate far too high leaves finite but
+    exploding parameters (no NaN) that would otherwise be checkpointed as if nothing happened."""
+    ratio = run.t.max_param_norm_ratio
+    if not ratio or norm is None or not run.initial_norm or norm <= ratio * run.initial_norm:
+        return
+    _stop(run, f"stopped at step {step}: parameter norm {norm:.4g} is {norm / run.initial_norm:.3g} times its value at "
+               f"the start ({run.initial_norm:.4g}; train.max_param_norm_ratio={ratio:g}, 0 disables), so "
+               f"train.learning_rate {run.t.learning_rate:g} is likely too high")
+
+
+def _stop(run: _Run, reason: str) -> None:
+    """Raises NonFiniteError(reason + the last checkpoint), once the saves in flight are final."""
+    run.ckpt.wait()
+    latest = run.ckpt.latest_step()
+    raise NonFiniteError(f"{reason}; last checkpoint: {'none' if latest is None else f'step {latest}'}")

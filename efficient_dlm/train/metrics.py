@@ -17,11 +17,33 @@ from tqdm.auto import tqdm
 from efficient_dlm.parallel.distributed import is_main
 
 
+def drop_after(path: str, step: int) -> None:
+    """Removes records of steps after `step` (a resumed run replays them), atomically, so that
+    metrics.jsonl holds each step once; a line cut by a killed run goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, *, total_steps: int, start_step: int, tensorboard: bool = True, progress: bool = True):
         os.makedirs(run_dir, exist_ok=True)
         self._main = is_main()  # multi-host: only process 0 writes metrics and shows progress
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl") if self._main else os.devnull, "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        if self._main:
+            drop_after(path, start_step)
+        self._jsonl = open(path if self._main else os.devnull, "a")
         self._tb = None
         if tensorboard and self._main:
             from tensorboardX import SummaryWriter

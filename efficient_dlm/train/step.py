@@ -118,6 +118,7 @@ def apply_gradients(
         "loss": loss,
         "aux_loss": sums["aux_loss"],
         "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),  # the loop's divergence guard (train.max_param_norm_ratio)
         "learning_rate": learning_rate_schedule(t)(state.step),
         "skipped": ~opt_state.last_finite,  # what apply_if_finite decided
         "nonfinite_streak": opt_state.notfinite_count,

@@ -4,12 +4,15 @@ Each check raises ValueError with one line naming the key, before any data or we
 """
 from __future__ import annotations
 
+import math
+
 from ml_collections import ConfigDict
 
 from efficient_dlm.config import register_validator
 from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
+from efficient_dlm.errors import UserError
 from efficient_dlm.train import opd_loop  # noqa: F401  (registers the opd section's validator)
 from efficient_dlm.train.optim import SCHEDULES
 
@@ -52,6 +55,12 @@ def check_data_and_train(config: ConfigDict) -> None:
         raise ValueError(f"train.loss_chunk ({t.loss_chunk}) must divide data.seq_len ({d.seq_len})")
     if t.warmup_steps < 0 or t.eval_every < 0 or t.eval_batches <= 0:
         raise ValueError("train.warmup_steps and train.eval_every must be >= 0 and train.eval_batches > 0")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise UserError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if not (math.isfinite(t.max_param_norm_ratio) and (t.max_param_norm_ratio == 0 or t.max_param_norm_ratio > 1)):
+        raise UserError(f"train.max_param_norm_ratio must be > 1 (0 disables the guard), got {t.max_param_norm_ratio}")
     if not 0.0 < t.wsd_decay_fraction <= 1.0:
         raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
 
