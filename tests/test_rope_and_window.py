@@ -12,21 +12,22 @@ import transformers
 
 import efficient_dlm as edlm
 from efficient_dlm.models.cache import KVCache
+from efficient_dlm.sample import generate
 from tests.hf_factory import make_hf_model, random_model, tiny_config, variant
 from tests.test_hf_export import relative_error, write_tokenizer
 
 VOCAB = 97
 
 
-def chunked_logits(model, tokens, split: int, mode: str, block_size: int | None = None):
+def chunked_logits(model, tokens, split: int, mode: str, block_size: int | None = None, rope_length: int | None = None):
     """Logits of tokens[:, split:] decoded against a KV cache that holds tokens[:, :split] (prefilled under
-    `mode`), each chunk at its true positions: what the samplers do."""
+    `mode`), each chunk at its true positions, dynamic RoPE fixed for the whole length: what the samplers do."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
     @jax.jit
     def run(tokens):
-        cache = KVCache.empty(model.config, batch, split)
+        cache = KVCache.empty(model.config, batch, split, rope_length=length if rope_length is None else rope_length)
         _, (k, v) = model.decode(tokens[:, :split], positions[:, :split], cache, attention=mode, block_size=block_size)
         cache = cache.write(k, v, 0).replace(length=jnp.full((batch,), split, jnp.int32))
         hidden, _ = model.decode(tokens[:, split:], positions[:, split:], cache, attention=mode, block_size=block_size)
@@ -135,3 +136,42 @@ def test_sliding_window_dlm_export_runs_in_transformers_like_jax(window_models, 
     assert relative_error(block, expected) <= 1e-4 and relative_error(chunk, expected[:, 8:]) <= 1e-4
     assert relative_error(causal, full_logits(model, tokens, "causal")) <= 1e-4
     assert edlm.from_hf(out).config == model.config
+
+
+# ---- dynamic RoPE (max_position_embeddings 8, factor 8: sequences of 12 are rescaled) -------------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_models(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("qwen2_dynamic"))
+    torch_model = make_hf_model("qwen2_dynamic_rope", directory, rope_scaling=dict(rope_type="dynamic", factor=8.0))
+    return torch_model, edlm.from_hf(directory)
+
+
+def test_dynamic_rope_cached_decode_matches_transformers_on_the_whole_sequence(dynamic_models):
+    """Keys cached at length 8 (unscaled by itself) and queries at 9..12 share the scale of length 12."""
+    torch_model, model = dynamic_models
+    tokens = np.random.RandomState(7).randint(0, VOCAB, size=(2, 12))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(tokens)).logits.numpy()
+    assert relative_error(chunked_logits(model, tokens, 8, "causal"), ref[:, 8:]) <= 1e-4
+    assert relative_error(chunked_logits(model, tokens, 8, "causal", rope_length=8), ref[:, 8:]) > 1e-4  # scale matters
+
+
+def test_dynamic_rope_scale_ignores_padding(dynamic_models):
+    _, model = dynamic_models
+    tokens = np.random.RandomState(8).randint(0, VOCAB, size=(1, 10))
+    padded = np.concatenate([tokens, np.zeros((1, 6), tokens.dtype)], axis=1)
+    segments = (np.arange(16) < 10).astype(np.int32)[None]
+    positions = np.where(segments == 1, np.arange(16), 40 + np.arange(16)).astype(np.int32)  # padding far out
+    ours = jax.jit(lambda t, s, p: model(t, segment_ids=s, positions=p))(padded, segments, positions)
+    assert relative_error(np.asarray(ours)[:, :10], full_logits(model, tokens, "causal")) <= 1e-5
+
+
+def test_dynamic_rope_generation_equals_a_forward_over_its_result(dynamic_models):
+    _, model = dynamic_models
+    prompt = [5, 9, 14, 3, 77]
+    result = generate(model, [prompt], max_new_tokens=7, strategy="ar", return_logits=True, stop_tokens=[])
+    sequence = np.array([prompt + list(result.sequences[0])])  # sequences hold the generated tokens
+    assert sequence.shape == (1, 12)
+    assert relative_error(result.logits[0], full_logits(model, sequence, "causal")[0, 4:11]) <= 1e-4

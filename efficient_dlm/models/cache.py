@@ -21,18 +21,25 @@ class KVCache:
     v: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
     start: jax.Array  # [batch] int32, first valid slot
     length: jax.Array  # [batch] int32, one past the last valid slot
+    # [batch] int32: the length the generation can reach per row (prompt + max_new_tokens), which fixes
+    # dynamic RoPE's scale for every chunk decoded against this cache (models/rope.py); None otherwise.
+    rope_length: jax.Array | None = None
 
     @property
     def size(self) -> int:
         return self.k.shape[2]
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
+    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype=None, rope_length: jax.Array | None = None) -> "KVCache":
+        """An empty cache; `rope_length` [batch] (prompt + max_new_tokens per row) is required by dynamic RoPE."""
+        if cfg.rope_type == "dynamic" and rope_length is None:
+            raise ValueError("a KV cache for a dynamic-RoPE model needs rope_length (each row's prompt + max_new_tokens)")
         dtype = cfg.compute_dtype if dtype is None else dtype
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         zeros = jnp.zeros((batch,), jnp.int32)
         k, v = (constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(2))  # sharded inside a mesh
-        return cls(k, v, zeros, zeros)
+        rope_length = None if cfg.rope_type != "dynamic" else jnp.broadcast_to(jnp.asarray(rope_length, jnp.int32), (batch,))
+        return cls(k, v, zeros, zeros, rope_length)
 
     def write(self, k_new: jax.Array, v_new: jax.Array, offset: jax.Array) -> "KVCache":
         """Stores chunk keys/values [layers, batch, T, kv_heads, head_dim] at slot `offset` (same for all rows)."""

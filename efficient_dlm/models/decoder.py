@@ -117,9 +117,9 @@ class Decoder(nnx.Module):
         out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
-    def _layers(self, h, positions, attend, caches):
+    def _layers(self, h, positions, attend, caches, rope_length=None):
         cfg = self.config
-        cos, sin = rope_tables(cfg, positions)
+        cos, sin = rope_tables(cfg, positions, rope_length)
         dense = cfg.first_k_dense
         if dense:
             dense_caches = jax.tree.map(lambda c: c[:dense], caches)
@@ -167,7 +167,7 @@ class Decoder(nnx.Module):
             return attn_lib.attention(q, k, v, spec, segment_ids, backend)
 
         h = self.embed(tokens) if embeddings is None else embeddings
-        h, _, aux = self._layers(h, positions, attend, None)
+        h, _, aux = self._layers(h, positions, attend, None, _real_length(positions, segment_ids))
         return h, aux
 
     def __call__(
@@ -211,8 +211,15 @@ class Decoder(nnx.Module):
                 self.config.sliding_window,
             )
 
-        h, kv, _ = self._layers(self.embed(tokens), positions, attend, (cache.k, cache.v))
+        h, kv, _ = self._layers(self.embed(tokens), positions, attend, (cache.k, cache.v), cache.rope_length)
         return h, kv
+
+
+def _real_length(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """[batch] longest real (non-padding: segment id != 0) position + 1: dynamic RoPE's per-row length."""
+    if segment_ids is not None:
+        positions = jnp.where(segment_ids != 0, positions, -1)
+    return jnp.max(positions, axis=1) + 1
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:

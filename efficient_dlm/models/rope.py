@@ -2,8 +2,15 @@
 
 The inverse-frequency formulas follow `transformers.modeling_rope_utils` exactly (that is what the
 parity tests check), computed in float32 NumPy at trace time as transformers does in torch, except
-for `dynamic`, whose base depends on the longest position in the batch and is therefore computed on
-device. Partial rotary embeddings (`partial_rotary_factor` < 1, GLM-4.5 / Ling 2.0) rotate only the
+for `dynamic`, whose base depends on the sequence length and is therefore computed on device.
+
+Dynamic NTK scaling reads one length per row, `rope_length`, never the chunk's largest position:
+transformers rescales from max(position_ids) + 1 of each forward call, so padding positions and, in
+cached generation, the growth of the sequence change the frequencies between a key's write and a
+later query's read. Here a training or scoring forward uses the row's longest real position + 1
+(padding excluded), and a generation fixes the row's final length (prompt + max_new_tokens) in its
+KV cache (models/cache.py), so cached keys and every later query share one set of frequencies and a
+cached generation computes what a forward over its finished sequence would. Partial rotary embeddings (`partial_rotary_factor` < 1, GLM-4.5 / Ling 2.0) rotate only the
 first `cfg.rotary_dim` dims of each head, with the frequencies of a head of that size, and pass the
 rest through unchanged (transformers' Glm4Moe `apply_rotary_pos_emb`, rotate_half convention).
 """
@@ -65,11 +72,11 @@ def _yarn(cfg: ModelConfig, dim: int) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def inv_frequencies(cfg: ModelConfig, max_position: jax.Array | None = None) -> tuple[jax.Array, float]:
-    """Returns (inv_freq [rotary_dim // 2], attention_factor) for the configured rope_type.
+def inv_frequencies(cfg: ModelConfig, rope_length: jax.Array | None = None) -> tuple[jax.Array, float]:
+    """Returns (inv_freq [rotary_dim // 2], or [batch, rotary_dim // 2] for `dynamic`, attention_factor).
 
-    `max_position` (traced scalar) is only read by `dynamic`, which, like HF, rescales the base when
-    the longest position exceeds max_position_embeddings and uses plain RoPE otherwise.
+    `rope_length` ([batch] int, traced) is only read by `dynamic`, which, like HF, rescales the base
+    when the sequence length exceeds max_position_embeddings and uses plain RoPE otherwise.
     """
     dim = cfg.rotary_dim
     if cfg.rope_type == "default":
@@ -83,9 +90,9 @@ def inv_frequencies(cfg: ModelConfig, max_position: jax.Array | None = None) -> 
         return jnp.asarray(inv_freq), attention_factor
     if cfg.rope_type == "dynamic":
         plain = jnp.asarray(_base_inv_freq(dim, cfg.rope_theta))
-        if max_position is None:
+        if rope_length is None:
             return plain, 1.0
-        seq_len = (max_position + 1).astype(jnp.float32)
+        seq_len = jnp.asarray(rope_length, jnp.float32)[:, None]
         limit = float(cfg.max_position_embeddings)
         factor = cfg.rope_factor
         base = cfg.rope_theta * ((factor * jnp.maximum(seq_len, limit) / limit) - (factor - 1)) ** (dim / (dim - 2))
@@ -94,10 +101,17 @@ def inv_frequencies(cfg: ModelConfig, max_position: jax.Array | None = None) -> 
     raise ValueError(f"unsupported rope_type {cfg.rope_type!r}")
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [batch, length, rotary_dim] in float32 for integer `positions` [batch, length]."""
-    max_position = jnp.max(positions) if cfg.rope_type == "dynamic" else None
-    inv_freq, attention_factor = inv_frequencies(cfg, max_position)
+def rope_tables(cfg: ModelConfig, positions: jax.Array, rope_length: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [batch, length, rotary_dim] in float32 for integer `positions` [batch, length].
+
+    `rope_length` [batch]: the sequence length each row's dynamic scale is computed for (module
+    docstring); a dynamic config needs it, other rope types ignore it.
+    """
+    if cfg.rope_type == "dynamic" and rope_length is None:
+        raise ValueError("dynamic RoPE needs rope_length, the row's sequence length (see models/rope.py)")
+    inv_freq, attention_factor = inv_frequencies(cfg, rope_length)
+    if inv_freq.ndim == 2:
+        inv_freq = inv_freq[:, None, :]  # per row
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor

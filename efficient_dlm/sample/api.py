@@ -172,7 +172,7 @@ def prepare(
     )
     if strategy == "ar":
         lay = layout_lib.ar_layout(
-            rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=cfg.max_position_embeddings,
+            rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=layout_lib.position_limit(cfg),
             capacity=prompt_bucket,
         )
         program = _ar_jit
@@ -180,7 +180,7 @@ def prepare(
     else:
         lay = layout_lib.block_layout(
             rows, block_size=int(block_size), max_new_tokens=max_new_tokens, mask_id=cfg.mask_token_id, pad_id=pad_id,
-            max_positions=cfg.max_position_embeddings, capacity=prompt_bucket,
+            max_positions=layout_lib.position_limit(cfg), capacity=prompt_bucket,
         )
         plan = dataclasses.replace(
             plan, block_size=int(block_size), num_blocks=lay.num_blocks, tokens_per_step=int(tokens_per_step),

@@ -52,7 +52,9 @@ def ar_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) -> dict:
     model = nnx.merge(graphdef, state)
     allowed = plan.allowed()
     batch, width = inputs["prompt"].shape
-    cache = KVCache.empty(model.config, batch, width + plan.max_new_tokens - 1).replace(start=inputs["start"])
+    cache = KVCache.empty(
+        model.config, batch, width + plan.max_new_tokens - 1, rope_length=inputs["lengths"] + plan.max_new_tokens
+    ).replace(start=inputs["start"])
     hidden, (keys, values) = model.decode(inputs["prompt"], inputs["positions"], cache, attention="causal")
     cache = cache.write(keys, values, 0).replace(length=jnp.full((batch,), width, jnp.int32))
     choice = choose_tokens(model, hidden[:, -1:], step_key(knobs, 0), plan.sampling, knobs, allowed, plan.record_logits)

@@ -84,6 +84,7 @@ def _bare_loop(model, batch: int, chunk: int, head: int, cache_size: int, attent
     cache = KVCache(
         jnp.asarray(rng.standard_normal(shape), cfg.compute_dtype), jnp.asarray(rng.standard_normal(shape), cfg.compute_dtype),
         jnp.zeros((batch,), jnp.int32), jnp.full((batch,), cache_size, jnp.int32),
+        jnp.full((batch,), cache_size + chunk, jnp.int32) if cfg.rope_type == "dynamic" else None,
     )
     positions = jnp.broadcast_to(cache_size + jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
 

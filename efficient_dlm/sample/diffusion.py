@@ -173,7 +173,9 @@ def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) ->
     model = nnx.merge(graphdef, state)
     size, blocks = plan.block_size, plan.num_blocks
     batch, prefix_len = inputs["prefix"].shape
-    cache = KVCache.empty(model.config, batch, prefix_len + (blocks - 1) * size).replace(start=inputs["shift"])
+    final_length = prefix_len - inputs["shift"] + inputs["remainder"] + plan.max_new_tokens  # prompt + max_new_tokens
+    cache = KVCache.empty(model.config, batch, prefix_len + (blocks - 1) * size, rope_length=final_length)
+    cache = cache.replace(start=inputs["shift"])
     last_prompt_block = inputs["prefix"][:, -size:]
     canvas = jnp.full((batch, (blocks + 1) * size), plan.mask_id, jnp.int32)
     canvas = canvas.at[:, :size].set(last_prompt_block).at[:, size : 2 * size].set(inputs["first_block"])

@@ -60,8 +60,14 @@ def _check_capacity(lengths: np.ndarray, capacity: int | None) -> None:
         )
 
 
-def _check_positions(total: int, max_positions: int) -> None:
-    if total > max_positions:
+def position_limit(cfg) -> int | None:
+    """The longest sequence a generation may reach: max_position_embeddings, except for dynamic RoPE,
+    which rescales itself beyond it (that is what it is for; models/rope.py)."""
+    return None if cfg.rope_type == "dynamic" else cfg.max_position_embeddings
+
+
+def _check_positions(total: int, max_positions: int | None) -> None:
+    if max_positions is not None and total > max_positions:
         raise ValueError(
             f"prompt plus max_new_tokens needs positions up to {total}, beyond the model's "
             f"max_position_embeddings={max_positions}"
@@ -103,7 +109,7 @@ def block_layout(
     max_new_tokens: int,
     mask_id: int,
     pad_id: int,
-    max_positions: int,
+    max_positions: int | None,
     capacity: int | None = None,
 ) -> BlockLayout:
     """Places ragged prompts for block-diffusion decoding (see the module docstring)."""
@@ -153,7 +159,7 @@ class ARLayout:
 
 
 def ar_layout(
-    prompts: list[np.ndarray], *, max_new_tokens: int, pad_id: int, max_positions: int, capacity: int | None = None
+    prompts: list[np.ndarray], *, max_new_tokens: int, pad_id: int, max_positions: int | None, capacity: int | None = None
 ) -> ARLayout:
     lengths = np.array([len(p) for p in prompts], dtype=np.int32)
     _check_capacity(lengths, capacity)

@@ -109,9 +109,18 @@ def rope_inv_freq(config: EdlmConfig, max_position: int) -> tuple[torch.Tensor, 
     raise ValueError(f"unsupported rope_type {rope_type!r}")
 
 
-def rope_tables(config: EdlmConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [batch, length, rotary_dim] (float32) for integer positions [batch, length]."""
-    inv_freq, scaling = rope_inv_freq(config, int(positions.max()) if positions.numel() else 0)
+def rope_tables(config: EdlmConfig, positions: torch.Tensor, rope_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [batch, length, rotary_dim] (float32) for integer positions [batch, length].
+
+    `rope_length` [batch] is the sequence length each row's dynamic-RoPE scale is computed for: the
+    row's longest real position + 1 in a forward, prompt + max_new_tokens for a whole generation (so
+    cached keys and later queries share frequencies), never the padded chunk's largest position.
+    """
+    if config.rope_parameters.get("rope_type", config.rope_parameters.get("type")) == "dynamic":
+        rows = [rope_inv_freq(config, int(n) - 1) for n in rope_length.tolist()]
+        inv_freq, scaling = torch.stack([f for f, _ in rows])[:, None, :], rows[0][1]
+    else:
+        inv_freq, scaling = rope_inv_freq(config, 0)
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)
     return torch.cos(angles) * scaling, torch.sin(angles) * scaling
@@ -155,8 +164,10 @@ class EdlmPrefixCache:
     exactly what the model saw in training.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor, positions: torch.Tensor,
+                 rope_length: torch.Tensor):
         self.keys, self.values, self.valid, self.positions = keys, values, valid, positions
+        self.rope_length = rope_length  # [batch], fixed for the generation (see rope_tables)
 
     def get_seq_length(self) -> int:
         return self.valid.shape[1]
@@ -164,11 +175,12 @@ class EdlmPrefixCache:
     def extended(self, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
         keys = [torch.cat([old, new], dim=1) for old, (new, _) in zip(self.keys, chunk_kv)]
         values = [torch.cat([old, new], dim=1) for old, (_, new) in zip(self.values, chunk_kv)]
-        return EdlmPrefixCache(keys, values, torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1))
+        valid, positions = torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1)
+        return EdlmPrefixCache(keys, values, valid, positions, self.rope_length)
 
     @classmethod
-    def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor) -> "EdlmPrefixCache":
-        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid, positions)
+    def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor, rope_length: torch.Tensor) -> "EdlmPrefixCache":
+        return cls([k for k, _ in chunk_kv], [v for _, v in chunk_kv], valid, positions, rope_length)
 
 
 # ---- layers -------------------------------------------------------------------------------------------
@@ -284,6 +296,7 @@ class EdlmModel(EdlmPreTrainedModel):
         use_cache: bool = False,
         attention: Optional[str] = None,
         block_size: Optional[int] = None,
+        rope_length: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """attention_mask [batch, length]: 1 for tokens, 0 for padding (never attended to).
@@ -291,6 +304,8 @@ class EdlmModel(EdlmPreTrainedModel):
         position_ids default to 0..length-1 after the cache. With `past_key_values` (a prefix cache)
         the chunk sees every real cached token plus itself under `attention`; with use_cache=True the
         returned cache is the given one extended by this chunk (call it once the chunk is final).
+        rope_length [batch] (dynamic RoPE only, see rope_tables) defaults to the cache's, else to each
+        row's longest real position + 1.
         """
         pattern = attention or self.config.attention_pattern
         block_size = block_size or self.config.block_size
@@ -308,7 +323,11 @@ class EdlmModel(EdlmPreTrainedModel):
             if window is not None:
                 cached = cached & (position_ids[:, :, None] - past_key_values.positions[:, None, :] < window)
             mask = torch.cat([cached, mask], dim=-1)
-        cos, sin = rope_tables(self.config, position_ids)
+        if rope_length is None and past_key_values is not None:
+            rope_length = past_key_values.rope_length
+        if rope_length is None:
+            rope_length = position_ids.masked_fill(~valid, -1).max(dim=1).values + 1
+        cos, sin = rope_tables(self.config, position_ids, rope_length)
         h = self.embed_tokens(input_ids)
         chunk_kv = []
         for i, layer in enumerate(self.layers):
@@ -318,7 +337,7 @@ class EdlmModel(EdlmPreTrainedModel):
         cache = None
         if use_cache:
             cache = (
-                EdlmPrefixCache.from_chunk(chunk_kv, valid, position_ids)
+                EdlmPrefixCache.from_chunk(chunk_kv, valid, position_ids, rope_length)
                 if past_key_values is None
                 else past_key_values.extended(chunk_kv, valid, position_ids)
             )
@@ -358,18 +377,21 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         attention: Optional[str] = None,
         block_size: Optional[int] = None,
         labels: Optional[torch.LongTensor] = None,
+        rope_length: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits [batch, length, vocab] in float32 (see EdlmModel.forward for the arguments)."""
         if labels is not None:
             raise ValueError("this export computes no training loss; train block diffusion with efficient_dlm (edlm train)")
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, attention, block_size)
+        out = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, attention, block_size, rope_length
+        )
         logits = self.lm_head(out.last_hidden_state).float()
         return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
 
     # ---- generation -------------------------------------------------------------------------------
 
-    def _prefill(self, prompts, block_size: int, pad: int):
+    def _prefill(self, prompts, block_size: int, pad: int, rope_length: torch.Tensor):
         """Caches every row's whole prompt blocks (block-causal, left-padded to the longest).
 
         Returns (cache or None, logits at each row's last cached position or zeros, forward passes).
@@ -386,12 +408,14 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
             if n:
                 ids[b, width - n :], valid[b, width - n :] = prompt[:n], True
                 positions[b, width - n :] = torch.arange(n, device=device)
-        out = self(ids, attention_mask=valid, position_ids=positions, use_cache=True, attention="block", block_size=block_size)
+        out = self(ids, attention_mask=valid, position_ids=positions, use_cache=True, attention="block", block_size=block_size,
+                   rope_length=rope_length)
         return out.past_key_values, out.logits[:, -1], 1
 
-    def _chunk(self, tokens, positions, cache, use_cache=False):
+    def _chunk(self, tokens, positions, cache, rope_length, use_cache=False):
         """Logits of a block that sees the finished prefix (cache) and itself bidirectionally."""
-        out = self(tokens, position_ids=positions, past_key_values=cache, use_cache=use_cache, attention="bidirectional")
+        out = self(tokens, position_ids=positions, past_key_values=cache, use_cache=use_cache, attention="bidirectional",
+                   rope_length=rope_length)
         return out.logits, out.past_key_values
 
     def _choose(self, logits, allowed):
@@ -471,7 +495,8 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
             allowed[cfg.valid_vocab_size :] = False
         stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
 
-        cache, last_logits, forwards = self._prefill(prompts, size, pad)
+        rope_length = lengths + max_new_tokens  # one dynamic-RoPE scale for the whole generation (rope_tables)
+        cache, last_logits, forwards = self._prefill(prompts, size, pad, rope_length)
         new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
         written = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -487,7 +512,7 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
             open_ = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
             committed, stopped = torch.zeros_like(open_), torch.zeros_like(open_)
             while bool(open_.any()):
-                logits, _ = self._chunk(block, positions, cache)
+                logits, _ = self._chunk(block, positions, cache, rope_length)
                 forwards += 1
                 if cfg.token_shift:  # position i is predicted from the hidden state at i - 1
                     logits = torch.cat([last_logits[:, None], logits[:, :-1]], dim=1)
@@ -504,7 +529,7 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
             done |= stopped.any(dim=1) | (positions[:, -1] + 1 >= lengths + max_new_tokens)
             if bool(done.all()):
                 break
-            logits, cache = self._chunk(block, positions, cache, use_cache=True)  # cache the clean block
+            logits, cache = self._chunk(block, positions, cache, rope_length, use_cache=True)  # cache the clean block
             last_logits = logits[:, -1]
             forwards += 1
             block_start = block_start + size
