@@ -127,3 +127,13 @@ def test_bad_model_args_are_one_clear_error(capsys):
                      "--nobuiltin_tasks"])
     assert code == 2
     assert "strategy=threshold needs a dLM checkpoint" in capsys.readouterr().err
+
+
+def test_an_exported_dlm_is_scored_as_a_dlm(tiny_dlm_dir, tmp_path):
+    """A `to_hf` dLM directory carries its block size and token shift; the loader reads them back."""
+    from efficient_dlm.eval.loading import load
+
+    out = edlm.to_hf(tiny_dlm_dir, str(tmp_path / "hf"), tokenizer_dir=TEACHER)
+    loaded = load(out)
+    assert loaded.diffusion is not None and (loaded.diffusion.block_size, loaded.diffusion.token_shift) == (4, True)
+    assert load(TEACHER).diffusion is None  # the AR teacher's directory (its config has a mask id too)

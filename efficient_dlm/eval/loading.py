@@ -13,6 +13,7 @@ import os
 
 from efficient_dlm import checkpoints
 from efficient_dlm.errors import UserError
+from efficient_dlm.port.hf_config import DLM_PREFIX, read_config_json
 from efficient_dlm.port.hf_import import from_hf
 from efficient_dlm.sample.source import training_metadata
 
@@ -65,6 +66,15 @@ def _diffusion(extra: dict) -> Diffusion | None:
     )
 
 
+def _exported_diffusion(config: dict) -> tuple[Diffusion | None, int | None]:
+    """A `to_hf` dLM export (model_type "edlm_<base>") records its block size, token shift and vocabulary
+    padding in config.json; the training law is not recorded there (masking=train then means position)."""
+    if not str(config.get("model_type", "")).startswith(DLM_PREFIX):
+        return None, None
+    return Diffusion(block_size=int(config["block_size"]), token_shift=bool(config.get("token_shift", False))), \
+        config.get("valid_vocab_size")
+
+
 def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, kind: str = "auto") -> Loaded:
     """The model at `ckpt` with its tokenizer; kind "ar" scores a dLM checkpoint as an AR model."""
     if kind not in ("auto", "ar", "dlm"):
@@ -79,7 +89,8 @@ def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, k
         tok_dir = tokenizer or checkpoints.tokenizer_dir(ckpt)
     elif os.path.exists(os.path.join(ckpt, HF_CONFIG)):
         model = from_hf(ckpt, dtype=dtype or "float32")
-        diffusion, valid, tok_dir = None, None, tokenizer or ckpt
+        diffusion, valid = _exported_diffusion(read_config_json(ckpt))
+        tok_dir = tokenizer or ckpt
     else:
         raise UserError(f"ckpt: {ckpt} holds neither {checkpoints.CONFIG_NAME} (efficient_dlm) nor {HF_CONFIG} (Hugging Face)")
     if kind == "ar":
