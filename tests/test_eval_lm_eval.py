@@ -99,8 +99,10 @@ def test_teacher_rolling_loglikelihood_through_the_lm_eval_cli_equals_transforme
 
 
 def test_dlm_through_edlm_eval_matches_the_demo_evaluator(tiny_dlm_dir, tmp_path):
-    out = tmp_path / "out"
-    code = cli.main(["edlm", "eval", "--ckpt", tiny_dlm_dir, "--tasks", "edlm_demo,edlm_demo_ll", "--limit", str(N),
+    out, data = tmp_path / "out", tmp_path / "items.jsonl"  # the tasks read another file of the same format
+    data.write_text("".join(json.dumps({"task": i.task, "prompt": i.prompt, "answer": i.answer}) + "\n" for i in ITEMS))
+    code = cli.main(["edlm", "eval", "--ckpt", tiny_dlm_dir, "--tasks", "edlm_demo,edlm_demo_ll",
+                     "--metadata", json.dumps({"data_file": str(data)}),
                      "--batch_size", str(N), "--model_args", "strategy=threshold,threshold=0.9,warmup=false,mc_samples=8",
                      "--log_samples", "--bootstrap_iters", "0", "--nobuiltin_tasks", "--out", str(out)])
     assert code == 0

@@ -29,6 +29,7 @@ flags.DEFINE_float("limit", None, "evaluate only this many documents per task (a
 flags.DEFINE_integer("num_fewshot", None, "few-shot examples per prompt (default: the task's)")
 flags.DEFINE_bool("apply_chat_template", False, "format prompts with the tokenizer's chat template")
 flags.DEFINE_bool("log_samples", False, "keep every prompt, response and score (written to --out)")
+flags.DEFINE_string("metadata", None, 'JSON passed to every task, e.g. \'{"data_file": "runs/demo/data/tasks_eval.jsonl"}\'')
 flags.DEFINE_bool("builtin_tasks", True, "also index lm-eval's ~15k built-in tasks (about 20 s); off: shipped and --include_path only")
 flags.DEFINE_integer("bootstrap_iters", 100_000, "bootstrap resamples for metric standard errors (0: none)")
 
@@ -36,7 +37,7 @@ flags.DEFINE_integer("bootstrap_iters", 100_000, "bootstrap resamples for metric
 def evaluate(ckpt: str, tasks: list[str], *, include_path: str | None = None, model_args: str = "",
              batch_size: int = 16, limit: float | None = None, num_fewshot: int | None = None,
              apply_chat_template: bool = False, log_samples: bool = False, bootstrap_iters: int = 100_000,
-             builtin_tasks: bool = True) -> dict:
+             builtin_tasks: bool = True, metadata: str | None = None) -> dict:
     """lm_eval.simple_evaluate with the `edlm` model over `ckpt`; returns lm-eval's results dictionary."""
     try:
         import lm_eval  # the optional `eval` extra
@@ -54,8 +55,14 @@ def evaluate(ckpt: str, tasks: list[str], *, include_path: str | None = None, mo
     if "ckpt" in args:
         raise UserError("--model_args: give the checkpoint with --ckpt, not ckpt=")
     model = EdlmLM(ckpt, **{"batch_size": batch_size, **args})
+    try:
+        meta = json.loads(metadata) if metadata else None
+    except json.JSONDecodeError as err:
+        raise UserError(f"--metadata: not JSON ({err})") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise UserError("--metadata: must be a JSON object")
     manager = TaskManager(include_path=[task_dir()] + ([include_path] if include_path else []),
-                          include_defaults=builtin_tasks)
+                          include_defaults=builtin_tasks, metadata=meta)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"--tasks: unknown task(s) {', '.join(unknown)} (see `lm_eval ls tasks`, or --include_path)")
@@ -93,6 +100,7 @@ def run(config, FLAGS) -> int:
         batch_size=FLAGS.batch_size, limit=FLAGS.limit, num_fewshot=FLAGS.num_fewshot,
         apply_chat_template=FLAGS.apply_chat_template, log_samples=FLAGS.log_samples,
         bootstrap_iters=FLAGS.bootstrap_iters, builtin_tasks=FLAGS.builtin_tasks,
+        metadata=FLAGS.metadata,
     )
     print(make_table(results))
     info = results["config"]["edlm"]
