@@ -2,6 +2,7 @@
 
 Layout of a model checkpoint directory:
     model_config.json   ModelConfig fields (plus "extra": free-form metadata such as the recipe)
+    diffusion_spec.json a dLM's DiffusionSpec (diffusion/spec.py): [MASK], padding, block size, token shift, decoding
     params/             orbax StandardCheckpointer output (atomic: written to a temp dir, renamed),
                         with params/checksums.json (efficient_dlm.integrity) verified on every load
     tokenizer/          tokenizer.json and friends, when known
@@ -23,6 +24,8 @@ from flax import nnx
 
 from efficient_dlm import integrity
 from efficient_dlm.integrity import CheckpointError
+from efficient_dlm.diffusion import spec as spec_lib
+from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.models.routers import ExpertBias
@@ -61,6 +64,26 @@ def read_model_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
     return ModelConfig.from_dict(payload), extra
 
 
+def write_diffusion_spec(directory: str, spec: DiffusionSpec) -> None:
+    """Atomic: written to a temporary file, then renamed."""
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    tmp = os.path.join(directory, spec_lib.SPEC_NAME + ".tmp")
+    spec_lib.write_spec(tmp, spec)
+    os.replace(tmp, os.path.join(directory, spec_lib.SPEC_NAME))
+
+
+def read_diffusion_spec(directory: str, cfg: ModelConfig | None = None, extra: dict[str, Any] | None = None) -> DiffusionSpec | None:
+    """The checkpoint's DiffusionSpec; for a checkpoint written before specs existed, the one its
+    recorded training recipe implies; None for a plain AR model."""
+    if cfg is None:
+        cfg, extra = read_model_config(directory)
+    path = os.path.join(directory, spec_lib.SPEC_NAME)
+    spec = spec_lib.read_spec(path) if os.path.exists(path) else spec_lib.legacy_spec(cfg, extra or {})
+    if spec is not None:
+        spec_lib.check_model_matches(spec, cfg, path)
+    return spec
+
+
 def copy_tokenizer(src_dir: str | None, directory: str) -> str | None:
     """Copies known tokenizer files from src_dir into directory/tokenizer; returns that path or None."""
     if not src_dir:
@@ -80,8 +103,11 @@ def tokenizer_dir(directory: str) -> str | None:
     return path if os.path.exists(os.path.join(path, "tokenizer.json")) else None
 
 
-def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None, force: bool = False) -> str:
-    """Writes the model's parameters (orbax) and config; refuses to overwrite unless force.
+def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
+         force: bool = False, spec: DiffusionSpec | None = None) -> str:
+    """Writes the model's parameters (orbax), config and, for a dLM, its DiffusionSpec (`spec`, else
+    `model.spec`, else what a training recipe in extra["train_config"] implies, else the defaults for
+    its [MASK] id); refuses to overwrite unless force.
 
     The parameters are written completely (orbax writes to a temporary directory and renames) before
     the config and an existing checkpoint are replaced, so a crash mid-write leaves the old checkpoint.
@@ -101,6 +127,12 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
         params_path.rmtree()
     staged.rename(params_path)
     write_model_config(directory, model.config, extra)
+    spec = spec or getattr(model, "spec", None) or spec_lib.legacy_spec(model.config, extra or {})
+    if spec is not None:
+        spec_lib.check_model_matches(spec, model.config)
+        write_diffusion_spec(directory, spec)
+    elif os.path.exists(os.path.join(directory, spec_lib.SPEC_NAME)):
+        os.remove(os.path.join(directory, spec_lib.SPEC_NAME))  # an AR model replaced a dLM (force)
     copy_tokenizer(tokenizer_dir, directory)
     return directory
 
@@ -135,11 +167,17 @@ def params_location(directory: str, step: int | None = None) -> tuple[epath.Path
 def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | None = None, **overrides: Any):
     """Restores a `Decoder` from a checkpoint directory, sharded over `mesh` when given.
 
+    A dLM comes back with its DiffusionSpec as `model.spec` (None for an AR model), so
+    `generate(load(d), prompts, max_new_tokens=n)` decodes it as it was trained. overrides: ModelConfig
+    fields (dtype, attention backend, ...). MoE routing follows the spec's moe_capacity_factor.
     step: for a training run directory, the step to read (default: the newest; never an older one in
     its place). The files are checked against the checksums recorded at save time first
     (CheckpointError naming the step and the file).
     """
-    cfg, _ = read_model_config(directory)
+    cfg, extra = read_model_config(directory)
+    spec = read_diffusion_spec(directory, cfg, extra)
+    if spec is not None and cfg.is_moe and "capacity_factor" not in overrides and spec.moe_capacity_factor != cfg.capacity_factor:
+        overrides = {"capacity_factor": spec.moe_capacity_factor, **overrides}
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     stored_cfg = cfg
@@ -159,7 +197,7 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
     nnx.update(model, state)
     if cfg != stored_cfg:
         model = _with_config(model, cfg)
-    return model
+    return spec_lib.with_spec(model, spec)
 
 
 def _with_config(model, cfg: ModelConfig):

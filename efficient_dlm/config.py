@@ -150,12 +150,13 @@ def sample_section() -> ConfigDict:
     """Decoding defaults for `edlm sample` / `generate`. Owned by efficient_dlm/sample."""
     return ConfigDict(
         dict(
-            strategy="threshold",  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline)
-            threshold=0.9,  # threshold: commit every masked position with confidence >= this
-            tokens_per_step=1,  # topk: positions committed per step
-            factor=1.0,  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - factor / (n + 1)
-            entropy_bound=0.3,  # entropy: commit while the summed entropy (nats) stays <= this
-            block_size=0,  # 0 = the checkpoint's training block size (else 32)
+            # The dLM decoding keys are unset by default: the model's DiffusionSpec (diffusion/spec.py) decides.
+            strategy="",  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline)
+            threshold=config_dict.placeholder(float),  # threshold: commit every masked position with confidence >= this
+            tokens_per_step=config_dict.placeholder(int),  # topk: positions committed per step
+            factor=config_dict.placeholder(float),  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - f / (n + 1)
+            entropy_bound=config_dict.placeholder(float),  # entropy: commit while the summed entropy (nats) stays <= this
+            block_size=0,  # 0 = the model's (its spec's training block size)
             max_new_tokens=64,
             temperature=0.0,  # 0 = greedy
             top_p=1.0,

@@ -77,9 +77,11 @@ def commit_count(strategy: str, confidence, entropy, open_, **knobs) -> int:
     return min(max(n, 1), len(order))
 
 
-def reference_dlm(model, prompt, *, block: int, max_new: int, strategy: str, stop_ids=(), token_shift=False, **knobs):
+def reference_dlm(model, prompt, *, block: int, max_new: int, strategy: str, stop_ids=(), token_shift=False,
+                  valid_vocab_size=None, **knobs):
     """Block-diffusion decoding of one prompt, recomputing [clean prefix ; block] every step.
-    With token_shift, position i takes the logits computed at position i - 1.
+    With token_shift, position i takes the logits computed at position i - 1; ids >= valid_vocab_size
+    are never chosen.
 
     Returns (tokens, logits at commit [n, V], steps).
     """
@@ -98,7 +100,8 @@ def reference_dlm(model, prompt, *, block: int, max_new: int, strategy: str, sto
                 full = np.concatenate([full[:1], full[:-1]])
             logits = full[pos:]
             steps += 1
-            token, confidence, entropy = greedy_choice(logits, [mask])
+            padding = list(range(valid_vocab_size, logits.shape[-1])) if valid_vocab_size else []
+            token, confidence, entropy = greedy_choice(logits, [mask, *padding])
             n = commit_count(strategy, confidence, entropy, open_, **knobs)
             for i in [i for i in np.argsort(-np.where(open_, confidence, -np.inf), kind="stable")][:n]:
                 x[i], open_[i] = int(token[i]), False

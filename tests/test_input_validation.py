@@ -14,11 +14,11 @@ from efficient_dlm.config import base_config, validate
 from efficient_dlm.data.pipeline import DataSpec, build_dataset
 from efficient_dlm.errors import UserError
 from efficient_dlm.port.hf_config import read_config_json
-from efficient_dlm.sample.source import read_prompts
+from efficient_dlm.sample.inputs import read_prompts
 from efficient_dlm.train.loop import check_same_architecture
 from tests.corpus import BYTE_TOKENIZER
 
-import efficient_dlm.sample.settings  # noqa: F401,E402  (registers the sample validator)
+import efficient_dlm.sample.config  # noqa: F401,E402  (registers the sample validator)
 import efficient_dlm.train.validation  # noqa: F401,E402  (registers the train validators)
 
 

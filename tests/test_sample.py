@@ -129,7 +129,6 @@ def test_ar_baseline_equals_naive_argmax_loop(model):
     "kwargs, message",
     [
         (dict(block_size=0), "block_size must be a positive integer, got 0"),
-        (dict(block_size=None), "block_size must be a positive integer, got None"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
         (dict(prompt_bucket=8), "prompt 0 has 9 tokens, longer than the cache's prompt capacity prompt_bucket=8"),
         (dict(max_new_tokens=125), "beyond the model's max_position_embeddings=128"),

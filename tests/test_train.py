@@ -72,6 +72,9 @@ def _check_learning_and_run_layout(result):
     assert (cfg.vocab_size, cfg.mask_token_id, extra["valid_vocab_size"]) == (640, 512, 513)
     assert os.path.exists(os.path.join(result.run_dir, "tokenizer", "tokenizer.json"))
     loaded = edlm.load(result.run_dir)
+    spec = loaded.spec  # the run's DiffusionSpec: final block size of the schedule, appended [MASK], padding
+    assert (spec.mask_token_id, spec.valid_vocab_size, spec.block_size, spec.attention) == (512, 513, 8, "block_diffusion")
+    assert os.path.exists(os.path.join(result.run_dir, "diffusion_spec.json"))
     for a, b in zip(_params(nnx.state(loaded, nnx.Param)), _params(result.state.params)):
         np.testing.assert_array_equal(a, b)
     assert sorted(int(p) for p in os.listdir(result.run_dir) if p.isdigit()) == [4, 8, 12, 16]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from efficient_dlm.demo import tasks
+from efficient_dlm.diffusion.spec import spec_of
 
 
 def prompt_ids(tokenizer, items: Sequence[tasks.Instance]) -> list[list[int]]:
@@ -33,13 +34,13 @@ def task_eval(
     items: Sequence[tasks.Instance],
     *,
     strategy: str,
-    threshold: float = 0.9,
+    threshold: float | None = None,
     block_size: int | None = None,
-    token_shift: bool = False,
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> dict[str, Any]:
-    """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics."""
+    """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
+    Settings left unset (threshold, block size; token shift always) are the model's diffusion spec."""
     from efficient_dlm.sample.api import generate
 
     prompts = prompt_ids(tokenizer, items)
@@ -47,7 +48,6 @@ def task_eval(
     kwargs = dict(
         max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
         block_size=None if strategy == "ar" else block_size,
-        token_shift=token_shift and strategy != "ar",
     )
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     batches = [b + [b[-1]] * (batch_size - len(b)) for b in batches]  # one batch shape: compile once
@@ -65,7 +65,7 @@ def task_eval(
         predictions += [_decode(tokenizer, seq, stop_id) for seq in out.sequences[:real]]
     return {
         "strategy": strategy,
-        "threshold": threshold if strategy != "ar" else None,
+        "threshold": (threshold if threshold is not None else spec_of(model).threshold) if strategy != "ar" else None,
         "accuracy": tasks.accuracy(predictions, list(items)),
         "tokens_per_forward": generated / max(forwards, 1),
         "tokens_per_second": generated / max(seconds, 1e-9),

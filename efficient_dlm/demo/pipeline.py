@@ -157,15 +157,15 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     teacher_results = _teacher_eval(run, items, tok, config)
     bar.update()
     trained = checkpoints.load(run.path("train"))
-    block = run.config.sample.block_size
+    block = run.config.sample.block_size or trained.spec.block_size
     common = dict(batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens)
     dlm_tasks = []
     for threshold in thresholds:
         if threshold is None:  # the AR variant of the ablation: decoded as the teacher is
             dlm_tasks.append(task_eval(trained, tok, items, strategy="ar", **common))
         else:
-            dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold, block_size=block,
-                                       token_shift=config.diffusion.token_shift, **common))
+            dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold,
+                                       block_size=block or None, **common))  # the rest: the run's diffusion spec
         bar.update()
     elbo = text_eval(config, trained, d.text_eval_batches, objective=objective)["nll_per_token"]
     bar.update()
@@ -182,14 +182,12 @@ def stage_export(run: DemoRun) -> dict[str, Any]:
     from efficient_dlm.demo.reload import reload_and_generate
     from efficient_dlm.port.hf_export import to_hf
 
-    s = run.config.sample
     hf_dir = run.path("hf")
-    to_hf(run.path("train"), hf_dir, tokenizer_dir=run.teacher, overwrite=True,
-          defaults={"block_size": s.block_size, "strategy": s.strategy, "threshold": s.threshold})
+    to_hf(run.path("train"), hf_dir, tokenizer_dir=run.teacher, overwrite=True)  # decoding: the run's diffusion spec
     items = demo_data.eval_tasks(os.path.join(run.data_dir, "tasks_eval.jsonl"))
     step = max(1, len(items) // max(1, run.config.demo.hf_samples))
-    samples = reload_and_generate(hf_dir, items[::step][: run.config.demo.hf_samples], block_size=s.block_size,
-                                  threshold=s.threshold, max_new_tokens=run.config.demo.max_new_tokens)
+    samples = reload_and_generate(hf_dir, items[::step][: run.config.demo.hf_samples],
+                                  max_new_tokens=run.config.demo.max_new_tokens)
     return {"hf_dir": hf_dir, "samples": samples}
 
 

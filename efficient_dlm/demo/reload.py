@@ -1,7 +1,8 @@
 """The exported dLM as a user meets it: loaded by `transformers` with trust_remote_code, then sampled.
 
-Each prompt is also decoded by `efficient_dlm.generate` with the same settings, so the demo states
-whether the PyTorch modeling file and our JAX sampler agree token for token on the real model.
+Each prompt is also decoded by `efficient_dlm.generate`, both sides with the decoding defaults the
+export recorded (its diffusion spec), so the demo states whether the PyTorch modeling file and our
+JAX sampler agree token for token on the real model.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from efficient_dlm.demo import tasks
 
 
 def reload_and_generate(
-    hf_dir: str, items: Sequence[tasks.Instance], *, block_size: int, threshold: float, max_new_tokens: int
+    hf_dir: str, items: Sequence[tasks.Instance], *, max_new_tokens: int
 ) -> list[dict[str, Any]]:
     """[{prompt, answer, output, jax_output, tokens_per_forward}] for each item."""
     import torch
@@ -25,17 +26,12 @@ def reload_and_generate(
     model.eval()
     ours = from_hf(hf_dir)
     eos = tokenizer.eos_token_id
-    token_shift = bool(getattr(model.config, "token_shift", False))  # recorded by to_hf from the training recipe
     out = []
     for inst in items:
         ids = tokenizer(inst.prompt).input_ids
-        result = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold,
-            return_dict_in_generate=True,
-        )
+        result = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, return_dict_in_generate=True)
         hf_ids = _until_stop([int(t) for t in result["new_tokens"][0]], eos)
-        jax_ids = generate(ours, [ids], max_new_tokens=max_new_tokens, block_size=block_size, threshold=threshold,
-                           token_shift=token_shift).sequences[0]
+        jax_ids = generate(ours, [ids], max_new_tokens=max_new_tokens).sequences[0]
         out.append({
             "prompt": inst.prompt,
             "answer": inst.answer.strip(),

@@ -3,8 +3,9 @@
 DIR is an efficient_dlm checkpoint (a training run directory or `edlm.save` output, model_config.json)
 or a Hugging Face directory (config.json + safetensors: an AR model such as the demo teacher). A
 checkpoint trained with a diffusion objective is a dLM; everything else is scored as an AR model.
-The diffusion settings (block size, token shift, masking, rates) come from the training config the
-checkpoint records, so the ELBO corrupts exactly as training did.
+The block size, token shift and vocabulary padding come from the checkpoint's DiffusionSpec
+(`model.spec`), the masking and rates from the training config it records, so the ELBO corrupts
+exactly as training did.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from efficient_dlm import checkpoints
 from efficient_dlm.errors import UserError
 from efficient_dlm.port.hf_config import DLM_PREFIX, read_config_json
 from efficient_dlm.port.hf_import import from_hf
-from efficient_dlm.sample.source import training_metadata
 
 HF_CONFIG = "config.json"
 
@@ -52,14 +52,13 @@ def _tokenizer(directory: str | None, ckpt: str):
     return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
 
 
-def _diffusion(extra: dict) -> Diffusion | None:
+def _diffusion(extra: dict, spec) -> Diffusion | None:
     """The training config's diffusion section, or None when the checkpoint was trained as an AR model."""
     section = (extra.get("train_config") or {}).get("diffusion") or {}
-    if not section or section.get("objective", "block_diffusion") == "ar":
+    if not section or section.get("objective", "block_diffusion") == "ar" or spec is None:
         return None
-    meta = training_metadata(extra)
     return Diffusion(
-        block_size=int(meta["block_size"]), token_shift=meta["token_shift"],
+        block_size=spec.block_size, token_shift=spec.token_shift,
         masking=section.get("masking", "position"), half_life=float(section.get("half_life", 0.25)),
         rate_min=float(section.get("rate_min", 1e-3)), rate_max=float(section.get("rate_max", 1.0)),
         objective=section.get("objective", "block_diffusion"),
@@ -84,8 +83,9 @@ def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, k
     if os.path.exists(os.path.join(ckpt, checkpoints.CONFIG_NAME)):
         _, extra = checkpoints.read_model_config(ckpt)
         model = checkpoints.load(ckpt, dtype=dtype)
-        diffusion = _diffusion(extra)
-        valid = extra.get("valid_vocab_size")
+        spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
+        diffusion = _diffusion(extra, spec)
+        valid = spec.valid_vocab_size if spec is not None else None
         tok_dir = tokenizer or checkpoints.tokenizer_dir(ckpt)
     elif os.path.exists(os.path.join(ckpt, HF_CONFIG)):
         model = from_hf(ckpt, dtype=dtype or "float32")

@@ -109,16 +109,15 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     denoising steps and exact KV cache, or the AR baseline per sample.strategy) for `batch` prompts of
     `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens, weights and inputs sharded."""
     from efficient_dlm.config import to_plain
+    from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
     from efficient_dlm.models.decoder import abstract_model
     from efficient_dlm.sample.api import prepare
-    from efficient_dlm.sample.settings import generate_kwargs
-    from efficient_dlm.sample.source import Source, training_metadata
+    from efficient_dlm.sample.config import generate_kwargs
 
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
-    model = abstract_model(cfg)
-    source = Source(model, None, "aot", **training_metadata({"train_config": to_plain(config)}))
-    kwargs = generate_kwargs(config.sample, source)
+    model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
+    kwargs = generate_kwargs(config.sample)
     prep = prepare(model, np.zeros((batch, prompt_len), np.int32), **kwargs)
     graphdef, plan, state, inputs, knobs = prep.args
     replicated = NamedSharding(mesh, PartitionSpec())

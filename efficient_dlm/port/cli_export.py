@@ -1,10 +1,10 @@
 """`edlm export-hf --ckpt CKPT --out DIR`: write a checkpoint as a Hugging Face model directory.
 
 A dLM (checkpoint with a [MASK] token) becomes a trust_remote_code model with our modeling files; a
-plain AR checkpoint is written in its original architecture's format. The dLM fields default to the
-checkpoint's training metadata, then to the recipe (--config.diffusion.block_size,
---config.sample.threshold, --config.sample.strategy); flags override both. With --push_to_hub the
-directory is uploaded afterwards; its arguments are checked before anything is exported.
+plain AR checkpoint is written in its original architecture's format. The dLM fields come from the
+checkpoint's DiffusionSpec; the decoding flags (--strategy, --threshold, ...) override its default
+decoding. With --push_to_hub the directory is uploaded afterwards; its arguments are checked before
+anything is exported.
 """
 from __future__ import annotations
 
@@ -22,10 +22,13 @@ flags.DEFINE_string("dtype", None, "tensor dtype: float32, bfloat16 or float16 (
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --out directory")
 flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file before sharding, e.g. 5GB or 500MB")
 flags.DEFINE_enum("format", "auto", ["auto", "dlm", "ar"], "auto: dLM when the checkpoint has a mask token")
-flags.DEFINE_integer("block_size", None, "dLM block size (default: training metadata, then the recipe)")
-flags.DEFINE_bool("token_shift", None, "the dLM predicts token i from position i - 1 (default: training metadata)")
-flags.DEFINE_string("strategy", None, "default decoding strategy written to config.json")
+flags.DEFINE_integer("block_size", None, "default decoding block size (default: the checkpoint's diffusion spec)")
+flags.DEFINE_bool("token_shift", None, "restates the spec's token shift (a contradiction is refused)")
+flags.DEFINE_string("strategy", None, "default decoding strategy written to config.json: threshold|topk|factor|entropy")
 flags.DEFINE_float("threshold", None, "default confidence threshold written to config.json")
+flags.DEFINE_integer("tokens_per_step", None, "default topk tokens per step written to config.json")
+flags.DEFINE_float("factor", None, "default factor-strategy f written to config.json")
+flags.DEFINE_float("entropy_bound", None, "default entropy bound written to config.json")
 flags.DEFINE_string("push_to_hub", None, "upload the export to this Hugging Face repo id (namespace/name)")
 flags.DEFINE_bool("private", True, "with --push_to_hub: create the repo as private")
 flags.DEFINE_integer("step", None, "training run directory: the step to export (default: the newest)")
@@ -55,11 +58,6 @@ def run(config, FLAGS) -> int:
         raise ValueError("--ckpt and --out are required")
     check_output_dir(FLAGS.out)
     hub = check_push_args(FLAGS.push_to_hub) if FLAGS.push_to_hub else None
-    defaults = {
-        "block_size": config.diffusion.block_size,
-        "strategy": config.sample.strategy,
-        "threshold": config.sample.threshold,
-    }
     out = to_hf(
         FLAGS.ckpt,
         FLAGS.out,
@@ -72,7 +70,9 @@ def run(config, FLAGS) -> int:
         token_shift=FLAGS.token_shift,
         strategy=FLAGS.strategy,
         threshold=FLAGS.threshold,
-        defaults=defaults,
+        tokens_per_step=FLAGS.tokens_per_step,
+        factor=FLAGS.factor,
+        entropy_bound=FLAGS.entropy_bound,
         step=FLAGS.step,
     )
     print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.models.config import MODEL_TYPES, ModelConfig
 from efficient_dlm.port.safetensors_io import CheckpointError
 
@@ -243,6 +244,24 @@ def _attention_bias(hf: Mapping[str, Any], model_type: str) -> bool:
 def _attention_out_bias(hf: Mapping[str, Any], model_type: str) -> bool:
     """The o_proj bias: `attention_bias` in the Llama / Qwen3 families, none elsewhere."""
     return model_type in _OUT_BIAS_FAMILIES and bool(hf.get("attention_bias", False))
+
+
+# DiffusionSpec field -> its key in a dLM export's config.json (hf_config_out.dlm_config writes them).
+SPEC_KEYS = {
+    "mask_token_id": "mask_token_id", "valid_vocab_size": "valid_vocab_size", "block_size": "block_size",
+    "attention": "training_attention", "token_shift": "token_shift", "strategy": "decoding_strategy",
+    "threshold": "decoding_threshold", "tokens_per_step": "decoding_tokens_per_step", "factor": "decoding_factor",
+    "entropy_bound": "decoding_entropy_bound",
+}
+
+
+def spec_from_hf(hf: Mapping[str, Any]) -> DiffusionSpec | None:
+    """The DiffusionSpec recorded in a dLM export's config.json; None for any other config.json."""
+    model_type = hf.get("model_type")
+    if not (isinstance(model_type, str) and model_type.startswith(DLM_PREFIX)) or hf.get("mask_token_id") is None:
+        return None
+    values = {field: hf[key] for field, key in SPEC_KEYS.items() if hf.get(key) is not None}
+    return DiffusionSpec.from_dict(values, where="config.json")
 
 
 def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:

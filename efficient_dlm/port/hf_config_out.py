@@ -11,11 +11,11 @@ both this and the older format.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.port.hf_config import _OUT_BIAS_FAMILIES, _ROPE_FIELDS, DLM_MOE_FIELDS, DLM_PREFIX
+from efficient_dlm.port.hf_config import _OUT_BIAS_FAMILIES, _ROPE_FIELDS, DLM_MOE_FIELDS, DLM_PREFIX, SPEC_KEYS
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -41,36 +41,11 @@ _IMPLIED = {
     "mixtral": dict(qk_norm=False, attention_bias=False, router_norm_topk=True, first_k_dense=0, shared_expert_intermediate_size=0, **_SOFTMAX_ROUTER),
     "glm4_moe": dict(router_score="sigmoid", router_bias=True, shared_expert_gate=False),
 }
-STRATEGIES = ("threshold", "topk", "factor", "entropy")
 AUTO_MAP = {
     "AutoConfig": "configuration_edlm.EdlmConfig",
     "AutoModel": "modeling_edlm.EdlmModel",
     "AutoModelForCausalLM": "modeling_edlm.EdlmForDiffusionLM",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DlmFields:
-    """How the dLM was trained and how it decodes by default (docs/METHOD.md sections 1, 3, 6)."""
-
-    block_size: int = 32
-    token_shift: bool = False
-    strategy: str = "threshold"
-    threshold: float = 0.9
-    attention_pattern: str = "block"  # block-causal at inference; clean-context training decodes the same way
-    valid_vocab_size: int | None = None  # ids at or above it are vocabulary padding (appended [MASK]), never generated
-
-    def __post_init__(self):
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown decoding strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.valid_vocab_size is not None and self.valid_vocab_size <= 0:
-            raise ValueError(f"valid_vocab_size must be positive, got {self.valid_vocab_size}")
-        if self.attention_pattern != "block":
-            raise ValueError(f"unsupported attention_pattern {self.attention_pattern!r}; exported dLMs are block-causal")
 
 
 def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
@@ -206,7 +181,7 @@ def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
+def dlm_config(cfg: ModelConfig, dlm: DiffusionSpec, dtype: str) -> dict[str, Any]:
     """config.json of the exported dLM: architecture fields, dLM fields, auto_map to our modeling code."""
     if cfg.mask_token_id is None:
         raise ValueError("a dLM export needs model.mask_token_id (the [MASK] token the model was trained to fill)")
@@ -220,18 +195,13 @@ def dlm_config(cfg: ModelConfig, dlm: DlmFields, dtype: str) -> dict[str, Any]:
         attention_out_bias=cfg.attention_out_bias,
         qk_norm=cfg.qk_norm,
         sliding_window=cfg.sliding_window,  # every base family: the modeling file reads it
-        mask_token_id=cfg.mask_token_id,
-        valid_vocab_size=dlm.valid_vocab_size,
-        block_size=dlm.block_size,
-        attention_pattern=dlm.attention_pattern,
-        token_shift=dlm.token_shift,
-        decoding_strategy=dlm.strategy,
-        decoding_threshold=dlm.threshold,
     )
+    out.update({key: getattr(dlm, field) for field, key in SPEC_KEYS.items()})  # the DiffusionSpec
+    out["attention_pattern"] = "block"  # decoding: block-causal with the exact prefix cache, whatever the training
     return dict(sorted(out.items()))
 
 
-def generation_config(cfg: ModelConfig, dlm: DlmFields | None) -> dict[str, Any]:
+def generation_config(cfg: ModelConfig, dlm: DiffusionSpec | None) -> dict[str, Any]:
     """generation_config.json: token ids, plus the dLM's default decoding when it is one."""
     out: dict[str, Any] = {
         "bos_token_id": cfg.bos_token_id,

@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_dlm import checkpoints
+from efficient_dlm.diffusion.spec import DiffusionSpec, default_spec, spec_of
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.port import hf_config_out, keymaps, model_card
-from efficient_dlm.port.hf_config_out import DlmFields
 from efficient_dlm.port.safetensors_writer import TensorSpec, parse_size, write_sharded
 
 log = logging.getLogger("efficient_dlm")
@@ -43,19 +45,17 @@ METRICS_FILE = "metrics.jsonl"  # written by the trainer (train/metrics.py) in a
 # ---- inputs -------------------------------------------------------------------------------------------
 
 
-def _describe_source(model) -> tuple[ModelConfig, dict[str, Any], str | None]:
-    """(config, checkpoint metadata "extra", checkpoint tokenizer dir), without loading any weights."""
+def _describe_source(model) -> tuple[ModelConfig, dict[str, Any], str | None, DiffusionSpec | None]:
+    """(config, checkpoint metadata "extra", checkpoint tokenizer dir, DiffusionSpec), without loading any weights."""
     if isinstance(model, (str, os.PathLike)):
-        from efficient_dlm import checkpoints
-
         path = os.fspath(model)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: checkpoint directory not found")
         cfg, extra = checkpoints.read_model_config(path)  # FileNotFoundError naming the path when not a checkpoint
-        return cfg, extra, checkpoints.tokenizer_dir(path)
+        return cfg, extra, checkpoints.tokenizer_dir(path), checkpoints.read_diffusion_spec(path, cfg, extra)
     if not isinstance(getattr(model, "config", None), ModelConfig):
         raise ValueError(f"to_hf takes an efficient_dlm model or a checkpoint directory, got {type(model).__name__}")
-    return model.config, {}, None
+    return model.config, {}, None, spec_of(model)
 
 
 def _check_out_dir(out_dir: str, overwrite: bool, sources: list[str | None]) -> None:
@@ -86,47 +86,18 @@ def resolve_tokenizer(tokenizer_dir: str | None, checkpoint_tokenizer: str | Non
     )
 
 
-def _sections(extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Where training metadata may hold a field: "extra" itself, then the recipe the trainer stored."""
-    config = extra.get("train_config") if isinstance(extra.get("train_config"), dict) else {}
-    found = [extra]
-    for source in (extra, config):
-        found += [source[s] for s in ("diffusion", "sample") if isinstance(source.get(s), dict)]
-    return found
-
-
-def _final_block_size(schedule: str) -> int | None:
-    """The last block size of a "step:size,..." schedule (LLaDA2.0 warm-up/stable/decay), if any."""
-    pairs = [item.split(":") for item in str(schedule or "").split(",") if item.strip()]
-    return int(max(pairs, key=lambda p: int(p[0]))[1]) if pairs else None
-
-
-def _lookup(extra: dict[str, Any], key: str):
-    for section in _sections(extra):
-        if key == "block_size" and _final_block_size(section.get("block_size_schedule")):
-            return _final_block_size(section["block_size_schedule"])
-        if section.get(key) is not None:
-            return section[key]
-    return None
-
-
-def resolve_dlm_fields(extra: dict[str, Any], overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> DlmFields:
-    """dLM fields: explicit overrides, else checkpoint metadata, else the recipe defaults (config.py)."""
-    if defaults is None:
-        from efficient_dlm.config import diffusion_section, sample_section
-
-        defaults = {
-            "block_size": diffusion_section().block_size,
-            "strategy": sample_section().strategy,
-            "threshold": sample_section().threshold,
-        }
-    values = {}
-    for field in ("block_size", "token_shift", "strategy", "threshold", "valid_vocab_size"):
-        for candidate in (overrides.get(field), _lookup(extra, field), defaults.get(field)):
-            if candidate is not None:
-                values[field] = candidate
-                break
-    return DlmFields(**values)
+def export_spec(spec: DiffusionSpec | None, cfg: ModelConfig, **given: Any) -> DiffusionSpec:
+    """The spec written to config.json: the model's, with the decoding defaults given (not None)
+    replaced; token shift and vocabulary padding are what the model was trained with (refused if
+    contradicted: the export would decode wrongly)."""
+    if cfg.mask_token_id is None:
+        raise UserError("a dLM export needs model.mask_token_id (the [MASK] token the model was trained to fill)")
+    spec = spec or default_spec(cfg)
+    if given.get("token_shift") is not None and bool(given["token_shift"]) != spec.token_shift:
+        raise UserError(f"token_shift={given['token_shift']} contradicts the model's diffusion spec "
+                        f"(trained with token_shift={spec.token_shift}); leave it unset")
+    changes = {k: v for k, v in given.items() if v is not None and k != "token_shift"}
+    return spec.replace(**changes) if changes else spec
 
 
 def recorded_metrics(checkpoint: str | None, step: int | None = None) -> dict[str, dict[str, Any]]:
@@ -207,9 +178,7 @@ def _producer(model, plan):
 
 
 def _copy_tokenizer(src: str, out: str) -> list[str]:
-    from efficient_dlm.checkpoints import TOKENIZER_FILES
-
-    names = [n for n in TOKENIZER_FILES if n != "generation_config.json" and os.path.exists(os.path.join(src, n))]
+    names = [n for n in checkpoints.TOKENIZER_FILES if n != "generation_config.json" and os.path.exists(os.path.join(src, n))]
     for name in names:
         shutil.copy2(os.path.join(src, name), os.path.join(out, name))
     return names
@@ -268,14 +237,17 @@ def to_hf(
     strategy: str | None = None,
     threshold: float | None = None,
     step: int | None = None,
-    defaults: dict[str, Any] | None = None,
+    tokens_per_step: int | None = None,
+    factor: float | None = None,
+    entropy_bound: float | None = None,
 ) -> str:
     """Writes `model` (a Decoder, or an efficient_dlm checkpoint directory) as a Hugging Face directory.
 
     dtype: tensor dtype (float32 / bfloat16 / float16); default the model's parameter dtype.
     format: "auto" (dLM when the model has a mask token, else AR), "dlm" or "ar".
-    block_size / token_shift / strategy / threshold: dLM fields; default the checkpoint's training
-    metadata, then `defaults` (the recipe's diffusion.block_size, sample.strategy, sample.threshold).
+    block_size / strategy / threshold / tokens_per_step / factor / entropy_bound: the exported decoding
+    defaults; unset ones come from the model's DiffusionSpec (the checkpoint's, or `model.spec`);
+    token_shift may only restate the spec's. Settings the PyTorch modeling cannot reproduce are refused.
     step: for a training run directory, the step to export (default: the newest; never an older one
     in its place: a missing or damaged newest step is an error).
     Everything is validated before any work; the directory is written under a temporary name and
@@ -287,17 +259,15 @@ def to_hf(
     checkpoint = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])
     check_output_dir(out_dir, "out_dir")
-    cfg, extra, ckpt_tokenizer = _describe_source(model)
+    cfg, extra, ckpt_tokenizer, spec = _describe_source(model)
     tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
     dlm = None
     if _is_dlm(cfg, format):
-        overrides = dict(block_size=block_size, token_shift=token_shift, strategy=strategy, threshold=threshold)
-        dlm = resolve_dlm_fields(extra, overrides, defaults)
+        dlm = export_spec(spec, cfg, block_size=block_size, token_shift=token_shift, strategy=strategy, threshold=threshold,
+                          tokens_per_step=tokens_per_step, factor=factor, entropy_bound=entropy_bound)
     dtype = dtype or cfg.param_dtype
     config_json = hf_config_out.dlm_config(cfg, dlm, dtype) if dlm else hf_config_out.ar_config(cfg, dtype)
     if checkpoint is not None:  # every argument is valid: now the weights
-        from efficient_dlm import checkpoints
-
         model = checkpoints.load(checkpoint, step=step)  # verified; the newest step unless `step`
     plan = tensor_plan(model, dtype)
 

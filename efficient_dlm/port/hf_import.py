@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from efficient_dlm.diffusion.spec import with_spec
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port import keymaps
-from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json, spec_from_hf
 from efficient_dlm.port.safetensors_io import CheckpointError, SafetensorsCheckpoint
 
 log = logging.getLogger("efficient_dlm")
@@ -139,6 +140,7 @@ def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = Fa
     dtype: parameter and compute dtype (float32, bfloat16 or float16), whatever the files store.
     mesh: a jax.sharding.Mesh; parameters are created sharded by the logical-axis rules.
     overrides: ModelConfig fields to change after reading config.json (e.g. attention_backend).
+    A dLM exported by `to_hf` comes back with its DiffusionSpec as `model.spec`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -147,7 +149,8 @@ def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = Fa
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (from_hf takes a local Hugging Face model directory)")
     start = time.perf_counter()
-    cfg = model_config_from_hf(read_config_json(path), dtype=dtype)
+    hf = read_config_json(path)
+    cfg = model_config_from_hf(hf, dtype=dtype)
     if overrides:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
     model = abstract_model(cfg)
@@ -159,4 +162,4 @@ def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = Fa
     state = load_hf_params(path, cfg, model, shardings, progress)
     nnx.update(model, state)
     log.info("imported %s (%s) in %.1fs", path, cfg.model_type, time.perf_counter() - start)
-    return model
+    return with_spec(model, spec_from_hf(hf))  # a dLM export records how it decodes

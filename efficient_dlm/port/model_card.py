@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.port.hf_config_out import DlmFields
+from efficient_dlm.diffusion.spec import DiffusionSpec
 
 NUMBER_SECTIONS = ("metrics", "eval", "bench")
 # Of the full recipe the trainer stores ("train_config"), the entries a reader of the card needs.
@@ -49,7 +49,12 @@ def recipe_rows(extra: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
-def _usage(dlm: DlmFields | None) -> list[str]:
+def _decoding(spec: DiffusionSpec) -> str:
+    knob = {"threshold": "threshold", "topk": "tokens_per_step", "factor": "factor", "entropy": "entropy_bound"}[spec.strategy]
+    return f"{spec.strategy}, {knob} {getattr(spec, knob)}"
+
+
+def _usage(dlm: DiffusionSpec | None) -> list[str]:
     if dlm is None:
         return [
             "```python",
@@ -64,7 +69,7 @@ def _usage(dlm: DlmFields | None) -> list[str]:
         'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True, padding_side="left")',
         'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
         'batch = tokenizer(["The capital of France is"], return_tensors="pt", padding=True)',
-        f"out = model.generate(**batch, max_new_tokens=64, block_size={dlm.block_size}, threshold={dlm.threshold})",
+        "out = model.generate(**batch, max_new_tokens=64)  # decoding defaults: the model's diffusion spec",
         "print(tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True))",
         "```",
         "",
@@ -74,7 +79,7 @@ def _usage(dlm: DlmFields | None) -> list[str]:
 
 
 def render(
-    cfg: ModelConfig, dlm: DlmFields | None, extra: dict[str, Any], dtype: str, name: str, logged: dict[str, dict] | None = None
+    cfg: ModelConfig, dlm: DiffusionSpec | None, extra: dict[str, Any], dtype: str, name: str, logged: dict[str, dict] | None = None
 ) -> str:
     """README.md text for an export of `cfg` (dLM when `dlm` is given).
 
@@ -100,7 +105,7 @@ def render(
                 "block size": dlm.block_size,
                 "token shift": dlm.token_shift,
                 "attention": "block-causal",
-                "default decoding": f"{dlm.strategy}, threshold {dlm.threshold}",
+                "default decoding": _decoding(dlm),
             }
         )
         lines.append("")

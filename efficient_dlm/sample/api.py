@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_dlm.diffusion.spec import resolve_decoding
 from efficient_dlm.sample import layout as layout_lib
 from efficient_dlm.sample.ar import ar_program
 from efficient_dlm.sample.choice import Sampling
@@ -133,11 +134,11 @@ def prepare(
     *,
     max_new_tokens: int,
     block_size: int | None = None,
-    strategy: str = "threshold",
-    threshold: float = 0.9,
-    tokens_per_step: int = 1,
-    factor: float = 1.0,
-    entropy_bound: float = 0.3,
+    strategy: str | None = None,
+    threshold: float | None = None,
+    tokens_per_step: int | None = None,
+    factor: float | None = None,
+    entropy_bound: float | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -145,13 +146,22 @@ def prepare(
     stop_tokens: Sequence[int] | None = None,
     prompt_bucket: int | None = None,
     valid_vocab_size: int | None = None,
-    token_shift: bool = False,
+    token_shift: bool | None = None,
     return_logits: bool = False,
     stream: bool = False,
 ) -> Prepared:
     """Validates a `generate` call and builds its compiled program's arguments without running it
     (the decoding settings are documented on `generate`; `stream` compiles the block-streaming hook in). `model` may be
     abstract (`abstract_model`): `edlm aot` lowers the same program for a TPU topology from it."""
+    given = dict(block_size=block_size, strategy=strategy, threshold=threshold, tokens_per_step=tokens_per_step,
+                 factor=factor, entropy_bound=entropy_bound, valid_vocab_size=valid_vocab_size, token_shift=token_shift)
+    spec = getattr(model, "spec", None)  # recorded (load, from_hf of an export); None: defaults, nothing to contradict
+    if strategy == "ar":  # causal decoding: only the vocabulary padding of the spec applies
+        spec = None if spec is None else spec.replace(token_shift=bool(token_shift))
+    d = resolve_decoding(spec, **given)
+    strategy, threshold, tokens_per_step, factor, entropy_bound = (
+        d["strategy"], d["threshold"], d["tokens_per_step"], d["factor"], d["entropy_bound"])
+    block_size, valid_vocab_size, token_shift = d["block_size"], d["valid_vocab_size"], d["token_shift"]
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
     for name, value in (("factor", factor), ("entropy_bound", entropy_bound)):
         if not (math.isfinite(value) and value > 0):
@@ -208,15 +218,19 @@ def generate(
 ) -> GenerateResult:
     """Generates up to max_new_tokens after each prompt (lists of token ids, ragged lengths allowed).
 
-    settings: the decoding arguments of `prepare`, which validates them:
+    settings: the decoding arguments of `prepare`, which validates them. Every dLM setting left unset
+    comes from the model's DiffusionSpec (`model.spec`, attached by `load`; diffusion/spec.py), so
+    `generate(load(run_dir), prompts, max_new_tokens=n)` decodes the model as it was trained and as
+    `edlm sample --ckpt run_dir` does; a model without a spec gets the spec defaults for its [MASK] id.
     max_new_tokens (required); strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion,
-    docs/METHOD.md section 6, needs model.config.mask_token_id and block_size) or "ar" (causal decoding, the
-    baseline); threshold / tokens_per_step / factor / entropy_bound parametrise the strategies;
+    docs/METHOD.md section 6, needs model.config.mask_token_id) or "ar" (causal decoding, the baseline);
+    block_size; threshold / tokens_per_step / factor / entropy_bound parametrise the strategies;
     temperature 0 is greedy, otherwise tokens are sampled (top_p, top_k filters) with `seed`;
     stop_tokens default to model.config.eos_token_id, and a row ends after its first stop token;
     prompt_bucket fixes the cache's prompt capacity (default: the next power of two, so few shapes);
-    valid_vocab_size: ids at or above it are vocabulary padding and never generated; token_shift: the
-    dLM was trained to predict token i from the hidden state at i - 1 (dLM only); return_logits
+    valid_vocab_size: ids at or above it are vocabulary padding and never generated (the spec's by
+    default; raising it above the spec's is refused); token_shift: the dLM was trained to predict token
+    i from the hidden state at i - 1 (dLM only; contradicting the spec is refused); return_logits
     records the raw logits with which each token was committed (tests, analysis).
     on_block(block_index, tokens_per_row) is called on the host as each block becomes final.
     measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.

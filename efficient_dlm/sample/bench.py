@@ -29,7 +29,7 @@ from flax import nnx
 
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample.api import GenerateResult, generate
-from efficient_dlm.sample.source import Prompt, decode
+from efficient_dlm.sample.inputs import Prompt, decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,11 @@ class Setting:
         return f"{self.name}_b{self.batch_size}.json"
 
 
-def make_settings(strategies, thresholds, batch_sizes, sample) -> list[Setting]:
-    """AR once, threshold once per value, every other strategy once with the sample section's parameter."""
-    parameter = {"topk": ("tokens_per_step", sample.tokens_per_step), "factor": ("factor", sample.factor),
-                 "entropy": ("entropy_bound", sample.entropy_bound)}
+def make_settings(strategies, thresholds, batch_sizes, sample, spec) -> list[Setting]:
+    """AR once, threshold once per value, every other strategy once with its parameter: the sample
+    section's when set, else the dLM's DiffusionSpec's."""
+    parameter = {strategy: (key, sample[key] if sample[key] is not None else getattr(spec, key))
+                 for strategy, key in (("topk", "tokens_per_step"), ("factor", "factor"), ("entropy", "entropy_bound"))}
     variants = []
     for strategy in strategies:
         if strategy == "ar":

@@ -13,7 +13,11 @@ import os
 import numpy as np
 from absl import flags
 
-from efficient_dlm.sample import settings  # noqa: F401  (registers the sample/bench config validators)
+from efficient_dlm.diffusion.spec import DiffusionSpec, spec_of
+from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
+from efficient_dlm.sample.bench import format_table, make_settings, run_setting
+from efficient_dlm.sample.config import generate_kwargs
+from efficient_dlm.sample.inputs import Prompt, encode, load_source, read_prompts
 
 flags.DEFINE_string("ckpt", None, "dLM checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_string("ar_ckpt", None, "AR teacher checkpoint for the AR baseline (default: the --ckpt model)")
@@ -23,11 +27,9 @@ flags.DEFINE_string("out", None, "output directory for the JSON records (default
 
 def random_prompts(source, count: int, length: int, seed: int):
     """Token-id prompts drawn uniformly from the ids the model may emit (no [MASK], no stop/padding ids)."""
-    from efficient_dlm.sample.source import Prompt
-
-    cfg = source.model.config
+    cfg, spec = source.model.config, spec_of(source.model)
     banned = {cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id}
-    ids = np.array([i for i in range(source.valid_vocab_size or cfg.vocab_size) if i not in banned])
+    ids = np.array([i for i in range(spec and spec.valid_vocab_size or cfg.vocab_size) if i not in banned])
     rng = np.random.default_rng(seed)
     return [Prompt(rng.choice(ids, size=length).tolist()) for _ in range(count)]
 
@@ -40,10 +42,6 @@ def _write_json(path: str, payload) -> None:
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.sample.bench import format_table, make_settings, run_setting
-    from efficient_dlm.sample.settings import generate_kwargs
-    from efficient_dlm.sample.source import encode, load_source, read_prompts
-
     b = config.bench
     dlm = load_source(FLAGS.ckpt, config)
     ar = load_source(FLAGS.ar_ckpt, config) if FLAGS.ar_ckpt else dlm
@@ -56,9 +54,10 @@ def run(config, FLAGS) -> int:
     os.makedirs(out_dir, exist_ok=True)
     print(f"dLM: {dlm.description}; AR: {ar.description}; {len(prompts)} prompts; writing {out_dir}", flush=True)
     records = []
-    for setting in make_settings(b.strategies, b.thresholds, b.batch_sizes, config.sample):
+    spec = spec_of(dlm.model) or DiffusionSpec(mask_token_id=0)
+    base = generate_kwargs(config.sample)
+    for setting in make_settings(b.strategies, b.thresholds, b.batch_sizes, config.sample, spec):
         source = ar if setting.strategy == "ar" else dlm
-        base = generate_kwargs(config.sample, source)
         record = run_setting(source.model, setting, prompts, source.tokenizer, base, repeats=b.repeats,
                              warmup=b.warmup, overhead_forwards=b.overhead_forwards)
         record["model"] = source.description

@@ -1,7 +1,9 @@
 """`edlm sample --ckpt DIR --prompt TEXT` (or --prompts_jsonl FILE --out FILE): generate completions.
 
-Decoding settings come from the config's `sample` section (`--config.sample.strategy=ar`,
-`--config.sample.threshold=0.8`, ...). Prompts are encoded with the checkpoint's tokenizer.
+The model decodes as its DiffusionSpec says (recorded in the checkpoint), exactly as
+`generate(load(ckpt), prompts, max_new_tokens=n)`; keys set in the config's `sample` section
+(`--config.sample.strategy=ar`, `--config.sample.threshold=0.8`, ...) override it. Prompts are
+encoded with the checkpoint's tokenizer.
 """
 from __future__ import annotations
 
@@ -11,8 +13,13 @@ import sys
 
 from absl import flags
 
+from efficient_dlm.diffusion.spec import spec_of
+from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_file
-from efficient_dlm.sample import settings  # noqa: F401  (registers the sample/bench config validators)
+from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
+from efficient_dlm.sample.api import check_model, generate
+from efficient_dlm.sample.config import generate_kwargs
+from efficient_dlm.sample.inputs import Prompt, decode, encode, load_source, read_prompts
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
@@ -44,11 +51,6 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import UserError
-    from efficient_dlm.sample.api import check_model, generate
-    from efficient_dlm.sample.settings import generate_kwargs
-    from efficient_dlm.sample.source import Prompt, decode, encode, load_source, read_prompts
-
     if not FLAGS.prompt and not FLAGS.prompts_jsonl:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
     if FLAGS.batch_size < 1:
@@ -56,11 +58,13 @@ def run(config, FLAGS) -> int:
     if FLAGS.out:
         check_output_file(FLAGS.out)  # before any work: a bad --out must not cost the generation
     source = load_source(FLAGS.ckpt, config, step=FLAGS.step)
-    check_model(source.model, config.sample.strategy, config.sample.top_k)
+    spec = spec_of(source.model)
+    strategy = config.sample.strategy or (spec.strategy if spec else "threshold")
+    check_model(source.model, strategy, config.sample.top_k)
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
     encode(prompts, source.tokenizer)
-    kwargs = generate_kwargs(config.sample, source)
+    kwargs = generate_kwargs(config.sample)
     records, tokens, forwards, seconds = [], 0, 0, 0.0
     for i in range(0, len(prompts), FLAGS.batch_size):
         batch = prompts[i : i + FLAGS.batch_size]
@@ -79,7 +83,7 @@ def run(config, FLAGS) -> int:
         for record in records:
             print(record["completion"] if record["completion"] is not None else " ".join(map(str, record["completion_ids"])))
     print(
-        f"{len(records)} prompt(s), strategy {kwargs['strategy']}, model {source.description}: {tokens} tokens in "
+        f"{len(records)} prompt(s), strategy {strategy}, model {source.description}: {tokens} tokens in "
         f"{forwards} forward passes ({tokens / max(forwards, 1):.2f} per forward), {seconds:.2f}s"
         + (f"; wrote {FLAGS.out}" if FLAGS.out else ""),
         file=sys.stderr,

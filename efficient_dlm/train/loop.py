@@ -27,6 +27,7 @@ from efficient_dlm import checkpoints
 from efficient_dlm.config import to_plain, validate
 from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
 from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
+from efficient_dlm.diffusion.spec import spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import distributed
 from efficient_dlm.parallel import mesh as mesh_lib
@@ -161,6 +162,9 @@ class _Run:
         self.config.diffusion.valid_vocab_size = init.valid_vocab_size
         extra = {"valid_vocab_size": init.valid_vocab_size, "source": init.source, "train_config": to_plain(self.config)}
         checkpoints.write_model_config(self.run_dir, self.cfg, extra)
+        spec = spec_from_recipe(extra["train_config"], self.cfg, init.valid_vocab_size)
+        if spec is not None:  # what load / generate / export read: the run decodes as it trains
+            checkpoints.write_diffusion_spec(self.run_dir, spec)
         checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
         self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
         return init.tokenizer_dir

@@ -45,8 +45,9 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
     if config.init.checkpoint:
         model = checkpoints.load(config.init.checkpoint, mesh=mesh, **_overrides(config))
         tokenizer = tokenizer or checkpoints.tokenizer_dir(config.init.checkpoint)
-        _, extra = checkpoints.read_model_config(config.init.checkpoint)
-        return InitialModel(model, tokenizer, extra.get("valid_vocab_size"), os.path.abspath(config.init.checkpoint))
+        spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
+        valid = spec.valid_vocab_size if spec is not None else None
+        return InitialModel(model, tokenizer, valid, os.path.abspath(config.init.checkpoint))
     if config.init.hf_dir:
         from efficient_dlm.port.hf_import import from_hf
 

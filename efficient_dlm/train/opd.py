@@ -28,6 +28,7 @@ from efficient_dlm.diffusion.objectives import Objective, aux_losses, predict_hi
 from efficient_dlm.diffusion.opd import (
     Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
 )
+from efficient_dlm.diffusion.spec import DiffusionSpec, spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
@@ -53,16 +54,21 @@ def num_blocks(block_size: int, max_new_tokens: int) -> int:
 
 
 def rollout_plan(config: ConfigDict, cfg: ModelConfig, max_new_tokens: int) -> Plan:
-    """The sampler's static plan for the student's rollouts (block size, strategy, greedy or sampled)."""
+    """The sampler's static plan for the student's rollouts (block size, strategy, greedy or sampled).
+
+    Token shift and vocabulary padding come from the student's DiffusionSpec (what its checkpoint
+    records), so rollouts decode the student exactly as `generate` would.
+    """
     o = config.opd
+    spec = spec_from_recipe(config.to_dict(), cfg) or DiffusionSpec(mask_token_id=cfg.mask_token_id)
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
     return Plan(
         strategy=o.strategy, max_new_tokens=max_new_tokens, sampling=Sampling(greedy=o.temperature == 0),
-        pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=config.diffusion.valid_vocab_size,
+        pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=spec.valid_vocab_size,
         vocab_size=cfg.vocab_size,
         block_size=o.block_size, num_blocks=num_blocks(o.block_size, max_new_tokens),
         tokens_per_step=o.block_size // o.steps_per_block, mask_id=cfg.mask_token_id,
-        token_shift=config.diffusion.token_shift, record_canvas=True,
+        token_shift=spec.token_shift, record_canvas=True,
     )
 
 

@@ -37,6 +37,10 @@ class EdlmConfig(PretrainedConfig):
         token_shift=False,
         decoding_strategy="threshold",
         decoding_threshold=0.9,
+        decoding_tokens_per_step=1,
+        decoding_factor=1.0,
+        decoding_entropy_bound=0.3,
+        training_attention="block_diffusion",
         num_experts=0,
         num_experts_per_tok=0,
         moe_intermediate_size=0,
@@ -79,8 +83,13 @@ class EdlmConfig(PretrainedConfig):
         self.block_size = block_size
         self.attention_pattern = attention_pattern
         self.token_shift = token_shift
+        # The model's diffusion spec (efficient_dlm/diffusion/spec.py): default decoding of `generate`.
         self.decoding_strategy = decoding_strategy
         self.decoding_threshold = decoding_threshold
+        self.decoding_tokens_per_step = decoding_tokens_per_step
+        self.decoding_factor = decoding_factor
+        self.decoding_entropy_bound = decoding_entropy_bound
+        self.training_attention = training_attention  # the training pattern; decoding is always block-causal
         # Mixture of experts (num_experts = 0: dense); efficient_dlm's ModelConfig names, see moe_edlm.py.
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok

@@ -1,5 +1,10 @@
 """The `sample` and `bench` config sections: validation (registered with efficient_dlm.config) and the
-mapping from the `sample` section to `generate` keyword arguments."""
+mapping from the `sample` section to `generate` keyword arguments.
+
+The dLM decoding keys of `sample` (strategy, threshold, tokens_per_step, factor, entropy_bound,
+block_size) are unset by default: then the model's DiffusionSpec decides, exactly as for
+`generate(load(d), prompts, max_new_tokens=n)`. A key set on the command line overrides the spec.
+"""
 from __future__ import annotations
 
 import math
@@ -7,19 +12,17 @@ import math
 from ml_collections import ConfigDict
 
 from efficient_dlm.config import register_validator
+from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.errors import UserError
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
 
+_SPEC_DEFAULTS = DiffusionSpec(mask_token_id=0)  # what an unset key means when the model records no spec
 
-DEFAULT_BLOCK_SIZE = 32
 
-
-def generate_kwargs(sample: ConfigDict, source) -> dict:
-    """`generate` keyword arguments from the sample section and what the checkpoint's training recorded
-    (block size when sample.block_size is 0, token shift, vocabulary padding)."""
+def generate_kwargs(sample: ConfigDict) -> dict:
+    """`generate` keyword arguments from the sample section; unset dLM keys are left to the model's spec."""
     return dict(
-        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size or source.block_size or DEFAULT_BLOCK_SIZE,
-        token_shift=source.token_shift, valid_vocab_size=source.valid_vocab_size, strategy=sample.strategy,
+        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size or None, strategy=sample.strategy or None,
         threshold=sample.threshold, tokens_per_step=sample.tokens_per_step, factor=sample.factor,
         entropy_bound=sample.entropy_bound, temperature=sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
         seed=sample.seed, stop_tokens=tuple(sample.stop_tokens) or None, prompt_bucket=sample.prompt_bucket or None,
@@ -33,13 +36,14 @@ def validate_sample(config: ConfigDict) -> None:
     s = config.sample
     if s.block_size < 0:
         raise ValueError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {s.block_size}")
+    d = {k: s[k] if s[k] not in (None, "") else getattr(_SPEC_DEFAULTS, k) for k in ("strategy", "threshold", "tokens_per_step")}
     try:
-        check_settings(s.strategy, s.max_new_tokens, s.block_size or DEFAULT_BLOCK_SIZE, s.threshold, s.tokens_per_step,
-                       s.temperature, s.top_p, s.top_k)
+        check_settings(d["strategy"], s.max_new_tokens, s.block_size or _SPEC_DEFAULTS.block_size, d["threshold"],
+                       d["tokens_per_step"], s.temperature, s.top_p, s.top_k)
     except ValueError as err:
         raise ValueError(f"sample.{err}") from None
     for key in ("factor", "entropy_bound"):
-        if not (math.isfinite(s[key]) and s[key] > 0):
+        if s[key] is not None and not (math.isfinite(s[key]) and s[key] > 0):
             raise UserError(f"sample.{key} must be a finite number > 0, got {s[key]}")
     if s.prompt_bucket < 0:
         raise ValueError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")

@@ -1,5 +1,9 @@
 """What `edlm sample` and `edlm bench` read: the model (checkpoint, HF directory or random init), its
-tokenizer (the `tokenizers` library, from the checkpoint's tokenizer/ directory) and prompt files."""
+tokenizer (the `tokenizers` library, from the checkpoint's tokenizer/ directory) and prompt files.
+
+How the model decodes is not read here: it is the model's DiffusionSpec (`model.spec`, from the
+checkpoint; for an HF directory or a random init, from the recipe), which `generate` reads itself.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,29 +13,13 @@ import os
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
+from efficient_dlm.config import model_config, to_plain
 from efficient_dlm.data.sources import check_regular_file
+from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.decoder import init_model
 from efficient_dlm.models.token_ids import check_token_ids
-
-
-@dataclasses.dataclass
-class Source:
-    model: object
-    tokenizer: object | None  # tokenizers.Tokenizer
-    description: str
-    # What training recorded in the checkpoint's metadata (model_config.json "extra"); decoding must match.
-    valid_vocab_size: int | None = None  # ids at or above are vocabulary padding
-    block_size: int | None = None  # the final training block size
-    token_shift: bool = False  # token i was predicted from the hidden state at i - 1
-
-
-def training_metadata(extra: dict) -> dict:
-    """valid_vocab_size, block_size (the last of a "step:size,..." schedule) and token_shift from metadata."""
-    diffusion = (extra.get("train_config") or {}).get("diffusion") or {}
-    schedule = [item.split(":") for item in str(diffusion.get("block_size_schedule") or "").split(",") if item.strip()]
-    block_size = int(max(schedule, key=lambda pair: int(pair[0]))[1]) if schedule else diffusion.get("block_size")
-    return {"valid_vocab_size": extra.get("valid_vocab_size"), "block_size": block_size,
-            "token_shift": bool(diffusion.get("token_shift", False))}
+from efficient_dlm.port.hf_import import from_hf
 
 
 @dataclasses.dataclass
@@ -52,9 +40,20 @@ def _tokenizer(directory: str | None):
     return Tokenizer.from_file(path)
 
 
+@dataclasses.dataclass
+class Source:
+    model: object  # with its DiffusionSpec attached (model.spec)
+    tokenizer: object | None  # tokenizers.Tokenizer
+    description: str
+
+
 def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
     """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model.
-    step: the step of a training run directory (default: the newest)."""
+    step: the step of a training run directory (default: the newest).
+
+    A checkpoint brings its own spec; a model from an HF directory (unless a dLM export, which records
+    one) or a random init gets the spec the recipe would train it with.
+    """
     ckpt = ckpt or config.init.checkpoint
     if step is not None and not ckpt:
         raise UserError("--step needs --ckpt (a training run directory)")
@@ -62,22 +61,19 @@ def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -
     if ckpt:
         if not os.path.isdir(ckpt):
             raise FileNotFoundError(f"checkpoint directory {ckpt!r} does not exist")
-        _, extra = checkpoints.read_model_config(ckpt)
         model = checkpoints.load(ckpt, step=step)
         tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
         where = os.path.abspath(ckpt) + ("" if step is None else f" step {step}")
-        return Source(model, _tokenizer(tokenizer_dir), where, **training_metadata(extra))
+        return Source(model, _tokenizer(tokenizer_dir), where)
     if config.init.hf_dir:
-        from efficient_dlm.port.hf_import import from_hf
-
         model = from_hf(config.init.hf_dir, dtype=config.model.param_dtype)
+        if getattr(model, "spec", None) is None:
+            with_spec(model, spec_from_recipe(to_plain(config), model.config))
         if tokenizer_dir is None and os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")):
             tokenizer_dir = config.init.hf_dir
         return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(config.init.hf_dir))
-    from efficient_dlm.config import model_config
-    from efficient_dlm.models.decoder import init_model
-
     model = init_model(model_config(config), seed=config.init.seed)
+    with_spec(model, spec_from_recipe(to_plain(config), model.config))
     return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})")
 
 
