@@ -36,11 +36,12 @@ def task_eval(
     strategy: str,
     threshold: float | None = None,
     block_size: int | None = None,
+    token_shift: bool | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> dict[str, Any]:
     """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
-    Settings left unset (threshold, block size; token shift always) are the model's diffusion spec."""
+    Settings left unset (threshold, block size, token shift) are the model's diffusion spec."""
     from efficient_dlm.sample.api import generate
 
     prompts = prompt_ids(tokenizer, items)
@@ -48,6 +49,7 @@ def task_eval(
     kwargs = dict(
         max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
         block_size=None if strategy == "ar" else block_size,
+        token_shift=None if strategy == "ar" else token_shift,
     )
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     batches = [b + [b[-1]] * (batch_size - len(b)) for b in batches]  # one batch shape: compile once

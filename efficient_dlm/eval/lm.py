@@ -33,6 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from efficient_dlm.diffusion.objectives import Objective
+from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.errors import UserError
 from efficient_dlm.eval import likelihood
 from efficient_dlm.eval.loading import load
@@ -54,10 +55,15 @@ def _bool(value: Any, name: str) -> bool:
     raise UserError(f"model_args: {name} must be true or false, got {value!r}")
 
 
-def _decoding(settings: dict, diffusion, ckpt: str) -> dict:
-    """The decoding settings: `prepare`'s defaults, the checkpoint's block size, then model_args; validated."""
+def _decoding(settings: dict, diffusion, ckpt: str, spec: DiffusionSpec | None = None) -> dict:
+    """The decoding settings: `prepare`'s defaults, the model's DiffusionSpec (block size, default
+    decoding; strategy "ar" for an AR model), then model_args; validated."""
     defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items() if k in DECODING_KEYS}
-    defaults.update(strategy="ar" if diffusion is None else "threshold", block_size=diffusion.block_size if diffusion else None)
+    defaults.update((spec or DiffusionSpec(mask_token_id=0)).decoding())
+    if diffusion is None:
+        defaults.update(strategy="ar", block_size=None)
+    else:
+        defaults.update(block_size=diffusion.block_size)
     given = {k: v for k, v in settings.items() if k in DECODING_TYPES and v is not None}
     out = {k: None if v is None else DECODING_TYPES[k](v) for k, v in {**defaults, **given}.items()}
     if out["strategy"] != "ar" and diffusion is None:
@@ -125,7 +131,7 @@ class EdlmLM(TemplateLM):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise UserError(f"model_args: batch_size must be >= 1, got {batch_size}")
-        self.decoding = _decoding(settings, diffusion, str(ckpt))
+        self.decoding = _decoding(settings, diffusion, str(ckpt), getattr(self.loaded.model, "spec", None))
         self.max_gen_toks = int(max_gen_toks)
         self.greedy_check, self.warmup = _bool(greedy_check, "greedy_check"), _bool(warmup, "warmup")
         self.elbo = None
