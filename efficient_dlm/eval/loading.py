@@ -1,11 +1,11 @@
 """What an evaluation reads from `ckpt=DIR`: the model, its tokenizer, and how it was trained.
 
 DIR is an efficient_dlm checkpoint (a training run directory or `edlm.save` output, model_config.json)
-or a Hugging Face directory (config.json + safetensors: an AR model such as the demo teacher). A
-checkpoint trained with a diffusion objective is a dLM; everything else is scored as an AR model.
-The block size, token shift and vocabulary padding come from the checkpoint's DiffusionSpec
-(`model.spec`), the masking and rates from the training config it records, so the ELBO corrupts
-exactly as training did.
+or a Hugging Face directory (config.json + safetensors: an AR model such as the demo teacher, or a
+`to_hf` dLM export). A model that comes back with a DiffusionSpec (`model.spec`) is a dLM: its block
+size, attention pattern, token shift and vocabulary padding come from there; everything else is
+scored as an AR model. For masking=train the corruption comes from the training config the
+checkpoint records.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 
 from efficient_dlm import checkpoints
 from efficient_dlm.errors import UserError
-from efficient_dlm.port.hf_config import DLM_PREFIX, read_config_json
 from efficient_dlm.port.hf_import import from_hf
 
 HF_CONFIG = "config.json"
@@ -52,26 +51,17 @@ def _tokenizer(directory: str | None, ckpt: str):
     return Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
 
 
-def _diffusion(extra: dict, spec) -> Diffusion | None:
-    """The training config's diffusion section, or None when the checkpoint was trained as an AR model."""
-    section = (extra.get("train_config") or {}).get("diffusion") or {}
-    if not section or section.get("objective", "block_diffusion") == "ar" or spec is None:
+def _diffusion(spec, extra: dict) -> Diffusion | None:
+    """What the ELBO needs from the model's DiffusionSpec (None: an AR model) and, for masking=train, the
+    corruption of the training recipe the checkpoint records (defaults when it records none)."""
+    if spec is None:
         return None
+    section = (extra.get("train_config") or {}).get("diffusion") or {}
     return Diffusion(
-        block_size=spec.block_size, token_shift=spec.token_shift,
+        block_size=spec.block_size, token_shift=spec.token_shift, objective=spec.attention,
         masking=section.get("masking", "position"), half_life=float(section.get("half_life", 0.25)),
         rate_min=float(section.get("rate_min", 1e-3)), rate_max=float(section.get("rate_max", 1.0)),
-        objective=section.get("objective", "block_diffusion"),
     )
-
-
-def _exported_diffusion(config: dict) -> tuple[Diffusion | None, int | None]:
-    """A `to_hf` dLM export (model_type "edlm_<base>") records its block size, token shift and vocabulary
-    padding in config.json; the training law is not recorded there (masking=train then means position)."""
-    if not str(config.get("model_type", "")).startswith(DLM_PREFIX):
-        return None, None
-    return Diffusion(block_size=int(config["block_size"]), token_shift=bool(config.get("token_shift", False))), \
-        config.get("valid_vocab_size")
 
 
 def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, kind: str = "auto") -> Loaded:
@@ -83,16 +73,15 @@ def load(ckpt: str, *, tokenizer: str | None = None, dtype: str | None = None, k
     if os.path.exists(os.path.join(ckpt, checkpoints.CONFIG_NAME)):
         _, extra = checkpoints.read_model_config(ckpt)
         model = checkpoints.load(ckpt, dtype=dtype)
-        spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
-        diffusion = _diffusion(extra, spec)
-        valid = spec.valid_vocab_size if spec is not None else None
         tok_dir = tokenizer or checkpoints.tokenizer_dir(ckpt)
     elif os.path.exists(os.path.join(ckpt, HF_CONFIG)):
-        model = from_hf(ckpt, dtype=dtype or "float32")
-        diffusion, valid = _exported_diffusion(read_config_json(ckpt))
+        model, extra = from_hf(ckpt, dtype=dtype or "float32"), {}  # a to_hf dLM export carries its spec
         tok_dir = tokenizer or ckpt
     else:
         raise UserError(f"ckpt: {ckpt} holds neither {checkpoints.CONFIG_NAME} (efficient_dlm) nor {HF_CONFIG} (Hugging Face)")
+    spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
+    diffusion = _diffusion(spec, extra)
+    valid = spec.valid_vocab_size if spec is not None else None
     if kind == "ar":
         diffusion = None
     elif kind == "dlm" and diffusion is None:
