@@ -1,7 +1,7 @@
 """The demo tasks through lm-eval (the model `edlm`) beside the project's own evaluator, and the ELBO's error bars.
 
 1. Generation: the AR demo teacher (and, with --dlm DIR, a trained demo dLM at threshold 0.9) on the
-   shipped `edlm_demo` task (the demo's 600 held-out prompts, greedy exact match) through
+   shipped `edlm_demo` task and the per-task group `edlm_demo_tasks` (the demo's 600 held-out prompts, greedy exact match) through
    `lm_eval.simple_evaluate`, and the same prompts through efficient_dlm/demo/evaluate.py:task_eval in
    the same process: accuracy, tokens per forward, generated tokens/s (compiled programs, after warm-up).
 2. ELBO standard error against the number of Monte Carlo masks, on the first --elbo_requests answers
@@ -35,12 +35,12 @@ from efficient_dlm.eval import likelihood  # noqa: E402
 from efficient_dlm.eval.lm import EdlmLM, elbo_objective, task_dir  # noqa: E402
 from efficient_dlm.eval.loading import load  # noqa: E402
 from efficient_dlm.eval.tasks.utils import DEMO_FILE, read_rows  # noqa: E402
-from efficient_dlm.demo.tasks import Instance  # noqa: E402
+from efficient_dlm.demo.tasks import TASKS, Instance  # noqa: E402
 
 
 def generation(ckpt: str, strategy: str, batch: int, items: list[Instance], model) -> dict:
     lm = EdlmLM(ckpt, strategy=strategy, threshold=0.9, batch_size=batch, max_gen_toks=32)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["edlm_demo"], bootstrap_iters=0,
+    results = lm_eval.simple_evaluate(model=lm, tasks=["edlm_demo", "edlm_demo_tasks"], bootstrap_iters=0,
                                       task_manager=TaskManager(include_path=task_dir(), include_defaults=False))
     info = results["config"]["edlm"]["generate"]
     block = lm.decoding["block_size"]
@@ -49,6 +49,8 @@ def generation(ckpt: str, strategy: str, batch: int, items: list[Instance], mode
                      batch_size=batch, max_new_tokens=32)
     return {"ckpt": ckpt, "strategy": strategy, "lm_eval_accuracy": 100 * results["results"]["edlm_demo"]["exact_match,none"],
             "lm_eval_tpf": info["tokens_per_forward"], "lm_eval_tok_s": info["tokens_per_second"],
+            "lm_eval_per_task": {t: 100 * results["results"][f"edlm_demo_{t}"]["exact_match,none"] for t in TASKS},
+            "demo_per_task": {t: ours["accuracy"][t] for t in TASKS},
             "demo_accuracy": ours["accuracy"]["all"], "demo_tpf": ours["tokens_per_forward"],
             "demo_tok_s": ours["tokens_per_second"]}
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--elbo_requests", type=int, default=60)
     parser.add_argument("--counts", default="2,8,32,128")
+    parser.add_argument("--skip_elbo", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     items = [Instance(r["task"], r["prompt"], r["answer"]) for r in read_rows(DEMO_FILE)]
@@ -93,12 +96,13 @@ def main() -> None:
         diffusion = {"objective": "block_diffusion", "block_size": 4, "token_shift": True, "masking": "position"}
         edlm.save(edlm.from_hf(teacher.teacher_dir()), elbo_ckpt, tokenizer_dir=teacher.teacher_dir(), force=True,
                   extra={"train_config": {"diffusion": diffusion}})
-    report["elbo"] = elbo_errors(elbo_ckpt, args.elbo_requests, [int(c) for c in args.counts.split(",")])
+    report["elbo"] = [] if args.skip_elbo else elbo_errors(elbo_ckpt, args.elbo_requests, [int(c) for c in args.counts.split(",")])
     print("| model | decoding | lm-eval accuracy | demo evaluator accuracy | TPF | tok/s (lm-eval) | tok/s (demo) |")
     print("|---|---|---|---|---|---|---|")
     for g in report["generation"]:
         print(f"| {g['ckpt']} | {g['strategy']} | {g['lm_eval_accuracy']:.1f} | {g['demo_accuracy']:.1f} | "
               f"{g['lm_eval_tpf']:.2f} | {g['lm_eval_tok_s']:.0f} | {g['demo_tok_s']:.0f} |")
+        print("per task, lm-eval (edlm_demo_tasks):", g["lm_eval_per_task"], "demo evaluator:", g["demo_per_task"])
     print("| law | masks | mean ELBO (nats) | mean standard error |")
     print("|---|---|---|---|")
     for e in report["elbo"]:

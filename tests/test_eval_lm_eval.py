@@ -139,3 +139,24 @@ def test_an_exported_dlm_is_scored_as_a_dlm(tiny_dlm_dir, tmp_path):
     loaded = load(out)
     assert loaded.diffusion is not None and (loaded.diffusion.block_size, loaded.diffusion.token_shift) == (4, True)
     assert load(TEACHER).diffusion is None  # the AR teacher's directory (its config has a mask id too)
+
+
+def test_chat_template_formats_the_prompts(tmp_path):
+    """--apply_chat_template: lm-eval's prompts go through the tokenizer's chat template (here a toy one)."""
+    import shutil
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(TEACHER, name), tok_dir / name)
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    results = lm_eval.simple_evaluate(
+        model="edlm", model_args=f"ckpt={TEACHER},tokenizer={tok_dir},batch_size=2,warmup=false",
+        tasks=["edlm_demo"], limit=2, apply_chat_template=True, log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=task_dir(), include_defaults=False),
+    )
+    contexts = [row["arguments"][0][0] for row in _samples(results["samples"]["edlm_demo"])]
+    assert contexts == [f"[user] {item.prompt}\n[assistant]" for item in ITEMS[:2]]
