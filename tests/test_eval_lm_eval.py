@@ -124,11 +124,16 @@ def test_dlm_through_edlm_eval_matches_the_demo_evaluator(tiny_dlm_dir, tmp_path
     assert info["loglikelihood"]["method"] == "elbo" and info["loglikelihood"]["mean_stderr"] > 0
 
 
-def test_bad_model_args_are_one_clear_error(capsys):
-    code = cli.main(["edlm", "eval", "--ckpt", TEACHER, "--tasks", "edlm_demo", "--model_args", "strategy=threshold",
+@pytest.mark.parametrize("model_args,message", [
+    ("strategy=threshold", "strategy=threshold needs a dLM checkpoint"),
+    ("verifier=self", "verifier= is used by strategy=speculative only"),
+    ("mc_sample=8", "unknown key(s) mc_sample"),
+])
+def test_bad_model_args_are_one_clear_error(capsys, model_args, message):
+    code = cli.main(["edlm", "eval", "--ckpt", TEACHER, "--tasks", "edlm_demo", "--model_args", model_args,
                      "--nobuiltin_tasks"])
     assert code == 2
-    assert "strategy=threshold needs a dLM checkpoint" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_an_exported_dlm_is_scored_as_a_dlm(tiny_dlm_dir, tmp_path):

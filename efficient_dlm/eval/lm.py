@@ -6,8 +6,9 @@
 arguments as `python -m efficient_dlm.eval ...` or use `edlm eval`, which register the model first.)
 
 - generate_until: `efficient_dlm.generate` with any decoding strategy (ar, threshold, topk, factor,
-  entropy, ...), `batch_size` prompts per call in request order (the last batch padded by repetition,
-  one prompt bucket per request group, so every call has one shape), greedy unless the task asks for
+  entropy, and speculative with verifier=DIR|self and draft_steps= where the sampler has it),
+  `batch_size` prompts per call in request order (the last batch padded by repetition, one prompt
+  bucket per request group, so every call has one shape), greedy unless the task asks for
   sampling; the text is cut at the first stop sequence (`until`) and at EOS.
 - loglikelihood: exact for AR models; for a dLM the block-diffusion ELBO (likelihood.py; mc_samples
   masks per request, in complementary pairs unless mc_complementary=false: at equal masks they cut the
@@ -77,6 +78,19 @@ def _decoding(settings: dict, diffusion, ckpt: str, spec: DiffusionSpec | None =
     return out
 
 
+def _speculative(strategy: str, verifier: str | None, draft_steps: int, dtype: str | None) -> dict:
+    """generate()'s verifier / draft_steps for strategy="speculative" (the dLM drafts, an AR model at
+    verifier=DIR, or the dLM itself with verifier=self, keeps exactly its own greedy decoding); {} otherwise."""
+    if strategy != "speculative":
+        if verifier is not None:
+            raise UserError(f"model_args: verifier= is used by strategy=speculative only, got strategy={strategy}")
+        return {}
+    if not verifier:
+        raise UserError("model_args: strategy=speculative needs verifier=DIR (an AR model) or verifier=self")
+    model = "self" if verifier == "self" else load(verifier, dtype=dtype, kind="ar").model
+    return {"verifier": model, "draft_steps": draft_steps}
+
+
 BOUND_RATES = (1e-6, 1.0)  # uniform masking over these rates: the any-order bound (docs/METHOD.md section 3)
 
 
@@ -113,6 +127,8 @@ class EdlmLM(TemplateLM):
         kind: str = "auto",
         dtype: str | None = None,
         tokenizer: str | None = None,
+        verifier: str | None = None,
+        draft_steps: int = 1,
         **settings: Any,
     ) -> None:
         """settings: `generate`'s decoding arguments (DECODING_KEYS; defaults: the checkpoint's block size,
@@ -133,6 +149,8 @@ class EdlmLM(TemplateLM):
         if self.batch_size < 1:
             raise UserError(f"model_args: batch_size must be >= 1, got {batch_size}")
         self.decoding = _decoding(settings, diffusion, str(ckpt), getattr(self.loaded.model, "spec", None))
+        self.speculative = _speculative(self.decoding["strategy"], verifier, int(draft_steps), dtype)
+        self._verifier_name = verifier
         self.max_gen_toks = int(max_gen_toks)
         self.greedy_check, self.warmup = _bool(greedy_check, "greedy_check"), _bool(warmup, "warmup")
         self.elbo = None
@@ -216,6 +234,7 @@ class EdlmLM(TemplateLM):
         else:
             settings.pop("block_size")
         settings["valid_vocab_size"] = self.loaded.valid_vocab_size
+        settings.update(self.speculative)
         return settings, until
 
     def _prompt_ids(self, context: str, max_new: int) -> list[int]:
@@ -327,7 +346,9 @@ class EdlmLM(TemplateLM):
         info = {
             "ckpt": self.loaded.description,
             "kind": "ar" if diffusion is None else "dlm",
-            "decoding": {k: v for k, v in self.decoding.items() if k in DECODING_KEYS},
+            "decoding": {**{k: v for k, v in self.decoding.items() if k in DECODING_KEYS},
+                         **({"verifier": self._verifier_name, "draft_steps": self.speculative["draft_steps"]}
+                            if self.speculative else {})},
             "generate": {**gen, "tokens_per_forward": gen["generated_tokens"] / max(gen["row_forwards"], 1),
                          "tokens_per_second": gen["generated_tokens"] / max(gen["program_seconds"], 1e-9)},
             "loglikelihood": {**ll, "method": "exact" if diffusion is None else "elbo"},
