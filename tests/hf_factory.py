@@ -30,6 +30,10 @@ FAMILIES = {
     ),
     "mistral_gqa": ("MistralConfig", "MistralForCausalLM", dict(num_attention_heads=8, num_key_value_heads=2)),
     "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
+    # layer 0 full attention, layer 1 a window of 4 (Qwen2's max_window_layers rule)
+    "qwen2_max_window_layers": (
+        "Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
     "llama_qkvo_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True)),  # q/k/v and o_proj biases
     "qwen3_qkvo_bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(attention_bias=True, head_dim=8)),

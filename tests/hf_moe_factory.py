@@ -26,6 +26,19 @@ MOE_FAMILIES = {
         dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts_per_tok=3),
     ),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, intermediate_size=24)),
+    # dense, MoE, dense, MoE: one scanned (dense, MoE) group repeated twice
+    "qwen3_moe_sparse_step": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=16, decoder_sparse_step=2, num_hidden_layers=4, head_dim=8),
+    ),
+    # MoE, dense, MoE, and Qwen2-MoE's window rule: layer 0 (even, below max_window_layers) slides
+    "qwen2_moe_dense_middle_window": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[1],
+             num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    ),
     "glm4_moe_sigmoid_groups": (
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",

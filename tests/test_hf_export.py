@@ -279,8 +279,8 @@ def test_moe_ar_round_trip_reproduces_source(family, moe_source, tmp_path):
 
 
 # Sigmoid group-limited router with selection bias, shared experts and a dense first layer; softmax
-# router with a gated shared expert; Mixtral's tensor names.
-@pytest.mark.parametrize("family", ["glm4_moe_sigmoid_groups", "qwen2_moe_shared_gate", "mixtral"])
+# router with a gated shared expert, a dense middle layer and a per-layer window; Mixtral's tensor names.
+@pytest.mark.parametrize("family", ["glm4_moe_sigmoid_groups", "qwen2_moe_dense_middle_window", "mixtral"])
 def test_moe_dlm_export_logits_match_jax(family, moe_source, tmp_path):
     src, out = moe_source(family), str(tmp_path / "out")
     model = edlm.from_hf(src, mask_token_id=VOCAB - 1)

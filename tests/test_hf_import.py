@@ -110,12 +110,12 @@ def rewrite_tensors(directory: str, edit) -> None:
     [
         (dict(model_type="gpt2"), r"unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"),
         (dict(hidden_act="gelu"), r"unsupported hidden_act 'gelu'; only silu \(SwiGLU\) is supported$"),
-        (dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
-         r"per-layer attention types \['full_attention', 'sliding_attention'\] are not supported"),
+        (dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "chunked_attention"]),
+         r"layer_types \['full_attention', 'chunked_attention'\] must list full_attention / sliding_attention"),
         (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), r"unsupported model\.rope_type 'longrope'"),
         (dict(num_attention_heads=None), r"config\.json lacks num_attention_heads$"),
     ],
-    ids=["model_type", "hidden_act", "mixed_sliding", "rope_type", "missing_key"],
+    ids=["model_type", "hidden_act", "layer_types", "rope_type", "missing_key"],
 )
 def test_unsupported_config(tiny_hf_dir, tmp_path, changes, message):
     directory = copy_dir(tiny_hf_dir[0], tmp_path / "m")

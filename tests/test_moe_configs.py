@@ -59,8 +59,8 @@ def test_moe_recipes_build_with_the_expected_parameter_count(recipe, published):
         (dict(capacity_factor=-1.0), "model.capacity_factor must be positive"),
         (dict(shared_expert_gate=True), "needs a shared expert"),
         (dict(router_score="relu"), "unknown model.router_score 'relu'"),
-        (dict(first_k_dense=2), r"model.first_k_dense must be in 0..1"),
-        (dict(model_type="qwen3"), "must be 0 for the dense model_type 'qwen3'"),
+        (dict(first_k_dense=2), r"model.first_k_dense \(2\) and model.mlp_only_layers leave no MoE layer of 2"),
+        (dict(model_type="qwen3"), "must be unset for the dense model_type 'qwen3'"),
     ],
 )
 def test_moe_config_errors_name_the_field(overrides, message):

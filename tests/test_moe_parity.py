@@ -37,13 +37,18 @@ def _hf(**overrides):
     return {**base, **overrides}
 
 
-def test_hf_config_dense_layers_become_a_leading_dense_stack():
-    assert model_config_from_hf(_hf(mlp_only_layers=[0, 1])).first_k_dense == 2
-    assert model_config_from_hf(_hf(decoder_sparse_step=1)).first_k_dense == 0
-    with pytest.raises(CheckpointError, match=r"dense layers \[0, 2\] .* not a leading block"):
-        model_config_from_hf(_hf(mlp_only_layers=[0, 2]))
-    with pytest.raises(CheckpointError, match=r"dense layers \[0, 2\]"):
-        model_config_from_hf(_hf(decoder_sparse_step=2))
+def test_hf_config_dense_layers_follow_transformers():
+    def dense(**changes):
+        cfg = model_config_from_hf(_hf(**changes))
+        return cfg.first_k_dense, cfg.mlp_only_layers, cfg.dense_mlp_layers
+
+    assert dense(mlp_only_layers=[0, 1]) == (2, (), (0, 1))
+    assert dense(decoder_sparse_step=1) == (0, (), ())
+    assert dense(mlp_only_layers=[0, 2]) == (1, (2,), (0, 2))
+    assert dense(decoder_sparse_step=2) == (1, (2,), (0, 2))  # layer i is MoE iff (i + 1) % step == 0
+    assert dense(decoder_sparse_step=3, mlp_only_layers=[0]) == (2, (3,), (0, 1, 3))
+    with pytest.raises(CheckpointError, match="leave no MoE layer of 4"):
+        model_config_from_hf(_hf(mlp_only_layers=[0, 1, 2, 3]))
 
 
 

@@ -175,3 +175,23 @@ def test_dynamic_rope_generation_equals_a_forward_over_its_result(dynamic_models
     sequence = np.array([prompt + list(result.sequences[0])])  # sequences hold the generated tokens
     assert sequence.shape == (1, 12)
     assert relative_error(result.logits[0], full_logits(model, sequence, "causal")[0, 4:11]) <= 1e-4
+
+
+def test_per_layer_window_decode_and_export_match_transformers(tmp_path):
+    """Qwen2's max_window_layers 1: layer 0 attends fully, layer 1 within 4 positions (12 tokens)."""
+    directory = str(tmp_path / "src")
+    torch_model = make_hf_model("qwen2_max_window_layers", directory)
+    model = edlm.from_hf(directory, mask_token_id=VOCAB - 1)
+    assert (model.config.sliding_window, model.config.full_attention_layers) == (4, (0,))
+    tokens = np.random.RandomState(9).randint(0, VOCAB, size=(2, 12))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(tokens)).logits.numpy()
+    assert relative_error(chunked_logits(model, tokens, 8, "causal"), ref[:, 8:]) <= 1e-4
+    out = str(tmp_path / "dlm")
+    edlm.to_hf(model, out, tokenizer_dir=write_tokenizer(tmp_path / "tok"), block_size=4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        prefix = hf(torch.tensor(tokens[:, :8]), use_cache=True).past_key_values
+        chunk = hf(torch.tensor(tokens[:, 8:]), past_key_values=prefix).logits.numpy()
+    assert relative_error(chunk, full_logits(model, tokens, "block", 4)[:, 8:]) <= 1e-4
+    assert edlm.from_hf(out).config == model.config

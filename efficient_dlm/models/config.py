@@ -43,6 +43,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # keys >= this many positions back are hidden, in every mode (models/masks.py)
+    full_attention_layers: tuple[int, ...] = ()  # layers without the window (Qwen2 max_window_layers / layer_types)
     # RoPE, flattened from HF's rope_parameters / rope_scaling. None means "not set".
     rope_theta: float = 10000.0
     rope_type: str = "default"
@@ -72,7 +73,8 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0  # top-k
     moe_intermediate_size: int = 0  # hidden size of one routed expert
-    first_k_dense: int = 0  # leading layers with a dense MLP of intermediate_size (HF mlp_only_layers prefix)
+    first_k_dense: int = 0  # leading layers with a dense MLP of intermediate_size (GLM first_k_dense_replace)
+    mlp_only_layers: tuple[int, ...] = ()  # further dense-MLP layers anywhere (Qwen-MoE mlp_only_layers / sparse step)
     shared_expert_intermediate_size: int = 0  # always-on shared expert(s); 0 = none
     shared_expert_gate: bool = False  # shared expert output scaled by sigmoid(x . w) (Qwen2-MoE)
     router_score: str = "softmax"  # softmax (Qwen, Mixtral) | sigmoid (DeepSeek-V3, GLM-4.5, Ling 2.0)
@@ -88,6 +90,12 @@ class ModelConfig:
     moe_impl: str = "auto"  # grouped matmul: ragged (jax.lax.ragged_dot), gmm (megablox), auto (ragged)
 
     def __post_init__(self):
+        for name in ("full_attention_layers", "mlp_only_layers"):  # JSON and the CLI give lists: canonical tuples
+            object.__setattr__(self, name, tuple(sorted({int(i) for i in getattr(self, name)})))
+        if self.num_experts > 0:  # one spelling per architecture: a leading run of dense layers is first_k_dense
+            while self.first_k_dense in self.mlp_only_layers:
+                object.__setattr__(self, "first_k_dense", self.first_k_dense + 1)
+            object.__setattr__(self, "mlp_only_layers", tuple(i for i in self.mlp_only_layers if i >= self.first_k_dense))
         validate(self)
 
     @property
@@ -103,9 +111,14 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
+    def dense_mlp_layers(self) -> tuple[int, ...]:
+        """Indices of a MoE model's layers with a dense MLP: the first first_k_dense and mlp_only_layers."""
+        return tuple(sorted(set(range(self.first_k_dense)) | set(self.mlp_only_layers))) if self.is_moe else ()
+
+    @property
     def num_moe_layers(self) -> int:
-        """Layers with routed experts: all after the first_k_dense dense ones (0 for a dense model)."""
-        return self.num_layers - self.first_k_dense if self.is_moe else 0
+        """Layers with routed experts (0 for a dense model)."""
+        return self.num_layers - len(self.dense_mlp_layers) if self.is_moe else 0
 
     @property
     def rotary_dim(self) -> int:
@@ -169,6 +182,12 @@ def validate(cfg: ModelConfig) -> None:
                 raise ValueError(f"model.rope_type 'llama3' needs model.{name}")
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise ValueError(f"model.sliding_window must be positive or None, got {cfg.sliding_window}")
+    for name in ("full_attention_layers", "mlp_only_layers"):
+        bad = [i for i in getattr(cfg, name) if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"model.{name} holds layer {bad[0]}, outside 0..{cfg.num_layers - 1}")
+    if cfg.full_attention_layers and cfg.sliding_window is None:
+        raise ValueError("model.full_attention_layers exempts layers from a window: set model.sliding_window too")
     if cfg.head_dim % 2:
         raise ValueError(f"model.head_dim must be even for RoPE, got {cfg.head_dim}")
     if not 0 < cfg.partial_rotary_factor <= 1 or cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
@@ -195,10 +214,10 @@ def validate(cfg: ModelConfig) -> None:
 
 def _validate_moe(cfg: ModelConfig) -> None:
     if cfg.model_type in DENSE_FAMILIES:
-        if cfg.num_experts or cfg.first_k_dense:
+        if cfg.num_experts or cfg.first_k_dense or cfg.mlp_only_layers:
             raise ValueError(
-                f"model.num_experts and model.first_k_dense must be 0 for the dense model_type {cfg.model_type!r} "
-                f"(MoE families: {', '.join(MOE_FAMILIES)})"
+                f"model.num_experts, model.first_k_dense and model.mlp_only_layers must be unset for the dense "
+                f"model_type {cfg.model_type!r} (MoE families: {', '.join(MOE_FAMILIES)})"
             )
         return
     if cfg.num_experts <= 0:
@@ -207,6 +226,10 @@ def _validate_moe(cfg: ModelConfig) -> None:
         raise ValueError(f"model.num_experts_per_tok must be in 1..{cfg.num_experts}, got {cfg.num_experts_per_tok}")
     if cfg.moe_intermediate_size <= 0:
         raise ValueError(f"model.moe_intermediate_size must be positive, got {cfg.moe_intermediate_size}")
+    if cfg.num_moe_layers <= 0:
+        raise ValueError(
+            f"model.first_k_dense ({cfg.first_k_dense}) and model.mlp_only_layers leave no MoE layer of {cfg.num_layers}"
+        )
     if not 0 <= cfg.first_k_dense < cfg.num_layers:
         raise ValueError(f"model.first_k_dense must be in 0..{cfg.num_layers - 1} (at least one MoE layer), got {cfg.first_k_dense}")
     if cfg.shared_expert_intermediate_size < 0:

@@ -4,11 +4,14 @@ Layers are created stacked (nnx.vmap, leading logical axis "layers") and run wit
 their state, so compile time does not grow with depth; the scan body is rematerialised with the
 configured policy. One forward serves every training pattern (`attention=` mode) and, through
 `decode`, the sampler's chunk-against-KV-cache step. MoE configs (models/moe.py) stack their MoE
-layers in `layers` and, when `first_k_dense` > 0, the leading dense layers in `dense_layers`, run
-first; KV caches and returned keys/values keep one leading axis over all layers in order.
+layers in `layers` and their dense-MLP layers (first_k_dense, mlp_only_layers) in `dense_layers`;
+models/layer_groups.py schedules the layers of both stacks, with their per-layer sliding windows,
+as scanned repeating groups in layer order. KV caches and returned keys/values keep one leading axis
+over all layers in order.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,6 +22,7 @@ from flax import nnx
 from efficient_dlm.models import attention as attn_lib
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.layer_groups import DENSE_STACK, Segment, schedule
 from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
 from efficient_dlm.models.masks import MaskSpec
 from efficient_dlm.models.moe import MoEDecoderLayer, with_moe_losses
@@ -59,30 +63,55 @@ def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, count: int, make=make_layer
     return create(rngs)
 
 
-def run_stacked(layers: nnx.Module, h, cos, sin, attend, caches, remat_policy: str, scan: bool = True):
-    """Applies stacked `layers` in order. caches is a pytree with leading layer axis, or None.
+def _grouped(tree, start: int, repeats: int, per_group: int):
+    """Leading-axis entries start .. start + repeats * per_group of `tree`, as [repeats, per_group, ...]."""
+    return jax.tree.map(lambda a: a[start : start + repeats * per_group].reshape(repeats, per_group, *a.shape[1:]), tree)
 
-    Returns (h, (k, v) stacked per layer, aux dict stacked per layer).
+
+def _flat(tree):
+    """[repeats, per_group, ...] -> [repeats * per_group, ...]."""
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+
+
+def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches, remat_policy: str, scan: bool = True):
+    """Runs one segment of the layer schedule: `segment.repeats` copies of its group of layers, the group
+    unrolled in one scan step. stacks: stack name -> stacked module; caches: leading axis over all
+    layers, or None. Returns (h, (k, v) over the segment's layers, router statistics over its MoE layers).
     """
-    graphdef, state = nnx.split(layers)
+    names = sorted({kind.stack for kind in segment.group})
+    split = {name: nnx.split(stacks[name]) for name in names}
+    states = {
+        name: _grouped(split[name][1], segment.offsets[name], segment.repeats, segment.per_group(name)) for name in names
+    }
+    width = len(segment.group)
+    caches = _grouped(caches, segment.first, segment.repeats, width)
 
     def body(x, xs):
-        layer_state, layer_cache = xs
-        layer = nnx.merge(graphdef, layer_state)
-        x, kv, aux = layer(x, cos, sin, attend, layer_cache)
-        return x, (kv, aux)
+        group_states, group_cache = xs
+        used = dict.fromkeys(names, 0)
+        kvs, stats = [], []
+        for j, kind in enumerate(segment.group):
+            graphdef = split[kind.stack][0]
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[used[kind.stack]], group_states[kind.stack]))
+            used[kind.stack] += 1
+            x, kv, aux = layer(x, cos, sin, make_attend(kind.window), jax.tree.map(lambda a: a[j], group_cache))
+            kvs.append(kv)
+            if kind.stack != DENSE_STACK:
+                stats.append(aux)
+        stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items) if items else {}  # noqa: E731
+        return x, (stack(kvs), stack(stats))
 
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
-        h, (kv, aux) = jax.lax.scan(body, h, (state, caches))
-        return h, kv, aux
-    outs = []
-    for i in range(jax.tree.leaves(state)[0].shape[0]):  # unrolled: one copy of the layer per index
-        h, out = body(h, jax.tree.map(lambda a: a[i], (state, caches)))
-        outs.append(out)
-    kv, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    return h, kv, aux
+        h, (kv, aux) = jax.lax.scan(body, h, (states, caches))
+    else:
+        outs = []
+        for i in range(segment.repeats):  # unrolled: one copy of the group per repeat
+            h, out = body(h, jax.tree.map(lambda a: a[i], (states, caches)))
+            outs.append(out)
+        kv, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return h, _flat(kv), _flat(aux)
 
 
 class Decoder(nnx.Module):
@@ -91,9 +120,10 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
-        if cfg.first_k_dense:
-            self.dense_layers = stacked_layers(cfg, rngs, cfg.first_k_dense, make_dense_layer)
-        self.layers = stacked_layers(cfg, rngs, cfg.num_layers - cfg.first_k_dense)
+        dense = len(cfg.dense_mlp_layers)
+        if dense:
+            self.dense_layers = stacked_layers(cfg, rngs, dense, make_dense_layer)
+        self.layers = stacked_layers(cfg, rngs, cfg.num_layers - dense)
         self.final_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
@@ -117,17 +147,20 @@ class Decoder(nnx.Module):
         out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
-    def _layers(self, h, positions, attend, caches, rope_length=None):
+    def _layers(self, h, positions, make_attend, caches, rope_length=None):
+        """All layers in order (layer_groups.schedule); make_attend(window) is the attention of a layer
+        with that sliding window."""
         cfg = self.config
         cos, sin = rope_tables(cfg, positions, rope_length)
-        dense = cfg.first_k_dense
-        if dense:
-            dense_caches = jax.tree.map(lambda c: c[:dense], caches)
-            caches = jax.tree.map(lambda c: c[dense:], caches)
-            h, dense_kv, _ = run_stacked(self.dense_layers, h, cos, sin, attend, dense_caches, cfg.remat_policy, cfg.scan_layers)
-        h, kv, aux = run_stacked(self.layers, h, cos, sin, attend, caches, cfg.remat_policy, cfg.scan_layers)
-        if dense:
-            kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dense_kv, kv)
+        stacks = {"layers": self.layers, **({DENSE_STACK: self.dense_layers} if cfg.dense_mlp_layers else {})}
+        kvs, stats = [], []
+        for segment in schedule(cfg):
+            h, kv, aux = run_segment(stacks, segment, h, cos, sin, make_attend, caches, cfg.remat_policy, cfg.scan_layers)
+            kvs.append(kv)
+            stats.append(aux)
+        concat = lambda items: jax.tree.map(lambda *a: jnp.concatenate(a), *items)  # noqa: E731
+        kv = concat(kvs)
+        aux = concat([s for s in stats if s]) if any(stats) else {}
         if cfg.is_moe:
             aux = with_moe_losses(aux, cfg)
         return self.final_norm(h), kv, aux
@@ -154,7 +187,10 @@ class Decoder(nnx.Module):
         stream_len = length // 2 if attention == "clean_context" else length
         if attention == "clean_context" and length % 2:
             raise ValueError(f"clean_context input must be [x_t ; x_0] of even length, got {length}")
-        spec = MaskSpec(attention, block_size, stream_len, self.config.sliding_window)
+        base = MaskSpec(attention, block_size, stream_len, self.config.sliding_window)  # validates the mode now
+
+        def spec(window):
+            return dataclasses.replace(base, sliding_window=window)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) % stream_len, (batch, length))
         elif positions.shape[1] == stream_len and length == 2 * stream_len:
@@ -163,11 +199,11 @@ class Decoder(nnx.Module):
             segment_ids = jnp.concatenate([segment_ids, segment_ids], axis=1)
         backend = self.config.attention_backend
 
-        def attend(q, k, v, _):
-            return attn_lib.attention(q, k, v, spec, segment_ids, backend)
+        def make_attend(window):
+            return lambda q, k, v, _: attn_lib.attention(q, k, v, spec(window), segment_ids, backend)
 
         h = self.embed(tokens) if embeddings is None else embeddings
-        h, _, aux = self._layers(h, positions, attend, None, _real_length(positions, segment_ids))
+        h, _, aux = self._layers(h, positions, make_attend, None, _real_length(positions, segment_ids))
         return h, aux
 
     def __call__(
@@ -204,14 +240,16 @@ class Decoder(nnx.Module):
         """
         backend = self.config.attention_backend
 
-        def attend(q, k, v, layer_cache):
-            ck, cv = layer_cache
-            return attn_lib.cached_attention(
-                q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend,
-                self.config.sliding_window,
-            )
+        def make_attend(window):
+            def attend(q, k, v, layer_cache):
+                ck, cv = layer_cache
+                return attn_lib.cached_attention(
+                    q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend, window
+                )
 
-        h, kv, _ = self._layers(self.embed(tokens), positions, attend, (cache.k, cache.v), cache.rope_length)
+            return attend
+
+        h, kv, _ = self._layers(self.embed(tokens), positions, make_attend, (cache.k, cache.v), cache.rope_length)
         return h, kv
 
 

@@ -3,8 +3,9 @@
 A MoE decoder layer is the dense layer with the SwiGLU MLP replaced by `MoEBlock`: a router
 (models/routers.py) picks k experts per token, the routed experts run as grouped matmuls
 (models/moe_dispatch.py: dropless or capacity, with expert parallelism), and an optional shared
-expert runs on every token, optionally scaled by sigmoid(x . w) (Qwen2-MoE). Configs with
-`first_k_dense` > 0 keep a separate stack of dense layers before the MoE stack (Decoder.dense_layers).
+expert runs on every token, optionally scaled by sigmoid(x . w) (Qwen2-MoE). Configs with dense-MLP
+layers (`first_k_dense`, `mlp_only_layers`) keep them in a separate stack (Decoder.dense_layers),
+interleaved with the MoE layers in layer order by models/layer_groups.py.
 
 Contract with the trainer. `Decoder.hidden` returns `aux`, empty for dense models; for MoE models:
 - per-layer router statistics stacked over the MoE layers (routers.py: expert_counts,

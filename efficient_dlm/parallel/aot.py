@@ -214,6 +214,8 @@ def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) 
         for depth in (first + 1, first + 2):
             variant = config.copy_and_resolve_references()
             variant.model.num_layers, variant.model.scan_layers = depth, False
+            # Per-layer index lists do not fit the shallow variants; the extrapolation counts MoE layers.
+            variant.model.mlp_only_layers, variant.model.full_attention_layers = (), ()
             variant.train.grad_accum, variant.train.loss_chunk, variant.train.batch_size = 1, 0, rows
             counts.append(_flops(train_program(variant, mesh).compile(mesh, rules)))
         return counts[0] + (layers - first - 1) * (counts[1] - counts[0])

@@ -22,7 +22,8 @@ from efficient_dlm.port.safetensors_io import CheckpointError
 DLM_PREFIX = "edlm_"
 # MoE fields a dLM export's config.json carries under our ModelConfig names (its modeling file reads them).
 DLM_MOE_FIELDS = (
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense", "shared_expert_intermediate_size",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense", "mlp_only_layers",
+    "shared_expert_intermediate_size",
     "shared_expert_gate", "router_score", "router_norm_topk", "router_groups", "router_topk_groups",
     "routed_scaling_factor", "router_bias", "router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate",
 )
@@ -136,22 +137,44 @@ def rope_fields(hf: Mapping[str, Any], max_positions: int, model_type: str = "ll
     return out
 
 
-def sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int) -> int | None:
-    """The one sliding window of all layers, or None; per-layer mixes (Qwen's max_window_layers) are refused."""
-    window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        if not hf.get("use_sliding_window", False) or window is None:
-            return None
-        first = hf.get("max_window_layers", 28)  # layers >= max_window_layers slide (transformers' rule)
-        layer_types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+def _default_layer_types(hf: Mapping[str, Any], model_type: str, num_layers: int) -> list[str]:
+    """transformers' layer_types when config.json has none: Qwen2 / Qwen3 slide from max_window_layers
+    on, Qwen2-MoE slides the even layers below it."""
+    first = hf.get("max_window_layers", 28)
+    if model_type == "qwen2_moe":
+        slides = [bool((i + 1) % 2) and i < first for i in range(num_layers)]
     else:
-        layer_types = hf.get("layer_types") or ["sliding_attention" if window is not None else "full_attention"]
-    kinds = set(layer_types)
-    if kinds == {"full_attention"}:
-        return None
-    if kinds == {"sliding_attention"} and window is not None:
-        return int(window)
-    raise CheckpointError(f"per-layer attention types {sorted(kinds)} are not supported (only all full or all sliding)")
+        slides = [i >= first for i in range(num_layers)]
+    return ["sliding_attention" if s else "full_attention" for s in slides]
+
+
+def sliding_window(hf: Mapping[str, Any], model_type: str, num_layers: int, dlm_export: bool = False) -> dict[str, Any]:
+    """{sliding_window, full_attention_layers} as the family's transformers class applies them.
+
+    Mistral / Mixtral / Qwen3-MoE window every layer (their classes ignore layer_types); Qwen2, Qwen3
+    and Qwen2-MoE window the layers whose layer type is sliding_attention, only with
+    use_sliding_window; Llama and GLM-4.5 have no sliding window. A dLM export states both fields.
+    """
+    window = hf.get("sliding_window") or None
+    if dlm_export:
+        return dict(sliding_window=window, full_attention_layers=tuple(hf.get("full_attention_layers") or ()))
+    none = dict(sliding_window=None, full_attention_layers=())
+    if model_type in ("llama", "glm4_moe") or window is None:
+        return none
+    if model_type in ("mistral", "mixtral"):
+        return dict(sliding_window=int(window), full_attention_layers=())
+    if not hf.get("use_sliding_window", False):
+        return none
+    if model_type == "qwen3_moe":
+        return dict(sliding_window=int(window), full_attention_layers=())
+    layer_types = hf.get("layer_types") or _default_layer_types(hf, model_type, num_layers)
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown or len(layer_types) != num_layers:
+        raise CheckpointError(
+            f"layer_types {layer_types} must list full_attention / sliding_attention for each of the {num_layers} layers"
+        )
+    full = tuple(i for i, kind in enumerate(layer_types) if kind == "full_attention")
+    return none if len(full) == num_layers else dict(sliding_window=int(window), full_attention_layers=full)
 
 
 def _first_token_id(value) -> int | None:
@@ -160,24 +183,24 @@ def _first_token_id(value) -> int | None:
     return value
 
 
-def _leading_dense_layers(hf: Mapping[str, Any]) -> int:
-    """Qwen-MoE's mlp_only_layers / decoder_sparse_step as a count of leading dense layers."""
+def _dense_layers(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Qwen-MoE's dense-MLP layers as transformers picks them (layer i is MoE iff i is not in
+    mlp_only_layers and (i + 1) % decoder_sparse_step == 0): the leading run as first_k_dense, the
+    rest as mlp_only_layers."""
     layers = hf["num_hidden_layers"]
     step = hf.get("decoder_sparse_step", 1) or 1
-    dense = sorted(set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step})
-    if dense != list(range(len(dense))):
-        raise CheckpointError(
-            f"dense layers {dense} (mlp_only_layers / decoder_sparse_step) are not a leading block; "
-            "only dense layers before the first MoE layer are supported"
-        )
-    return len(dense)
+    dense = set(hf.get("mlp_only_layers") or []) | {i for i in range(layers) if (i + 1) % step}
+    leading = 0
+    while leading in dense:
+        leading += 1
+    return dict(first_k_dense=leading, mlp_only_layers=tuple(sorted(i for i in dense if i >= leading)))
 
 
 def _qwen_moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(
         num_experts=hf.get("num_experts") or hf.get("num_local_experts"),
         moe_intermediate_size=hf["moe_intermediate_size"],
-        first_k_dense=_leading_dense_layers(hf),
+        **_dense_layers(hf),
         router_norm_topk=bool(hf.get("norm_topk_prob", False)),
     )
 
@@ -296,7 +319,6 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         attention_out_bias=_attention_out_bias(hf, model_type),
         qk_norm=model_type in ("qwen3", "qwen3_moe") or bool(hf.get("use_qk_norm", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=sliding_window(hf, model_type, hf["num_hidden_layers"]),
         bos_token_id=_first_token_id(hf.get("bos_token_id")),
         eos_token_id=_first_token_id(hf.get("eos_token_id")),
         pad_token_id=_first_token_id(hf.get("pad_token_id")),
@@ -305,6 +327,7 @@ def model_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> Model
         param_dtype=dtype,
     )
     fields.update(rope_fields(hf, max_positions, model_type, dlm_export))
+    fields.update(sliding_window(hf, model_type, hf["num_hidden_layers"], dlm_export))
     fields.update({f: hf[f] for f in DLM_MOE_FIELDS if f in hf} if dlm_export else moe_fields(hf, model_type))
     if dlm_export:
         fields.update(

@@ -89,12 +89,15 @@ def architecture_fields(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
     """Family-specific switches (bias, sliding window) as transformers spells them."""
     if cfg.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
+        full = set(cfg.full_attention_layers) if cfg.sliding_window is not None else set(range(cfg.num_layers))
+        leading = 0
+        while leading in full:
+            leading += 1
         fields = {
             "use_sliding_window": cfg.sliding_window is not None,
             "sliding_window": cfg.sliding_window,
-            "max_window_layers": 0 if cfg.sliding_window is not None else cfg.num_layers,
-            "layer_types": [kind] * cfg.num_layers,
+            "max_window_layers": leading,  # layer_types below is what transformers reads
+            "layer_types": ["full_attention" if i in full else "sliding_attention" for i in range(cfg.num_layers)],
         }
         if cfg.model_type in ("qwen3", "qwen3_moe"):
             fields["attention_bias"] = cfg.attention_bias
@@ -118,7 +121,7 @@ def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
             num_experts=cfg.num_experts,
             moe_intermediate_size=cfg.moe_intermediate_size,
             norm_topk_prob=cfg.router_norm_topk,
-            mlp_only_layers=list(range(cfg.first_k_dense)),
+            mlp_only_layers=list(cfg.dense_mlp_layers),
             decoder_sparse_step=1,
         )
         if cfg.model_type == "qwen2_moe":
@@ -161,6 +164,11 @@ def check_expressible(cfg: ModelConfig) -> None:
                          "config.json (transformers rotates whole heads there); export it as a dLM instead")
     if cfg.sliding_window is not None and cfg.model_type in ("llama", "glm4_moe"):
         raise ValueError(f"model.sliding_window cannot be expressed in a {cfg.model_type} config.json")
+    if cfg.full_attention_layers and cfg.model_type in ("mistral", "mixtral", "qwen3_moe"):
+        raise ValueError(f"model.full_attention_layers cannot be expressed in a {cfg.model_type} config.json "
+                         "(its transformers class windows every layer); export it as a dLM instead")
+    if cfg.mlp_only_layers and cfg.model_type in ("mixtral", "glm4_moe"):
+        raise ValueError(f"model.mlp_only_layers cannot be expressed in a {cfg.model_type} config.json; export it as a dLM instead")
     if cfg.model_type == "qwen2_moe" and cfg.shared_expert_gate != bool(cfg.shared_expert_intermediate_size):
         raise ValueError("a qwen2_moe config.json gates its shared expert exactly when it has one (model.shared_expert_gate)")
     if cfg.model_type == "mixtral" and cfg.moe_intermediate_size != cfg.intermediate_size:
@@ -194,7 +202,8 @@ def dlm_config(cfg: ModelConfig, dlm: DiffusionSpec, dtype: str) -> dict[str, An
         attention_bias=cfg.attention_bias,
         attention_out_bias=cfg.attention_out_bias,
         qk_norm=cfg.qk_norm,
-        sliding_window=cfg.sliding_window,  # every base family: the modeling file reads it
+        sliding_window=cfg.sliding_window,  # every base family: the modeling file reads both
+        full_attention_layers=list(cfg.full_attention_layers),
     )
     out.update({key: getattr(dlm, field) for field, key in SPEC_KEYS.items()})  # the DiffusionSpec
     out["attention_pattern"] = "block"  # decoding: block-causal with the exact prefix cache, whatever the training

@@ -6,8 +6,9 @@ so an importer can apply them to a memory-mapped tensor and read only the slice 
 `to_hf` is the exact inverse used by export. Per-layer rules fill the stacked layer axis of our
 parameters, per-expert rules also the experts axis after it. `named_slices(rule, cfg)` lists, for
 each HF tensor of a rule, the index of its slice in our stacked parameter (import and export both
-walk it). MoE configs hold two layer stacks: `dense_layers` (HF layers 0..first_k_dense-1) and
-`layers` (the rest), so a rule's stack decides which HF layer indices it covers.
+walk it). MoE configs hold two layer stacks: `dense_layers` (the HF layers with a dense MLP:
+0..first_k_dense-1 and mlp_only_layers, in order) and `layers` (the rest, in order), so a rule's
+stack decides which HF layer indices it covers.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ DENSE_RULES: tuple[Rule, ...] = (
 ROUTER_IN = Layout(lambda w, c: w.T, lambda w, c: w.T)  # HF gate [experts, embed] -> [embed, experts]
 GATE_VECTOR = Layout(lambda w, c: w.reshape(-1), lambda w, c: w.reshape(1, -1))  # [1, embed] -> [embed]
 _MOE = ("layers", "mlp")
-_has_dense_layers = lambda c: c.first_k_dense > 0  # noqa: E731
+_has_dense_layers = lambda c: bool(c.dense_mlp_layers)  # noqa: E731
 _DENSE_PREFIX_RULES = (*_attention_rules("dense_layers", _has_dense_layers), *_mlp_rules(("dense_layers", "mlp"), "mlp", _has_dense_layers))
 
 QWEN3_MOE_RULES: tuple[Rule, ...] = (
@@ -170,11 +171,12 @@ def rules_for(cfg: ModelConfig) -> tuple[Rule, ...]:
     return tuple(rule for rule in FAMILY_RULES[cfg.model_type] if rule.when(cfg))
 
 
-def layer_indices(stack: str, cfg: ModelConfig) -> range:
-    """HF layer indices held by our stack `stack` ("dense_layers": the first first_k_dense)."""
+def layer_indices(stack: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """HF layer indices held by our stack `stack`, in order ("dense_layers": a MoE model's dense-MLP layers)."""
+    dense = cfg.dense_mlp_layers
     if stack == "dense_layers":
-        return range(cfg.first_k_dense)
-    return range(cfg.first_k_dense, cfg.num_layers)
+        return dense
+    return tuple(i for i in range(cfg.num_layers) if i not in set(dense))
 
 
 def stack_shape(rule: Rule, cfg: ModelConfig) -> tuple[int, ...]:

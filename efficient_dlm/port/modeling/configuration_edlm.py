@@ -29,6 +29,7 @@ class EdlmConfig(PretrainedConfig):
         attention_out_bias=False,
         qk_norm=False,
         sliding_window=None,
+        full_attention_layers=(),
         use_sliding_window=False,
         mask_token_id=None,
         valid_vocab_size=None,
@@ -45,6 +46,7 @@ class EdlmConfig(PretrainedConfig):
         num_experts_per_tok=0,
         moe_intermediate_size=0,
         first_k_dense=0,
+        mlp_only_layers=(),
         shared_expert_intermediate_size=0,
         shared_expert_gate=False,
         router_score="softmax",
@@ -77,6 +79,7 @@ class EdlmConfig(PretrainedConfig):
         self.attention_out_bias = attention_out_bias  # o_proj
         self.qk_norm = qk_norm
         self.sliding_window = sliding_window  # keys this many positions back are hidden, in every pattern, as in training
+        self.full_attention_layers = list(full_attention_layers)  # layers without the window
         self.use_sliding_window = use_sliding_window
         self.mask_token_id = mask_token_id
         self.valid_vocab_size = valid_vocab_size  # ids at or above it are vocabulary padding, never generated
@@ -95,6 +98,7 @@ class EdlmConfig(PretrainedConfig):
         self.num_experts_per_tok = num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size
         self.first_k_dense = first_k_dense  # leading layers with a dense MLP
+        self.mlp_only_layers = list(mlp_only_layers)  # further layers with a dense MLP
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
         self.shared_expert_gate = shared_expert_gate
         self.router_score = router_score  # softmax | sigmoid

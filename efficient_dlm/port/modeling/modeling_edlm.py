@@ -316,13 +316,8 @@ class EdlmModel(EdlmPreTrainedModel):
             start = 0 if past_key_values is None else past_key_values.get_seq_length()
             position_ids = torch.arange(start, start + length, device=device)[None].expand(batch, length)
         window = self.config.sliding_window
-        mask = visibility(pattern, block_size, position_ids, position_ids, window) & valid[:, None, :]
-        mask |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows: no all-masked softmax
-        if past_key_values is not None:
-            cached = past_key_values.valid[:, None, :].expand(batch, length, -1)
-            if window is not None:
-                cached = cached & (position_ids[:, :, None] - past_key_values.positions[:, None, :] < window)
-            mask = torch.cat([cached, mask], dim=-1)
+        full_layers = set(getattr(self.config, "full_attention_layers", ()) or ())
+        masks = {w: self._mask(pattern, block_size, position_ids, valid, past_key_values, w) for w in {window, None}}
         if rope_length is None and past_key_values is not None:
             rope_length = past_key_values.rope_length
         if rope_length is None:
@@ -332,7 +327,7 @@ class EdlmModel(EdlmPreTrainedModel):
         chunk_kv = []
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else (past_key_values.keys[i], past_key_values.values[i])
-            h, kv = layer(h, cos, sin, mask, past)
+            h, kv = layer(h, cos, sin, masks[None if i in full_layers else window], past)
             chunk_kv.append(kv)
         cache = None
         if use_cache:
@@ -342,6 +337,20 @@ class EdlmModel(EdlmPreTrainedModel):
                 else past_key_values.extended(chunk_kv, valid, position_ids)
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=cache)
+
+    @staticmethod
+    def _mask(pattern, block_size, position_ids, valid, past_key_values, window) -> torch.Tensor:
+        """[batch, length, cached + length] bool: the chunk's pattern over real tokens, and every real
+        cached token, all within the sliding window when there is one."""
+        batch, length = position_ids.shape
+        mask = visibility(pattern, block_size, position_ids, position_ids, window) & valid[:, None, :]
+        mask |= torch.eye(length, dtype=torch.bool, device=position_ids.device)[None]  # padding rows: no all-masked softmax
+        if past_key_values is None:
+            return mask
+        cached = past_key_values.valid[:, None, :].expand(batch, length, -1)
+        if window is not None:
+            cached = cached & (position_ids[:, :, None] - past_key_values.positions[:, None, :] < window)
+        return torch.cat([cached, mask], dim=-1)
 
 
 class EdlmForDiffusionLM(EdlmPreTrainedModel):

@@ -102,7 +102,8 @@ class EdlmSparseMoe(nn.Module):
 
 def feed_forward(config, family: str, layer_index: int) -> tuple[str, nn.Module]:
     """(attribute name, module) of layer `layer_index`'s feed-forward block."""
-    if not getattr(config, "num_experts", 0) or layer_index < config.first_k_dense:
+    dense = layer_index < config.first_k_dense or layer_index in getattr(config, "mlp_only_layers", ())
+    if not getattr(config, "num_experts", 0) or dense:
         return "mlp", EdlmSwiGLU(config.hidden_size, config.intermediate_size)
     if family not in MOE_LAYOUTS:
         raise ValueError(f"no mixture-of-experts layout for base model type {family!r}")
