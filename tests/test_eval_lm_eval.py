@@ -128,9 +128,10 @@ def test_dlm_through_edlm_eval_matches_the_demo_evaluator(tiny_dlm_dir, tmp_path
     ("strategy=threshold", "strategy=threshold needs a dLM checkpoint"),
     ("verifier=self", "verifier= is used by strategy=speculative only"),
     ("mc_sample=8", "unknown key(s) mc_sample"),
+    ("mc_samples=7", "mc_samples must be a positive even number"),
 ])
-def test_bad_model_args_are_one_clear_error(capsys, model_args, message):
-    code = cli.main(["edlm", "eval", "--ckpt", TEACHER, "--tasks", "edlm_demo", "--model_args", model_args,
+def test_bad_model_args_are_one_clear_error(capsys, tiny_dlm_dir, model_args, message):
+    code = cli.main(["edlm", "eval", "--ckpt", tiny_dlm_dir if model_args.startswith("mc_") else TEACHER, "--tasks", "edlm_demo", "--model_args", model_args,
                      "--nobuiltin_tasks"])
     assert code == 2
     assert message in capsys.readouterr().err

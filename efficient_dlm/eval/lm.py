@@ -159,6 +159,11 @@ class EdlmLM(TemplateLM):
                                        self.model.config.mask_token_id)
             self.elbo = likelihood.ElboPlan(objective, copies=1, valid_vocab=self.loaded.valid_vocab_size)
         self.mc_samples, self.mc_batch = int(mc_samples), int(mc_batch) or None
+        pairs = 2 if self.elbo is not None and self.elbo.objective.complementary else 1
+        for name, value in (("mc_samples", self.mc_samples), ("mc_batch", self.mc_batch or pairs)):
+            if value < pairs or value % pairs:
+                raise UserError(f"model_args: {name} must be a positive" + (" even number (complementary pairs; "
+                                "mc_complementary=false for any count)" if pairs == 2 else " integer") + f", got {value}")
         self.stats = {"generate": {"requests": 0, "generated_tokens": 0, "row_forwards": 0, "program_seconds": 0.0,
                                    "batches": 0},
                       "loglikelihood": {"requests": 0, "tokens": 0, "program_calls": 0}}
