@@ -247,7 +247,10 @@ def test_dlm_generate_matches_slow_reference(dlm_model, dlm_export):
     for row, prompt in enumerate(prompts):
         assert result["new_tokens"][row] == reference_generate(forward, prompt, 7, 4, 0.05, VOCAB - 1, stop, 89), row
     assert len(result["new_tokens"][0]) <= 4 and result["sequences"][0, -1] == stop  # padded with the stop id
-    assert free["tokens_per_forward"] > 1.0  # the threshold committed several tokens in some step
+    assert free["row_forwards"] == [7, 7, 7]  # confidences ~1/97 < 0.05: one token per step, per row
+    whole = hf.generate(ids, attention_mask=mask, max_new_tokens=7, threshold=0.0, eos_token_id=[], return_dict_in_generate=True)
+    assert whole["row_forwards"] == [2, 2, 3]  # threshold 0 commits a block per step: blocks 1-2, 2-3, 0-2
+    assert whole["tokens_per_forward"] == pytest.approx(21 / 7)
     with pytest.raises(ValueError, match="does not support do_sample, top_p"):
         hf.generate(ids, attention_mask=mask, do_sample=True, top_p=0.9)
 

@@ -36,7 +36,7 @@ log = logging.getLogger("efficient_dlm")
 
 FORMATS = ("auto", "dlm", "ar")
 MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling")
-MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py", "moe_edlm.py")
+MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py", "moe_edlm.py", "decoding_edlm.py")
 # A tokenizer directory must hold one of these to be loadable by AutoTokenizer.
 TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
 METRICS_FILE = "metrics.jsonl"  # written by the trainer (train/metrics.py) in a run directory
@@ -98,6 +98,19 @@ def export_spec(spec: DiffusionSpec | None, cfg: ModelConfig, **given: Any) -> D
                         f"(trained with token_shift={spec.token_shift}); leave it unset")
     changes = {k: v for k, v in given.items() if v is not None and k != "token_shift"}
     return spec.replace(**changes) if changes else spec
+
+
+def check_reproducible(cfg: ModelConfig, spec: DiffusionSpec | None) -> None:
+    """Refuses, in one line naming the setting, what the exported PyTorch model would compute
+    differently from efficient_dlm (a silently different model is worse than no export)."""
+    capacity = spec.moe_capacity_factor if spec is not None else cfg.capacity_factor if cfg.is_moe else None
+    if capacity is not None:
+        where = "its diffusion spec's moe_capacity_factor" if spec is not None else "model.capacity_factor"
+        raise UserError(
+            f"cannot export: the model routes its MoE layers with capacity ({where}={capacity}), which drops "
+            "tokens; the exported PyTorch modeling routes dropless. Export a checkpoint whose inference routing is "
+            "dropless (moe_capacity_factor null in diffusion_spec.json)"
+        )
 
 
 def recorded_metrics(checkpoint: str | None, step: int | None = None) -> dict[str, dict[str, Any]]:
@@ -265,6 +278,7 @@ def to_hf(
     if _is_dlm(cfg, format):
         dlm = export_spec(spec, cfg, block_size=block_size, token_shift=token_shift, strategy=strategy, threshold=threshold,
                           tokens_per_step=tokens_per_step, factor=factor, entropy_bound=entropy_bound)
+    check_reproducible(cfg, dlm)
     dtype = dtype or cfg.param_dtype
     config_json = hf_config_out.dlm_config(cfg, dlm, dtype) if dlm else hf_config_out.ar_config(cfg, dtype)
     if checkpoint is not None:  # every argument is valid: now the weights

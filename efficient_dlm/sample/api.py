@@ -132,7 +132,7 @@ def prepare(
     model,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int = 64,
     block_size: int | None = None,
     strategy: str | None = None,
     threshold: float | None = None,
@@ -222,7 +222,7 @@ def generate(
     comes from the model's DiffusionSpec (`model.spec`, attached by `load`; diffusion/spec.py), so
     `generate(load(run_dir), prompts, max_new_tokens=n)` decodes the model as it was trained and as
     `edlm sample --ckpt run_dir` does; a model without a spec gets the spec defaults for its [MASK] id.
-    max_new_tokens (required); strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion,
+    max_new_tokens (default 64, as the CLI's sample.max_new_tokens); strategy: "threshold" | "topk" | "factor" | "entropy" (block diffusion,
     docs/METHOD.md section 6, needs model.config.mask_token_id) or "ar" (causal decoding, the baseline);
     block_size; threshold / tokens_per_step / factor / entropy_bound parametrise the strategies;
     temperature 0 is greedy, otherwise tokens are sampled (top_p, top_k filters) with `seed`;

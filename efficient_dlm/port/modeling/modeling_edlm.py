@@ -5,9 +5,9 @@ Self-contained (torch + transformers only). The weights keep the base model's te
 run, as the model was trained (docs/METHOD.md of efficient_dlm):
 - attention is block-causal: position q sees position k iff k // block_size <= q // block_size
   (`attention="causal"` and `"bidirectional"` are available too);
-- `generate` decodes block by block: a block starts as [MASK] tokens and each step commits every
-  masked position whose greedy confidence max_v p(v) reaches the threshold (at least the single most
-  confident one), with an exact prefix KV cache: a block's keys and values are cached once it is final.
+- `generate` decodes block by block (decoding_edlm.py): a block starts as [MASK] tokens and each step
+  commits the masked positions the strategy picks (threshold, topk, factor or entropy, as
+  efficient_dlm.generate), with an exact prefix KV cache: a block's keys and values are cached once final.
 This file is tested on every efficient_dlm commit against the JAX model: logits within 1e-4 (float32)
 and `generate` token for token.
 """
@@ -23,6 +23,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_edlm import EdlmConfig
+from .decoding_edlm import diffusion_generate
+from .decoding_edlm import settings as decoding_settings
 from .moe_edlm import EdlmRouter, feed_forward
 
 ATTENTION_PATTERNS = ("block", "causal", "bidirectional")
@@ -33,10 +35,6 @@ def base_model_type(config: EdlmConfig) -> str:
     return config.model_type.removeprefix("edlm_")
 
 
-# generate arguments that tokenizers and pipelines pass and that do not change greedy decoding, and
-# the values of standard arguments that agree with it; anything else is refused, not ignored.
-_IGNORED_GENERATE_ARGS = ("token_type_ids", "use_cache", "generation_config")
-_AGREEING_GENERATE_ARGS = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "temperature": 0.0}
 
 
 # ---- rotary position embeddings (the rope_type variants of transformers, same formulas) --------------
@@ -354,7 +352,7 @@ class EdlmModel(EdlmPreTrainedModel):
 
 
 class EdlmForDiffusionLM(EdlmPreTrainedModel):
-    """The dLM: logits under block-causal attention, and `generate` with threshold parallel decoding."""
+    """The dLM: logits under block-causal attention, and `generate` with parallel block decoding."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -427,21 +425,6 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
                    rope_length=rope_length)
         return out.logits, out.past_key_values
 
-    def _choose(self, logits, allowed):
-        """Greedy token and its probability at every position, over the allowed ids only."""
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        confidence, token = torch.softmax(logits, dim=-1).max(dim=-1)
-        return token, confidence
-
-    @staticmethod
-    def _threshold_commit(confidence, open_, threshold: float):
-        """Open positions with confidence >= threshold; at least the most confident open one per row."""
-        confidence = confidence.masked_fill(~open_, -1.0)
-        commit = open_ & (confidence >= threshold)
-        best = confidence.argmax(dim=-1)  # the earliest position among equals
-        commit[torch.arange(len(best), device=best.device), best] |= open_.any(dim=-1)
-        return commit
-
     @torch.no_grad()
     def generate(
         self,
@@ -449,111 +432,62 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         max_new_tokens: int = 64,
         block_size: Optional[int] = None,
+        strategy: Optional[str] = None,
         threshold: Optional[float] = None,
+        tokens_per_step: Optional[int] = None,
+        factor: Optional[float] = None,
+        entropy_bound: Optional[float] = None,
         eos_token_id=None,
         mask_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
         return_dict_in_generate: bool = False,
         **kwargs,
     ):
-        """Greedy threshold decoding (Fast-dLLM) with an exact prefix KV cache, as efficient_dlm.generate.
+        """Greedy block-diffusion decoding with an exact prefix KV cache, as efficient_dlm.generate
+        (decoding_edlm.py: the strategies threshold, topk, factor, entropy and their knobs, with the
+        same names; each defaults to the exported config, i.e. the model's diffusion spec).
 
         input_ids [batch, length] with attention_mask marking real tokens (left or right padding).
         Row b's prompt of n tokens occupies positions 0..n-1 and blocks are aligned to multiples of
         block_size, as in training: the first decoded block is the one holding position n and keeps
         the prompt's tail; the prompt's whole blocks are cached first (block-causal). Positions
         n .. n + max_new_tokens - 1 start as [MASK]; each step runs the block against the cache and
-        commits the masked positions whose confidence max_v p(v) is at least `threshold`, and always
-        the most confident one. The [MASK] id and ids >= config.valid_vocab_size are never chosen.
-        Once a stop token (eos_token_id: an id or a list) is committed, the positions after it in
-        the block are no longer decoded and the row ends with that block. A final block's keys and
-        values are computed once more, clean, and cached.
+        commits the masked positions the strategy picks, at least one. The [MASK] id and ids >=
+        config.valid_vocab_size are never chosen. Once a stop token (eos_token_id: an id or a list)
+        is committed, the positions after it in the block are no longer decoded and the row ends with
+        that block. A final block's keys and values are computed once more, clean, and cached.
 
         Returns [batch, length + max_new_tokens]: input_ids followed by each row's new tokens (cut
         after its first stop token, then the pad token, else EOS). With return_dict_in_generate=True,
-        a dict with `sequences`, `new_tokens` (the generated ids per row), `forward_passes` and
-        `tokens_per_forward`.
+        a dict with `sequences`, `new_tokens` (the generated ids per row), `row_forwards` (per row,
+        the denoising forwards in which it had positions to commit, as efficient_dlm counts them),
+        `forward_passes` (batched denoising steps, efficient_dlm's count) and `tokens_per_forward`
+        (generated tokens / summed row forwards).
         """
         cfg = self.config
-        size = int(block_size or cfg.block_size)
-        tau = float(cfg.decoding_threshold if threshold is None else threshold)
+        given = dict(block_size=block_size, strategy=strategy, threshold=threshold, tokens_per_step=tokens_per_step,
+                     factor=factor, entropy_bound=entropy_bound)
+        knobs = decoding_settings(cfg, kwargs, given)
         mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
         stops = cfg.eos_token_id if eos_token_id is None else eos_token_id
         stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
         pad = next((t for t in (pad_token_id, cfg.pad_token_id, *stops, 0) if t is not None))
         if mask_id is None:
             raise ValueError("generate needs mask_token_id (config.mask_token_id is not set)")
-        if size <= 0 or max_new_tokens < 1:
-            raise ValueError(f"need block_size > 0 and max_new_tokens >= 1, got {size} and {max_new_tokens}")
-        unsupported = sorted(
-            k for k, v in kwargs.items()
-            if k not in _IGNORED_GENERATE_ARGS and v is not None and _AGREEING_GENERATE_ARGS.get(k, object()) != v
-        )
-        if unsupported:
-            raise ValueError(f"generate does not support {', '.join(unsupported)} (greedy threshold decoding only)")
-        device = input_ids.device
+        if max_new_tokens < 1:
+            raise ValueError(f"need max_new_tokens >= 1, got {max_new_tokens}")
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompts = [row[keep] for row, keep in zip(input_ids, real)]
         if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
-        batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        allowed = torch.ones(cfg.vocab_size, dtype=torch.bool, device=device)
-        allowed[mask_id] = False
-        if getattr(cfg, "valid_vocab_size", None):
-            allowed[cfg.valid_vocab_size :] = False
-        stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-
-        rope_length = lengths + max_new_tokens  # one dynamic-RoPE scale for the whole generation (rope_tables)
-        cache, last_logits, forwards = self._prefill(prompts, size, pad, rope_length)
-        new_tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
-        written = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        offsets = torch.arange(size, device=device)
-        block_start = torch.div(lengths, size, rounding_mode="floor") * size  # position of block 0, per row
-        while not bool(done.all()):
-            positions = block_start[:, None] + offsets[None]
-            index = positions - lengths[:, None]  # index among the new tokens
-            block = torch.full((batch, size), mask_id, dtype=torch.long, device=device)
-            for b, prompt in enumerate(prompts):  # the prompt's tail inside block 0
-                tail = max(0, int(lengths[b] - block_start[b]))
-                block[b, :tail] = prompt[len(prompt) - tail :]
-            open_ = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
-            committed, stopped = torch.zeros_like(open_), torch.zeros_like(open_)
-            while bool(open_.any()):
-                logits, _ = self._chunk(block, positions, cache, rope_length)
-                forwards += 1
-                if cfg.token_shift:  # position i is predicted from the hidden state at i - 1
-                    logits = torch.cat([last_logits[:, None], logits[:, :-1]], dim=1)
-                token, confidence = self._choose(logits, allowed)
-                commit = self._threshold_commit(confidence, open_, tau)
-                block = torch.where(commit, token, block)
-                committed |= commit
-                stopped = committed & torch.isin(block, stop_ids)
-                first_stop = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1), size)
-                open_ &= ~commit & (offsets[None] < first_stop[:, None])
-            r, c = torch.nonzero(committed, as_tuple=True)
-            new_tokens[r, index[r, c]] = block[r, c]
-            written[r, index[r, c]] = True
-            done |= stopped.any(dim=1) | (positions[:, -1] + 1 >= lengths + max_new_tokens)
-            if bool(done.all()):
-                break
-            logits, cache = self._chunk(block, positions, cache, rope_length, use_cache=True)  # cache the clean block
-            last_logits = logits[:, -1]
-            forwards += 1
-            block_start = block_start + size
-
-        is_stop = written & torch.isin(new_tokens, stop_ids)
-        end = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, written.sum(dim=1))
-        keep = torch.arange(max_new_tokens, device=device)[None] < end[:, None]
-        new_tokens = new_tokens.masked_fill(~keep, pad)
+        new_tokens, end, row_forwards, steps = diffusion_generate(self, prompts, max_new_tokens, knobs, mask_id, stops, pad)
         sequences = torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)
         if not return_dict_in_generate:
             return sequences
-        generated = [row[:n].tolist() for row, n in zip(new_tokens, end.tolist())]
         return {
             "sequences": sequences,
-            "new_tokens": generated,
-            "forward_passes": forwards,
-            "tokens_per_forward": int(end.sum()) / max(forwards, 1),
+            "new_tokens": [row[:n].tolist() for row, n in zip(new_tokens, end.tolist())],
+            "row_forwards": row_forwards.tolist(),
+            "forward_passes": steps,
+            "tokens_per_forward": int(end.sum()) / max(int(row_forwards.sum()), 1),
         }

@@ -1,0 +1,81 @@
+"""The exported PyTorch `generate` decodes as `efficient_dlm.generate`: every strategy, token for token,
+with forward passes counted the same way, on a token-shift dLM with an appended [MASK] row; and an
+export that PyTorch could not reproduce is refused with one line naming the setting."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import efficient_dlm as edlm
+from efficient_dlm.diffusion.spec import DiffusionSpec, with_spec
+from efficient_dlm.errors import UserError
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.train.model_init import append_mask_token
+from tests.sample_reference import peaked_model
+from tests.test_hf_export import write_tokenizer
+
+PROMPTS = [[3, 14, 15, 9, 26], [5, 35, 8, 79, 4, 62, 64, 11, 2], [7]]
+MAX_NEW = 7
+SPEC = DiffusionSpec(mask_token_id=96, valid_vocab_size=97, block_size=4, token_shift=True, strategy="factor", factor=0.8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(our model reloaded from the export, the transformers model) of a token-shift dLM whose padding
+    columns are the LM head's largest (only the spec's valid_vocab_size keeps them from being chosen)."""
+    torch.set_num_threads(1)
+    model, valid = append_mask_token(peaked_model(mask_token_id=None), 128)
+    model.lm_head[...] = model.lm_head[...].at[:, valid:].set(3 * model.lm_head[...][:, : 128 - valid])
+    root = tmp_path_factory.mktemp("export_decoding")
+    out = str(root / "hf")
+    edlm.to_hf(with_spec(model, SPEC), out, tokenizer_dir=write_tokenizer(root / "tok", vocab=128))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    return edlm.from_hf(out), hf
+
+
+def _torch_batch():
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    return ids, mask
+
+
+@pytest.mark.parametrize("knobs", [
+    {},  # the exported defaults: the spec's factor strategy
+    dict(strategy="threshold", threshold=0.5),
+    dict(strategy="topk", tokens_per_step=2),
+    dict(strategy="factor", factor=1.5),
+    dict(strategy="entropy", entropy_bound=0.4),
+    dict(strategy="threshold", threshold=0.3, stop=True),
+])
+def test_exported_generate_equals_efficient_dlm(exported, knobs):
+    ours, hf = exported
+    assert ours.spec == SPEC  # the export's config.json carries the spec back
+    knobs = dict(knobs)
+    stop = knobs.pop("stop", False)
+    ids, mask = _torch_batch()
+    ref = edlm.generate(ours, PROMPTS, max_new_tokens=MAX_NEW, **knobs)
+    stops = {}
+    if stop:  # a token row 0 emits mid-way: as stop token it must end row 0 early on both sides
+        stops = dict(eos_token_id=ref.sequences[0][2])
+        ref = edlm.generate(ours, PROMPTS, max_new_tokens=MAX_NEW, stop_tokens=[stops["eos_token_id"]], **knobs)
+        assert len(ref.sequences[0]) == 3
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True, **knobs, **stops)
+    assert out["new_tokens"] == ref.sequences
+    assert out["row_forwards"] == ref.row_forwards.tolist() and out["forward_passes"] == ref.forward_passes
+    assert out["tokens_per_forward"] == pytest.approx(ref.tokens_per_forward)
+    assert all(t < 97 for row in ref.sequences for t in row)
+    if not knobs:
+        assert ref.tokens_per_forward > 1.0  # several tokens per step: the commit rule was exercised
+
+
+def test_export_refuses_capacity_routing_naming_it(tmp_path):
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, capacity_factor=1.25, mask_token_id=63)
+    model = abstract_model(cfg)
+    with pytest.raises(UserError, match=r"moe_capacity_factor=1.25.*routes dropless") as err:
+        edlm.to_hf(model, str(tmp_path / "out"), tokenizer_dir=write_tokenizer(tmp_path / "tok", vocab=64))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
