@@ -151,7 +151,7 @@ def sample_section() -> ConfigDict:
     return ConfigDict(
         dict(
             # The dLM decoding keys are unset by default: the model's DiffusionSpec (diffusion/spec.py) decides.
-            strategy="",  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline)
+            strategy="",  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline) | speculative
             threshold=config_dict.placeholder(float),  # threshold: commit every masked position with confidence >= this
             tokens_per_step=config_dict.placeholder(int),  # topk: positions committed per step
             factor=config_dict.placeholder(float),  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - f / (n + 1)
@@ -164,6 +164,7 @@ def sample_section() -> ConfigDict:
             seed=0,
             stop_tokens=(),  # token ids that end a row; () = model.eos_token_id
             prompt_bucket=0,  # prompt capacity of the cache in tokens; 0 = next power of two
+            draft_steps=1,  # speculative (--verifier): dLM denoising steps per draft, the last commits the rest
         )
     )
 
@@ -172,7 +173,9 @@ def bench_section() -> ConfigDict:
     """`edlm bench` settings: the AR baseline and the dLM strategies over one prompt set. Owned by efficient_dlm/sample."""
     return ConfigDict(
         dict(
-            strategies=("ar", "threshold"),  # each non-threshold strategy runs once with the sample section's value
+            # each non-threshold strategy runs once with the sample section's value; "speculative" verifies with
+            # --verifier (default the --ar_ckpt teacher), "self_speculative" with the dLM's own causal mode
+            strategies=("ar", "threshold"),
             thresholds=(0.7, 0.8, 0.9, 0.95),
             batch_sizes=(1, 8),
             repeats=3,  # timed repeats; the median is reported

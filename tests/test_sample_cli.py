@@ -44,6 +44,17 @@ def test_sample_writes_the_completions_generate_produces(ckpt, tmp_path):
     assert records[1]["reference"] == "w1"
 
 
+def test_sample_with_a_verifier_writes_the_verifiers_own_completions(ckpt, tmp_path):
+    root, model, tokenizer = ckpt
+    out = tmp_path / "out.jsonl"
+    argv = ["edlm", "sample", "--ckpt", str(root / "dlm"), "--verifier", str(root / "ar"), "--prompt", "w3 w14 w15 w9 w26",
+            "--prompt", "w8", "--out", str(out), *SAMPLE]
+    assert cli.main(argv) == 0
+    ids = [tokenizer.encode("w3 w14 w15 w9 w26").ids, tokenizer.encode("w8").ids]
+    expected = generate(peaked_model(mask_token_id=None), ids, max_new_tokens=6, strategy="ar")
+    assert [json.loads(line)["completion_ids"] for line in out.read_text().splitlines()] == expected.sequences
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -53,6 +64,8 @@ def test_sample_writes_the_completions_generate_produces(ckpt, tmp_path):
         (["--prompt", "w1", "--ckpt", "{root}/ar"], "no mask_token_id"),
         (["--prompt", "w1", "--ckpt", "{root}/missing"], "does not exist"),
         (["--prompt", "w1", "--config.sample.prompt_bucket=4", "--prompt", "w1 w2 w3 w4 w5"], "prompt_bucket=4"),
+        (["--prompt", "w1", "--config.sample.strategy=speculative"], "needs --verifier CKPT"),
+        (["--prompt", "w1", "--verifier", "self", "--config.sample.draft_steps=0"], "sample.draft_steps must be >= 1"),
     ],
 )
 def test_sample_rejects_bad_input_with_one_line(ckpt, capsys, args, message):
@@ -72,15 +85,23 @@ def test_bench_reports_ar_and_dlm_settings(ckpt, tmp_path, capsys):
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     argv = ["edlm", "bench", "--ckpt", str(root / "dlm"), "--ar_ckpt", str(root / "ar"), "--prompts_jsonl", str(prompts),
             "--out", str(tmp_path / "bench"), *SAMPLE, "--config.bench.thresholds=(0.9,)", "--config.bench.batch_sizes=(2,)",
+            "--config.bench.strategies=('ar','threshold','speculative','self_speculative')",
             "--config.bench.repeats=2", "--config.bench.warmup=0", "--config.bench.overhead_forwards=2"]
     assert cli.main(argv) == 0
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
-    assert [r["setting"] for r in summary] == ["ar", "threshold_0.9"]
-    ar, dlm = summary
+    assert [r["setting"] for r in summary] == ["ar", "threshold_0.9", "speculative_d1", "self_speculative_d1"]
+    ar, dlm, speculative, self_speculative = summary
+    # Lossless: speculative decoding verified by the teacher produces the teacher's tokens and accuracy.
+    assert speculative["accuracy"] == ar["accuracy"] and speculative["generated_tokens"] == ar["generated_tokens"]
+    for record in (speculative, self_speculative):
+        assert record["tokens_per_verifier_forward"] >= 1.0 and 0.0 <= record["acceptance_rate"] <= 1.0
+        assert record["generate_kwargs"]["verifier"] in ("teacher", "self") and record["sampler_overhead"] is None
+    assert ar["speedup_vs_ar"] == 1.0 and dlm["speedup_vs_ar"] > 0
     assert ar["tokens_per_forward"] == 1.0 and ar["generated_tokens"] == 12
     assert dlm["accuracy"] == 0.5  # the first reference is the dLM's own greedy output, the second cannot match
     for record in summary:
-        assert record["tokens_per_second"] > 0 and record["sampler_overhead"] > 0 and len(record["runs"]) == 2
+        assert record["tokens_per_second"] > 0 and len(record["runs"]) == 2
+        assert record["strategy"] == "speculative" or record["sampler_overhead"] > 0
         assert record["memory"]["program_bytes"] > 0 and record["latency_p95_s"] >= record["latency_p50_s"]
         assert json.loads((tmp_path / "bench" / f"{record['setting']}_b2.json").read_text())["setting"] == record["setting"]
     assert "threshold_0.9" in capsys.readouterr().out

@@ -47,3 +47,16 @@ class KVCache:
         k = constrain(jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype), index), CACHE_AXES)
         v = constrain(jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype), index), CACHE_AXES)
         return self.replace(k=k, v=v)
+
+    def write_rows(self, k_new: jax.Array, v_new: jax.Array, offsets: jax.Array) -> "KVCache":
+        """Stores chunk keys/values [layers, batch, T, kv_heads, head_dim] at slot `offsets[b]` of each row b
+        (speculative decoding: rows accept different numbers of tokens, so their caches end at different
+        slots). The caller keeps offsets[b] + T <= size (dynamic_update_slice would clamp, not fail)."""
+
+        def one_row(cache_row, new_row, offset):
+            return jax.lax.dynamic_update_slice(cache_row, new_row.astype(cache_row.dtype), (0, offset, 0, 0))
+
+        rows = jax.vmap(one_row, in_axes=(1, 1, 0), out_axes=1)
+        k = constrain(rows(self.k, k_new, offsets), CACHE_AXES)
+        v = constrain(rows(self.v, v_new, offsets), CACHE_AXES)
+        return self.replace(k=k, v=v)

@@ -22,9 +22,10 @@ from efficient_dlm.sample.ar import ar_program
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
 from efficient_dlm.sample.program import Plan, stop_id_array, streaming
+from efficient_dlm.sample.speculative import check_verifier, prepare_speculative
 from efficient_dlm.sample.strategies import STRATEGIES
 
-ALL_STRATEGIES = ("ar", *STRATEGIES)
+ALL_STRATEGIES = ("ar", *STRATEGIES, "speculative")
 
 _diffusion_jit = jax.jit(diffusion_program, static_argnums=(0, 1))
 _ar_jit = jax.jit(ar_program, static_argnums=(0, 1))
@@ -47,6 +48,12 @@ class GenerateResult:
     shapes: dict  # static shapes of this program (prompt bucket, cache size, ...)
     logits: np.ndarray | None = None  # [batch, max_new_tokens, V] raw logits at commit (return_logits)
     memory: dict | None = None  # XLA memory analysis of the program in bytes (measure_memory)
+    # strategy="speculative" only (forward_passes and row_forwards count drafter and verifier forwards):
+    verifier_forwards: int | None = None  # batched verifier forwards
+    draft_forwards: int | None = None  # batched drafter forwards
+    row_verifier_forwards: np.ndarray | None = None  # [batch] verifier forwards in which the row was generating
+    proposed: np.ndarray | None = None  # [batch] draft tokens offered to the verifier
+    accepted: np.ndarray | None = None  # [batch] draft tokens the verifier accepted
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -60,6 +67,20 @@ class GenerateResult:
     def tokens_per_forward(self) -> float:
         """Generated tokens per forward pass, per sequence (token-weighted over rows)."""
         return float(self.lengths.sum() / max(int(self.row_forwards.sum()), 1))
+
+    @property
+    def tokens_per_verifier_forward(self) -> float | None:
+        """Speculative: generated tokens per verifier forward, per sequence (token-weighted over rows)."""
+        if self.row_verifier_forwards is None:
+            return None
+        return float(self.lengths.sum() / max(int(self.row_verifier_forwards.sum()), 1))
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative: the fraction of draft tokens (within max_new_tokens) the verifier accepted."""
+        if self.proposed is None:
+            return None
+        return float(self.accepted.sum() / max(int(self.proposed.sum()), 1))
 
 
 def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k) -> None:
@@ -149,6 +170,8 @@ def prepare(
     token_shift: bool | None = None,
     return_logits: bool = False,
     stream: bool = False,
+    verifier=None,
+    draft_steps: int = 1,
 ) -> Prepared:
     """Validates a `generate` call and builds its compiled program's arguments without running it
     (the decoding settings are documented on `generate`; `stream` compiles the block-streaming hook in). `model` may be
@@ -167,6 +190,12 @@ def prepare(
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
     check_model(model, strategy, top_k)
+    if strategy == "speculative":
+        check_verifier(model, verifier, draft_steps)
+        if return_logits or stream:
+            raise ValueError("strategy='speculative' supports neither return_logits nor streaming (on_block)")
+    elif verifier is not None:
+        raise ValueError(f"verifier= is used by strategy='speculative' only, got strategy={strategy!r}")
     cfg = model.config
     rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
@@ -180,7 +209,12 @@ def prepare(
         valid_vocab_size=valid_vocab_size, vocab_size=cfg.vocab_size, record_logits=return_logits,
         stream=stream,
     )
-    if strategy == "ar":
+    if strategy == "speculative":
+        program, head, prompt_lengths, shapes = prepare_speculative(
+            model, verifier, rows, plan, block_size=int(block_size), draft_steps=draft_steps,
+            token_shift=bool(token_shift), prompt_bucket=prompt_bucket, valid_vocab_size=valid_vocab_size,
+        )
+    elif strategy == "ar":
         lay = layout_lib.ar_layout(
             rows, max_new_tokens=max_new_tokens, pad_id=pad_id, max_positions=layout_lib.position_limit(cfg),
             capacity=prompt_bucket,
@@ -203,6 +237,8 @@ def prepare(
         "temperature": jnp.float32(max(temperature, 1e-6)), "top_p": jnp.float32(top_p), "seed": jnp.uint32(seed),
         "stop_ids": jnp.asarray(stop_id_array(_stop_ids(model, stop_tokens))),
     }
+    if strategy == "speculative":
+        return Prepared(program, (*head, knobs), prompt_lengths, {"batch": len(rows), **shapes})
     graphdef, state = nnx.split(model)
     inputs = {name: jnp.asarray(value) for name, value in lay.arrays().items()}
     return Prepared(program, (graphdef, plan, state, inputs, knobs), lay.prompt_lengths, {"batch": len(rows), **shapes})
@@ -232,6 +268,10 @@ def generate(
     default; raising it above the spec's is refused); token_shift: the dLM was trained to predict token
     i from the hidden state at i - 1 (dLM only; contradicting the spec is refused); return_logits
     records the raw logits with which each token was committed (tests, analysis).
+    strategy "speculative" (lossless): the dLM drafts each block (draft_steps denoising steps, the
+    threshold knob choosing the commits of all but the last), `verifier` (an AR model, or "self": the
+    dLM's own weights in causal mode) checks the draft in one forward and keeps exactly what its own
+    decoding (strategy="ar") would produce: the same tokens when greedy, the same distribution when sampled.
     on_block(block_index, tokens_per_row) is called on the host as each block becomes final.
     measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.
     """
@@ -249,7 +289,13 @@ def generate(
         blocks=int(out["blocks"]), seconds=finished - started, program_seconds=finished - program_started,
         program_cpu_seconds=cpu_finished - cpu_started,
         shapes=prep.shapes, logits=out.get("logits"), memory=memory,
+        verifier_forwards=_optional_int(out.get("verifier_forwards")), draft_forwards=_optional_int(out.get("draft_forwards")),
+        row_verifier_forwards=out.get("row_verifier_forwards"), proposed=out.get("proposed"), accepted=out.get("accepted"),
     )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _memory_analysis(program, args) -> dict[str, int]:

@@ -12,7 +12,9 @@ per-call dispatch costs; the LM head on the positions the sampler reads: the blo
 token): everything the sampler adds (choice, ranking, commits, cache writes, loop control) shows up
 as the excess over 1. Both times are the best of `repeats` back-to-back calls per batch (other
 processes' load only ever adds time, so the minimum is the estimate of the program's own cost); the
-same ratio over this process's CPU time (`sampler_overhead_cpu`) is reported too.
+same ratio over this process's CPU time (`sampler_overhead_cpu`) is reported too. Speculative settings
+(the dLM drafts, a verifier keeps its own decoding) report tokens per verifier forward and the
+acceptance rate instead of the overhead (their forwards mix two models and shapes).
 """
 from __future__ import annotations
 
@@ -45,13 +47,18 @@ class Setting:
 
 def make_settings(strategies, thresholds, batch_sizes, sample, spec) -> list[Setting]:
     """AR once, threshold once per value, every other strategy once with its parameter: the sample
-    section's when set, else the dLM's DiffusionSpec's."""
+    section's when set, else the dLM's DiffusionSpec's (speculative: verifier "teacher" is resolved by the
+    caller; self_speculative verifies with the dLM itself)."""
     parameter = {strategy: (key, sample[key] if sample[key] is not None else getattr(spec, key))
                  for strategy, key in (("topk", "tokens_per_step"), ("factor", "factor"), ("entropy", "entropy_bound"))}
     variants = []
     for strategy in strategies:
         if strategy == "ar":
             variants.append(("ar", "ar", ()))
+        elif strategy in ("speculative", "self_speculative"):
+            verifier = "self" if strategy == "self_speculative" else "teacher"
+            knobs = (("draft_steps", sample.draft_steps), ("verifier", verifier))
+            variants.append((f"{strategy}_d{sample.draft_steps}", "speculative", knobs))
         elif strategy == "threshold":
             variants += [(f"threshold_{t:g}", "threshold", (("threshold", float(t)),)) for t in thresholds]
         else:
@@ -154,6 +161,12 @@ def _memory(result: GenerateResult) -> dict:
     }
 
 
+def _speculative_stats(result: GenerateResult, real: int) -> np.ndarray:
+    """[tokens, verifier row-forwards, accepted, proposed] of the batch's real rows."""
+    return np.array([result.lengths[:real].sum(), result.row_verifier_forwards[:real].sum(),
+                     result.accepted[:real].sum(), result.proposed[:real].sum()])
+
+
 def overhead_times(model, batches, kwargs: dict, strategy: str, repeats: int, iterations: int) -> np.ndarray:
     """[[program wall, CPU], [bare wall, CPU]] summed over batches, each the best of `repeats` calls in a
     row: back-to-back calls of one program find the caches as warm as the bare loop's later iterations
@@ -168,15 +181,19 @@ def overhead_times(model, batches, kwargs: dict, strategy: str, repeats: int, it
 
 
 def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base: dict, *, repeats: int, warmup: int,
-                overhead_forwards: int) -> dict:
-    """Measures one setting; returns the JSON-ready record."""
+                overhead_forwards: int, verifier=None) -> dict:
+    """Measures one setting; returns the JSON-ready record (verifier: the model a speculative setting's
+    "teacher" names)."""
     kwargs = base | dict(setting.kwargs) | {"strategy": setting.strategy}
+    if kwargs.get("verifier") == "teacher":
+        kwargs["verifier"] = verifier
     batches = _batches(prompts, setting.batch_size)
     first = generate(model, [p.ids for p in batches[0][0]], measure_memory=True, **kwargs)
     for _ in range(warmup):
         for batch, _ in batches:
             generate(model, [p.ids for p in batch], **kwargs)
     runs, latencies, correct = [], [], []
+    speculative = np.zeros(4)
     for repeat in range(repeats):
         tokens = forwards = row_forwards = 0
         wall = 0.0
@@ -187,6 +204,8 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
             forwards += result.forward_passes
             wall += result.seconds
             latencies += [result.seconds] * real
+            if repeat == 0 and setting.strategy == "speculative":
+                speculative += _speculative_stats(result, real)
             if repeat == 0:
                 for prompt, ids in zip(batch[:real], result.sequences):
                     if prompt.reference is not None:
@@ -195,15 +214,23 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
         runs.append({"tokens": tokens, "seconds": wall, "tokens_per_second": tokens / wall, "forward_passes": forwards,
                      "tokens_per_forward": tokens / max(row_forwards, 1)})
     median = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
-    (program_wall, program_cpu), (bare_wall, bare_cpu) = overhead_times(model, batches, kwargs, setting.strategy,
-                                                                         repeats, overhead_forwards)
+    if setting.strategy == "speculative":
+        program_wall = program_cpu = bare_wall = bare_cpu = None
+    else:
+        (program_wall, program_cpu), (bare_wall, bare_cpu) = overhead_times(model, batches, kwargs, setting.strategy,
+                                                                             repeats, overhead_forwards)
+    if "verifier" in kwargs:  # JSON: the verifier by name, not the model object
+        kwargs["verifier"] = dict(setting.kwargs)["verifier"]
     return {
         "setting": setting.name, "strategy": setting.strategy, "batch_size": setting.batch_size,
         "generate_kwargs": kwargs, "num_prompts": len(prompts), "repeats": repeats, "warmup": warmup,
+        "tokens_per_verifier_forward": speculative[0] / speculative[1] if speculative[1] else None,
+        "acceptance_rate": speculative[2] / speculative[3] if speculative[3] else None,
         "generated_tokens": median("tokens"), "tokens_per_second": median("tokens_per_second"),
         "forward_passes": median("forward_passes"), "tokens_per_forward": median("tokens_per_forward"),
         "latency_p50_s": float(np.percentile(latencies, 50)), "latency_p95_s": float(np.percentile(latencies, 95)),
-        "memory": _memory(first), "sampler_overhead": program_wall / bare_wall, "sampler_overhead_cpu": program_cpu / bare_cpu,
+        "memory": _memory(first), "sampler_overhead": _ratio(program_wall, bare_wall),
+        "sampler_overhead_cpu": _ratio(program_cpu, bare_cpu),
         "program_seconds": program_wall, "bare_seconds": bare_wall, "program_cpu_seconds": program_cpu,
         "bare_cpu_seconds": bare_cpu,
         "accuracy": sum(correct) / len(correct) if correct else None, "runs": runs,
@@ -211,16 +238,24 @@ def run_setting(model, setting: Setting, prompts: list[Prompt], tokenizer, base:
     }
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
 def format_table(records: list[dict]) -> str:
-    header = ("setting", "batch", "tok/s", "forwards", "TPF", "p50 ms", "p95 ms", "MiB", "overhead", "ovh CPU", "accuracy")
+    header = ("setting", "batch", "tok/s", "vs AR", "forwards", "TPF", "TPVF", "accept", "p50 ms", "p95 ms", "MiB", "overhead",
+              "ovh CPU", "accuracy")
+    optional = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     rows = [header]
     for r in records:
         memory = r["memory"]["device_peak_bytes"] or r["memory"]["program_bytes"] or 0
         rows.append((
-            r["setting"], str(r["batch_size"]), f"{r['tokens_per_second']:.1f}", f"{r['forward_passes']:g}",
-            f"{r['tokens_per_forward']:.2f}", f"{1e3 * r['latency_p50_s']:.1f}", f"{1e3 * r['latency_p95_s']:.1f}",
-            f"{memory / 2**20:.1f}", f"{r['sampler_overhead']:.3f}", f"{r['sampler_overhead_cpu']:.3f}",
-            "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+            r["setting"], str(r["batch_size"]), f"{r['tokens_per_second']:.1f}", optional(r.get("speedup_vs_ar"), ".2f"),
+            f"{r['forward_passes']:g}",
+            f"{r['tokens_per_forward']:.2f}", optional(r.get("tokens_per_verifier_forward"), ".2f"),
+            optional(r.get("acceptance_rate"), ".3f"), f"{1e3 * r['latency_p50_s']:.1f}", f"{1e3 * r['latency_p95_s']:.1f}",
+            f"{memory / 2**20:.1f}", optional(r["sampler_overhead"], ".3f"), optional(r["sampler_overhead_cpu"], ".3f"),
+            optional(r["accuracy"], ".3f"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

@@ -68,6 +68,17 @@ def _fused_kernel(model, want_logits: bool, sampling: Sampling) -> bool:
     return kernel and sampling.greedy and not want_logits
 
 
+def filtered_logits(raw: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray) -> jax.Array:
+    """The logits tokens are drawn from when sampling: disallowed ids removed, tempered, top-k / top-p
+    filtered (softmax of this is the sampling distribution; speculative decoding needs it explicitly)."""
+    logits = jnp.where(jnp.asarray(allowed), raw, _NEG_INF) / knobs["temperature"]
+    if sampling.top_k:
+        logits = _top_k_filter(logits, sampling.top_k)
+    if sampling.top_p:
+        logits = _top_p_filter(logits, knobs["top_p"])
+    return logits
+
+
 def choose_tokens(
     model, hidden: jax.Array, key: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray, want_logits: bool
 ) -> Choice:
@@ -95,11 +106,7 @@ def choose_tokens(
     if sampling.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        logits = logits / knobs["temperature"]
-        if sampling.top_k:
-            logits = _top_k_filter(logits, sampling.top_k)
-        if sampling.top_p:
-            logits = _top_p_filter(logits, knobs["top_p"])
+        logits = filtered_logits(raw, sampling, knobs, allowed)
         token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     log_partition = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, token[..., None], axis=-1)[..., 0]

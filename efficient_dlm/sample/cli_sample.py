@@ -4,6 +4,8 @@ The model decodes as its DiffusionSpec says (recorded in the checkpoint), exactl
 `generate(load(ckpt), prompts, max_new_tokens=n)`; keys set in the config's `sample` section
 (`--config.sample.strategy=ar`, `--config.sample.threshold=0.8`, ...) override it. Prompts are
 encoded with the checkpoint's tokenizer.
+`--verifier CKPT` (or `--verifier self`) decodes speculatively: the dLM drafts, the AR checkpoint (or
+the dLM's own weights in causal mode) verifies, and the output is exactly the verifier's own decoding.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from efficient_dlm.outputs import check_output_file
 from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
 from efficient_dlm.sample.api import check_model, generate
 from efficient_dlm.sample.config import generate_kwargs
-from efficient_dlm.sample.inputs import Prompt, decode, encode, load_source, read_prompts
+from efficient_dlm.sample.inputs import Prompt, decode, encode, load_source, load_verifier, read_prompts
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
@@ -28,6 +30,7 @@ flags.DEFINE_string("out", None, "write one JSON record per prompt to this JSONL
 flags.DEFINE_integer("batch_size", 8, "prompts decoded together")
 flags.DEFINE_bool("stream", False, "print each block as soon as it is final")
 flags.DEFINE_integer("step", None, "training run directory: the step to load (default: the newest)")
+flags.DEFINE_string("verifier", None, "AR checkpoint verifying the dLM's drafts (strategy speculative), or 'self'")
 
 
 def _printer(tokenizer, batch: int):
@@ -65,6 +68,13 @@ def run(config, FLAGS) -> int:
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
     encode(prompts, source.tokenizer)
     kwargs = generate_kwargs(config.sample)
+    if FLAGS.verifier:
+        strategy = "speculative"
+        kwargs.update(strategy=strategy, verifier=load_verifier(FLAGS.verifier, config))
+    elif kwargs["strategy"] == "speculative":
+        raise UserError("sample.strategy=speculative needs --verifier CKPT (an AR checkpoint) or --verifier self")
+    if FLAGS.stream and kwargs["strategy"] == "speculative":
+        raise UserError("--stream is not supported with --verifier (speculative decoding)")
     records, tokens, forwards, seconds = [], 0, 0, 0.0
     for i in range(0, len(prompts), FLAGS.batch_size):
         batch = prompts[i : i + FLAGS.batch_size]

@@ -26,6 +26,7 @@ def generate_kwargs(sample: ConfigDict) -> dict:
         threshold=sample.threshold, tokens_per_step=sample.tokens_per_step, factor=sample.factor,
         entropy_bound=sample.entropy_bound, temperature=sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
         seed=sample.seed, stop_tokens=tuple(sample.stop_tokens) or None, prompt_bucket=sample.prompt_bucket or None,
+        draft_steps=sample.draft_steps,
     )
 
 
@@ -45,6 +46,8 @@ def validate_sample(config: ConfigDict) -> None:
     for key in ("factor", "entropy_bound"):
         if s[key] is not None and not (math.isfinite(s[key]) and s[key] > 0):
             raise UserError(f"sample.{key} must be a finite number > 0, got {s[key]}")
+    if s.draft_steps < 1:
+        raise UserError(f"sample.draft_steps must be >= 1, got {s.draft_steps}")
     if s.prompt_bucket < 0:
         raise ValueError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
 
@@ -54,9 +57,10 @@ def validate_bench(config: ConfigDict) -> None:
     if "bench" not in config:
         return
     b = config.bench
-    unknown = [s for s in b.strategies if s not in ALL_STRATEGIES]
+    known = (*ALL_STRATEGIES, "self_speculative")
+    unknown = [s for s in b.strategies if s not in known]
     if unknown or not b.strategies:
-        raise ValueError(f"bench.strategies must name some of {', '.join(ALL_STRATEGIES)}, got {tuple(b.strategies)}")
+        raise ValueError(f"bench.strategies must name some of {', '.join(known)}, got {tuple(b.strategies)}")
     if any(not 0.0 <= t <= 1.0 for t in b.thresholds):
         raise ValueError(f"bench.thresholds must lie in [0, 1], got {tuple(b.thresholds)}")
     if not b.batch_sizes or any(n < 1 for n in b.batch_sizes):

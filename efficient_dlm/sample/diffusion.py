@@ -76,17 +76,28 @@ def _first_stop(knobs: dict, tokens, step) -> jax.Array:
     return jnp.min(jnp.where(stopped, jnp.arange(tokens.shape[1])[None, :], tokens.shape[1]), axis=1)
 
 
+def block_hidden(plan: Plan, hidden: jax.Array, before: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """(hidden states predicting the block's positions [batch, B, E], state before the block) from the hidden
+    states of a chunk ending with the block. With token shift position i is predicted from the hidden
+    state at i - 1, as in training; the block's first position reads the state before the block, which a
+    chunk wider than the block computes and a block-only chunk takes from `before`."""
+    size = plan.block_size
+    if not plan.token_shift:
+        return hidden[:, -size:], before
+    if hidden.shape[1] > size:
+        before = hidden[:, -size - 1]
+    return jnp.concatenate([before[:, None], hidden[:, -size:-1]], axis=1), before
+
+
 def _denoise(ctx: _Context, blk: Block, counters: Counters, tokens, positions, cache, attention: str):
     """One forward pass on a chunk ending with the block, then one commit. Returns (block, counters, kv)."""
     plan = ctx.plan
     size = plan.block_size
     hidden, kv = ctx.model.decode(tokens, positions, cache, attention=attention, block_size=size)
-    if plan.token_shift:  # position i is predicted from the hidden state at i - 1 (training's token shift)
-        before = hidden[:, -size - 1] if tokens.shape[1] > size else blk.before
-        blk = blk._replace(before=before)
-        hidden = jnp.concatenate([before[:, None], hidden[:, -size:-1]], axis=1)
+    hidden, before = block_hidden(plan, hidden, blk.before)
+    blk = blk._replace(before=before)
     key = step_key(ctx.knobs, counters.forwards)
-    choice = choose_tokens(ctx.model, hidden[:, -size:], key, plan.sampling, ctx.knobs, plan.allowed(), plan.record_logits)
+    choice = choose_tokens(ctx.model, hidden, key, plan.sampling, ctx.knobs, plan.allowed(), plan.record_logits)
     commit = commit_mask(plan.strategy, choice.confidence, choice.entropy, blk.open, ctx.knobs, plan.tokens_per_step)
     new_tokens = jnp.where(commit, choice.token, blk.tokens)
     step = jnp.where(commit, counters.forwards, blk.step)
@@ -167,6 +178,20 @@ def _decode_block(ctx: _Context, carry: Carry, prefix: tuple[jax.Array, jax.Arra
     )
 
 
+def initial_canvas(plan: Plan, inputs: dict, blocks: int) -> tuple[jax.Array, jax.Array]:
+    """The token canvas [batch, (blocks + 1) * B] before decoding (the prompt's last full block, block 0 with
+    the prompt's remaining tokens, then [MASK]) and the position of each of its slots."""
+    size = plan.block_size
+    batch, prefix_len = inputs["prefix"].shape
+    canvas = jnp.full((batch, (blocks + 1) * size), plan.mask_id, jnp.int32)
+    canvas = canvas.at[:, :size].set(inputs["prefix"][:, -size:]).at[:, size : 2 * size].set(inputs["first_block"])
+    block_start = prefix_len - inputs["shift"]  # position of block 0: n_b * B
+    positions = jnp.concatenate(
+        [inputs["prefix_positions"][:, -size:], block_start[:, None] + jnp.arange(blocks * size)[None, :]], axis=1
+    )
+    return canvas, positions
+
+
 def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) -> dict:
     """The whole generation for one batch (jit with graphdef and plan static)."""
     TRACES["diffusion"] += 1
@@ -176,13 +201,7 @@ def diffusion_program(graphdef, plan: Plan, state, inputs: dict, knobs: dict) ->
     final_length = prefix_len - inputs["shift"] + inputs["remainder"] + plan.max_new_tokens  # prompt + max_new_tokens
     cache = KVCache.empty(model.config, batch, prefix_len + (blocks - 1) * size, rope_length=final_length)
     cache = cache.replace(start=inputs["shift"])
-    last_prompt_block = inputs["prefix"][:, -size:]
-    canvas = jnp.full((batch, (blocks + 1) * size), plan.mask_id, jnp.int32)
-    canvas = canvas.at[:, :size].set(last_prompt_block).at[:, size : 2 * size].set(inputs["first_block"])
-    block_start = prefix_len - inputs["shift"]  # position of block 0: n_b * B
-    positions = jnp.concatenate(
-        [inputs["prefix_positions"][:, -size:], block_start[:, None] + jnp.arange(blocks * size)[None, :]], axis=1
-    )
+    canvas, positions = initial_canvas(plan, inputs, blocks)
     ctx = _Context(model, plan, knobs, positions, inputs["remainder"] + size, prefix_len)
     counters = Counters(jnp.int32(0), jnp.zeros((batch,), jnp.int32))
     canvas_logits = jnp.zeros((*canvas.shape, plan.vocab_size), jnp.float32) if plan.record_logits else None

@@ -77,6 +77,13 @@ def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -
     return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})")
 
 
+def load_verifier(ckpt: str, config: ConfigDict):
+    """The verifier of speculative decoding: 'self' (the dLM's own weights in causal mode) or an AR checkpoint."""
+    if ckpt == "self":
+        return "self"
+    return load_source(ckpt, config).model
+
+
 def read_prompts(path: str) -> list[Prompt]:
     """JSONL: {"prompt": text} or {"prompt_ids": [ids]}, optionally "reference" (or "answer")."""
     if not os.path.exists(path):
