@@ -68,6 +68,7 @@ def diffusion_section() -> ConfigDict:
             valid_vocab_size=config_dict.placeholder(int),  # ids >= this never predicted (set by append)
             mask_noise_std=0.0,  # Gaussian noise on [MASK] embeddings (LLaDA2.0) ...
             mask_noise_steps=0,  # ... for the first this many steps
+            ar_weight=0.0,  # > 0: + ar_weight * causal next-token loss (Nemotron-Labs Diffusion), for verifier="self"
         )
     )
 

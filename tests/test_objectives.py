@@ -133,6 +133,32 @@ def test_loss_equals_direct_computation(model, kind, shift):
     assert float(aux) == 0.0
 
 
+@pytest.mark.parametrize("complementary", [False, True])
+def test_ar_weight_adds_the_causal_next_token_loss(model, complementary):
+    """Joint objective (diffusion.ar_weight): loss = diffusion loss + w * mean causal CE of the clean batch,
+    the causal CE computed directly from model(tokens, attention="causal") in NumPy."""
+    batch, w = _batch(), 0.7
+    obj = Objective("block_diffusion", 4, token_shift=True, mask_token_id=63, complementary=complementary, ar_weight=w)
+
+    @jax.jit
+    def run(batch):
+        ex = corrupt(obj, batch, jax.random.PRNGKey(5))
+        joint, _, sums = loss_and_sums(model, obj, ex, normaliser=jnp.maximum(jnp.sum(ex.count), 1.0))
+        plain_ex = ex._replace(ar_count=None, ar_weight=None)
+        plain, _, _ = loss_and_sums(model, obj, plain_ex, normaliser=jnp.maximum(jnp.sum(ex.count), 1.0))
+        logits = model(batch["tokens"], attention="causal", segment_ids=batch["segment_ids"], positions=batch["positions"])
+        return joint, plain, sums, logits
+
+    joint, plain, sums, logits = run(batch)
+    seg, tokens = np.asarray(batch["segment_ids"]), np.asarray(batch["tokens"])
+    ce = _direct_ce(np.asarray(logits)[:, :-1], tokens[:, 1:])  # position i predicts token i + 1
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    ar_mean = ce[same_doc].mean()
+    np.testing.assert_allclose(float(joint), float(plain) + w * ar_mean, rtol=2e-5)
+    np.testing.assert_allclose(float(sums["ar_ce"] / sums["ar_count"]), ar_mean, rtol=2e-5)
+    assert float(sums["ar_count"]) == same_doc.sum()
+
+
 def test_chunked_loss_equals_plain_and_padded_vocab_is_never_predicted(model):
     h = jax.random.normal(jax.random.PRNGKey(0), (B, L, CFG.hidden_size))
     targets = jax.random.randint(jax.random.PRNGKey(1), (B, L), 0, 50)

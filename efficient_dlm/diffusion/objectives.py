@@ -45,6 +45,7 @@ class Objective:
     mask_token_id: int | None = None
     mask_noise_std: float = 0.0
     mask_noise_steps: int = 0
+    ar_weight: float = 0.0  # joint objective: + ar_weight * causal next-token loss (self-speculative verifier)
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -59,6 +60,10 @@ class Objective:
             raise ValueError(
                 f"diffusion rates need 0 < rate_min <= rate_max <= 1, got [{self.rate_min}, {self.rate_max}]"
             )
+        if self.ar_weight < 0:
+            raise ValueError(f"diffusion.ar_weight must be >= 0, got {self.ar_weight}")
+        if self.ar_weight and not self.is_diffusion:
+            raise ValueError("diffusion.ar_weight adds an AR loss to a diffusion objective; objective=ar is AR already")
         if self.half_life <= 0:
             raise ValueError(f"diffusion.half_life must be positive, got {self.half_life}")
 
@@ -87,7 +92,9 @@ class Example(NamedTuple):
     targets, weight, count, noised: [B', L]. weight is the per-token loss weight (for the ELBO
     n / k, the inverse of the block's realised masked fraction, docs/METHOD.md section 3; 1 for the
     mean; times the batch's loss_weights), count the per-token normaliser contribution, noised
-    marks [MASK] positions (mask-embedding noise).
+    marks [MASK] positions (mask-embedding noise). With ar_weight > 0, ar_count marks the clean tokens
+    the causal next-token loss covers and ar_weight is their loss weight, scaled so that
+    sum(ar_weight * CE) / sum(count) = ar_weight * (mean causal CE) over the whole batch.
     """
 
     inputs: jax.Array
@@ -97,6 +104,8 @@ class Example(NamedTuple):
     weight: jax.Array
     count: jax.Array
     noised: jax.Array
+    ar_count: jax.Array | None = None
+    ar_weight: jax.Array | None = None
 
 
 def _loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
@@ -140,7 +149,13 @@ def corrupt(obj: Objective, batch: dict[str, jax.Array], key: jax.Array) -> Exam
     inputs = jnp.concatenate([x_t, tokens], axis=1) if obj.kind == "block_diffusion" else x_t
     count = mask * lw
     weight = count * corruption.elbo_weight(mask, eligible, block) if obj.weighting == "elbo" else count
-    return Example(inputs, seg, pos, tokens, weight, count, mask)
+    ar_count = ar_weight = None
+    if obj.ar_weight:  # the causal loss on the clean rows, once (not on the complementary copy)
+        ar_count = _autoregressive(batch).count
+        ar_count = jnp.concatenate([ar_count, jnp.zeros_like(ar_count)]) if copies == 2 else ar_count
+        scale = jnp.maximum(jnp.sum(count), 1.0) / jnp.maximum(jnp.sum(ar_count), 1.0)
+        ar_weight = obj.ar_weight * scale * ar_count
+    return Example(inputs, seg, pos, tokens, weight, count, mask, ar_count, ar_weight)
 
 
 def _shift_right(h: jax.Array) -> jax.Array:
@@ -225,4 +240,9 @@ def loss_and_sums(
     }
     if "expert_counts" in aux:  # MoE routing counts [moe layers, experts]: load metrics and the bias update
         sums["expert_counts"] = aux["expert_counts"]
+    if ex.ar_weight is not None:  # joint objective: the same weights in causal mode on the clean tokens
+        h_ar, _ = model.hidden(ex.targets, attention="causal", segment_ids=ex.segment_ids, positions=ex.positions)
+        ar = token_stats(model, _shift_right(h_ar), ex.targets, valid_vocab=valid_vocab, chunk=chunk)
+        loss = loss + jnp.sum(ex.ar_weight * ar.ce)
+        sums.update(ar_ce=jnp.sum(ex.ar_count * ar.ce), ar_count=jnp.sum(ex.ar_count))
     return loss / normaliser, aux_losses(aux), sums

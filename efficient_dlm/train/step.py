@@ -49,6 +49,7 @@ def make_objective(config: ConfigDict, model_cfg: ModelConfig, block_size: int |
         mask_token_id=model_cfg.mask_token_id,
         mask_noise_std=d.mask_noise_std,
         mask_noise_steps=d.mask_noise_steps,
+        ar_weight=d.ar_weight,
     )
 
 
@@ -91,11 +92,14 @@ def accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Ratios from summed statistics: masked NLL, masked-token accuracy, masked fraction."""
     count = jnp.maximum(sums["count"], 1.0)
-    return {
+    out = {
         "nll": sums["ce"] / count,
         "accuracy": sums["correct"] / count,
         "masked_fraction": sums["count"] / jnp.maximum(sums["tokens"], 1.0),
     }
+    if "ar_ce" in sums:  # joint objective (diffusion.ar_weight): the causal next-token NLL
+        out["ar_nll"] = sums["ar_ce"] / jnp.maximum(sums["ar_count"], 1.0)
+    return out
 
 
 def apply_gradients(
@@ -161,7 +165,7 @@ def make_train_step(
 def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
     """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss and no
     mask-embedding noise), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
-    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0)
+    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0)
     loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0)
 
     def eval_step(params, batch: Batch, rng: jax.Array):
