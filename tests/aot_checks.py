@@ -81,6 +81,31 @@ def check_flops_per_shard_estimate(results) -> None:
     print("ok flops_per_shard_estimate")
 
 
+def check_speculative_sampler(results) -> None:
+    """The speculative program (dLM drafter + AR verifier of the same architecture, both caches) compiles for
+    v5p-8 like the plain sampler, and holds both models' weights: its arguments exceed the plain sampler's
+    by at least one more copy of the parameters."""
+    from efficient_dlm.parallel import aot
+    from efficient_dlm.parallel import mesh as mesh_lib
+    from efficient_dlm.parallel.topology import parse
+
+    sys.path.insert(0, os.path.join(cli.REPO_ROOT, "configs"))
+    import tiny
+
+    config = tiny.get_config()
+    config.model.num_layers, config.model.scan_layers, config.mesh.fsdp, config.mesh.tensor = 3, False, 2, 2
+    config.sample.strategy = "speculative"
+    target = parse("v5p-8")
+    mesh = mesh_lib.make_mesh(config.mesh, aot.tpu_devices(target))
+    program = aot.sample_program(config, mesh)
+    compiled = aot.compile_or_explain(program, mesh, mesh_lib.config_rules(config.mesh), config, target)
+    result = aot.report(compiled, target, program, None)
+    plain = results["sample"]["memory"]  # its arguments: one model's weights plus small inputs
+    assert result["memory"]["arguments"] > 1.8 * plain["arguments"], (result["memory"], plain)
+    assert program.notes["strategy"] == "speculative" and 0 < result["hbm_fraction"] < 0.9, program.notes
+    print("ok speculative_sampler")
+
+
 def check_does_not_fit(out_dir: str) -> None:
     """A training batch far beyond v5e HBM: the compiler's out-of-memory error becomes one line
     naming what to change."""
@@ -115,6 +140,7 @@ def main(out_dir: str) -> None:
     results = check_cli_report(out_dir)
     check_flops_extrapolation(results)
     check_flops_per_shard_estimate(results)
+    check_speculative_sampler(results)
     check_does_not_fit(out_dir)
 
 

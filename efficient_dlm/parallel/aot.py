@@ -118,24 +118,31 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
     kwargs = generate_kwargs(config.sample)
-    prep = prepare(model, np.zeros((batch, prompt_len), np.int32), **kwargs)
-    graphdef, plan, state, inputs, knobs = prep.args
+    # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
+    # weights in the program (the worst case; verifier="self" holds one set).
+    speculative = kwargs["strategy"] == "speculative"
+    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if speculative else None
+    prep = prepare(model, np.zeros((batch, prompt_len), np.int32), verifier=verifier, **kwargs)
+    if speculative:
+        draft_graphdef, verify_graphdef, plan, draft_state, verify_state, inputs, knobs = prep.args
+        state = (draft_state, verify_state)
+        run = lambda state, inputs, knobs: prep.program(draft_graphdef, verify_graphdef, plan, *state, inputs, knobs)  # noqa: E731
+        notes = dict(strategy="speculative", max_new_tokens=plan.draft.max_new_tokens)
+    else:
+        graphdef, plan, state, inputs, knobs = prep.args
+        run = lambda state, inputs, knobs: prep.program(graphdef, plan, state, inputs, knobs)  # noqa: E731
+        notes = dict(strategy=plan.strategy, max_new_tokens=plan.max_new_tokens)
     replicated = NamedSharding(mesh, PartitionSpec())
     inputs = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape))
         for k, v in inputs.items()
     }
     knobs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in knobs.items()}
-    state = sharding.abstract_arrays(state, sharding.state_shardings(state, mesh))
+    shard = lambda s: sharding.abstract_arrays(s, sharding.state_shardings(s, mesh))  # noqa: E731
+    state = tuple(shard(s) for s in state) if speculative else shard(state)
     return Program(
-        "sampler",
-        lambda state, inputs, knobs: prep.program(graphdef, plan, state, inputs, knobs),
-        (state, inputs, knobs),
-        ("params", "inputs", "knobs"),
-        notes=dict(
-            strategy=plan.strategy, prompt_len=prompt_len, max_new_tokens=plan.max_new_tokens,
-            **prep.shapes, attention=cfg.attention_backend,
-        ),
+        "sampler", run, (state, inputs, knobs), ("params", "inputs", "knobs"),
+        notes=dict(**notes, prompt_len=prompt_len, **prep.shapes, attention=cfg.attention_backend),
     )
 
 
