@@ -333,14 +333,14 @@ def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, d
     limit = min(vcfg.vocab_size, valid_vocab_size or vcfg.vocab_size)  # the drafter drafts only ids the verifier knows
     lay = layout_lib.block_layout(
         rows, block_size=block_size, max_new_tokens=plan.max_new_tokens, mask_id=dcfg.mask_token_id,
-        pad_id=plan.pad_id, max_positions=dcfg.max_position_embeddings, capacity=prompt_bucket,
+        pad_id=plan.pad_id, max_positions=layout_lib.position_limit(dcfg), capacity=prompt_bucket,
     )
     draft = dataclasses.replace(
         plan, block_size=block_size, num_blocks=lay.num_blocks, mask_id=dcfg.mask_token_id, token_shift=token_shift,
         valid_vocab_size=limit,
     )
     ar = layout_lib.ar_layout(rows, max_new_tokens=plan.max_new_tokens, pad_id=verify_pad,
-                              max_positions=vcfg.max_position_embeddings, capacity=prompt_bucket)
+                              max_positions=layout_lib.position_limit(vcfg), capacity=prompt_bucket)
     spec = SpecPlan(draft, verify, int(draft_steps), self_verify)
     draft_graphdef, draft_state = nnx.split(model)
     verify_graphdef, verify_state = (None, None) if self_verify else nnx.split(verifier)
