@@ -142,7 +142,7 @@ def spec_from_recipe(recipe: Mapping[str, Any], cfg, valid_vocab_size: int | Non
         block_size = final_block_size(diffusion.get("block_size_schedule")) or diffusion.get("block_size")
     sample = recipe.get("sample") or {}
     decoding = {name: sample.get(name) for name in DECODING_FIELDS if sample.get(name) not in (None, "")}
-    if decoding.get("strategy") == "ar":  # the recipe's sampler baseline is no dLM default
+    if decoding.get("strategy") in ("ar", "speculative"):  # the AR baseline, or a verifier's decoding: no dLM default
         decoding.pop("strategy")
     valid = valid_vocab_size if valid_vocab_size is not None else diffusion.get("valid_vocab_size")
     return DiffusionSpec(
