@@ -23,6 +23,7 @@ from etils import epath
 from flax import nnx
 
 from efficient_dlm import integrity
+from efficient_dlm.errors import UserFileExistsError, UserFileNotFoundError
 from efficient_dlm.integrity import CheckpointError
 from efficient_dlm.diffusion import spec as spec_lib
 from efficient_dlm.diffusion.spec import DiffusionSpec
@@ -57,7 +58,7 @@ def write_model_config(directory: str, cfg: ModelConfig, extra: dict[str, Any] |
 def read_model_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: not an efficient_dlm checkpoint (no {CONFIG_NAME})")
+        raise UserFileNotFoundError(f"{directory}: not an efficient_dlm checkpoint (no {CONFIG_NAME})")
     with open(path) as f:
         payload = json.load(f)
     extra = payload.pop("extra", {})
@@ -115,7 +116,7 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
     directory = os.path.abspath(directory)
     params_path = epath.Path(directory) / PARAMS_DIR
     if params_path.exists() and not force:
-        raise FileExistsError(f"{directory}: a checkpoint already exists (pass force=True / --overwrite)")
+        raise UserFileExistsError(f"{directory}: a checkpoint already exists (pass force=True / --overwrite)")
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
     staged = epath.Path(directory) / f"{PARAMS_DIR}.new-{os.getpid()}"
     if staged.exists():

@@ -3,8 +3,9 @@
 A verb module defines its absl flags at import time and a `run(config, flags)` function; only the
 chosen verb's flags are registered while it runs, so verbs may reuse flag names (--out, --dtype). Every verb takes
 `--config=configs/x.py` plus `--config.section.key=value` overrides (ml_collections config flags).
-Failures the user can fix (bad config, missing file, wrong shape) print one line and exit 2; set
-EDLM_DEBUG=1 for the traceback. `main` can be called repeatedly in one process (tests): each call
+Failures the user can fix (efficient_dlm.errors.UserError: bad config, missing file, wrong shape)
+print one line and exit 2 (EDLM_DEBUG=1: with the traceback); any other exception is a bug and
+shows its traceback. `main` can be called repeatedly in one process (tests): each call
 sees only its verb's flags, at their defaults.
 """
 from __future__ import annotations
@@ -216,11 +217,10 @@ def _run_verb(verb: str, module, argv: list[str]) -> int:
 
             initialize()
         result = module.run(config, flags.FLAGS)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except UserError as err:  # only mistakes the user can fix: every other exception keeps its traceback
         if os.environ.get("EDLM_DEBUG"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"edlm {verb}: error: {message}", file=sys.stderr)
+        print(f"edlm {verb}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
 

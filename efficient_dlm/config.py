@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from ml_collections import ConfigDict, config_dict
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
 
 # Section validators registered by the packages that own them (train, sample, mesh, ...).
@@ -272,7 +273,7 @@ def validate(config: ConfigDict) -> ConfigDict:
     """Checks cross-field consistency; raises ValueError with one line naming the offending key."""
     model_config(config)  # ModelConfig.__post_init__ validates the architecture
     if config.init.hf_dir and config.init.checkpoint:
-        raise ValueError("set only one of init.hf_dir and init.checkpoint")
+        raise UserError("set only one of init.hf_dir and init.checkpoint")
     for fn in _VALIDATORS:
         fn(config)
     return config

@@ -21,6 +21,7 @@ import numpy as np
 
 from efficient_dlm.data import sources as sources_lib
 from efficient_dlm.data.tokenize import Encoder, load_tokenizer
+from efficient_dlm.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def parse_weights(files: list[str], weights: str) -> list[float]:
         return [1.0] * len(files)
     values = [float(w) for w in _split_list(weights)]
     if len(values) != len(files) or any(w < 0 for w in values) or not sum(values) > 0:
-        raise ValueError(f"data weights {weights!r} must be {len(files)} non-negative numbers, not all zero")
+        raise UserError(f"data weights {weights!r} must be {len(files)} non-negative numbers, not all zero")
     return values
 
 
@@ -59,9 +60,9 @@ def _open_pattern(pattern: str, spec: DataSpec) -> tuple[grain.MapDataset, bool]
     opened = [sources_lib.open_file(f, text_key=spec.text_key, eos_id=spec.eos_id) for f in sources_lib.expand(pattern)]
     kinds = {isinstance(s, sources_lib.TokenArraySource) for s in opened}
     if len(kinds) > 1:
-        raise ValueError(f"{pattern}: mixes pre-tokenized and text files; give them as separate sources")
+        raise UserError(f"{pattern}: mixes pre-tokenized and text files; give them as separate sources")
     if sum(len(s) for s in opened) == 0:
-        raise ValueError(f"{pattern}: empty dataset (no documents)")
+        raise UserError(f"{pattern}: empty dataset (no documents)")
     for s in opened:
         if isinstance(s, sources_lib.TokenArraySource):
             s.check_ids(spec.vocab_size)
@@ -72,10 +73,10 @@ def _open_pattern(pattern: str, spec: DataSpec) -> tuple[grain.MapDataset, bool]
 
 def _encoder(spec: DataSpec) -> Encoder:
     if spec.eos_id is None:
-        raise ValueError("model.eos_token_id is not set; it separates documents in text data")
+        raise UserError("model.eos_token_id is not set; it separates documents in text data")
     tokenizer = load_tokenizer(spec.tokenizer)
     if tokenizer.get_vocab_size() > spec.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer {spec.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than model.vocab_size {spec.vocab_size}"
         )
     return Encoder(tokenizer, spec.eos_id, spec.bos_id)
@@ -114,7 +115,7 @@ def build_dataset(
     weight; otherwise read once in order (evaluation)."""
     patterns = _split_list(files)
     if not patterns:
-        raise ValueError("no data files given (set data.train_files)" if train else "no evaluation files given")
+        raise UserError("no data files given (set data.train_files)" if train else "no evaluation files given")
     mix_weights = parse_weights(patterns, weights)
     encoder = None
     parts = []
@@ -122,7 +123,7 @@ def build_dataset(
         ds, is_text = _open_pattern(pattern, spec)
         ds = ds[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"{pattern}: empty dataset for process {process_index} of {process_count}")
+            raise UserError(f"{pattern}: empty dataset for process {process_index} of {process_count}")
         if train:
             ds = ds.seed(spec.seed + i).shuffle().repeat()
         if is_text:
@@ -154,5 +155,5 @@ def take(dataset: grain.IterDataset, count: int) -> list[dict[str, Any]]:
         if len(batches) == count:
             break
     if not batches:
-        raise ValueError("evaluation data holds fewer documents than one batch (data.eval_files)")
+        raise UserError("evaluation data holds fewer documents than one batch (data.eval_files)")
     return batches

@@ -55,9 +55,9 @@ class PromptRecords(sources_lib.JsonlSource):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path}: line {index + 1} is not valid JSON ({err.msg})") from None
+            raise UserError(f"{self.path}: line {index + 1} is not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not any(k in record for k in PROMPT_KEYS):
-            raise ValueError(f"{self.path}: record {index} needs one of {', '.join(PROMPT_KEYS)}")
+            raise UserError(f"{self.path}: record {index} needs one of {', '.join(PROMPT_KEYS)}")
         return record
 
 
@@ -68,7 +68,7 @@ def chat_template_tokenizer(directory: str):
     folder = os.path.dirname(directory) if os.path.isfile(directory) else directory
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not getattr(tok, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             f"opd.chat_template is set but the tokenizer in {folder} has no chat template "
             "(tokenizer_config.json \"chat_template\" or chat_template.jinja)"
         )
@@ -88,17 +88,17 @@ class PromptEncoder:
             if spec.chat_template:
                 self._chat = chat_template_tokenizer(spec.tokenizer)
         elif spec.chat_template:
-            raise ValueError("opd.chat_template needs a tokenizer (init.tokenizer or the checkpoint's)")
+            raise UserError("opd.chat_template needs a tokenizer (init.tokenizer or the checkpoint's)")
 
     def _text_ids(self, record: dict[str, Any]) -> list[int]:
         if self._tokenizer is None:
-            raise ValueError("text prompts need a tokenizer (set init.tokenizer); or give \"prompt_ids\"")
+            raise UserError("text prompts need a tokenizer (set init.tokenizer); or give \"prompt_ids\"")
         if self._chat is not None:
             messages = record.get("messages") or [{"role": "user", "content": str(record["prompt"])}]
             text = self._chat.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return self._tokenizer.encode(text, add_special_tokens=False).ids
         if "messages" in record:
-            raise ValueError("a \"messages\" prompt needs opd.chat_template=True")
+            raise UserError("a \"messages\" prompt needs opd.chat_template=True")
         if not isinstance(record["prompt"], str):
             raise UserError(f"\"prompt\" must be a string: {json.dumps(record)[:80]}")
         return self._tokenizer.encode(record["prompt"]).ids
@@ -109,11 +109,11 @@ class PromptEncoder:
         else:
             ids = self._text_ids(record)
         if not ids:
-            raise ValueError(f"empty prompt: {json.dumps(record)[:80]}")
+            raise UserError(f"empty prompt: {json.dumps(record)[:80]}")
         ids = np.asarray(ids[-self.spec.max_prompt_len:], np.int32)
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             size = self.spec.vocab_size
-            raise ValueError(f"prompt token id outside the vocabulary (size {size}): {json.dumps(record)[:80]}")
+            raise UserError(f"prompt token id outside the vocabulary (size {size}): {json.dumps(record)[:80]}")
         return ids
 
 
@@ -144,16 +144,16 @@ def build_prompt_dataset(
     forever; otherwise read once in order (evaluation)."""
     patterns = _split_list(files)
     if not patterns:
-        raise ValueError("no prompt files given (set opd.prompt_files)" if train else "no evaluation prompts given")
+        raise UserError("no prompt files given (set opd.prompt_files)" if train else "no evaluation prompts given")
     opened = [PromptRecords(f) for p in patterns for f in sources_lib.expand(p)]
     opened = [s for s in opened if len(s)]
     if not opened:
-        raise ValueError(f"{files}: no prompts")
+        raise UserError(f"{files}: no prompts")
     parts = [grain.MapDataset.source(s) for s in opened]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     ds = ds[process_index::process_count]
     if len(ds) < spec.batch_size:
-        raise ValueError(
+        raise UserError(
             f"{files}: {len(ds)} prompts for process {process_index}, fewer than one batch of {spec.batch_size}"
         )
     if train:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from efficient_dlm.errors import UserError
+from efficient_dlm.errors import UserError, UserFileNotFoundError
 
 TEXT_EXTENSIONS = (".jsonl", ".json", ".parquet", ".arrayrecord", ".array_record")
 TOKEN_EXTENSIONS = (".npy",)
@@ -36,7 +36,7 @@ def expand(pattern: str) -> list[str]:
     else:
         files = [pattern] if epath.Path(pattern).exists() else []
     if not files:
-        raise FileNotFoundError(f"data file not found: {pattern}")
+        raise UserFileNotFoundError(f"data file not found: {pattern}")
     for f in files:
         check_regular_file(f, "data file")
     return files
@@ -158,7 +158,7 @@ class TokenArraySource:
 
     def __init__(self, path: str, eos_id: int | None):
         if eos_id is None:
-            raise ValueError(f"{path}: pre-tokenized data needs model.eos_token_id to split documents")
+            raise UserError(f"{path}: pre-tokenized data needs model.eos_token_id to split documents")
         self.path = path
         local = path if os.path.exists(path) else epath.Path(path).open("rb")
         tokens = np.load(local, mmap_mode="r" if isinstance(local, str) else None, allow_pickle=False)
@@ -199,6 +199,6 @@ def open_file(path: str, *, text_key: str, eos_id: int | None):
         return ArrayRecordSource(path, text_key)
     if lower.endswith(".npy"):
         return TokenArraySource(path, eos_id)
-    raise ValueError(
+    raise UserError(
         f"{path}: unknown data file type; use one of {', '.join(TEXT_EXTENSIONS + TOKEN_EXTENSIONS)}"
     )

@@ -5,12 +5,14 @@ import os
 
 import numpy as np
 
+from efficient_dlm.errors import UserFileNotFoundError
+
 
 def tokenizer_file(path: str) -> str:
     """`path` itself if it is a tokenizer.json, else `path/tokenizer.json`; FileNotFoundError if absent."""
     candidate = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not path or not os.path.isfile(candidate):
-        raise FileNotFoundError(f"tokenizer not found: {path or '(none)'} (set init.tokenizer to a tokenizer.json or its directory)")
+        raise UserFileNotFoundError(f"tokenizer not found: {path or '(none)'} (set init.tokenizer to a tokenizer.json or its directory)")
     return candidate
 
 

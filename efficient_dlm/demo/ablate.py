@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm.config import to_plain
 from efficient_dlm.demo import pipeline
+from efficient_dlm.errors import UserError
 
 # name: (what it tests, {section.key: value} overrides of the recipe)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -39,7 +40,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def variant_config(config: ConfigDict, name: str) -> ConfigDict:
     if name not in VARIANTS:
-        raise ValueError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}")
+        raise UserError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}")
     c = ConfigDict(to_plain(config))
     for key, value in VARIANTS[name][1].items():
         section, field = key.split(".")

@@ -16,6 +16,8 @@ import os
 import sysconfig
 from typing import Iterator
 
+from efficient_dlm.errors import UserError, UserFileNotFoundError
+
 HELD_OUT_ONE_IN = 20  # one source in 20 is held out
 MAX_CHARS = 1200
 # Machine-specific generated modules: their text differs between installations.
@@ -26,7 +28,7 @@ def stdlib_dir() -> str:
     """The directory of the running interpreter's pure-Python standard library."""
     path = sysconfig.get_paths()["stdlib"]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: the Python standard library source directory is missing")
+        raise UserFileNotFoundError(f"{path}: the Python standard library source directory is missing")
     return path
 
 
@@ -90,7 +92,7 @@ def sources(directory: str | None = None) -> list[tuple[str, str]]:
             out.append((f"Lib/{name}", f.read()))
     out.extend(_doc_topics(directory))
     if not out:
-        raise FileNotFoundError(f"{directory}: no standard-library sources found for the demo corpus")
+        raise UserFileNotFoundError(f"{directory}: no standard-library sources found for the demo corpus")
     return out
 
 
@@ -113,7 +115,7 @@ def _doc_topics(directory: str) -> list[tuple[str, str]]:
 def documents(split: str, directory: str | None = None, max_chars: int = MAX_CHARS) -> list[str]:
     """The corpus documents of one split ("train" or "eval"), in deterministic order."""
     if split not in ("train", "eval"):
-        raise ValueError(f"unknown corpus split {split!r}; choose train or eval")
+        raise UserError(f"unknown corpus split {split!r}; choose train or eval")
     want_held_out = split == "eval"
     docs = []
     for name, text in sources(directory):

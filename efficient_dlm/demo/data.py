@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from efficient_dlm.demo import corpus, tasks
 from efficient_dlm.demo import tokenizer as demo_tokenizer
+from efficient_dlm.errors import UserError, UserFileNotFoundError
 
 TOKENIZER_SUBDIR = "tokenizer"
 MANIFEST = "manifest.json"
@@ -40,7 +41,7 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> int:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing (write it with `edlm demo-data`)")
+        raise UserFileNotFoundError(f"{path}: missing (write it with `edlm demo-data`)")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -67,7 +68,7 @@ def write(
     """
     names = tasks.check_tasks(task_names)
     if train_tasks < 1 or eval_tasks_per_task < 1:
-        raise ValueError(f"train_tasks and eval_tasks_per_task must be positive, got {train_tasks}, {eval_tasks_per_task}")
+        raise UserError(f"train_tasks and eval_tasks_per_task must be positive, got {train_tasks}, {eval_tasks_per_task}")
     os.makedirs(out_dir, exist_ok=True)
     text_train = corpus.documents("train")
     text_eval = corpus.documents("eval")
@@ -106,7 +107,7 @@ def write(
 
 def _copy_tokenizer(src: str, dst: str) -> None:
     if not os.path.exists(os.path.join(src, "tokenizer.json")):
-        raise FileNotFoundError(f"{src}: no tokenizer.json to copy")
+        raise UserFileNotFoundError(f"{src}: no tokenizer.json to copy")
     os.makedirs(dst, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.exists(os.path.join(src, name)):

@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 from efficient_dlm.config import to_plain
 from efficient_dlm.demo import data as demo_data
 from efficient_dlm.demo import report, teacher
+from efficient_dlm.errors import UserError
 
 STAGES = ("data", "convert", "evaluate", "export", "report")
 
@@ -215,7 +216,7 @@ def _check_config(run: DemoRun) -> None:
     plain = to_plain(run.config)
     if os.path.exists(path):
         if _read_json(path) != json.loads(json.dumps(plain)):
-            raise ValueError(f"{run.out} holds a demo run with a different recipe; choose another --out or delete it")
+            raise UserError(f"{run.out} holds a demo run with a different recipe; choose another --out or delete it")
     else:
         _write_json(path, plain)
 

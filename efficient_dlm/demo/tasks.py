@@ -28,6 +28,8 @@ import random
 import string
 from typing import Callable, Iterable
 
+from efficient_dlm.errors import UserError
+
 HELD_OUT_ONE_IN = 10
 SYMBOLS = string.ascii_lowercase + string.digits
 
@@ -111,14 +113,14 @@ def check_tasks(names: Iterable[str]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise ValueError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
     return names
 
 
 def instances(split: str, count: int, seed: int, tasks: Iterable[str] = tuple(TASKS)) -> list[Instance]:
     """`count` instances of the split, round-robin over tasks, deterministic in (split, seed, tasks)."""
     if split not in ("train", "eval"):
-        raise ValueError(f"unknown task split {split!r}; choose train or eval")
+        raise UserError(f"unknown task split {split!r}; choose train or eval")
     names = check_tasks(tasks)
     rng = random.Random(f"{split}:{seed}")
     want_held_out = split == "eval"
@@ -138,7 +140,7 @@ def exact_match(prediction: str, answer: str) -> bool:
 def accuracy(predictions: list[str], items: list[Instance]) -> dict[str, float]:
     """Exact-match accuracy in percent, overall ("all") and per task."""
     if len(predictions) != len(items):
-        raise ValueError(f"{len(predictions)} predictions for {len(items)} instances")
+        raise UserError(f"{len(predictions)} predictions for {len(items)} instances")
     hits: dict[str, list[bool]] = {}
     for pred, inst in zip(predictions, items):
         hits.setdefault(inst.task, []).append(exact_match(pred, inst.answer))

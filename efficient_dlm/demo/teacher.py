@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from efficient_dlm.demo import tasks
+from efficient_dlm.errors import UserFileNotFoundError
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_teacher")
 RECORD_NAME = "demo_teacher.json"
@@ -25,7 +26,7 @@ def teacher_dir(path: str = "") -> str:
     path = path or ASSET_DIR
     if not os.path.exists(os.path.join(path, "config.json")):
         hint = " (the package was installed without its assets?)" if path == ASSET_DIR else ""
-        raise FileNotFoundError(f"{path}: no demo teacher here (no config.json){hint}")
+        raise UserFileNotFoundError(f"{path}: no demo teacher here (no config.json){hint}")
     return path
 
 

@@ -17,6 +17,8 @@ import json
 import os
 from typing import Iterable
 
+from efficient_dlm.errors import UserError, UserFileNotFoundError
+
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
 SPECIAL_TOKENS = (EOS, MASK)
@@ -39,7 +41,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072):
     from tokenizers import pre_tokenizers, trainers
 
     if vocab_size < 512:
-        raise ValueError(f"tokenizer vocab_size must be at least 512 (256 bytes + merges), got {vocab_size}")
+        raise UserError(f"tokenizer vocab_size must be at least 512 (256 bytes + merges), got {vocab_size}")
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -83,5 +85,5 @@ def load(directory: str):
 
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+        raise UserFileNotFoundError(f"{directory}: no tokenizer.json")
     return Tokenizer.from_file(path)

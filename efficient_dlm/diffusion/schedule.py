@@ -5,6 +5,8 @@ schedule costs one compilation per distinct size, never one per step.
 """
 from __future__ import annotations
 
+from efficient_dlm.errors import UserError
+
 
 def parse_schedule(text: str, default: int | None, key: str = "diffusion.block_size_schedule") -> list[tuple[int, int]]:
     """"0:4,1000:32,5000:64" -> [(0, 4), (1000, 32), (5000, 64)]; empty text -> [(0, default)].
@@ -16,13 +18,13 @@ def parse_schedule(text: str, default: int | None, key: str = "diffusion.block_s
     for item in text.split(","):
         step, sep, size = item.strip().partition(":")
         if not sep or not step.strip().isdigit() or not size.strip().isdigit():
-            raise ValueError(f"{key} item {item.strip()!r} must be step:value")
+            raise UserError(f"{key} item {item.strip()!r} must be step:value")
         pairs.append((int(step), int(size)))
     steps = [s for s, _ in pairs]
     if steps != sorted(set(steps)):
-        raise ValueError(f"{key} steps must be strictly increasing, got {steps}")
+        raise UserError(f"{key} steps must be strictly increasing, got {steps}")
     if any(size <= 0 for _, size in pairs):
-        raise ValueError(f"{key} values must be positive, got {text!r}")
+        raise UserError(f"{key} values must be positive, got {text!r}")
     if pairs[0][0] > 0:
         pairs.insert(0, (0, default))
     return pairs

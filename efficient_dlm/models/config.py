@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_dlm.errors import UserError
+
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")
 MODEL_TYPES = DENSE_FAMILIES + MOE_FAMILIES
@@ -141,7 +143,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+            raise UserError(f"unknown model config key(s): {', '.join(unknown)}")
         return cls(**dict(values))
 
 
@@ -159,99 +161,99 @@ def _check_types(cfg: ModelConfig) -> None:
         if allowed is None:
             continue
         if isinstance(value, (bool, np.bool_)) and kind != "bool" or not isinstance(value, allowed):
-            raise ValueError(f"model.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+            raise UserError(f"model.{field.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
 
 
 def validate(cfg: ModelConfig) -> None:
     """Raises ValueError with one line naming the first inconsistent field."""
     _check_types(cfg)
     if cfg.model_type not in MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {cfg.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        raise UserError(f"unsupported model_type {cfg.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
         if getattr(cfg, name) <= 0:
-            raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+            raise UserError(f"model.{name} must be positive, got {getattr(cfg, name)}")
     if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"model.num_heads ({cfg.num_heads}) must be a multiple of model.num_kv_heads ({cfg.num_kv_heads})")
+        raise UserError(f"model.num_heads ({cfg.num_heads}) must be a multiple of model.num_kv_heads ({cfg.num_kv_heads})")
     if cfg.rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported model.rope_type {cfg.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        raise UserError(f"unsupported model.rope_type {cfg.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
     if cfg.rope_type != "default" and (cfg.rope_factor is None or cfg.rope_factor <= 0):
-        raise ValueError(f"model.rope_type {cfg.rope_type!r} needs a positive model.rope_factor, got {cfg.rope_factor}")
+        raise UserError(f"model.rope_type {cfg.rope_type!r} needs a positive model.rope_factor, got {cfg.rope_factor}")
     if cfg.rope_type == "llama3":
         for name in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position_embeddings"):
             if getattr(cfg, name) is None:
-                raise ValueError(f"model.rope_type 'llama3' needs model.{name}")
+                raise UserError(f"model.rope_type 'llama3' needs model.{name}")
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
-        raise ValueError(f"model.sliding_window must be positive or None, got {cfg.sliding_window}")
+        raise UserError(f"model.sliding_window must be positive or None, got {cfg.sliding_window}")
     for name in ("full_attention_layers", "mlp_only_layers"):
         bad = [i for i in getattr(cfg, name) if not 0 <= i < cfg.num_layers]
         if bad:
-            raise ValueError(f"model.{name} holds layer {bad[0]}, outside 0..{cfg.num_layers - 1}")
+            raise UserError(f"model.{name} holds layer {bad[0]}, outside 0..{cfg.num_layers - 1}")
     if cfg.full_attention_layers and cfg.sliding_window is None:
-        raise ValueError("model.full_attention_layers exempts layers from a window: set model.sliding_window too")
+        raise UserError("model.full_attention_layers exempts layers from a window: set model.sliding_window too")
     if cfg.head_dim % 2:
-        raise ValueError(f"model.head_dim must be even for RoPE, got {cfg.head_dim}")
+        raise UserError(f"model.head_dim must be even for RoPE, got {cfg.head_dim}")
     if not 0 < cfg.partial_rotary_factor <= 1 or cfg.rotary_dim < 2 or cfg.rotary_dim % 2:
-        raise ValueError(
+        raise UserError(
             f"model.partial_rotary_factor {cfg.partial_rotary_factor} must be in (0, 1] and rotate an even number "
             f"(>= 2) of the head_dim {cfg.head_dim} dims, got {cfg.rotary_dim}"
         )
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"unknown model.{name} {getattr(cfg, name)!r}; choose one of {', '.join(DTYPES)}")
+            raise UserError(f"unknown model.{name} {getattr(cfg, name)!r}; choose one of {', '.join(DTYPES)}")
     if cfg.remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown model.remat_policy {cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+        raise UserError(f"unknown model.remat_policy {cfg.remat_policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     if cfg.attention_backend not in ATTENTION_BACKENDS:
-        raise ValueError(
+        raise UserError(
             f"unknown model.attention_backend {cfg.attention_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
-        raise ValueError(f"model.mask_token_id {cfg.mask_token_id} is outside the vocabulary (size {cfg.vocab_size})")
+        raise UserError(f"model.mask_token_id {cfg.mask_token_id} is outside the vocabulary (size {cfg.vocab_size})")
     for name in ("eos_token_id", "pad_token_id"):
         if cfg.mask_token_id is not None and cfg.mask_token_id == getattr(cfg, name):
-            raise ValueError(f"model.mask_token_id {cfg.mask_token_id} equals model.{name}; [MASK] must be a token of its own")
+            raise UserError(f"model.mask_token_id {cfg.mask_token_id} equals model.{name}; [MASK] must be a token of its own")
     _validate_moe(cfg)
 
 
 def _validate_moe(cfg: ModelConfig) -> None:
     if cfg.model_type in DENSE_FAMILIES:
         if cfg.num_experts or cfg.first_k_dense or cfg.mlp_only_layers:
-            raise ValueError(
+            raise UserError(
                 f"model.num_experts, model.first_k_dense and model.mlp_only_layers must be unset for the dense "
                 f"model_type {cfg.model_type!r} (MoE families: {', '.join(MOE_FAMILIES)})"
             )
         return
     if cfg.num_experts <= 0:
-        raise ValueError(f"model.num_experts must be positive for the MoE model_type {cfg.model_type!r}")
+        raise UserError(f"model.num_experts must be positive for the MoE model_type {cfg.model_type!r}")
     if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
-        raise ValueError(f"model.num_experts_per_tok must be in 1..{cfg.num_experts}, got {cfg.num_experts_per_tok}")
+        raise UserError(f"model.num_experts_per_tok must be in 1..{cfg.num_experts}, got {cfg.num_experts_per_tok}")
     if cfg.moe_intermediate_size <= 0:
-        raise ValueError(f"model.moe_intermediate_size must be positive, got {cfg.moe_intermediate_size}")
+        raise UserError(f"model.moe_intermediate_size must be positive, got {cfg.moe_intermediate_size}")
     if cfg.num_moe_layers <= 0:
-        raise ValueError(
+        raise UserError(
             f"model.first_k_dense ({cfg.first_k_dense}) and model.mlp_only_layers leave no MoE layer of {cfg.num_layers}"
         )
     if not 0 <= cfg.first_k_dense < cfg.num_layers:
-        raise ValueError(f"model.first_k_dense must be in 0..{cfg.num_layers - 1} (at least one MoE layer), got {cfg.first_k_dense}")
+        raise UserError(f"model.first_k_dense must be in 0..{cfg.num_layers - 1} (at least one MoE layer), got {cfg.first_k_dense}")
     if cfg.shared_expert_intermediate_size < 0:
-        raise ValueError(f"model.shared_expert_intermediate_size must be >= 0, got {cfg.shared_expert_intermediate_size}")
+        raise UserError(f"model.shared_expert_intermediate_size must be >= 0, got {cfg.shared_expert_intermediate_size}")
     if cfg.shared_expert_gate and not cfg.shared_expert_intermediate_size:
-        raise ValueError("model.shared_expert_gate needs a shared expert (model.shared_expert_intermediate_size > 0)")
+        raise UserError("model.shared_expert_gate needs a shared expert (model.shared_expert_intermediate_size > 0)")
     if cfg.router_score not in ROUTER_SCORES:
-        raise ValueError(f"unknown model.router_score {cfg.router_score!r}; choose one of {', '.join(ROUTER_SCORES)}")
+        raise UserError(f"unknown model.router_score {cfg.router_score!r}; choose one of {', '.join(ROUTER_SCORES)}")
     if cfg.router_groups <= 0 or cfg.num_experts % cfg.router_groups:
-        raise ValueError(f"model.router_groups ({cfg.router_groups}) must divide model.num_experts ({cfg.num_experts})")
+        raise UserError(f"model.router_groups ({cfg.router_groups}) must divide model.num_experts ({cfg.num_experts})")
     if not 0 < cfg.router_topk_groups <= cfg.router_groups:
-        raise ValueError(f"model.router_topk_groups must be in 1..{cfg.router_groups}, got {cfg.router_topk_groups}")
+        raise UserError(f"model.router_topk_groups must be in 1..{cfg.router_groups}, got {cfg.router_topk_groups}")
     eligible = cfg.router_topk_groups * (cfg.num_experts // cfg.router_groups)
     if cfg.num_experts_per_tok > eligible:
-        raise ValueError(
+        raise UserError(
             f"model.num_experts_per_tok ({cfg.num_experts_per_tok}) exceeds the {eligible} experts in "
             f"model.router_topk_groups ({cfg.router_topk_groups}) groups"
         )
     if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
-        raise ValueError(f"model.capacity_factor must be positive (or unset for dropless routing), got {cfg.capacity_factor}")
+        raise UserError(f"model.capacity_factor must be positive (or unset for dropless routing), got {cfg.capacity_factor}")
     for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")
+            raise UserError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.moe_impl not in MOE_IMPLS:
-        raise ValueError(f"unknown model.moe_impl {cfg.moe_impl!r}; choose one of {', '.join(MOE_IMPLS)}")
+        raise UserError(f"unknown model.moe_impl {cfg.moe_impl!r}; choose one of {', '.join(MOE_IMPLS)}")

@@ -14,6 +14,8 @@ import time
 
 from absl import flags
 
+from efficient_dlm.errors import UserError
+
 flags.DEFINE_string("topology", None, "TPU slice: v5p-256, v5e-64, v4-128, v6e-256, or explicit v5p:4x4x12")
 flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; mesh.dcn_* sizes apply)")
 flags.DEFINE_list("programs", ["train", "sample"], "what to compile: train, sample")
@@ -27,7 +29,6 @@ MULTI_HOST = False
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import UserError
     from efficient_dlm.parallel import aot
     from efficient_dlm.parallel import mesh as mesh_lib
     from efficient_dlm.parallel.topology import parse

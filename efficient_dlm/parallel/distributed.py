@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from efficient_dlm.errors import UserError
+
 # Environment variables that mean "this process is one of several": set by our launch scripts
 # (EDLM_DISTRIBUTED=1), by users (JAX_COORDINATOR_ADDRESS), by multi-slice TPU (MEGASCALE_*) or by
 # TPU pod runtimes that list several workers.
@@ -35,7 +37,7 @@ def requested(environ: Mapping[str, str] | None = None) -> bool:
     if flag in ("1", "true", "yes"):
         return True
     if flag:
-        raise ValueError(f"{_EXPLICIT}={env[_EXPLICIT]!r}: use 1 or 0")
+        raise UserError(f"{_EXPLICIT}={env[_EXPLICIT]!r}: use 1 or 0")
     if any(env.get(name) for name in _HINTS):
         return True
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1
@@ -96,7 +98,7 @@ def global_batch(local: Mapping[str, np.ndarray] | Any, mesh: Mesh, global_batch
         sharding = batch_sharding(mesh, x.ndim, shape)
         expected = local_batch_size(sharding, global_batch_size, x.shape[1:])
         if x.shape[0] != expected:
-            raise ValueError(
+            raise UserError(
                 f"process {jax.process_index()} holds {x.shape[0]} batch rows, the mesh needs {expected} "
                 f"(global batch {global_batch_size} over {jax.process_count()} process(es))"
             )

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from efficient_dlm.config import register_validator
+from efficient_dlm.errors import UserError
 from efficient_dlm.parallel.rules import MESH_AXES, _normalise, axis_rules, current_rules
 
 DCN_PREFIX = "dcn_"
@@ -33,16 +34,16 @@ def _resolve(sizes: Mapping[str, int], total: int, what: str) -> tuple[int, ...]
     values = [int(sizes[a]) for a in MESH_AXES]
     free = [a for a, v in zip(MESH_AXES, values) if v == -1]
     if len(free) > 1:
-        raise ValueError(f"{what}: at most one axis may be -1, got {', '.join(free)}")
+        raise UserError(f"{what}: at most one axis may be -1, got {', '.join(free)}")
     if any(v == 0 or v < -1 for v in values):
-        raise ValueError(f"{what}: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, values))}")
+        raise UserError(f"{what}: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, values))}")
     fixed = math.prod(v for v in values if v != -1)
     if free:
         if total % fixed:
-            raise ValueError(f"{what}: {total} devices cannot be split with fixed axes of product {fixed} {_fmt(sizes)}")
+            raise UserError(f"{what}: {total} devices cannot be split with fixed axes of product {fixed} {_fmt(sizes)}")
         values[MESH_AXES.index(free[0])] = total // fixed
     elif fixed != total:
-        raise ValueError(f"{what}: axis sizes {_fmt(sizes)} multiply to {fixed}, but there are {total} devices")
+        raise UserError(f"{what}: axis sizes {_fmt(sizes)} multiply to {fixed}, but there are {total} devices")
     return tuple(values)
 
 
@@ -58,7 +59,7 @@ def num_slices(devices: Sequence[jax.Device]) -> int:
 def mesh_shapes(mesh_cfg: ConfigDict, num_devices: int, slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(ici_shape, dcn_shape) over MESH_AXES for `num_devices` split into `slices` slices."""
     if num_devices % slices:
-        raise ValueError(f"{num_devices} devices cannot form {slices} equal slices")
+        raise UserError(f"{num_devices} devices cannot form {slices} equal slices")
     dcn = _resolve({a: mesh_cfg[DCN_PREFIX + a] for a in MESH_AXES}, slices, f"mesh dcn_* over {slices} slice(s)")
     ici = _resolve({a: mesh_cfg[a] for a in MESH_AXES}, num_devices // slices, f"mesh over {num_devices // slices} devices per slice")
     return ici, dcn
@@ -116,8 +117,8 @@ def validate_mesh_section(config: ConfigDict) -> None:
         values = {a: mesh_cfg[prefix + a] for a in MESH_AXES}
         for axis, value in values.items():
             if not isinstance(value, int) or value == 0 or value < -1:
-                raise ValueError(f"mesh.{prefix}{axis} must be a positive integer or -1, got {value!r}")
+                raise UserError(f"mesh.{prefix}{axis} must be a positive integer or -1, got {value!r}")
         if sum(v == -1 for v in values.values()) > 1:
             free = [prefix + a for a, v in values.items() if v == -1]
-            raise ValueError(f"at most one of mesh.{', mesh.'.join(free)} may be -1")
+            raise UserError(f"at most one of mesh.{', mesh.'.join(free)} may be -1")
     config_rules(mesh_cfg)

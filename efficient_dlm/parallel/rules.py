@@ -18,6 +18,8 @@ from typing import Iterator, Mapping, Sequence
 import jax
 from jax.sharding import PartitionSpec
 
+from efficient_dlm.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 Target = str | tuple[str, ...] | None
@@ -62,7 +64,7 @@ def _normalise(rules: Sequence[tuple[str, object]] | Mapping[str, object]) -> Ru
             target = tuple(target)
         for axis in (target,) if isinstance(target, str) else target or ():
             if axis not in MESH_AXES:
-                raise ValueError(f"mesh.rules.{name}: unknown mesh axis {axis!r}; mesh axes are {', '.join(MESH_AXES)}")
+                raise UserError(f"mesh.rules.{name}: unknown mesh axis {axis!r}; mesh axes are {', '.join(MESH_AXES)}")
         out.append((name, target))
     return tuple(out)
 
@@ -105,7 +107,7 @@ def logical_to_spec(
     spec = []
     for dim, name in enumerate(names):
         if name is not None and name not in table:
-            raise ValueError(f"logical axis {name!r} has no sharding rule (add it to parallel/rules.py or mesh.rules)")
+            raise UserError(f"logical axis {name!r} has no sharding rule (add it to parallel/rules.py or mesh.rules)")
         target = table.get(name) if name is not None else None
         axes = []
         extent = 1

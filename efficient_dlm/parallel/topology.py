@@ -16,6 +16,8 @@ import dataclasses
 import math
 import re
 
+from efficient_dlm.errors import UserError
+
 GIB = 1024**3
 
 
@@ -93,13 +95,13 @@ def default_shape(generation: Generation, chips: int) -> tuple[int, ...]:
     """Torus shape for a power-of-two chip count: repeatedly double the smallest axis (the last one
     among equals), starting from 2x2x1 (3-D) or 1x1 (2-D)."""
     if chips & (chips - 1) or chips < 1:
-        raise ValueError(
+        raise UserError(
             f"no default topology for {chips} {generation.name} chips; give the shape explicitly, "
             f"e.g. {generation.libtpu_prefix}:{'x'.join(['4'] * (generation.dims - 1) + ['12'])}"
         )
     shape = [2, 2, 1] if generation.dims == 3 else [1, 1]
     if generation.dims == 3 and chips < 4:
-        raise ValueError(f"{generation.name} slices have at least 4 chips ({generation.name}-{4 * generation.cores_per_chip_in_name})")
+        raise UserError(f"{generation.name} slices have at least 4 chips ({generation.name}-{4 * generation.cores_per_chip_in_name})")
     while math.prod(shape) < chips:
         smallest = min(shape)
         i = max(j for j, n in enumerate(shape) if n == smallest)
@@ -110,27 +112,27 @@ def default_shape(generation: Generation, chips: int) -> tuple[int, ...]:
 def _generation(name: str, full: str) -> Generation:
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in GENERATIONS:
-        raise ValueError(f"unknown TPU type {full!r}; known: {', '.join(GENERATIONS)} (e.g. v5p-256, v5e-64, v4:2x2x2)")
+        raise UserError(f"unknown TPU type {full!r}; known: {', '.join(GENERATIONS)} (e.g. v5p-256, v5e-64, v4:2x2x2)")
     return GENERATIONS[key]
 
 
 def parse(name: str, num_slices: int = 1) -> TpuSlice:
     """'v5p-256' | 'v5litepod-16' | 'v5p:4x4x12' | 'v6e:16x16' -> TpuSlice."""
     if num_slices < 1:
-        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        raise UserError(f"num_slices must be >= 1, got {num_slices}")
     text = name.strip()
     explicit = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text.lower())
     if explicit:
         gen = _generation(explicit.group(1), name)
         shape = tuple(int(n) for n in explicit.group(2).split("x"))
         if len(shape) != gen.dims or min(shape) < 1:
-            raise ValueError(f"{name!r}: {gen.name} topologies have {gen.dims} positive dimensions")
+            raise UserError(f"{name!r}: {gen.name} topologies have {gen.dims} positive dimensions")
         return TpuSlice(gen, shape, num_slices)
     named = re.fullmatch(r"([a-z0-9]+)-(\d+)", text.lower())
     if not named:
-        raise ValueError(f"cannot parse TPU topology {name!r}; use a type like v5p-256 or an explicit shape like v5p:4x4x8")
+        raise UserError(f"cannot parse TPU topology {name!r}; use a type like v5p-256 or an explicit shape like v5p:4x4x8")
     gen = _generation(named.group(1), name)
     count = int(named.group(2))
     if count % gen.cores_per_chip_in_name:
-        raise ValueError(f"{name!r}: the {gen.name} suffix counts TensorCores and must be even")
+        raise UserError(f"{name!r}: the {gen.name} suffix counts TensorCores and must be even")
     return TpuSlice(gen, default_shape(gen, count // gen.cores_per_chip_in_name), num_slices)

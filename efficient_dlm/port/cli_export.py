@@ -13,6 +13,7 @@ import re
 
 from absl import flags
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_dir
 
 flags.DEFINE_string("ckpt", None, "efficient_dlm checkpoint directory (from `edlm import-hf`, `edlm train` or save)")
@@ -39,15 +40,15 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 def check_push_args(repo_id: str):
     """Validates an upload before any work: repo id syntax, huggingface_hub installed, online, a token."""
     if not _REPO_ID.match(repo_id) or ".." in repo_id or len(repo_id) > 96:
-        raise ValueError(f"--push_to_hub {repo_id!r}: not a valid Hugging Face repo id (expected namespace/name)")
+        raise UserError(f"--push_to_hub {repo_id!r}: not a valid Hugging Face repo id (expected namespace/name)")
     try:
         import huggingface_hub
     except ImportError:
-        raise ValueError("--push_to_hub needs huggingface_hub: pip install 'efficient_dlm[hub]'") from None
+        raise UserError("--push_to_hub needs huggingface_hub: pip install 'efficient_dlm[hub]'") from None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise ValueError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
+        raise UserError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
     if huggingface_hub.get_token() is None:
-        raise ValueError("--push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+        raise UserError("--push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
     return huggingface_hub
 
 
@@ -55,7 +56,7 @@ def run(config, FLAGS) -> int:
     from efficient_dlm.port.hf_export import to_hf
 
     if not FLAGS.ckpt or not FLAGS.out:
-        raise ValueError("--ckpt and --out are required")
+        raise UserError("--ckpt and --out are required")
     check_output_dir(FLAGS.out)
     hub = check_push_args(FLAGS.push_to_hub) if FLAGS.push_to_hub else None
     out = to_hf(

@@ -10,6 +10,7 @@ import time
 
 from absl import flags
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES
 from efficient_dlm.outputs import check_output_dir
 
@@ -25,7 +26,6 @@ def check_tokenizer_files(hf_dir: str) -> None:
     copied into the checkpoint and failing later at sample time."""
     import tokenizers
 
-    from efficient_dlm.cli import UserError
 
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(path):
@@ -39,7 +39,6 @@ def check_tokenizer_files(hf_dir: str) -> None:
 
 def run(config, FLAGS) -> int:
     from efficient_dlm.checkpoints import save
-    from efficient_dlm.cli import UserError
     from efficient_dlm.port.hf_import import from_hf
 
     hf_dir = FLAGS.hf_dir or config.init.hf_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from efficient_dlm.diffusion.spec import DiffusionSpec
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.port.hf_config import _OUT_BIAS_FAMILIES, _ROPE_FIELDS, DLM_MOE_FIELDS, DLM_PREFIX, SPEC_KEYS
 
@@ -146,35 +147,35 @@ def _moe_fields(cfg: ModelConfig) -> dict[str, Any]:
 def check_expressible(cfg: ModelConfig) -> None:
     """An AR export must be readable by the family's own transformers class: no options it lacks."""
     if cfg.model_type not in ARCHITECTURES:
-        raise ValueError(f"no Hugging Face architecture for model_type {cfg.model_type!r}")
+        raise UserError(f"no Hugging Face architecture for model_type {cfg.model_type!r}")
     for field, value in _IMPLIED[cfg.model_type].items():
         if getattr(cfg, field) != value:
-            raise ValueError(
+            raise UserError(
                 f"model.{field}={getattr(cfg, field)} cannot be expressed in a {cfg.model_type} config.json "
                 f"(the family fixes it to {value}); export it as a dLM instead"
             )
     out_bias = cfg.attention_bias if cfg.model_type in _OUT_BIAS_FAMILIES else False
     if cfg.attention_out_bias != out_bias:
-        raise ValueError(
+        raise UserError(
             f"model.attention_out_bias={cfg.attention_out_bias} with model.attention_bias={cfg.attention_bias} cannot be "
             f"expressed in a {cfg.model_type} config.json; export it as a dLM instead"
         )
     if cfg.partial_rotary_factor != 1.0 and cfg.model_type != "glm4_moe":
-        raise ValueError(f"model.partial_rotary_factor={cfg.partial_rotary_factor} cannot be expressed in a {cfg.model_type} "
+        raise UserError(f"model.partial_rotary_factor={cfg.partial_rotary_factor} cannot be expressed in a {cfg.model_type} "
                          "config.json (transformers rotates whole heads there); export it as a dLM instead")
     if cfg.sliding_window is not None and cfg.model_type in ("llama", "glm4_moe"):
-        raise ValueError(f"model.sliding_window cannot be expressed in a {cfg.model_type} config.json")
+        raise UserError(f"model.sliding_window cannot be expressed in a {cfg.model_type} config.json")
     if cfg.full_attention_layers and cfg.model_type in ("mistral", "mixtral", "qwen3_moe"):
-        raise ValueError(f"model.full_attention_layers cannot be expressed in a {cfg.model_type} config.json "
+        raise UserError(f"model.full_attention_layers cannot be expressed in a {cfg.model_type} config.json "
                          "(its transformers class windows every layer); export it as a dLM instead")
     if cfg.mlp_only_layers and cfg.model_type in ("mixtral", "glm4_moe"):
-        raise ValueError(f"model.mlp_only_layers cannot be expressed in a {cfg.model_type} config.json; export it as a dLM instead")
+        raise UserError(f"model.mlp_only_layers cannot be expressed in a {cfg.model_type} config.json; export it as a dLM instead")
     if cfg.model_type == "qwen2_moe" and cfg.shared_expert_gate != bool(cfg.shared_expert_intermediate_size):
-        raise ValueError("a qwen2_moe config.json gates its shared expert exactly when it has one (model.shared_expert_gate)")
+        raise UserError("a qwen2_moe config.json gates its shared expert exactly when it has one (model.shared_expert_gate)")
     if cfg.model_type == "mixtral" and cfg.moe_intermediate_size != cfg.intermediate_size:
-        raise ValueError("a mixtral config.json has one intermediate_size: model.moe_intermediate_size must equal it")
+        raise UserError("a mixtral config.json has one intermediate_size: model.moe_intermediate_size must equal it")
     if cfg.model_type == "glm4_moe" and cfg.shared_expert_intermediate_size % cfg.moe_intermediate_size:
-        raise ValueError("a glm4_moe shared expert is a whole number of experts (model.shared_expert_intermediate_size)")
+        raise UserError("a glm4_moe shared expert is a whole number of experts (model.shared_expert_intermediate_size)")
 
 
 def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def ar_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
 def dlm_config(cfg: ModelConfig, dlm: DiffusionSpec, dtype: str) -> dict[str, Any]:
     """config.json of the exported dLM: architecture fields, dLM fields, auto_map to our modeling code."""
     if cfg.mask_token_id is None:
-        raise ValueError("a dLM export needs model.mask_token_id (the [MASK] token the model was trained to fill)")
+        raise UserError("a dLM export needs model.mask_token_id (the [MASK] token the model was trained to fill)")
     out = {"architectures": ["EdlmForDiffusionLM"], "model_type": DLM_PREFIX + cfg.model_type, "auto_map": dict(AUTO_MAP)}
     out.update(architecture_fields(cfg, dtype))
     out.update(_family_fields(cfg))

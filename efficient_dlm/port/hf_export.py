@@ -25,7 +25,7 @@ from flax import nnx
 
 from efficient_dlm import checkpoints
 from efficient_dlm.diffusion.spec import DiffusionSpec, default_spec, spec_of
-from efficient_dlm.errors import UserError
+from efficient_dlm.errors import UserError, UserFileExistsError, UserFileNotFoundError
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE
 from efficient_dlm.outputs import check_output_dir
@@ -50,37 +50,37 @@ def _describe_source(model) -> tuple[ModelConfig, dict[str, Any], str | None, Di
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: checkpoint directory not found")
+            raise UserFileNotFoundError(f"{path}: checkpoint directory not found")
         cfg, extra = checkpoints.read_model_config(path)  # FileNotFoundError naming the path when not a checkpoint
         return cfg, extra, checkpoints.tokenizer_dir(path), checkpoints.read_diffusion_spec(path, cfg, extra)
     if not isinstance(getattr(model, "config", None), ModelConfig):
-        raise ValueError(f"to_hf takes an efficient_dlm model or a checkpoint directory, got {type(model).__name__}")
+        raise UserError(f"to_hf takes an efficient_dlm model or a checkpoint directory, got {type(model).__name__}")
     return model.config, {}, None, spec_of(model)
 
 
 def _check_out_dir(out_dir: str, overwrite: bool, sources: list[str | None]) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+        raise UserFileExistsError(f"{out_dir}: exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: directory is not empty (pass --overwrite / overwrite=True to replace it)")
+        raise UserFileExistsError(f"{out_dir}: directory is not empty (pass --overwrite / overwrite=True to replace it)")
     out = os.path.realpath(out_dir)
     for source in filter(None, sources):
         src = os.path.realpath(source)
         if src == out or src.startswith(out + os.sep):
-            raise ValueError(f"{out_dir}: output directory contains the source {source}; choose another --out")
+            raise UserError(f"{out_dir}: output directory contains the source {source}; choose another --out")
 
 
 def resolve_tokenizer(tokenizer_dir: str | None, checkpoint_tokenizer: str | None) -> str:
     """The tokenizer directory to copy: the explicit one, else the checkpoint's; one clear error otherwise."""
     if tokenizer_dir:
         if not os.path.isdir(tokenizer_dir):
-            raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: not a directory")
+            raise UserFileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: not a directory")
         if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in TOKENIZER_MAIN_FILES):
-            raise FileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: no {' or '.join(TOKENIZER_MAIN_FILES)} found")
+            raise UserFileNotFoundError(f"--tokenizer_dir {tokenizer_dir}: no {' or '.join(TOKENIZER_MAIN_FILES)} found")
         return tokenizer_dir
     if checkpoint_tokenizer:
         return checkpoint_tokenizer
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         "no tokenizer to export: the checkpoint has no tokenizer/ directory; pass --tokenizer_dir "
         "(tokenizer_dir=) pointing at a directory with tokenizer.json"
     )
@@ -132,9 +132,9 @@ def recorded_metrics(checkpoint: str | None, step: int | None = None) -> dict[st
 
 def _is_dlm(cfg: ModelConfig, fmt: str) -> bool:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "dlm" and cfg.mask_token_id is None:
-        raise ValueError("format 'dlm' needs a model with model.mask_token_id set (this one is a plain AR model)")
+        raise UserError("format 'dlm' needs a model with model.mask_token_id set (this one is a plain AR model)")
     return fmt == "dlm" or (fmt == "auto" and cfg.mask_token_id is not None)
 
 
@@ -161,7 +161,7 @@ def tensor_plan(model, dtype: str) -> list[tuple[TensorSpec, keymaps.Rule, tuple
     rules = keymaps.rules_for(cfg)
     uncovered = sorted(set(params) - {rule.path for rule in rules})
     if uncovered:
-        raise ValueError(f"no HF tensor name for parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
+        raise UserError(f"no HF tensor name for parameter(s) {', '.join('/'.join(p) for p in uncovered)}")
     np_dtype = np.dtype(jnp.dtype(dtype))
     plan = []
     for rule in rules:
@@ -267,7 +267,7 @@ def to_hf(
     renamed, so it is complete or absent. Returns out_dir.
     """
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     checkpoint = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])

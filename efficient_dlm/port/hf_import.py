@@ -19,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from efficient_dlm.diffusion.spec import with_spec
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port import keymaps
@@ -143,9 +144,9 @@ def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = Fa
     A dLM exported by `to_hf` comes back with its DiffusionSpec as `model.spec`.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+        raise UserError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (from_hf takes a local Hugging Face model directory)")
     start = time.perf_counter()

@@ -18,6 +18,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from efficient_dlm.errors import UserError
+
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -35,7 +37,7 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory or file that cannot be read as asked; the message names the problem."""
 
 

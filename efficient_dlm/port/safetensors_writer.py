@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.port.safetensors_io import DTYPES, INDEX_NAME, SINGLE_NAME
 
 _CODES = {np.dtype(dtype): code for code, dtype in DTYPES.items()}
@@ -44,9 +45,9 @@ def parse_size(size: int | str) -> int:
         try:
             value = int(float(text[: -len(unit)]) * _UNITS[unit]) if unit else int(text)
         except ValueError:
-            raise ValueError(f"invalid max_shard_size {size!r}; use bytes or a size such as '5GB' or '500MB'") from None
+            raise UserError(f"invalid max_shard_size {size!r}; use bytes or a size such as '5GB' or '500MB'") from None
     if value <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise UserError(f"max_shard_size must be positive, got {size!r}")
     return value
 
 
@@ -74,7 +75,7 @@ def _header(specs: list[TensorSpec]) -> bytes:
     offset = 0
     for spec in specs:
         if spec.dtype not in _CODES:
-            raise ValueError(f"tensor {spec.name}: dtype {spec.dtype} cannot be written to safetensors")
+            raise UserError(f"tensor {spec.name}: dtype {spec.dtype} cannot be written to safetensors")
         header[spec.name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_dlm.diffusion.spec import resolve_decoding
+from efficient_dlm.errors import UserError
 from efficient_dlm.sample import layout as layout_lib
 from efficient_dlm.sample.ar import ar_program
 from efficient_dlm.sample.choice import Sampling
@@ -86,21 +87,21 @@ class GenerateResult:
 def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k) -> None:
     """Rejects bad decoding settings with one line naming the argument (also used for the config section)."""
     if strategy not in ALL_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(ALL_STRATEGIES)}, got {strategy!r}")
+        raise UserError(f"strategy must be one of {', '.join(ALL_STRATEGIES)}, got {strategy!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if strategy != "ar" and (not isinstance(block_size, (int, np.integer)) or block_size <= 0):
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        raise UserError(f"block_size must be a positive integer, got {block_size!r}")
     if not 0.0 <= threshold <= 1.0:  # false for NaN too
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise UserError(f"threshold must be in [0, 1], got {threshold}")
     if not _is_int(tokens_per_step) or tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be an integer >= 1, got {tokens_per_step!r}")
+        raise UserError(f"tokens_per_step must be an integer >= 1, got {tokens_per_step!r}")
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
 
 
 def _is_int(value) -> bool:
@@ -111,12 +112,12 @@ def check_model(model, strategy: str, top_k: int = 0) -> None:
     """Rejects a strategy the model cannot run (no [MASK] token) and a top_k beyond its vocabulary."""
     cfg = model.config
     if strategy != "ar" and cfg.mask_token_id is None:
-        raise ValueError(
+        raise UserError(
             "the model config has no mask_token_id, so it is not a block-diffusion model; set "
             "model.mask_token_id (or use strategy='ar')"
         )
     if top_k > cfg.vocab_size:
-        raise ValueError(f"top_k must be at most the vocabulary size {cfg.vocab_size}, got {top_k}")
+        raise UserError(f"top_k must be at most the vocabulary size {cfg.vocab_size}, got {top_k}")
 
 
 def _stop_ids(model, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
@@ -126,7 +127,7 @@ def _stop_ids(model, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
     ids = tuple(int(t) for t in stop_tokens)
     for t in ids:
         if not 0 <= t < model.config.vocab_size:
-            raise ValueError(f"stop token {t} is outside the vocabulary (size {model.config.vocab_size})")
+            raise UserError(f"stop token {t} is outside the vocabulary (size {model.config.vocab_size})")
     return ids
 
 
@@ -188,14 +189,14 @@ def prepare(
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
     for name, value in (("factor", factor), ("entropy_bound", entropy_bound)):
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+            raise UserError(f"{name} must be a finite number > 0, got {value}")
     check_model(model, strategy, top_k)
     if strategy == "speculative":
         check_verifier(model, verifier, draft_steps)
         if return_logits or stream:
-            raise ValueError("strategy='speculative' supports neither return_logits nor streaming (on_block)")
+            raise UserError("strategy='speculative' supports neither return_logits nor streaming (on_block)")
     elif verifier is not None:
-        raise ValueError(f"verifier= is used by strategy='speculative' only, got strategy={strategy!r}")
+        raise UserError(f"verifier= is used by strategy='speculative' only, got strategy={strategy!r}")
     cfg = model.config
     rows = layout_lib.check_prompts(prompts, cfg.vocab_size)
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)

@@ -36,20 +36,20 @@ def validate_sample(config: ConfigDict) -> None:
         return
     s = config.sample
     if s.block_size < 0:
-        raise ValueError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {s.block_size}")
+        raise UserError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {s.block_size}")
     d = {k: s[k] if s[k] not in (None, "") else getattr(_SPEC_DEFAULTS, k) for k in ("strategy", "threshold", "tokens_per_step")}
     try:
         check_settings(d["strategy"], s.max_new_tokens, s.block_size or _SPEC_DEFAULTS.block_size, d["threshold"],
                        d["tokens_per_step"], s.temperature, s.top_p, s.top_k)
     except ValueError as err:
-        raise ValueError(f"sample.{err}") from None
+        raise UserError(f"sample.{err}") from None
     for key in ("factor", "entropy_bound"):
         if s[key] is not None and not (math.isfinite(s[key]) and s[key] > 0):
             raise UserError(f"sample.{key} must be a finite number > 0, got {s[key]}")
     if s.draft_steps < 1:
         raise UserError(f"sample.draft_steps must be >= 1, got {s.draft_steps}")
     if s.prompt_bucket < 0:
-        raise ValueError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
+        raise UserError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
 
 
 @register_validator
@@ -60,13 +60,13 @@ def validate_bench(config: ConfigDict) -> None:
     known = (*ALL_STRATEGIES, "self_speculative")
     unknown = [s for s in b.strategies if s not in known]
     if unknown or not b.strategies:
-        raise ValueError(f"bench.strategies must name some of {', '.join(known)}, got {tuple(b.strategies)}")
+        raise UserError(f"bench.strategies must name some of {', '.join(known)}, got {tuple(b.strategies)}")
     if any(not 0.0 <= t <= 1.0 for t in b.thresholds):
-        raise ValueError(f"bench.thresholds must lie in [0, 1], got {tuple(b.thresholds)}")
+        raise UserError(f"bench.thresholds must lie in [0, 1], got {tuple(b.thresholds)}")
     if not b.batch_sizes or any(n < 1 for n in b.batch_sizes):
-        raise ValueError(f"bench.batch_sizes must be positive integers, got {tuple(b.batch_sizes)}")
+        raise UserError(f"bench.batch_sizes must be positive integers, got {tuple(b.batch_sizes)}")
     for key in ("repeats", "num_prompts", "prompt_len", "overhead_forwards"):
         if b[key] < 1:
-            raise ValueError(f"bench.{key} must be >= 1, got {b[key]}")
+            raise UserError(f"bench.{key} must be >= 1, got {b[key]}")
     if b.warmup < 0:
-        raise ValueError(f"bench.warmup must be >= 0, got {b.warmup}")
+        raise UserError(f"bench.warmup must be >= 0, got {b.warmup}")

@@ -16,7 +16,7 @@ from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config, to_plain
 from efficient_dlm.data.sources import check_regular_file
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
-from efficient_dlm.errors import UserError
+from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.decoder import init_model
 from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.port.hf_import import from_hf
@@ -34,7 +34,7 @@ def _tokenizer(directory: str | None):
         return None
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no tokenizer.json")
+        raise UserFileNotFoundError(f"{directory}: no tokenizer.json")
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(path)
@@ -60,7 +60,7 @@ def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -
     tokenizer_dir = config.init.tokenizer or None
     if ckpt:
         if not os.path.isdir(ckpt):
-            raise FileNotFoundError(f"checkpoint directory {ckpt!r} does not exist")
+            raise UserFileNotFoundError(f"checkpoint directory {ckpt!r} does not exist")
         model = checkpoints.load(ckpt, step=step)
         tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
         where = os.path.abspath(ckpt) + ("" if step is None else f" step {step}")
@@ -87,7 +87,7 @@ def load_verifier(ckpt: str, config: ConfigDict):
 def read_prompts(path: str) -> list[Prompt]:
     """JSONL: {"prompt": text} or {"prompt_ids": [ids]}, optionally "reference" (or "answer")."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+        raise UserFileNotFoundError(f"prompt file {path!r} does not exist")
     check_regular_file(path, "prompt file")
     prompts = []
     with open(path, "rb") as f:
@@ -101,9 +101,9 @@ def read_prompts(path: str) -> list[Prompt]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{path}:{number}: not a JSON object") from None
+                raise UserError(f"{path}:{number}: not a JSON object") from None
             if not isinstance(record, dict) or ("prompt" not in record and "prompt_ids" not in record):
-                raise ValueError(f"{path}:{number}: needs a \"prompt\" (text) or \"prompt_ids\" (token ids) field")
+                raise UserError(f"{path}:{number}: needs a \"prompt\" (text) or \"prompt_ids\" (token ids) field")
             reference = record.get("reference", record.get("answer"))
             text = record.get("prompt")
             if "prompt_ids" not in record and not isinstance(text, str):
@@ -113,7 +113,7 @@ def read_prompts(path: str) -> list[Prompt]:
                 raise UserError(f"{path}:{number}: \"prompt_ids\" is empty")
             prompts.append(Prompt(ids, text if isinstance(text, str) else None, None if reference is None else str(reference)))
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return prompts
 
 
@@ -123,7 +123,7 @@ def encode(prompts: list[Prompt], tokenizer) -> list[Prompt]:
         if prompt.ids:
             continue
         if tokenizer is None:
-            raise ValueError(
+            raise UserError(
                 "text prompts need a tokenizer, and the model has none (no tokenizer/tokenizer.json in the "
                 "checkpoint); give \"prompt_ids\" or set --config.init.tokenizer=DIR"
             )

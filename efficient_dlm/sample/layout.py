@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.token_ids import check_token_ids
 
 
@@ -34,15 +35,15 @@ def bucket(n: int, minimum: int = 1) -> int:
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
     """Token-id arrays of the prompts; rejects an empty batch, empty prompts and ids outside the vocabulary."""
     if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+        raise UserError("prompts is empty: give at least one prompt (a list of token ids)")
     rows = []
     for i, prompt in enumerate(prompts):
         row = check_token_ids(prompt, None, f"prompt {i}").reshape(-1)
         if row.size == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
         bad = row[(row < 0) | (row >= vocab_size)]
         if bad.size:
-            raise ValueError(f"prompt {i} holds token id {int(bad[0])} outside the vocabulary (size {vocab_size})")
+            raise UserError(f"prompt {i} holds token id {int(bad[0])} outside the vocabulary (size {vocab_size})")
         rows.append(row.astype(np.int32))
     return rows
 
@@ -51,10 +52,10 @@ def _check_capacity(lengths: np.ndarray, capacity: int | None) -> None:
     if capacity is None:
         return
     if capacity < 1:
-        raise ValueError(f"prompt_bucket must be a positive number of tokens, got {capacity}")
+        raise UserError(f"prompt_bucket must be a positive number of tokens, got {capacity}")
     longest = int(np.argmax(lengths))
     if lengths[longest] > capacity:
-        raise ValueError(
+        raise UserError(
             f"prompt {longest} has {int(lengths[longest])} tokens, longer than the cache's prompt capacity "
             f"prompt_bucket={capacity}"
         )
@@ -68,7 +69,7 @@ def position_limit(cfg) -> int | None:
 
 def _check_positions(total: int, max_positions: int | None) -> None:
     if max_positions is not None and total > max_positions:
-        raise ValueError(
+        raise UserError(
             f"prompt plus max_new_tokens needs positions up to {total}, beyond the model's "
             f"max_position_embeddings={max_positions}"
         )

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.sample.choice import Sampling, allowed_ids
 
 TRACES: collections.Counter = collections.Counter()
@@ -55,7 +56,7 @@ MAX_STOP_TOKENS = 8  # knobs["stop_ids"] is an int32 [MAX_STOP_TOKENS] array pad
 
 def stop_id_array(stop_ids: tuple[int, ...]) -> np.ndarray:
     if len(stop_ids) > MAX_STOP_TOKENS:
-        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens are supported, got {len(stop_ids)}")
+        raise UserError(f"at most {MAX_STOP_TOKENS} stop tokens are supported, got {len(stop_ids)}")
     return np.array(list(stop_ids) + [-1] * (MAX_STOP_TOKENS - len(stop_ids)), np.int32)
 
 

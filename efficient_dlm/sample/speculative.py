@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample import layout as layout_lib
 from efficient_dlm.sample.choice import choose_tokens, filtered_logits
@@ -307,13 +308,13 @@ _speculative_jit = jax.jit(speculative_program, static_argnums=(0, 1, 2))
 def check_verifier(model, verifier, draft_steps) -> None:
     """Rejects a verifier that cannot check this drafter's tokens, and a bad draft_steps (one line each)."""
     if isinstance(draft_steps, bool) or not isinstance(draft_steps, (int, np.integer)) or draft_steps < 1:
-        raise ValueError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
+        raise UserError(f"draft_steps must be an integer >= 1, got {draft_steps!r}")
     if verifier is None:
-        raise ValueError("strategy='speculative' needs verifier= an AR model (or 'self': the dLM's weights in causal mode)")
+        raise UserError("strategy='speculative' needs verifier= an AR model (or 'self': the dLM's weights in causal mode)")
     if isinstance(verifier, str) and verifier != "self":
-        raise ValueError(f"verifier must be a model or 'self', got {verifier!r}")
+        raise UserError(f"verifier must be a model or 'self', got {verifier!r}")
     if not isinstance(verifier, str) and not hasattr(verifier, "decode"):
-        raise ValueError(f"verifier must be a model or 'self', got a {type(verifier).__name__}")
+        raise UserError(f"verifier must be a model or 'self', got a {type(verifier).__name__}")
 
 
 def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, draft_steps: int, token_shift: bool,

@@ -66,7 +66,7 @@ def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> Da
     d, t = config.data, config.train
     count = jax.process_count()
     if t.batch_size % count:
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of the process count ({count})")
+        raise UserError(f"train.batch_size ({t.batch_size}) must be a multiple of the process count ({count})")
     return DataSpec(
         seq_len=d.seq_len,
         batch_size=t.batch_size // count,
@@ -122,7 +122,7 @@ class _Run:
         """Model, state and data iterator: restored from the newest checkpoint, or built fresh."""
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
-            raise ValueError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
+            raise UserError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
         if opd_loop.enabled(self.config):
             opd_loop.check_inputs(self.config)
         tokenizer = self._resume(latest) if latest is not None else self._start()

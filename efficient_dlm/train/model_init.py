@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model, init_model
 
 NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_layers")
@@ -107,7 +108,7 @@ def prepare_model(config: ConfigDict, mesh=None) -> InitialModel:
 def check_mask_token(config: ConfigDict, cfg) -> None:
     """A diffusion objective needs a [MASK] id: the model's, unless one is appended."""
     if config.diffusion.objective != "ar" and config.diffusion.mask_token == "model" and cfg.mask_token_id is None:
-        raise ValueError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
+        raise UserError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
 
 
 def trained_config(config: ConfigDict):

@@ -21,6 +21,7 @@ from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
 from efficient_dlm.diffusion.opd import OBJECTIVE, STATE_MODES
 from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
+from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.train.opd import ROLLOUT_STRATEGIES, Teacher, make_opd_eval_step, make_opd_step, summarize
 from efficient_dlm.train.state import split_model
@@ -63,7 +64,7 @@ def check_teacher(teacher_cfg: ModelConfig, cfg: ModelConfig, valid_vocab: int |
     """The student must be able to express every teacher token (same tokenizer, vocabulary at least as large)."""
     student_vocab = valid_vocab or cfg.vocab_size
     if teacher_cfg.vocab_size > student_vocab:
-        raise ValueError(
+        raise UserError(
             f"opd.teacher has a vocabulary of {teacher_cfg.vocab_size} tokens, more than the student's "
             f"{student_vocab}; "
             "teacher and student must share the tokenizer"
@@ -98,7 +99,7 @@ class OPDRun:
         self.schedule = rollout_schedule(config)
         longest = o.max_prompt_len + max(n for _, n in self.schedule) + o.block_size
         if longest > cfg.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"opd.max_prompt_len + the longest rollout needs {longest} positions, beyond the model's "
                 f"max_position_embeddings={cfg.max_position_embeddings}"
             )
@@ -113,7 +114,7 @@ class OPDRun:
     def _spec(self, tokenizer: str | None) -> PromptSpec:
         o, cfg, count = self.config.opd, self.cfg, jax.process_count()
         if self.config.train.batch_size % count:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size ({self.config.train.batch_size}) must be a multiple of the process count ({count})"
             )
         pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
@@ -148,11 +149,11 @@ def check_inputs(config: ConfigDict) -> None:
     them to the command line, so `validate` does not require them)."""
     o = config.opd
     if not o.teacher:
-        raise ValueError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint")
+        raise UserError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint")
     if not os.path.isdir(o.teacher):
-        raise FileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
+        raise UserFileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
     if not o.prompt_files:
-        raise ValueError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
+        raise UserError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
 
 
 @register_validator
@@ -162,20 +163,20 @@ def check_opd(config: ConfigDict) -> None:
         return
     o = config.opd
     if config.diffusion.objective == "ar":
-        raise ValueError("opd.start_step needs a diffusion student; diffusion.objective 'ar' has no [MASK] token")
+        raise UserError("opd.start_step needs a diffusion student; diffusion.objective 'ar' has no [MASK] token")
     choices = {"strategy": ROLLOUT_STRATEGIES, "states": STATE_MODES, "teacher_dtype": DTYPES}
     for key, allowed in choices.items():
         if o[key] not in allowed:
-            raise ValueError(f"unknown opd.{key} {o[key]!r}; choose one of {', '.join(allowed)}")
+            raise UserError(f"unknown opd.{key} {o[key]!r}; choose one of {', '.join(allowed)}")
     for key in ("block_size", "steps_per_block", "max_prompt_len", "max_new_tokens", "every", "eval_batches"):
         if o[key] < 1:
-            raise ValueError(f"opd.{key} must be >= 1, got {o[key]}")
+            raise UserError(f"opd.{key} must be >= 1, got {o[key]}")
     if o.strategy == "topk" and o.block_size % o.steps_per_block:
-        raise ValueError(f"opd.steps_per_block ({o.steps_per_block}) must divide opd.block_size ({o.block_size})")
+        raise UserError(f"opd.steps_per_block ({o.steps_per_block}) must divide opd.block_size ({o.block_size})")
     if not 0.0 <= o.threshold <= 1.0 or o.temperature < 0:
-        raise ValueError(
+        raise UserError(
             f"opd.threshold must be in [0, 1] and opd.temperature >= 0, got {o.threshold}, {o.temperature}"
         )
     if o.top_k < 0 or o.kl_chunk < 0 or o.start_step < -1:
-        raise ValueError("opd.top_k and opd.kl_chunk must be >= 0 and opd.start_step >= -1")
+        raise UserError("opd.top_k and opd.kl_chunk must be >= 0 and opd.start_step >= -1")
     rollout_schedule(config)

@@ -21,7 +21,7 @@ MASK_TOKEN_MODES = ("model", "append")
 
 def _choice(value, choices, key: str) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+        raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
 
 
 def check_diffusion(config: ConfigDict) -> None:
@@ -34,27 +34,27 @@ def check_diffusion(config: ConfigDict) -> None:
         for step, size in parse_schedule(d.block_size_schedule, d.block_size):
             if size is None or size <= 0 or seq_len % size:
                 where = "diffusion.block_size" if not d.block_size_schedule else f"diffusion.block_size_schedule (step {step})"
-                raise ValueError(f"{where} {size} does not divide data.seq_len {seq_len}")
+                raise UserError(f"{where} {size} does not divide data.seq_len {seq_len}")
     if not 0.0 < d.rate_min <= d.rate_max <= 1.0:
-        raise ValueError(f"diffusion.rate_min / rate_max must satisfy 0 < min <= max <= 1, got {d.rate_min}, {d.rate_max}")
+        raise UserError(f"diffusion.rate_min / rate_max must satisfy 0 < min <= max <= 1, got {d.rate_min}, {d.rate_max}")
     if d.vocab_multiple <= 0:
-        raise ValueError(f"diffusion.vocab_multiple must be positive, got {d.vocab_multiple}")
+        raise UserError(f"diffusion.vocab_multiple must be positive, got {d.vocab_multiple}")
 
 
 def check_data_and_train(config: ConfigDict) -> None:
     d, t = config.data, config.train
     if d.seq_len <= 1:
-        raise ValueError(f"data.seq_len must be at least 2, got {d.seq_len}")
+        raise UserError(f"data.seq_len must be at least 2, got {d.seq_len}")
     _choice(t.schedule, SCHEDULES, "train.schedule")
     for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):
         if t[key] <= 0:
-            raise ValueError(f"train.{key} must be positive, got {t[key]}")
+            raise UserError(f"train.{key} must be positive, got {t[key]}")
     if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.grad_accum ({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
+        raise UserError(f"train.grad_accum ({t.grad_accum}) must divide train.batch_size ({t.batch_size})")
     if t.loss_chunk < 0 or (t.loss_chunk and d.seq_len % t.loss_chunk):
-        raise ValueError(f"train.loss_chunk ({t.loss_chunk}) must divide data.seq_len ({d.seq_len})")
+        raise UserError(f"train.loss_chunk ({t.loss_chunk}) must divide data.seq_len ({d.seq_len})")
     if t.warmup_steps < 0 or t.eval_every < 0 or t.eval_batches <= 0:
-        raise ValueError("train.warmup_steps and train.eval_every must be >= 0 and train.eval_batches > 0")
+        raise UserError("train.warmup_steps and train.eval_every must be >= 0 and train.eval_batches > 0")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
         raise UserError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -62,7 +62,7 @@ def check_data_and_train(config: ConfigDict) -> None:
     if not (math.isfinite(t.max_param_norm_ratio) and (t.max_param_norm_ratio == 0 or t.max_param_norm_ratio > 1)):
         raise UserError(f"train.max_param_norm_ratio must be > 1 (0 disables the guard), got {t.max_param_norm_ratio}")
     if not 0.0 < t.wsd_decay_fraction <= 1.0:
-        raise ValueError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+        raise UserError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
 
 
 register_validator(check_diffusion)
