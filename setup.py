@@ -2,7 +2,7 @@
 
 `pip install -e ".[test]"` gives the library, the `edlm` command, the test tools (lm-eval included) and
 (on Linux) libtpu for `edlm aot`; `.[tpu]` alone adds libtpu to a plain install;
-`pip install -e ".[eval]"` the library with lm-evaluation-harness (`edlm eval`, the lm-eval model `edlm`). The pins are one
+`pip install -e ".[serve]"` the library with the `edlm serve` HTTP stack; `pip install -e ".[eval]"` the library with lm-evaluation-harness (`edlm eval`, the lm-eval model `edlm`). The pins are one
 mutually compatible set, checked together in CI; bump them together.
 """
 from setuptools import find_packages, setup
@@ -39,6 +39,9 @@ TEST = [
     # libtpu: the AOT tests and `edlm aot` compile for TPU topologies on any Linux host (no TPU needed).
     "jax[tpu]==0.10.2; sys_platform == 'linux'",
 ]
+# `edlm serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn) and its Prometheus metrics.
+SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0"]
+TEST += SERVE + ["openai==3.57.0"]  # tests/test_serve_*.py talk to the server with the official client
 EVAL = ["lm_eval==0.4.13", "torch==2.13.0", "transformers==5.23.0"]  # `edlm eval`, the lm-eval model `edlm`
 
 setup(
@@ -55,6 +58,7 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         "hub": ["huggingface_hub>=0.30"],
         "eval": EVAL,
+        "serve": SERVE,
     },
     entry_points={
         "console_scripts": ["edlm=efficient_dlm.cli:main"],
