@@ -29,6 +29,7 @@ from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample.api import check_model
 from efficient_dlm.sample.layout import position_limit
 from efficient_dlm.sample.program import MAX_STOP_TOKENS
+from efficient_dlm.sample.strategies import STRATEGIES
 from efficient_dlm.serve import slots as slots_lib
 from efficient_dlm.serve.metrics import EngineMetrics
 from efficient_dlm.serve.step_program import SlotPlan, ar_step_jit, diffusion_step_jit
@@ -87,6 +88,9 @@ class Engine:
         config.validate()
         cfg, spec = model.config, spec_of(model)
         strategy = config.strategy or ("ar" if cfg.mask_token_id is None else (spec.strategy if spec else "threshold"))
+        if strategy not in ("ar", *STRATEGIES):
+            raise UserError(f"serve: strategy must be ar or one of {', '.join(STRATEGIES)} (speculative decoding is not "
+                            f"served yet), got {strategy!r}")
         check_model(model, strategy)
         d = resolve_decoding(None if strategy == "ar" else spec, block_size=config.block_size, strategy=strategy)
         kind = "ar" if strategy == "ar" else "diffusion"

@@ -54,7 +54,8 @@ class SlotPlan:
 
 def write_rows(cache: KVCache, keys, values, slots) -> KVCache:
     """Scatters chunk keys/values [layers, S, T, ...] into each row's own cache slots [S, T]; slots
-    outside the cache (padding of the chunk) are dropped."""
+    outside the cache (padding of the chunk) are dropped. (KVCache.write_rows writes a contiguous chunk
+    per row; here a row writes only the real tail of a chunk padded to the call's width.)"""
     rows = jnp.arange(slots.shape[0])[:, None]
     k = cache.k.at[:, rows, slots].set(keys.astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, rows, slots].set(values.astype(cache.v.dtype), mode="drop")
