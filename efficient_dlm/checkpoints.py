@@ -30,6 +30,7 @@ from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.models.routers import ExpertBias
+from efficient_dlm.outputs import check_output_dir
 
 CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
@@ -59,10 +60,13 @@ def read_model_config(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(path):
         raise UserFileNotFoundError(f"{directory}: not an efficient_dlm checkpoint (no {CONFIG_NAME})")
-    with open(path) as f:
-        payload = json.load(f)
-    extra = payload.pop("extra", {})
-    return ModelConfig.from_dict(payload), extra
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+        extra = payload.pop("extra", {})
+        return ModelConfig.from_dict(payload), extra
+    except (ValueError, TypeError, AttributeError) as err:  # bad JSON, a wrong field value, not an object
+        raise CheckpointError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def write_diffusion_spec(directory: str, spec: DiffusionSpec) -> None:
@@ -113,6 +117,7 @@ def save(model, directory: str, *, tokenizer_dir: str | None = None, extra: dict
     The parameters are written completely (orbax writes to a temporary directory and renames) before
     the config and an existing checkpoint are replaced, so a crash mid-write leaves the old checkpoint.
     """
+    check_output_dir(directory, "save directory")
     directory = os.path.abspath(directory)
     params_path = epath.Path(directory) / PARAMS_DIR
     if params_path.exists() and not force:

@@ -21,6 +21,8 @@ def _existing_ancestor(path: str) -> str:
 
 
 def _check_parent(path: str, flag: str) -> None:
+    if "://" in path:  # object stores (gs://, s3://) are checked by their writers
+        return
     ancestor = _existing_ancestor(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(ancestor):
         raise UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
@@ -34,6 +36,8 @@ def _check_parent(path: str, flag: str) -> None:
 
 def check_output_file(path: str, flag: str = "--out") -> None:
     """`path` can be written as a file: not a directory, under a writable directory (made later)."""
+    if "://" in path:
+        return
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a directory; give a file path")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -43,6 +47,8 @@ def check_output_file(path: str, flag: str = "--out") -> None:
 
 def check_output_dir(path: str, flag: str = "--out") -> None:
     """`path` can be created (or filled) as a directory: not a file, under a writable directory."""
+    if "://" in path:
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} exists and is not a directory")
     _check_parent(path, flag)  # exports are staged beside `path` and renamed

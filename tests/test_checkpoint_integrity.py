@@ -97,6 +97,10 @@ def test_model_checkpoint_verifies_and_resumed_step_without_checksums_gets_them(
         f.truncate(os.path.getsize(victim) - 1)
     with pytest.raises(CheckpointError, match=rf"{path}: file {victim} is truncated"):
         edlm.load(path)
+    with open(os.path.join(path, "model_config.json"), "w") as f:
+        f.write('{"num_layers": ')
+    with pytest.raises(CheckpointError, match=rf"{path}/model_config.json: Expecting value"):
+        edlm.load(path)
 
     # A run killed between orbax's atomic rename and the checksums: load refuses, resume records them.
     os.remove(os.path.join(run_dir, "4", MANIFEST))

@@ -177,3 +177,40 @@ def test_parameter_norm_guard_stops_a_diverging_run():
         _check_param_norm(run, 6, 7.5e10)
     run.t.max_param_norm_ratio = 0.0  # disabled
     _check_param_norm(run, 6, 7.5e10)
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import importlib
+
+    from efficient_dlm import extras
+
+    real = importlib.import_module
+
+    def without_libtpu(name, *args):
+        if name == "libtpu":
+            raise ImportError("No module named 'libtpu'")
+        return real(name, *args)
+
+    monkeypatch.setattr(extras.importlib, "import_module", without_libtpu)
+    code = cli.main(["edlm", "aot", "--topology=v5p-8"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "edlm aot: error: edlm aot (compiling for a TPU topology) needs libtpu, which is not installed: pip install -e '.[tpu]'")
+
+
+def test_no_libtpu_start_up_noise_on_a_host_without_tpus():
+    """With libtpu installed (the test extra) and JAX_PLATFORMS unset, importing efficient_dlm on a
+    TPU-less host selects the CPU platform before libtpu can print its start-up errors."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from efficient_dlm.platforms import tpu_chips_present
+
+    if importlib.util.find_spec("libtpu") is None or tpu_chips_present():
+        pytest.skip("needs libtpu installed on a host without TPU chips")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import efficient_dlm, jax; print(jax.devices()[0].platform)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": cli.REPO_ROOT}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
+    assert "TPU" not in proc.stderr and "host bounds" not in proc.stderr, proc.stderr

@@ -25,6 +25,7 @@ import numpy as np
 
 from efficient_dlm.data import sources as sources_lib
 from efficient_dlm.errors import UserError
+from efficient_dlm.extras import require
 from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.data.pipeline import _split_list
 from efficient_dlm.sample.layout import block_layout
@@ -63,8 +64,7 @@ class PromptRecords(sources_lib.JsonlSource):
 
 def chat_template_tokenizer(directory: str):
     """transformers' tokenizer of `directory` (offline), refusing one without a chat template."""
-    from transformers import AutoTokenizer
-
+    AutoTokenizer = require("transformers", "test", "opd.chat_template").AutoTokenizer
     folder = os.path.dirname(directory) if os.path.isfile(directory) else directory
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not getattr(tok, "chat_template", None):

@@ -19,7 +19,10 @@ def run(config, FLAGS) -> int:
     import os
 
     from efficient_dlm.demo.pipeline import run_demo
+    from efficient_dlm.outputs import check_output_dir
 
+    if FLAGS.out:
+        check_output_dir(FLAGS.out)
     results = run_demo(config, FLAGS.out, command=invocation())
     report = results["report"]["report"]
     print(f"\nreport: {report}\nplot:   {results['report']['plot']}\ntotal:  {results['total_seconds']:.0f} s")

@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from efficient_dlm.demo import tasks
+from efficient_dlm.extras import require
 
 
 def reload_and_generate(
     hf_dir: str, items: Sequence[tasks.Instance], *, max_new_tokens: int
 ) -> list[dict[str, Any]]:
     """[{prompt, answer, output, jax_output, tokens_per_forward}] for each item."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    torch = require("torch", "test", "reloading the export in transformers (demo.hf_samples > 0)")
+    transformers = require("transformers", "test", "reloading the export in transformers (demo.hf_samples > 0)")
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
     from efficient_dlm.port.hf_import import from_hf
     from efficient_dlm.sample.api import generate
 

@@ -7,7 +7,6 @@ under --hbm_limit of HBM.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -15,6 +14,8 @@ import time
 from absl import flags
 
 from efficient_dlm.errors import UserError
+from efficient_dlm.extras import require
+from efficient_dlm.outputs import check_output_file
 
 flags.DEFINE_string("topology", None, "TPU slice: v5p-256, v5e-64, v4-128, v6e-256, or explicit v5p:4x4x12")
 flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; mesh.dcn_* sizes apply)")
@@ -35,8 +36,9 @@ def run(config, FLAGS) -> int:
 
     if not FLAGS.topology:
         raise UserError("--topology is required (e.g. --topology=v5p-256)")
-    if importlib.util.find_spec("libtpu") is None:
-        raise UserError("edlm aot compiles through libtpu, which is not installed: pip install -e '.[tpu]'")
+    require("libtpu", "tpu", "edlm aot (compiling for a TPU topology)")
+    if FLAGS.json_out:
+        check_output_file(FLAGS.json_out, "--json_out")
     unknown = sorted(set(FLAGS.programs) - set(aot.PROGRAMS))
     if unknown:
         raise UserError(f"unknown --programs {', '.join(unknown)}; choose from {', '.join(aot.PROGRAMS)}")

@@ -14,6 +14,7 @@ import numpy as np
 from absl import flags
 
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_of
+from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
 from efficient_dlm.sample.bench import format_table, make_settings, run_setting
 from efficient_dlm.sample.config import generate_kwargs
@@ -52,6 +53,8 @@ def _write_json(path: str, payload) -> None:
 
 def run(config, FLAGS) -> int:
     b = config.bench
+    out_dir = FLAGS.out or os.path.join(config.run_dir, "bench")
+    check_output_dir(out_dir, "--out" if FLAGS.out else "run_dir/bench")  # before any model loads
     dlm = load_source(FLAGS.ckpt, config)
     ar = load_source(FLAGS.ar_ckpt, config) if FLAGS.ar_ckpt else dlm
     ar.tokenizer = ar.tokenizer or dlm.tokenizer  # teacher and student share the vocabulary
@@ -60,7 +63,6 @@ def run(config, FLAGS) -> int:
         prompts = encode(read_prompts(FLAGS.prompts_jsonl), dlm.tokenizer)
     else:
         prompts = random_prompts(dlm, b.num_prompts, b.prompt_len, config.seed)
-    out_dir = FLAGS.out or os.path.join(config.run_dir, "bench")
     os.makedirs(out_dir, exist_ok=True)
     print(f"dLM: {dlm.description}; AR: {ar.description}; {len(prompts)} prompts; writing {out_dir}", flush=True)
     records = []

@@ -21,7 +21,7 @@ from efficient_dlm.outputs import check_output_file
 from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
 from efficient_dlm.sample.api import check_model, generate
 from efficient_dlm.sample.config import generate_kwargs
-from efficient_dlm.sample.inputs import Prompt, decode, encode, load_source, load_verifier, read_prompts
+from efficient_dlm.sample.inputs import Prompt, check_ids, decode, encode, load_source, load_verifier, read_prompts
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
@@ -67,6 +67,7 @@ def run(config, FLAGS) -> int:
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
     encode(prompts, source.tokenizer)
+    check_ids(prompts, source.model.config.vocab_size)
     kwargs = generate_kwargs(config.sample)
     if FLAGS.verifier:
         strategy = "speculative"

@@ -27,6 +27,7 @@ class Prompt:
     ids: list[int]
     text: str | None = None
     reference: str | None = None
+    where: str | None = None  # "file:line" of a prompt read from a file (error messages)
 
 
 def _tokenizer(directory: str | None):
@@ -111,7 +112,8 @@ def read_prompts(path: str) -> list[Prompt]:
             ids = check_token_ids(record.get("prompt_ids", []), None, f"{path}:{number}: \"prompt_ids\"").reshape(-1).tolist()
             if "prompt_ids" in record and not ids:
                 raise UserError(f"{path}:{number}: \"prompt_ids\" is empty")
-            prompts.append(Prompt(ids, text if isinstance(text, str) else None, None if reference is None else str(reference)))
+            prompts.append(Prompt(ids, text if isinstance(text, str) else None, None if reference is None else str(reference),
+                                  f"{path}:{number}"))
     if not prompts:
         raise UserError(f"{path}: no prompts")
     return prompts
@@ -129,6 +131,12 @@ def encode(prompts: list[Prompt], tokenizer) -> list[Prompt]:
             )
         prompt.ids = tokenizer.encode(prompt.text).ids
     return prompts
+
+
+def check_ids(prompts: list[Prompt], vocab_size: int) -> None:
+    """Every prompt's ids inside the model's vocabulary, naming the prompt's file and line."""
+    for i, prompt in enumerate(prompts):
+        check_token_ids(prompt.ids, vocab_size, prompt.where or f"prompt {i}")
 
 
 def decode(tokenizer, ids: list[int]) -> str | None:
