@@ -76,7 +76,8 @@ def verify(root: str | os.PathLike, label: str) -> None:
     if not manifest.exists():
         raise CheckpointError(
             f"{label}: no {MANIFEST} in {root} (written by an older efficient_dlm, or the run stopped before "
-            "recording it; resuming the run records it)"
+            f"recording it; resuming the run records it, or efficient_dlm.integrity.record({str(root)!r}) trusts "
+            "the files as they are)"
         )
     try:
         files = json.loads(manifest.read_text())["files"]
