@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue #18): 100+ distinct bad inputs and faults, through the CLI and the API, on
+"""The bad-input matrix (issue #18): 161 distinct bad inputs and faults, through the CLI and the API, on
 tiny models, each classified as
 
     clear      the command exits 2 with one `edlm <verb>: error: ...` line (API: a UserError /
@@ -193,7 +193,7 @@ def config_cases(fx: Fixtures):
         "--config.model.num_heads=3 --config.model.num_kv_heads=2", "--config.model.dtype=float8",
         "--config.model.mask_token_id=1", "--config.model.pad_token_id=511", "--config.model.mask_token_id=100000", "--config=configs/nope.py",
         "--config.train.max_param_norm_ratio=0.5", "--config.train.min_lr_ratio=2", "--config.train.save_every=0",
-        "--config.train.warmup_steps=-1", "--config.diffusion.block_size_schedule=0:4,x", "--config.train.schedule=cosin",
+        "--config.train.warmup_steps=-1", "--config.model.dtype.x=1", "--config.train.steps.x=1", "--config.diffusion.block_size_schedule=0:4,x", "--config.train.schedule=cosin",
     ]] + [("train init.hf_dir and init.checkpoint both", *t(f"--config.init.hf_dir={fx.hf}", f"--config.init.checkpoint={fx.dlm}"))]
 
 

@@ -134,6 +134,11 @@ def _flag_error_message(err: Exception, args: list[str]) -> str:
     the cause, with ml_collections' "did you mean" suggestion."""
     text = _plain_text(err)
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    if "string indices must be" in text or "does not support indexing" in text:
+        nested = [a.lstrip("-").split("=")[0] for a in args if a.lstrip("-").startswith("config.") and a.count(".") >= 3]
+        if nested:  # --config.model.dtype.x=1: dtype is a value, not a section
+            parts = nested[0].removeprefix("config.").split(".")
+            return f"--{nested[0]}: config key {'.'.join(parts[:-1])!r} is a value, not a section"
     for arg in args:
         body = arg.lstrip("-")
         if not body.startswith("config."):

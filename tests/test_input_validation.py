@@ -145,6 +145,7 @@ def test_outputs_are_checked_before_the_work(tmp_path, capsys):
         ("--config.model.dtyp=x", "unknown config key 'model.dtyp' (did you mean 'model.dtype'? see efficient_dlm/config.py)"),
         ("--config.trian.steps=1", "unknown config section 'trian' in --config.trian.steps (did you mean 'train'? see efficient_dlm/config.py)"),
         ("--config.foo.bar=1", "unknown config section 'foo' in --config.foo.bar (see efficient_dlm/config.py)"),
+        ("--config.model.dtype.x=1", "--config.model.dtype.x: config key 'model.dtype' is a value, not a section"),
     ],
 )
 def test_cli_config_key_messages_are_plain_text(override, message, capsys):
