@@ -1,8 +1,8 @@
 """The bad-input matrix (issue #18): 161 distinct bad inputs and faults, through the CLI and the API, on
 tiny models, each classified as
 
-    clear      the command exits 2 with one `edlm <verb>: error: ...` line (API: a UserError /
-               ValueError / FileNotFoundError with a one-line message), or a signal stop that exits
+    clear      the command exits 2 with one `edlm <verb>: error: ...` line (API: a UserError with a
+               one-line message), or a signal stop that exits
                with its code, a checkpoint and a line saying where to resume
     traceback  any other exception, a traceback in the output, a multi-line or escaped message
     silent     the bad input was accepted (exit 0 / no exception) or the command hung
@@ -85,7 +85,7 @@ def run_api(fn) -> tuple[str, str]:
         fn()
     except Hang:
         return "silent", "hung"
-    except (UserError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except UserError as exc:  # the project's one error type for user mistakes (efficient_dlm/errors.py)
         text = str(exc)
         return ("clear" if "\n" not in text.strip() else "traceback"), f"{type(exc).__name__}: {text[:200]}"
     except BaseException as exc:  # noqa: BLE001
