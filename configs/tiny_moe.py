@@ -1,5 +1,5 @@
 """A tiny random MoE model (Ling 2.0 / GLM-4.5 style: sigmoid group-limited router, selection bias,
-shared expert, one leading dense layer): every verb runs on a laptop CPU in seconds."""
+shared expert, one leading dense layer, partial RoPE): every verb runs on a laptop CPU in seconds."""
 from efficient_dlm.config import sibling_recipe
 
 
@@ -19,4 +19,5 @@ def get_config():
     m.router_norm_topk = True
     m.routed_scaling_factor = 2.5
     m.router_bias = True
+    m.partial_rotary_factor = 0.5  # GLM-4.5 / Ling 2.0: RoPE on half of each head's dims
     return c
