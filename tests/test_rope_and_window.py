@@ -14,6 +14,7 @@ import efficient_dlm as edlm
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample import generate
 from tests.hf_factory import make_hf_model, random_model, tiny_config, variant
+from tests.sample_reference import peaked_model, reference_ar, reference_dlm
 from tests.test_hf_export import relative_error, write_tokenizer
 
 VOCAB = 97
@@ -195,3 +196,18 @@ def test_per_layer_window_decode_and_export_match_transformers(tmp_path):
         chunk = hf(torch.tensor(tokens[:, 8:]), past_key_values=prefix).logits.numpy()
     assert relative_error(chunk, full_logits(model, tokens, "block", 4)[:, 8:]) <= 1e-4
     assert edlm.from_hf(out).config == model.config
+
+
+def test_samplers_with_a_window_equal_full_recompute():
+    """The block-diffusion and AR samplers on a window of 3 (inside a block of 4, prompts up to 9 tokens)
+    against the slow references that recompute every step with the full forward."""
+    model = variant(peaked_model(), sliding_window=3)
+    prompts = [[7, 3, 11, 42, 5, 17, 60, 2, 33], [50, 6]]
+    result = generate(model, prompts, max_new_tokens=8, block_size=4, threshold=0.5, return_logits=True, stop_tokens=[])
+    ar = generate(model, prompts, max_new_tokens=8, strategy="ar", return_logits=True, stop_tokens=[])
+    for row, prompt in enumerate(prompts):
+        tokens, logits, _ = reference_dlm(model, prompt, block=4, max_new=8, strategy="threshold", threshold=0.5)
+        assert result.sequences[row] == tokens
+        assert relative_error(result.logits[row, : len(tokens)], logits) <= 1e-5
+        tokens, logits = reference_ar(model, prompt, max_new=8)
+        assert ar.sequences[row] == tokens and relative_error(ar.logits[row], logits) <= 1e-5
