@@ -82,16 +82,19 @@ def main() -> None:
     parser.add_argument("--elbo_requests", type=int, default=60)
     parser.add_argument("--counts", default="2,8,32,128")
     parser.add_argument("--skip_elbo", action="store_true")
+    parser.add_argument("--skip_generation", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     items = [Instance(r["task"], r["prompt"], r["answer"]) for r in read_rows(DEMO_FILE)]
-    report = {"generation": [generation(teacher.teacher_dir(), "ar", args.batch, items, edlm.from_hf(teacher.teacher_dir()))]}
-    print(report["generation"][-1], flush=True)
+    report = {"generation": []}
+    if not args.skip_generation:
+        report["generation"].append(generation(teacher.teacher_dir(), "ar", args.batch, items, edlm.from_hf(teacher.teacher_dir())))
+        print(report["generation"][-1], flush=True)
     elbo_ckpt = args.dlm
-    if args.dlm:
+    if args.dlm and not args.skip_generation:
         report["generation"].append(generation(args.dlm, "threshold", args.batch, items, edlm.load(args.dlm)))
         print(report["generation"][-1], flush=True)
-    else:
+    elif not args.dlm:
         elbo_ckpt = tempfile.mkdtemp(prefix="teacher_as_dlm_")
         diffusion = {"objective": "block_diffusion", "block_size": 4, "token_shift": True, "masking": "position"}
         edlm.save(edlm.from_hf(teacher.teacher_dir()), elbo_ckpt, tokenizer_dir=teacher.teacher_dir(), force=True,
