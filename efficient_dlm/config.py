@@ -21,15 +21,11 @@ from ml_collections import ConfigDict, config_dict
 
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
-
-# Section validators registered by the packages that own them (train, sample, mesh, ...).
-_VALIDATORS: list[Callable[[ConfigDict], None]] = []
-
-
-def register_validator(fn: Callable[[ConfigDict], None]) -> Callable[[ConfigDict], None]:
-    _VALIDATORS.append(fn)
-    return fn
-
+from efficient_dlm.parallel.mesh import validate_mesh_section
+from efficient_dlm.parallel.rules import DEFAULT_RULES, rules_to_strings
+from efficient_dlm.sample.config import validate_bench, validate_sample
+from efficient_dlm.train.opd_loop import check_opd
+from efficient_dlm.train.validation import check_data_and_train, check_diffusion
 
 def model_section(cfg: ModelConfig | None = None) -> ConfigDict:
     """ModelConfig fields as a ConfigDict; None fields become typed placeholders so CLI overrides work."""
@@ -136,9 +132,6 @@ def mesh_section() -> ConfigDict:
     (multi-slice); -1 = the rest (one per group). rules: {logical axis name: "mesh_axis,mesh_axis"}
     ("" = replicated), e.g. --config.mesh.rules.embed=fsdp,tensor.
     """
-    from efficient_dlm.parallel import mesh  # noqa: F401  (registers the mesh validator)
-    from efficient_dlm.parallel.rules import DEFAULT_RULES, rules_to_strings
-
     return ConfigDict(
         dict(
             data=1, fsdp=-1, tensor=1, expert=1,
@@ -269,13 +262,20 @@ def base_config() -> ConfigDict:
     return c
 
 
+# Every section's checks, owned by its package and composed here explicitly: every verb validates
+# every section the same way (no validator depends on which modules a verb happened to import).
+SECTION_CHECKS: tuple[Callable[[ConfigDict], None], ...] = (
+    validate_mesh_section, check_diffusion, check_data_and_train, check_opd, validate_sample, validate_bench,
+)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
-    """Checks cross-field consistency; raises ValueError with one line naming the offending key."""
+    """Checks cross-field consistency; raises UserError with one line naming the offending key."""
     model_config(config)  # ModelConfig.__post_init__ validates the architecture
     if config.init.hf_dir and config.init.checkpoint:
         raise UserError("set only one of init.hf_dir and init.checkpoint")
-    for fn in _VALIDATORS:
-        fn(config)
+    for check in SECTION_CHECKS:
+        check(config)
     return config
 
 

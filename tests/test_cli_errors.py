@@ -27,3 +27,16 @@ def test_a_user_error_and_a_bad_key_are_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli_sample, "run", run)
     assert cli.main(["edlm", "sample"]) == 2
     assert capsys.readouterr().err.strip() == "edlm sample: error: prompts.jsonl:3: not a JSON object"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sample.threshold=1.5", "sample.threshold must be in [0, 1], got 1.5"),
+    ("--config.mesh.data=0", "mesh.data must be a positive integer or -1, got 0"),
+    ("--config.train.steps=0", "train.steps must be positive, got 0"),
+])
+def test_every_verb_rejects_the_same_bad_value_in_a_shared_section(capsys, override, message):
+    """Validation is composed explicitly (config.validate), not registered by whatever a verb imports."""
+    for verb in cli.VERBS:
+        assert cli.main(["edlm", verb, override]) == 2, verb
+        err = capsys.readouterr().err.strip()
+        assert err == f"edlm {verb}: error: {message}", (verb, err)

@@ -18,8 +18,6 @@ from efficient_dlm.sample.inputs import read_prompts
 from efficient_dlm.train.loop import check_same_architecture
 from tests.corpus import BYTE_TOKENIZER
 
-import efficient_dlm.sample.config  # noqa: F401,E402  (registers the sample validator)
-import efficient_dlm.train.validation  # noqa: F401,E402  (registers the train validators)
 
 
 def _write(path, content) -> str:

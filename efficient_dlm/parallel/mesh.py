@@ -22,7 +22,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import register_validator
 from efficient_dlm.errors import UserError
 from efficient_dlm.parallel.rules import MESH_AXES, _normalise, axis_rules, current_rules
 
@@ -109,7 +108,6 @@ def describe(mesh: Mesh) -> str:
     return " ".join(f"{a}={n}" for a, n in mesh.shape.items())
 
 
-@register_validator
 def validate_mesh_section(config: ConfigDict) -> None:
     """Device-independent checks of config.mesh (sizes, -1 usage, rule axis names)."""
     mesh_cfg = config.mesh

@@ -15,7 +15,6 @@ from absl import flags
 
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_of
 from efficient_dlm.outputs import check_output_dir
-from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
 from efficient_dlm.sample.bench import format_table, make_settings, run_setting
 from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.sample.inputs import Prompt, encode, load_source, load_verifier, read_prompts

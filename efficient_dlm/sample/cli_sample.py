@@ -18,7 +18,6 @@ from absl import flags
 from efficient_dlm.diffusion.spec import spec_of
 from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_file
-from efficient_dlm.sample import config as sample_config  # noqa: F401  (registers the sample/bench config validators)
 from efficient_dlm.sample.api import check_model, generate
 from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.sample.inputs import Prompt, check_ids, decode, encode, load_source, load_verifier, read_prompts

@@ -1,4 +1,4 @@
-"""The `sample` and `bench` config sections: validation (registered with efficient_dlm.config) and the
+"""The `sample` and `bench` config sections: validation (composed by efficient_dlm.config.validate) and the
 mapping from the `sample` section to `generate` keyword arguments.
 
 The dLM decoding keys of `sample` (strategy, threshold, tokens_per_step, factor, entropy_bound,
@@ -11,7 +11,6 @@ import math
 
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import register_validator
 from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.errors import UserError
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
@@ -30,7 +29,6 @@ def generate_kwargs(sample: ConfigDict) -> dict:
     )
 
 
-@register_validator
 def validate_sample(config: ConfigDict) -> None:
     if "sample" not in config:
         return
@@ -52,7 +50,6 @@ def validate_sample(config: ConfigDict) -> None:
         raise UserError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
 
 
-@register_validator
 def validate_bench(config: ConfigDict) -> None:
     if "bench" not in config:
         return

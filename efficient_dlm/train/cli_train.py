@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 
-import efficient_dlm.train.validation  # noqa: F401  (registers the section validators)
 
 DEFAULT_CONFIG = "configs/tiny_train.py"
 

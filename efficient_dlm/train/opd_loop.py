@@ -16,7 +16,6 @@ import jax
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import register_validator
 from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
 from efficient_dlm.diffusion.opd import OBJECTIVE, STATE_MODES
@@ -156,7 +155,6 @@ def check_inputs(config: ConfigDict) -> None:
         raise UserError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
 
 
-@register_validator
 def check_opd(config: ConfigDict) -> None:
     """The opd section, when OPD steps will run (one line naming the key)."""
     if "opd" not in config or not enabled(config):

@@ -8,12 +8,10 @@ import math
 
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import register_validator
 from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
 from efficient_dlm.errors import UserError
-from efficient_dlm.train import opd_loop  # noqa: F401  (registers the opd section's validator)
 from efficient_dlm.train.optim import SCHEDULES
 
 MASK_TOKEN_MODES = ("model", "append")
@@ -64,6 +62,3 @@ def check_data_and_train(config: ConfigDict) -> None:
     if not 0.0 < t.wsd_decay_fraction <= 1.0:
         raise UserError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
 
-
-register_validator(check_diffusion)
-register_validator(check_data_and_train)
