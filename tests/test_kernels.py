@@ -73,7 +73,7 @@ def test_decode_attention_matches_xla_with_ragged_prefixes(mode, width, heads, k
     positions = length[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
     block = 3 if mode == "block" else None
     args = (q, k, v, cache_k, cache_v, start, length, positions, mode, block)
-    ref = cached_attention(*args, backend="xla", sliding_window=window)
+    ref = cached_attention(*args, sliding_window=window)
     poisoned = cache_v.at[1, :2].set(jnp.nan).at[3].set(jnp.inf)  # slots outside [start, length) must not leak
     args = (q, k, v, cache_k, poisoned, start, length, positions)
     out = jax.jit(lambda *a: kernel_dispatch.decode_attention(*a, mode, block, "pallas", window))(*args)
@@ -170,7 +170,7 @@ def test_decode_attention_tiles_a_long_prefill(mode):
     positions = length[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
     positions = positions.at[1, :3].set(10_000)  # left padding: a position beyond every real one
     block = 8 if mode == "block" else None
-    ref = cached_attention(q, k, v, cache_k, cache_v, start, length, positions, mode, block, backend="xla")
+    ref = cached_attention(q, k, v, cache_k, cache_v, start, length, positions, mode, block)
     out = jax.jit(
         lambda *a: decode_lib.decode_attention(*a, mode=mode, block_size=block, max_tile=128, interpret=True)
     )(q, k, v, cache_k, cache_v, start, length, positions)

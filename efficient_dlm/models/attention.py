@@ -1,7 +1,8 @@
-"""One attention function with modes, and its XLA reference implementation.
+"""The XLA reference implementation of attention: the "xla" backend of models/kernel_dispatch.py
+(the single entry point the model calls, which picks a backend) and the oracle of every kernel.
 
-`attention` is what the model calls for training-time patterns (causal, block, bidirectional,
-clean_context; docs/METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
+`attention` serves the training-time patterns (causal, block, bidirectional, clean_context;
+docs/METHOD.md section 1). `cached_attention` is the decode-time form: a chunk of queries
 against a static-shape KV cache (valid slots [start, length) per row, slot j holding position
 j - start; see models/cache.py) plus the chunk itself, with the sliding window of masks.py on both.
 `xla_attention` is the oracle every kernel is tested against: GQA by grouping query heads, logits and
@@ -9,15 +10,12 @@ softmax in float32, rows that see no key return zeros instead of NaN.
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 
 from efficient_dlm.models.masks import MaskSpec, chunk_visible, dense_mask, within_window
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
-_logged_backends: set[tuple[str, str]] = set()
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None = None) -> jax.Array:
@@ -35,35 +33,14 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     return out.reshape(batch, q_len, heads, dim).astype(q.dtype)
 
 
-def resolve_backend(requested: str) -> str:
-    """Maps 'auto' to the platform's choice: TPU -> splash/Pallas kernels, GPU -> gpu, CPU -> xla."""
-    if requested != "auto":
-        return requested
-    platform = jax.default_backend()
-    return {"tpu": "splash", "gpu": "gpu"}.get(platform, "xla")
-
-
-def _log_once(kind: str, backend: str) -> None:
-    if (kind, backend) not in _logged_backends:
-        _logged_backends.add((kind, backend))
-        logging.getLogger("efficient_dlm").info("attention backend for %s: %s", kind, backend)
-
-
 def attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     spec: MaskSpec,
     segment_ids: jax.Array | None = None,
-    backend: str = "xla",
 ) -> jax.Array:
     """Self-attention over one physical sequence with the pattern `spec`, AND-ed with segment ids."""
-    backend = resolve_backend(backend)
-    _log_once(spec.mode, backend)
-    if backend != "xla":
-        from efficient_dlm.models import kernel_dispatch  # kernels are optional, imported only when chosen
-
-        return kernel_dispatch.training_attention(q, k, v, spec, segment_ids, backend)
     mask = dense_mask(spec, q.shape[1], k.shape[1], segment_ids, segment_ids)
     return xla_attention(q, k, v, mask)
 
@@ -79,7 +56,6 @@ def cached_attention(
     positions: jax.Array,
     mode: str,
     block_size: int | None = None,
-    backend: str = "xla",
     sliding_window: int | None = None,
 ) -> jax.Array:
     """Chunk queries q [B, T, H, D] attend to cache slots start <= j < length, plus the chunk's own k/v.
@@ -88,14 +64,6 @@ def cached_attention(
     are visible to its queries according to `mode` over `positions` [B, T]. With `sliding_window` W a
     query at position q sees only keys (cached at position j - start, or in the chunk) with q - k < W.
     """
-    backend = resolve_backend(backend)
-    _log_once(f"decode/{mode}", backend)
-    if backend != "xla":
-        from efficient_dlm.models import kernel_dispatch
-
-        return kernel_dispatch.decode_attention(
-            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend, sliding_window
-        )
     slots = jnp.arange(cache_k.shape[1], dtype=jnp.int32)[None, None, :]
     cache_mask = (slots >= cache_start[:, None, None]) & (slots < cache_length[:, None, None])
     if sliding_window is not None:

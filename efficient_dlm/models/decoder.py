@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_dlm.models import attention as attn_lib
+from efficient_dlm.models import kernel_dispatch
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layer_groups import DENSE_STACK, Segment, schedule
@@ -200,7 +200,7 @@ class Decoder(nnx.Module):
         backend = self.config.attention_backend
 
         def make_attend(window):
-            return lambda q, k, v, _: attn_lib.attention(q, k, v, spec(window), segment_ids, backend)
+            return lambda q, k, v, _: kernel_dispatch.attention(q, k, v, spec(window), segment_ids, backend)
 
         h = self.embed(tokens) if embeddings is None else embeddings
         h, _, aux = self._layers(h, positions, make_attend, None, _real_length(positions, segment_ids))
@@ -243,7 +243,7 @@ class Decoder(nnx.Module):
         def make_attend(window):
             def attend(q, k, v, layer_cache):
                 ck, cv = layer_cache
-                return attn_lib.cached_attention(
+                return kernel_dispatch.cached_attention(
                     q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend, window
                 )
 

@@ -1,6 +1,7 @@
-"""Chooses the kernel for each attention call and LM-head confidence by backend, and shards it.
+"""The single backend entry point: chooses the kernel for each attention call and LM-head confidence
+by backend, and shards it. The model calls `attention` / `cached_attention` here, never a backend.
 
-Backends (ModelConfig.attention_backend; "auto" resolves in attention.resolve_backend):
+Backends (ModelConfig.attention_backend; "auto" resolves in `resolve_backend`):
 - "splash" / "pallas": training attention -> splash attention with computable diffusion masks;
   decode -> pallas_kernels.decode_attention; LM head -> pallas_kernels.lm_head. On TPU they compile
   with Mosaic; on any other platform they run in Pallas interpret mode (slow, exact: what CPU tests use).
@@ -54,9 +55,34 @@ def _tiles() -> dict[str, int]:
     return INTERPRET_TILES if _interpret() else TPU_TILES
 
 
+def resolve_backend(requested: str) -> str:
+    """Maps 'auto' to the platform's choice: TPU -> splash/Pallas kernels, GPU -> gpu, CPU -> xla."""
+    if requested != "auto":
+        return requested
+    return {"tpu": "splash", "gpu": "gpu"}.get(jax.default_backend(), "xla")
+
+
+def attention(q, k, v, spec: MaskSpec, segment_ids=None, backend: str = "xla") -> jax.Array:
+    """Self-attention with pattern `spec` AND-ed with segment ids (attention.attention) on `backend`."""
+    backend = resolve_backend(backend)
+    if backend == "xla":
+        _log_once("training", backend)
+        return attention_lib.attention(q, k, v, spec, segment_ids)
+    return training_attention(q, k, v, spec, segment_ids, backend)
+
+
+def cached_attention(
+    q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size=None, backend="xla",
+    sliding_window=None,
+) -> jax.Array:
+    """The chunk against the KV cache (attention.cached_attention) on `backend`."""
+    return decode_attention(q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend,
+                            sliding_window)
+
+
 def describe(backend: str) -> dict[str, str]:
     """Which implementation each operation uses for `backend` on this platform (logged, shown by tools)."""
-    backend = attention_lib.resolve_backend(backend)
+    backend = resolve_backend(backend)
     suffix = " (Pallas interpret mode)" if _interpret() else ""
     if backend in KERNEL_BACKENDS:
         return {
@@ -117,7 +143,7 @@ def _shard(fn: Callable, mesh, args: tuple, in_specs: tuple, out_specs):
 
 def training_attention(q, k, v, spec: MaskSpec, segment_ids, backend: str) -> jax.Array:
     """Self-attention with pattern `spec` (see attention.attention) on the kernel of `backend`."""
-    backend = attention_lib.resolve_backend(backend)
+    backend = resolve_backend(backend)
     _log_once("training", backend)
     if backend == "gpu":
         mask = dense_mask(spec, q.shape[1], k.shape[1], segment_ids, segment_ids)[:, None]
@@ -148,11 +174,11 @@ def decode_attention(
     q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, backend, sliding_window=None
 ) -> jax.Array:
     """The chunk against the KV cache (see attention.cached_attention) on the kernel of `backend`."""
-    backend = attention_lib.resolve_backend(backend)
+    backend = resolve_backend(backend)
     _log_once("decode", backend)
     if backend not in KERNEL_BACKENDS:
         return attention_lib.cached_attention(
-            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, "xla", sliding_window
+            q, k, v, cache_k, cache_v, cache_start, cache_length, positions, mode, block_size, sliding_window
         )
     kernel = functools.partial(
         decode_lib.decode_attention, mode=mode, block_size=block_size, sliding_window=sliding_window,
@@ -193,7 +219,7 @@ def lm_head_confidence(
     Kernel backends never materialise the [B, T, V] logits; under a mesh the vocab stays sharded and
     the per-shard summaries are combined exactly.
     """
-    backend = attention_lib.resolve_backend(backend)
+    backend = resolve_backend(backend)
     _log_once("lm_head", backend)
     if backend not in KERNEL_BACKENDS:
         return xla_lm_head_confidence(hidden, w_out, temperature=temperature, with_entropy=with_entropy, allowed=allowed)

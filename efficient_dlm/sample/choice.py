@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficient_dlm.models import kernel_dispatch
+
 _NEG_INF = -jnp.inf
 
 
@@ -62,9 +64,7 @@ def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def _fused_kernel(model, want_logits: bool, sampling: Sampling) -> bool:
-    from efficient_dlm.models.attention import resolve_backend
-
-    kernel = resolve_backend(model.config.attention_backend) in ("splash", "pallas")
+    kernel = kernel_dispatch.resolve_backend(model.config.attention_backend) in ("splash", "pallas")
     return kernel and sampling.greedy and not want_logits
 
 
@@ -88,8 +88,6 @@ def choose_tokens(
     confidence exp(z_token - logsumexp(z)); entropy costs a second pass and is computed only when asked.
     """
     if _fused_kernel(model, want_logits, sampling):
-        from efficient_dlm.models import kernel_dispatch  # kernels are optional, imported only when chosen
-
         confidence, token, entropy = kernel_dispatch.lm_head_confidence(
             hidden, model.output_embedding(), with_entropy=sampling.entropy, allowed=allowed,
             backend=model.config.attention_backend,
