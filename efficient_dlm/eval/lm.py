@@ -12,7 +12,7 @@ arguments as `python -m efficient_dlm.eval ...` or use `edlm eval`, which regist
   sampling; the text is cut at the first stop sequence (`until`) and at EOS.
 - loglikelihood: exact for AR models; for a dLM the block-diffusion ELBO (likelihood.py; mc_samples
   masks per request, in complementary pairs unless mc_complementary=false: at equal masks they cut the
-  standard error ~1.7x on the demo model, docs/BENCHMARKS.md). is_greedy for a dLM: the
+  standard error 1.7-2x on the demo models, docs/BENCHMARKS.md). is_greedy for a dLM: the
   model's own greedy decoding of the context reproduces the continuation (greedy_check=false skips it
   and reports False).
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of the model's context length, each scored
