@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from efficient_dlm.models.config import ModelConfig  # noqa: E402
 from efficient_dlm.models.layers import MLP  # noqa: E402
-from efficient_dlm.models.moe import MoEBlock, moe_loss_terms  # noqa: E402
+from efficient_dlm.models.moe import MoEBlock, Routing, moe_loss_terms  # noqa: E402
 from efficient_dlm.parallel.rules import MESH_AXES, logical_to_spec  # noqa: E402
 from efficient_dlm.parallel.sharding import state_shardings  # noqa: E402
 
@@ -49,9 +49,12 @@ FLASH_MOE = dict(model_type="glm4_moe", hidden_size=4096, num_experts=256, num_e
                  router_norm_topk=True, routed_scaling_factor=2.5, router_bias=True, dtype="bfloat16")
 
 
-def _loss(graphdef):
+def _loss(graphdef, moe: bool = True):
+    """Training's forward + backward; a MoE block routes as in training (capacity mode over the whole
+    row when the config sets capacity_factor: every token plays x_t)."""
     def loss(params, rest, x):
-        out = nnx.merge(graphdef, params, rest)(x)
+        layer = nnx.merge(graphdef, params, rest)
+        out = layer(x, Routing(x.shape[1], jnp.ones(x.shape[:2], jnp.float32))) if moe else layer(x)
         y, stats = out if isinstance(out, tuple) else (out, None)
         extra = 0.0 if stats is None else 0.01 * moe_loss_terms(jax.tree.map(lambda a: a[None], stats))["load_balancing"]
         return jnp.mean(jnp.square(y.astype(jnp.float32))) + extra
@@ -82,7 +85,7 @@ def cpu_part(runs: int) -> dict[str, dict[str, float]]:
     dense_cfg = ModelConfig(**{**CPU_MOE, "model_type": "qwen3", "num_experts": 0, "first_k_dense": 0})
     width = CPU_MOE["num_experts_per_tok"] * CPU_MOE["moe_intermediate_size"] + CPU_MOE["shared_expert_intermediate_size"]
     graphdef, params, rest = nnx.split(MLP(dense_cfg, width, rngs=nnx.Rngs(params=0)), nnx.Param, ...)
-    results["dense SwiGLU, same active width"] = _time(_loss(graphdef), (params, rest, x), runs)
+    results["dense SwiGLU, same active width"] = _time(_loss(graphdef, moe=False), (params, rest, x), runs)
     return results
 
 

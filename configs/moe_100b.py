@@ -7,8 +7,10 @@ published for Ling-flash-2.0 (its F32 remainder, 7,936 = 31 x 256, is the select
 Shard it with an expert axis, e.g. --config.mesh.expert=16. At that scale the recipe routes with
 capacity 1.25 (GShard-style per-row expert capacity) instead of dropless: dropless expert parallelism
 sends static worst-case buffers (ep x the tokens), which at ep=16 made the v5p-256 step need 98.6 GiB
-per chip; with capacity 1.25 it needs 40.8 GiB (docs/BENCHMARKS.md). Sequences of 4096 tokens,
-global batch 256; the 157k-vocabulary loss is computed 512 positions at a time.
+per chip; with capacity 1.25 it needs 40.8 GiB (docs/BENCHMARKS.md; measured when capacity covered
+the whole [x_t ; x_0] row: training now routes the clean x_0 half dropless, docs/METHOD.md section 7,
+which costs more and is not yet re-measured). Sequences of 4096 tokens, global batch 256; the
+157k-vocabulary loss is computed 512 positions at a time.
 """
 from efficient_dlm.config import sibling_recipe
 

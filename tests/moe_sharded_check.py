@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.models.moe import MoEBlock, moe_loss_terms
+from efficient_dlm.models.moe import MoEBlock, Routing, moe_loss_terms
 from efficient_dlm.parallel.rules import MESH_AXES, logical_to_spec
 from efficient_dlm.parallel.sharding import state_shardings
 
@@ -33,8 +33,11 @@ def loss_and_grads(cfg: ModelConfig, x, mesh=None):
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
     params = jax.tree.map(lambda p: 8.0 * p, params)  # outputs of order 1: the loss is not all aux loss
 
+    # Capacity cases route as training does: capacity on the first half (x_t), the second half dropless.
+    routing = Routing(x.shape[1] // 2 if cfg.capacity_factor else None, jnp.ones(x.shape[:2], jnp.float32))
+
     def loss_fn(params, rest, x):
-        y, stats = nnx.merge(graphdef, params, rest)(x)
+        y, stats = nnx.merge(graphdef, params, rest)(x, routing)
         aux = jax.tree.map(lambda a: a[None], stats)  # one layer
         return jnp.mean(jnp.square(y)) + 0.01 * moe_loss_terms(aux)["load_balancing"]
 

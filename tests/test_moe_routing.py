@@ -77,8 +77,8 @@ def _routing(cfg, shape, seed=1):
     return x, experts
 
 
-def _dispatch(cfg):
-    return jax.jit(lambda x, experts, w: routed_outputs(x, experts, w, cfg))
+def _dispatch(cfg, capacity_len=None):
+    return jax.jit(lambda x, experts, w: routed_outputs(x, experts, w, cfg, capacity_len))
 
 
 def test_dropless_dispatch_equals_dense_weighted_sum():
@@ -97,24 +97,42 @@ def test_dropless_dispatch_equals_dense_weighted_sum():
     np.testing.assert_allclose(combined, np.einsum("ebtd,bte->btd", dense, dense_weights), rtol=1e-4, atol=1e-4)
 
 
-def test_capacity_mode_drops_later_assignments_beyond_capacity():
-    cfg = ModelConfig(**MOE, capacity_factor=0.5)
-    x, experts = _routing(cfg, (2, 12))
-    w = _weights(cfg)
-    out = np.asarray(_dispatch(cfg)(jnp.asarray(x), jnp.asarray(experts), w))
-    cap = capacity(cfg, 12)
-    assert cap == 2  # ceil(0.5 * 12 * 4 / 16)
-    dense = _every_expert(x, w)
-    expected = np.zeros_like(out)
-    for b in range(2):
-        taken = np.zeros(cfg.num_experts, int)
-        for t in range(12):
+def _capacity_reference(experts, dense, cap, positions):
+    """Earliest-first capacity over `positions` of each row (per expert at most cap assignments)."""
+    b_, t_, k_ = experts.shape
+    expected = np.zeros((b_, t_, k_, dense.shape[-1]), np.float32)
+    for b in range(b_):
+        taken = np.zeros(dense.shape[0], int)
+        for t in positions:
             for j, e in enumerate(experts[b, t]):
                 if taken[e] < cap:
                     expected[b, t, j] = dense[e, b, t]
                 taken[e] += 1
+    return expected
+
+
+def test_capacity_mode_drops_later_assignments_beyond_capacity():
+    """capacity_len = T: the whole row under capacity. capacity_len = 6 (training's x_t half of a
+    [x_t ; x_0] row of 12): the first 6 positions compete for C = capacity(6), the x_0 half is dropless."""
+    cfg = ModelConfig(**MOE, capacity_factor=0.5)
+    x, experts = _routing(cfg, (2, 12))
+    w = _weights(cfg)
+    dense = _every_expert(x, w)
+    out = np.asarray(_dispatch(cfg, 12)(jnp.asarray(x), jnp.asarray(experts), w))
+    cap = capacity(cfg, 12)
+    assert cap == 2  # ceil(0.5 * 12 * 4 / 16)
+    expected = _capacity_reference(experts, dense, cap, range(12))
     assert (np.abs(expected).sum(-1) == 0).sum() > 5  # the test really drops
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    half = np.asarray(_dispatch(cfg, 6)(jnp.asarray(x), jnp.asarray(experts), w))
+    expected = _capacity_reference(experts, dense, capacity(cfg, 6), range(6))
+    b, t = np.meshgrid(np.arange(2), np.arange(6, 12), indexing="ij")
+    expected[:, 6:] = dense[experts[:, 6:], b[..., None], t[..., None]]  # x_0: every assignment computed
+    assert (np.abs(expected[:, :6]).sum(-1) == 0).sum() > 0
+    np.testing.assert_allclose(half, expected, rtol=1e-4, atol=1e-4)
+    dropless = np.asarray(_dispatch(cfg)(jnp.asarray(x), jnp.asarray(experts), w))  # inference: no drops
+    np.testing.assert_allclose(dropless[:, 6:], half[:, 6:], rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(dropless).sum(-1) > 0)
 
 
 def test_megablox_gmm_matches_ragged_dot():
@@ -154,3 +172,74 @@ def test_aux_loss_free_bias_update_balances_the_load():
     imbalance = [float(step(model)[0]) for _ in range(30)]
     assert imbalance[0] > 3.0 and max(imbalance[-5:]) < 0.6 * imbalance[0], imbalance
     assert float(step(model)[1]) < 1.2 * cfg.num_experts_per_tok  # the Switch loss is k when balanced
+
+
+def test_training_routing_counts_real_x_t_tokens_and_never_drops_x_0():
+    """[x_t ; x_0] rows with padding under a capacity that drops: the router statistics count the real
+    x_t tokens only (not padding, not the x_0 copy); the x_0 half is routed dropless, so its hidden
+    states (which never see x_t) are the same with and without training's capacity; x_t's are not."""
+    cfg = ModelConfig(**{**MOE, "hidden_size": 32}, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=64,
+                      capacity_factor=0.25, router_score="sigmoid", router_bias=True)
+    model = _random_model(cfg)
+    length = 16
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, (3, 2 * length)))
+    seg = jnp.asarray(np.array([[1] * length, [1] * 10 + [0] * 6, [1] * 5 + [2] * 8 + [0] * 3]))
+
+    @jax.jit
+    def run(tokens):
+        out = {c: model.hidden(tokens, attention="clean_context", block_size=4, segment_ids=seg, moe_capacity=c)
+               for c in (False, True)}
+        return {c: (h, aux["router_tokens"], aux["expert_counts"]) for c, (h, aux) in out.items()}
+
+    out = run(tokens)
+    real_x_t = float(np.sum(np.asarray(seg) > 0))
+    for _, tokens_counted, counts in out.values():
+        np.testing.assert_array_equal(np.asarray(tokens_counted), [real_x_t] * 2)
+        np.testing.assert_allclose(np.asarray(counts).sum(-1), [real_x_t * cfg.num_experts_per_tok] * 2)
+    dropless, capacity_routed = np.asarray(out[False][0]), np.asarray(out[True][0])
+    np.testing.assert_allclose(capacity_routed[:, length:], dropless[:, length:], rtol=1e-6, atol=1e-6)
+    assert np.abs(capacity_routed[:, :length] - dropless[:, :length]).max() > 1e-3  # x_t tokens were dropped
+
+
+def test_weighted_routing_stats_match_numpy():
+    rng = np.random.RandomState(3)
+    logits = rng.randn(10, 6).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    experts = np.argsort(-logits, -1)[:, :2].astype(np.int32)
+    weight = (rng.rand(10) > 0.4).astype(np.float32)
+    from efficient_dlm.models.routers import routing_stats
+
+    stats = jax.jit(routing_stats, static_argnums=3)(logits, probs, experts, 6, weight)
+    kept = weight > 0
+    lse = np.log(np.exp(logits[kept]).sum(-1))
+    np.testing.assert_allclose(np.asarray(stats["expert_counts"]), np.bincount(experts[kept].ravel(), minlength=6))
+    np.testing.assert_allclose(np.asarray(stats["router_prob_sum"]), probs[kept].sum(0), rtol=1e-6)
+    assert float(stats["router_tokens"]) == kept.sum()
+    np.testing.assert_allclose(float(stats["router_z"]), np.mean(lse**2), rtol=1e-5)
+
+
+def test_selection_bias_moves_only_on_steps_the_optimizer_applied():
+    """A finite loss with a non-finite gradient: apply_if_finite skips the step, so the bias stays."""
+    from efficient_dlm.config import base_config
+    from efficient_dlm.models.moe import BIAS_PATH
+    from efficient_dlm.train.optim import make_optimizer
+    from efficient_dlm.train.state import init_state, split_model
+    from efficient_dlm.train.step import apply_gradients
+
+    cfg = ModelConfig(**{**MOE, "hidden_size": 32}, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=64,
+                      router_score="sigmoid", router_bias=True, router_bias_update_rate=0.1)
+    t = base_config().train
+    tx = make_optimizer(t)
+    state = init_state(split_model(_random_model(cfg))[1], tx, 0)
+    counts = jnp.arange(cfg.num_experts, dtype=jnp.float32)[None]  # expert e took e assignments
+    sums = {"loss": jnp.float32(1.0), "aux_loss": jnp.float32(0.0), "expert_counts": counts}
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    poisoned = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), zeros)
+    step = jax.jit(lambda state, grads: apply_gradients(t, tx, cfg, state, grads, sums))
+    bias = lambda s: np.asarray(dict(nnx.to_flat_state(s.params))[BIAS_PATH][...])  # noqa: E731
+    skipped, metrics = step(state, poisoned)
+    assert bool(metrics["skipped"]) and np.all(bias(skipped) == bias(state))
+    applied, metrics = step(state, zeros)
+    expected = bias(state) + 0.1 * np.sign(np.mean(np.asarray(counts)) - np.asarray(counts))
+    assert not bool(metrics["skipped"])
+    np.testing.assert_allclose(bias(applied), expected, rtol=1e-6)

@@ -1,6 +1,9 @@
-"""Block-diffusion training and sampling of a tiny MoE model end to end (trainer, then the cached
-sampler against the slow full-recompute reference of tests/sample_reference.py)."""
+"""Block-diffusion training and sampling of a tiny MoE model end to end (trainer with capacity routing,
+then the cached sampler against the slow full-recompute reference of tests/sample_reference.py and
+the exported PyTorch model)."""
 import numpy as np
+import torch
+import transformers
 from flax import nnx
 
 import efficient_dlm as edlm
@@ -8,12 +11,16 @@ from efficient_dlm.models.moe import BIAS_PATH
 from efficient_dlm.sample.api import generate
 from efficient_dlm.train.loop import train
 from tests.corpus import documents, write_jsonl
+from tests.test_hf_export import write_tokenizer
 from tests.sample_reference import reference_dlm
 from tests.test_moe_configs import _recipe
 
 
 def test_block_diffusion_training_of_a_tiny_moe_learns_and_balances(tmp_path):
+    """Trained with capacity 0.5 (training drops x_t assignments), the model decodes dropless, so the
+    JAX sampler, the slow reference and the exported PyTorch model give the same tokens."""
     c = _recipe("tiny_moe_train")
+    c.model.capacity_factor = 0.5
     c.data.train_files = write_jsonl(tmp_path / "train.jsonl", documents(300, 1))
     c.data.eval_files = ""
     c.data.update(seq_len=32, num_threads=1)
@@ -42,3 +49,14 @@ def test_block_diffusion_training_of_a_tiny_moe_learns_and_balances(tmp_path):
         tokens, _, steps = reference_dlm(model, prompt, block=4, max_new=6, strategy="threshold", threshold=0.3)
         assert out.sequences[row] == tokens
         assert out.row_forwards[row] == steps
+    export = str(tmp_path / "export")
+    edlm.to_hf(model, export, tokenizer_dir=write_tokenizer(tmp_path / "tok", model.config.vocab_size), block_size=4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        result = hf.generate(ids, attention_mask=mask, max_new_tokens=6, threshold=0.3, return_dict_in_generate=True)
+    assert [list(map(int, r)) for r in result["new_tokens"]] == out.sequences
+    card = open(f"{export}/README.md").read()
+    assert "dropless at inference" in card and "trained with expert capacity 0.5" in card

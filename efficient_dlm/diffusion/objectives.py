@@ -164,9 +164,13 @@ def _shift_right(h: jax.Array) -> jax.Array:
 
 
 def predict_hidden(
-    model, obj: Objective, ex: Example, *, key: jax.Array | None = None, step: jax.Array | int = 0
+    model, obj: Objective, ex: Example, *, key: jax.Array | None = None, step: jax.Array | int = 0,
+    train: bool = False,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Final hidden states [B', L, E] whose row i predicts targets[:, i], and the model's aux outputs.
+
+    train: route MoE experts as in training (capacity on the x_t half, docs/METHOD.md section 7);
+    False (evaluation, scoring) routes them dropless, as inference does.
 
     With token shift, position i reads the hidden state at i - 1; under clean context the first
     token of a block reads the clean x_0 state at i - 1 (it sees only finished blocks, as at decode).
@@ -186,6 +190,7 @@ def predict_hidden(
         segment_ids=ex.segment_ids,
         positions=ex.positions,
         embeddings=embeddings,
+        moe_capacity=train,
     )
     length = ex.targets.shape[1]
     h_t = h[:, :length]
@@ -219,6 +224,7 @@ def loss_and_sums(
     z_loss: float = 0.0,
     valid_vocab: int | None = None,
     chunk: int = 0,
+    train: bool = False,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(sum(weight * CE + z * count * lse^2) / normaliser, aux losses, metric sums) for one example.
 
@@ -227,7 +233,7 @@ def loss_and_sums(
     """
     from efficient_dlm.diffusion.losses import token_stats
 
-    h, aux = predict_hidden(model, obj, ex, key=key, step=step)
+    h, aux = predict_hidden(model, obj, ex, key=key, step=step, train=train)
     stats = token_stats(model, h, ex.targets, valid_vocab=valid_vocab, chunk=chunk)
     loss = jnp.sum(ex.weight * stats.ce)
     if z_loss:
@@ -241,7 +247,8 @@ def loss_and_sums(
     if "expert_counts" in aux:  # MoE routing counts [moe layers, experts]: load metrics and the bias update
         sums["expert_counts"] = aux["expert_counts"]
     if ex.ar_weight is not None:  # joint objective: the same weights in causal mode on the clean tokens
-        h_ar, _ = model.hidden(ex.targets, attention="causal", segment_ids=ex.segment_ids, positions=ex.positions)
+        h_ar, _ = model.hidden(ex.targets, attention="causal", segment_ids=ex.segment_ids, positions=ex.positions,
+                               moe_capacity=train)
         ar = token_stats(model, _shift_right(h_ar), ex.targets, valid_vocab=valid_vocab, chunk=chunk)
         loss = loss + jnp.sum(ex.ar_weight * ar.ce)
         sums.update(ar_ce=jnp.sum(ex.ar_count * ar.ce), ar_count=jnp.sum(ex.ar_count))

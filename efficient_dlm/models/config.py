@@ -85,7 +85,7 @@ class ModelConfig:
     router_topk_groups: int = 1
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
     router_bias: bool = False  # per-expert selection bias, updated without gradients (aux-loss-free balancing)
-    capacity_factor: float | None = None  # None = dropless; else per-row expert capacity (see moe_dispatch)
+    capacity_factor: float | None = None  # training only: expert capacity over x_t (moe_dispatch); inference is dropless
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in aux["moe_aux_loss"] (HF's name)
     router_z_loss_coef: float = 0.0  # weight of the router z-loss in aux["router_z_loss"]
     router_bias_update_rate: float = 0.001  # step of the aux-loss-free bias update (DeepSeek-V3's gamma)

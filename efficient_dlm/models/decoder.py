@@ -25,7 +25,7 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layer_groups import DENSE_STACK, Segment, schedule
 from efficient_dlm.models.layers import DecoderLayer, RMSNorm, param
 from efficient_dlm.models.masks import MaskSpec
-from efficient_dlm.models.moe import MoEDecoderLayer, with_moe_losses
+from efficient_dlm.models.moe import MoEDecoderLayer, Routing, with_moe_losses
 from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.models.rope import rope_tables
@@ -73,10 +73,12 @@ def _flat(tree):
     return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
 
 
-def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches, remat_policy: str, scan: bool = True):
+def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches, remat_policy: str, scan: bool = True,
+                routing: Routing | None = None):
     """Runs one segment of the layer schedule: `segment.repeats` copies of its group of layers, the group
     unrolled in one scan step. stacks: stack name -> stacked module; caches: leading axis over all
-    layers, or None. Returns (h, (k, v) over the segment's layers, router statistics over its MoE layers).
+    layers, or None; routing: how the MoE layers' experts route (models/moe.py; None: dropless).
+    Returns (h, (k, v) over the segment's layers, router statistics over its MoE layers).
     """
     names = sorted({kind.stack for kind in segment.group})
     split = {name: nnx.split(stacks[name]) for name in names}
@@ -94,7 +96,8 @@ def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches
             graphdef = split[kind.stack][0]
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[used[kind.stack]], group_states[kind.stack]))
             used[kind.stack] += 1
-            x, kv, aux = layer(x, cos, sin, make_attend(kind.window), jax.tree.map(lambda a: a[j], group_cache))
+            extra = () if routing is None or kind.stack == DENSE_STACK else (routing,)
+            x, kv, aux = layer(x, cos, sin, make_attend(kind.window), jax.tree.map(lambda a: a[j], group_cache), *extra)
             kvs.append(kv)
             if kind.stack != DENSE_STACK:
                 stats.append(aux)
@@ -147,15 +150,16 @@ class Decoder(nnx.Module):
         out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
-    def _layers(self, h, positions, make_attend, caches, rope_length=None):
+    def _layers(self, h, positions, make_attend, caches, rope_length=None, routing: Routing | None = None):
         """All layers in order (layer_groups.schedule); make_attend(window) is the attention of a layer
-        with that sliding window."""
+        with that sliding window; routing: the MoE layers' (None: dropless, statistics over all tokens)."""
         cfg = self.config
         cos, sin = rope_tables(cfg, positions, rope_length)
         stacks = {"layers": self.layers, **({DENSE_STACK: self.dense_layers} if cfg.dense_mlp_layers else {})}
         kvs, stats = [], []
         for segment in schedule(cfg):
-            h, kv, aux = run_segment(stacks, segment, h, cos, sin, make_attend, caches, cfg.remat_policy, cfg.scan_layers)
+            h, kv, aux = run_segment(stacks, segment, h, cos, sin, make_attend, caches, cfg.remat_policy, cfg.scan_layers,
+                                     routing)
             kvs.append(kv)
             stats.append(aux)
         concat = lambda items: jax.tree.map(lambda *a: jnp.concatenate(a), *items)  # noqa: E731
@@ -176,12 +180,17 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         embeddings: jax.Array | None = None,
+        moe_capacity: bool = False,
     ) -> tuple[jax.Array, dict[str, Any]]:
         """Final-normalised hidden states [B, T, E] and per-layer auxiliary outputs (MoE statistics).
 
         For attention="clean_context", tokens is [x_t ; x_0] of length 2L; positions default to
         0..L-1 in both halves and segment_ids may be given for one half ([B, L]) or both ([B, 2L]).
         `embeddings` replaces the token embedding lookup (e.g. noised [MASK] embeddings).
+        MoE (docs/METHOD.md section 7): moe_capacity=True (the train step) routes the x_t half (the
+        whole row without clean context) with model.capacity_factor and the x_0 half dropless; False
+        (default: scoring, inference) routes everything dropless. Router statistics count the real
+        tokens of the x_t half only.
         """
         batch, length = tokens.shape
         stream_len = length // 2 if attention == "clean_context" else length
@@ -202,8 +211,13 @@ class Decoder(nnx.Module):
         def make_attend(window):
             return lambda q, k, v, _: kernel_dispatch.attention(q, k, v, spec(window), segment_ids, backend)
 
+        routing = None
+        if self.config.is_moe:
+            real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
+            counted = real & (jnp.arange(length) < stream_len)[None, :]
+            routing = Routing(stream_len if moe_capacity else None, counted.astype(jnp.float32))
         h = self.embed(tokens) if embeddings is None else embeddings
-        h, _, aux = self._layers(h, positions, make_attend, None, _real_length(positions, segment_ids))
+        h, _, aux = self._layers(h, positions, make_attend, None, _real_length(positions, segment_ids), routing)
         return h, aux
 
     def __call__(
@@ -236,7 +250,8 @@ class Decoder(nnx.Module):
 
         The chunk sees valid cache slots and itself under `attention` (bidirectional for a diffusion
         block, causal for AR decoding and prefill, block for a multi-block prefill). The cache is not
-        modified; the caller writes the returned keys/values once the chunk is final.
+        modified; the caller writes the returned keys/values once the chunk is final. MoE experts
+        route dropless (inference policy, docs/METHOD.md section 7), as the exported model does.
         """
         backend = self.config.attention_backend
 

@@ -19,9 +19,13 @@ Contract with the trainer. `Decoder.hidden` returns `aux`, empty for dense model
 `update_expert_bias(model, aux)` is the auxiliary-loss-free balancing step (DeepSeek-V3),
 b_e += router_bias_update_rate * sign(mean load - load_e) per layer, once per optimizer step;
 `with_updated_expert_bias` is the same on an nnx.State, as the train step (train/step.py) applies it
-with the expert counts summed over its micro-batches.
+with the expert counts summed over its micro-batches, on the steps the optimizer applied.
+Routing per phase (`Routing`, docs/METHOD.md section 7): capacity on the x_t half in training, x_0
+and inference dropless; statistics over the real x_t tokens.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,20 @@ from efficient_dlm.models.layers import MLP, Attention, AttendFn, RMSNorm, param
 from efficient_dlm.models.moe_dispatch import ExpertWeights, routed_outputs
 from efficient_dlm.models.routers import Router
 from efficient_dlm.parallel.rules import constrain
+
+
+class Routing(NamedTuple):
+    """How one forward routes its tokens (docs/METHOD.md section 7), built by `Decoder.hidden`.
+
+    capacity_len: the leading positions of every row routed with capacity (training's x_t half, or the
+        whole row without clean context); later positions (the x_0 half) are routed dropless. None:
+        everything dropless (inference and scoring).
+    token_weight [B, T] float32: 1 on the tokens the router statistics count (the real tokens of the
+        x_t half), else 0.
+    """
+
+    capacity_len: int | None
+    token_weight: jax.Array
 
 
 class MoEBlock(nnx.Module):
@@ -49,12 +67,15 @@ class MoEBlock(nnx.Module):
         if cfg.shared_expert_gate:
             self.shared_expert_gate = param(rngs, cfg, (d,), ("embed",))
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x: jax.Array, routing: Routing | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """routing None: dropless, statistics over every token (decode)."""
         b, t, d = x.shape
-        weights, experts, stats = self.router(x.reshape(b * t, d))
+        token_weight = None if routing is None else routing.token_weight.reshape(b * t)
+        weights, experts, stats = self.router(x.reshape(b * t, d), token_weight)
         k = experts.shape[-1]
         w = ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
-        outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg)
+        capacity_len = None if routing is None else routing.capacity_len
+        outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg, capacity_len)
         y = jnp.einsum("btkd,btk->btd", outputs, weights.reshape(b, t, k).astype(x.dtype))
         if self.cfg.shared_expert_intermediate_size:
             shared = self.shared_expert(x)
@@ -74,10 +95,10 @@ class MoEDecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg, cfg.hidden_size, rngs=rngs)
         self.mlp = MoEBlock(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, attend: AttendFn, layer_cache=None):
+    def __call__(self, x, cos, sin, attend: AttendFn, layer_cache=None, routing: Routing | None = None):
         q, k, v = self.attn.project(self.input_norm(x), cos, sin)
         x = x + self.attn.output(attend(q, k, v, layer_cache))
-        y, stats = self.mlp(self.post_attn_norm(x))
+        y, stats = self.mlp(self.post_attn_norm(x), routing)
         x = constrain(x + y, ("batch", "length", "act_embed"))
         return x, (k, v), stats
 

@@ -7,18 +7,23 @@ megablox `gmm` as an opt-in TPU kernel (`moe_impl="gmm"`; interpret mode elsewhe
 An assignment is a (token, slot) pair: token t visits experts[t, 0..k-1]. Every path returns the
 unweighted output of each assignment, [..., k, embed]; the caller weights and sums them.
 
-- dropless (capacity_factor unset): assignments sorted by expert, SwiGLU with grouped matmuls
-  (group sizes = tokens per expert); nothing is dropped.
-- capacity (capacity_factor = c): within each batch row, expert e takes at most
-  C = ceil(c * T * k / E) of the row's T*k assignments, earliest positions first (slot order breaks
-  ties inside a position); the others are dropped (output 0: the token keeps its residual and its
-  other experts). Per row, so the result is the same on any mesh. Compute is a dense
+Which positions route how is the caller's (docs/METHOD.md section 7): `capacity_len` = None routes
+everything dropless (inference: the decoder's `decode`, scoring, export parity); an int routes the
+first `capacity_len` positions of every row with capacity (training's x_t half, or the whole row
+without clean context) and the rest (training's x_0 half) dropless. capacity_factor unset: dropless.
+- dropless: assignments sorted by expert, SwiGLU with grouped matmuls (group sizes = tokens per
+  expert); nothing is dropped.
+- capacity (capacity_factor = c): within the capacity positions of each batch row (T of them), expert
+  e takes at most C = ceil(c * T * k / E) of their T*k assignments, earliest positions first (slot
+  order breaks ties inside a position); the others are dropped (output 0: the token keeps its
+  residual and its other experts). Per row, so the result is the same on any mesh. Compute is a dense
   [E, rows * C] batch per expert (GShard), so memory is bounded whatever the routing.
 - expert parallelism: when the mesh's `experts` axis (the logical rules map "experts" -> expert) has
   more than one device, each device owns E / ep experts; the tokens (sharded by batch) are sent to
   their experts' devices and back with all_to_all inside shard_map. Dropless sends a static
-  [ep, T_local * k] buffer per device (worst case, mostly padding: set capacity_factor to bound
-  traffic at scale; XLA:CPU has no ragged_all_to_all); capacity sends exactly [E, rows * C].
+  [ep, T_local * k] buffer per device (worst case, mostly padding; XLA:CPU has no
+  ragged_all_to_all): capacity_factor bounds the traffic of training's x_t half, the x_0 half and
+  inference stay dropless. Capacity sends exactly [E, rows * C].
   The mlp dimension of the experts may also be split over the tensor axis (partial sums, psum).
   Without an expert axis, expert weights are sharded over fsdp/tensor by the rules and XLA
   partitions the grouped matmul.
@@ -43,30 +48,47 @@ class ExpertWeights(NamedTuple):
     down: jax.Array  # [experts, mlp, embed]
 
 
-def routed_outputs(x: jax.Array, experts: jax.Array, w: ExpertWeights, cfg: ModelConfig) -> jax.Array:
-    """x [B, T, D], experts [B, T, k] -> per-assignment expert outputs [B, T, k, D]."""
+def routed_outputs(
+    x: jax.Array, experts: jax.Array, w: ExpertWeights, cfg: ModelConfig, capacity_len: int | None = None
+) -> jax.Array:
+    """x [B, T, D], experts [B, T, k] -> per-assignment expert outputs [B, T, k, D].
+
+    Positions [0, capacity_len) of each row route with capacity (when cfg.capacity_factor is set),
+    the others dropless; capacity_len None: all dropless.
+    """
+    if capacity_len is None or cfg.capacity_factor is None:
+        return _outputs(x, experts, w, cfg, None)
+    head = _outputs(x[:, :capacity_len], experts[:, :capacity_len], w, cfg, capacity(cfg, capacity_len))
+    if capacity_len == x.shape[1]:
+        return head
+    tail = _outputs(x[:, capacity_len:], experts[:, capacity_len:], w, cfg, None)
+    return jnp.concatenate([head, tail], axis=1)
+
+
+def _outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, cap: int | None):
+    """All positions of x routed with per-row capacity `cap`, or dropless when cap is None."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = {} if mesh is None or mesh.empty else {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1}
     expert_axis = logical_to_spec(("experts",), mesh_axes=list(axes))[0]
     if expert_axis is None:
-        return _local_outputs(x, experts, w, cfg)
-    return _expert_parallel_outputs(x, experts, w, cfg, mesh, axes)
+        return _local_outputs(x, experts, w, cfg, cap)
+    return _expert_parallel_outputs(x, experts, w, cfg, mesh, axes, cap)
 
 
 def capacity(cfg: ModelConfig, row_length: int) -> int:
-    """Per-row, per-expert capacity C = ceil(capacity_factor * T * k / E)."""
+    """Per-row, per-expert capacity C = ceil(capacity_factor * T * k / E) for T capacity positions."""
     return max(1, math.ceil(cfg.capacity_factor * row_length * cfg.num_experts_per_tok / cfg.num_experts))
 
 
 # ---- local (one device, or experts sharded by the rules and partitioned by XLA) ----------------------
 
 
-def _local_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig):
+def _local_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, cap: int | None):
     b, t, d = x.shape
     k = experts.shape[-1]
     w = _cast(w, cfg.compute_dtype)
-    if cfg.capacity_factor is not None:
-        return _capacity_outputs(x, experts, w, cfg, ep=1, exchange=lambda a: a, reduce=lambda a: a)
+    if cap is not None:
+        return _capacity_outputs(x, experts, w, cfg, cap, ep=1, exchange=lambda a: a, reduce=lambda a: a)
     rows = jnp.repeat(x.reshape(b * t, d), k, axis=0)
     out = _grouped_by_id(rows, experts.reshape(-1), cfg.num_experts, partial(_swiglu_grouped, w=w, impl=cfg.moe_impl))
     return out.reshape(b, t, k, d)
@@ -129,12 +151,13 @@ def _capacity_slots(experts_row: jax.Array, num_experts: int, cap: int) -> jax.A
     return jnp.where(rank < cap, experts_row * cap + rank, num_experts * cap)
 
 
-def _capacity_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, ep: int, exchange, reduce):
-    """Capacity-mode outputs for rows x [b, T, D]; exchange moves [ep, E/ep, b*C, D] buffers between
-    expert shards (identity locally), reduce finishes partial sums over a split mlp dimension."""
+def _capacity_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, cap: int, ep: int, exchange, reduce):
+    """Capacity-mode outputs for rows x [b, T, D] (expert capacity `cap` per row); exchange moves
+    [ep, E/ep, b*C, D] buffers between expert shards (identity locally), reduce finishes partial sums
+    over a split mlp dimension."""
     b, t, d = x.shape
     k = experts.shape[-1]
-    num_experts, cap = cfg.num_experts, capacity(cfg, t)
+    num_experts = cfg.num_experts
     slots = jax.vmap(partial(_capacity_slots, num_experts=num_experts, cap=cap))(experts.reshape(b, t * k))
     rows = jnp.repeat(x, k, axis=1)  # [b, T*k, D]
     buf = jax.vmap(lambda r, s: jnp.zeros((num_experts * cap, d), x.dtype).at[s].set(r, mode="drop"))(rows, slots)
@@ -150,7 +173,7 @@ def _capacity_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, ep: int, e
 # ---- expert parallelism -----------------------------------------------------------------------------
 
 
-def _expert_parallel_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, mesh, axes: dict[str, int]):
+def _expert_parallel_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, mesh, axes: dict[str, int], cap: int | None):
     active = list(axes)
     batch_axes = logical_to_spec(("batch",), mesh_axes=active)[0]
     w_in = logical_to_spec(("experts", None, "mlp"), mesh_axes=active)
@@ -165,9 +188,9 @@ def _expert_parallel_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, mes
     k = experts.shape[-1]
     exchange = partial(jax.lax.all_to_all, axis_name=expert_axis, split_axis=0, concat_axis=0, tiled=True)
     reduce = (lambda a: a) if tensor_axis is None else partial(jax.lax.psum, axis_name=tensor_axis)
-    if cfg.capacity_factor is not None:
+    if cap is not None:
         xs, es = _pad_rows(x, shards), _pad_rows(experts, shards)
-        body = partial(_capacity_outputs, cfg=cfg, ep=ep, exchange=exchange, reduce=reduce)
+        body = partial(_capacity_outputs, cfg=cfg, cap=cap, ep=ep, exchange=exchange, reduce=reduce)
         token_spec = PartitionSpec(batch_axes, None, None)
         out_spec = PartitionSpec(batch_axes, None, None, None)
     else:  # tokens flattened so any batch shape shards; padding tokens are computed and dropped
@@ -182,7 +205,7 @@ def _expert_parallel_outputs(x, experts, w: ExpertWeights, cfg: ModelConfig, mes
         out_specs=out_spec,
     )
     out = sharded(xs, es, *w)
-    return out[:b].reshape(b, t, k, d) if cfg.capacity_factor is not None else out[: b * t].reshape(b, t, k, d)
+    return out[:b].reshape(b, t, k, d) if cap is not None else out[: b * t].reshape(b, t, k, d)
 
 
 def _dropless_exchange(x2, experts, w: ExpertWeights, *, impl, exchange, reduce, ep: int):

@@ -10,10 +10,12 @@ One function covers the routers of the checkpoints we import, switched by ModelC
   of the chosen experts, optionally renormalised (+1e-20, as HF), times `routed_scaling_factor`.
 Router logits are computed in float32 whatever the compute dtype (a bf16 router flips near-ties).
 
-Per-layer statistics returned with every routing (the MoE entries of `Decoder.hidden`'s aux):
+Per-layer statistics returned with every routing (the MoE entries of `Decoder.hidden`'s aux), over
+the counted tokens only (`token_weight`: the real tokens of training's x_t half, never padding nor
+the x_0 copy; docs/METHOD.md section 7):
     expert_counts [E]   number of (token, slot) assignments per expert
     router_prob_sum [E] sum over tokens of the router probabilities (softmax p, or s / sum(s))
-    router_tokens []    number of routed tokens
+    router_tokens []    number of counted tokens
     router_z []         mean over tokens of logsumexp(logits)^2 (the ST-MoE z-loss of this layer)
     expert_load [E]     expert_counts / (tokens * k): the fraction of assignments per expert
 """
@@ -40,12 +42,15 @@ class Router(nnx.Module):
         if cfg.router_bias:
             self.bias = ExpertBias(jnp.zeros((cfg.num_experts,), jnp.float32), out_sharding=(None,), eager_sharding=False)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """x [N, embed] -> (weights [N, k] float32, experts [N, k] int32, statistics)."""
+    def __call__(
+        self, x: jax.Array, token_weight: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """x [N, embed] -> (weights [N, k] float32, experts [N, k] int32, statistics over the tokens
+        with token_weight [N] = 1 (all tokens when None))."""
         logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
         bias = self.bias[...] if self.cfg.router_bias else None
         weights, experts, probs = route(self.cfg, logits, bias)
-        return weights, experts, routing_stats(logits, probs, experts, self.cfg.num_experts)
+        return weights, experts, routing_stats(logits, probs, experts, self.cfg.num_experts, token_weight)
 
 
 def route(cfg: ModelConfig, logits: jax.Array, bias: jax.Array | None = None):
@@ -76,14 +81,19 @@ def _limit_to_best_groups(choice: jax.Array, groups: int, topk_groups: int) -> j
     return jnp.where(eligible[:, :, None], grouped, -jnp.inf).reshape(tokens, experts)
 
 
-def routing_stats(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int) -> dict[str, jax.Array]:
-    """The per-layer load statistics listed in the module docstring."""
-    tokens, k = experts.shape
-    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+def routing_stats(
+    logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int, token_weight: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """The per-layer load statistics listed in the module docstring, over the tokens of weight 1."""
+    n, k = experts.shape
+    weight = jnp.ones((n,), jnp.float32) if token_weight is None else token_weight.astype(jnp.float32)
+    tokens = jnp.sum(weight)
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(jnp.repeat(weight, k))
+    z = jnp.square(jax.nn.logsumexp(logits, axis=-1))
     return {
         "expert_counts": counts,
-        "router_prob_sum": jnp.sum(probs, axis=0),
-        "router_tokens": jnp.asarray(tokens, jnp.float32),
-        "router_z": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-        "expert_load": counts / (tokens * k),
+        "router_prob_sum": jnp.sum(weight[:, None] * probs, axis=0),
+        "router_tokens": tokens,
+        "router_z": jnp.sum(weight * z) / jnp.maximum(tokens, 1.0),
+        "expert_load": counts / jnp.maximum(tokens * k, 1.0),
     }

@@ -122,5 +122,17 @@ def render(
         "vocabulary": cfg.vocab_size,
         "tensor dtype": dtype,
     }
+    if cfg.is_moe:
+        arch["experts"] = f"{cfg.num_experts}, {cfg.num_experts_per_tok} per token"
+        arch["MoE routing"] = moe_routing(cfg)
     lines += ["", "## Architecture", ""] + _table(arch) + [""]
     return "\n".join(lines)
+
+
+def moe_routing(cfg: ModelConfig) -> str:
+    """The routing policy per phase (docs/METHOD.md section 7) in one line."""
+    trained = (
+        f"trained with expert capacity {cfg.capacity_factor} on the noisy (x_t) tokens, clean context dropless"
+        if cfg.capacity_factor is not None else "trained dropless"
+    )
+    return f"dropless at inference (every token visits its {cfg.num_experts_per_tok} experts); {trained}"

@@ -145,15 +145,16 @@ def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
     return ex, jax.lax.stop_gradient(shift_right(h_t)), stats
 
 
-def _loss_fn(p: _Parts, teacher_params, accum: int = 1):
+def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
     """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form; the
-    student's auxiliary losses (MoE routers) are added as in block-diffusion training."""
+    student's auxiliary losses (MoE routers) are added as in block-diffusion training. train: MoE
+    training routing (capacity on x_t), as the train step; evaluation routes dropless."""
     o, valid = p.config.opd, p.config.diffusion.valid_vocab_size
 
     def loss_fn(params, inputs, normaliser, key, step):
         ex, h_t = inputs
         student = nnx.merge(p.student, params)
-        h_s, aux = predict_hidden(student, p.objective, ex)
+        h_s, aux = predict_hidden(student, p.objective, ex, train=train)
         stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
                               top_k=o.top_k, valid_vocab=valid, chunk=o.kl_chunk)
         loss = jnp.sum(ex.weight * stats.kl) / normaliser
@@ -192,7 +193,7 @@ def make_opd_step(
 
     def step(state: TrainState, teacher_params: nnx.State, batch: dict, rng: jax.Array):
         ex, h_t, stats = _states_and_teacher(parts, state.params, teacher_params, batch, rng)
-        grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params, accum), has_aux=True)
+        grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params, accum, train=True), has_aux=True)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
         grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum)
         state, metrics = apply_gradients(config.train, tx, cfg, state, grads, sums)

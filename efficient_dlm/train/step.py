@@ -57,13 +57,15 @@ def _micro_batches(ex: Example, count: int) -> Example:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), ex)
 
 
-def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: float):
+def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: float, train: bool):
+    """train: MoE training routing (capacity on x_t); the eval step routes dropless, as inference."""
     valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
 
     def loss_fn(params, ex: Example, normaliser, key, step):
         model = nnx.merge(graphdef, params)
         loss, aux, sums = loss_and_sums(
-            model, obj, ex, normaliser=normaliser, key=key, step=step, z_loss=z_loss, valid_vocab=valid_vocab, chunk=chunk
+            model, obj, ex, normaliser=normaliser, key=key, step=step, z_loss=z_loss, valid_vocab=valid_vocab,
+            chunk=chunk, train=train,
         )
         return loss + aux / accum, {**sums, "loss": loss, "aux_loss": aux / accum}
 
@@ -115,8 +117,9 @@ def apply_gradients(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     moe_metrics = {}
-    if "expert_counts" in sums:
-        params = with_updated_expert_bias(params, state.params, sums["expert_counts"], model_cfg, finite)
+    if "expert_counts" in sums:  # the selection bias moves only on steps the optimizer applied
+        applied = opt_state.last_finite
+        params = with_updated_expert_bias(params, state.params, sums["expert_counts"], model_cfg, applied)
         moe_metrics = expert_load_metrics(sums["expert_counts"])
     metrics = {
         "loss": loss,
@@ -147,7 +150,9 @@ def make_train_step(
     obj = make_objective(config, model_cfg, block_size)
     tx = tx or make_optimizer(config.train)
     accum = config.train.grad_accum
-    grad_fn = jax.value_and_grad(_loss_fn(graphdef_for(model_cfg), obj, config, accum, config.train.z_loss), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        _loss_fn(graphdef_for(model_cfg), obj, config, accum, config.train.z_loss, train=True), has_aux=True
+    )
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         corrupt_key, noise_key = jax.random.split(rng)
@@ -166,7 +171,7 @@ def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: in
     """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss and no
     mask-embedding noise), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
     obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0)
-    loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0)
+    loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0, train=False)
 
     def eval_step(params, batch: Batch, rng: jax.Array):
         _, sums = loss_fn(params, corrupt(obj, batch, rng), 1.0, None, 0)

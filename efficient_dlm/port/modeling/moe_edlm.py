@@ -5,7 +5,8 @@ GLM-4.5), so the weights keep their usual names. Routing, as efficient_dlm (mode
 router logits in float32; softmax scores (Qwen, Mixtral) or sigmoid scores with a per-expert
 selection bias and group-limited top-k (GLM-4.5 / DeepSeek-V3); weights are the unbiased scores of
 the chosen experts, optionally renormalised, times routed_scaling_factor; an optional shared expert
-runs on every token, optionally scaled by sigmoid(x . w).
+runs on every token, optionally scaled by sigmoid(x . w). Dropless: every token visits its k experts,
+the inference policy of efficient_dlm's decoder (capacity, if any, applied only in training).
 """
 from __future__ import annotations
 
