@@ -31,6 +31,7 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.outputs import check_output_dir
+from efficient_dlm.parallel.sharding import state_shardings
 
 CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
@@ -191,7 +192,6 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
     model = abstract_model(stored_cfg)
     target = nnx.state(model, MODEL_STATE)
     if mesh is not None:
-        from efficient_dlm.parallel.sharding import state_shardings
 
         shardings = state_shardings(target, mesh)
         target = jax.tree.map(

@@ -19,6 +19,8 @@ import sys
 import warnings
 
 from efficient_dlm.errors import UserError  # noqa: F401  (re-exported: verbs import it from here today)
+from efficient_dlm.config import validate
+from efficient_dlm.parallel.distributed import initialize
 
 VERBS: dict[str, tuple[str, str]] = {
     # verb: (module, one-line help)
@@ -168,7 +170,6 @@ def _parse_config(args: list[str], default_config: str):
     from absl import flags
     from ml_collections import config_flags
 
-    from efficient_dlm.config import validate
 
     try:
         with warnings.catch_warnings():  # ml_collections loads recipes with the deprecated load_module()
@@ -218,7 +219,6 @@ def _run_verb(verb: str, module, argv: list[str]) -> int:
         args = ["edlm " + verb] + _rewrite_config_args(argv)
         config = _parse_config(args, resolve_config_path(getattr(module, "DEFAULT_CONFIG", DEFAULT_CONFIG)))
         if getattr(module, "MULTI_HOST", True):  # jax.distributed when the environment asks for it
-            from efficient_dlm.parallel.distributed import initialize
 
             initialize()
         result = module.run(config, flags.FLAGS)

@@ -29,6 +29,7 @@ from efficient_dlm.extras import require
 from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.data.pipeline import _split_list
 from efficient_dlm.sample.layout import block_layout
+from efficient_dlm.data.tokenize import load_tokenizer
 
 PROMPT_KEYS = ("prompt", "prompt_ids", "messages")
 
@@ -82,7 +83,6 @@ class PromptEncoder:
         self.spec = spec
         self._tokenizer = self._chat = None
         if spec.tokenizer:
-            from efficient_dlm.data.tokenize import load_tokenizer
 
             self._tokenizer = load_tokenizer(spec.tokenizer)
             if spec.chat_template:

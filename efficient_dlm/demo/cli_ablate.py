@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from absl import flags
 
+from efficient_dlm.cli import invocation
+from efficient_dlm.demo.ablate import run_ablation
+
 DEFAULT_CONFIG = "configs/demo_ablation.py"
 
 flags.DEFINE_string("out", "runs/ablation", "output directory (one subdirectory per variant)")
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import invocation
 
-    from efficient_dlm.demo.ablate import run_ablation
 
     result = run_ablation(config, FLAGS.out, command=invocation())
     print("\n".join(result["table"]))

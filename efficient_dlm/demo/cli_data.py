@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from absl import flags
 
+from efficient_dlm.demo import data
+from efficient_dlm.errors import UserError
+
 DEFAULT_CONFIG = "configs/demo_teacher.py"
 
 flags.DEFINE_string("out", None, "output data directory")
@@ -16,8 +19,6 @@ flags.DEFINE_string("tokenizer_dir", None, "copy this tokenizer instead of train
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import UserError
-    from efficient_dlm.demo import data
 
     if not FLAGS.out:
         raise UserError("--out is required")

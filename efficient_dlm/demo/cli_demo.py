@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from absl import flags
 
+from efficient_dlm.cli import invocation
+from efficient_dlm.demo.pipeline import run_demo
+from efficient_dlm.outputs import check_output_dir
+
 DEFAULT_CONFIG = "configs/demo.py"
 
 flags.DEFINE_string("out", "runs/demo", "output directory (data, checkpoints, export, report)")
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import invocation
 
     import os
 
-    from efficient_dlm.demo.pipeline import run_demo
-    from efficient_dlm.outputs import check_output_dir
 
     if FLAGS.out:
         check_output_dir(FLAGS.out)

@@ -16,6 +16,12 @@ import numpy as np
 
 from efficient_dlm.demo import tasks
 from efficient_dlm.diffusion.spec import spec_of
+from efficient_dlm.config import to_plain
+from efficient_dlm.data.pipeline import build_dataset, take
+from efficient_dlm.sample.api import generate
+from efficient_dlm.train.loop import data_spec
+from efficient_dlm.train.state import split_model
+from efficient_dlm.train.step import make_eval_step
 
 
 def prompt_ids(tokenizer, items: Sequence[tasks.Instance]) -> list[list[int]]:
@@ -42,7 +48,6 @@ def task_eval(
 ) -> dict[str, Any]:
     """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
     Settings left unset (threshold, block size, token shift) are the model's diffusion spec."""
-    from efficient_dlm.sample.api import generate
 
     prompts = prompt_ids(tokenizer, items)
     bucket = 1 << (max(len(p) for p in prompts) - 1).bit_length()  # one prompt shape for every batch
@@ -93,11 +98,6 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     import jax
     from ml_collections import ConfigDict
 
-    from efficient_dlm.config import to_plain
-    from efficient_dlm.data.pipeline import build_dataset, take
-    from efficient_dlm.train.loop import data_spec
-    from efficient_dlm.train.state import split_model
-    from efficient_dlm.train.step import make_eval_step
 
     config = ConfigDict(to_plain(config))
     config.diffusion.objective = objective

@@ -27,6 +27,13 @@ from efficient_dlm.config import to_plain
 from efficient_dlm.demo import data as demo_data
 from efficient_dlm.demo import report, teacher
 from efficient_dlm.errors import UserError
+from efficient_dlm import checkpoints
+from efficient_dlm.demo.evaluate import task_eval, text_eval
+from efficient_dlm.demo.reload import reload_and_generate
+from efficient_dlm.demo.tokenizer import load as load_tokenizer
+from efficient_dlm.port.hf_export import to_hf
+from efficient_dlm.port.hf_import import from_hf
+from efficient_dlm.train.loop import train
 
 STAGES = ("data", "convert", "evaluate", "export", "report")
 
@@ -105,7 +112,6 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_convert(run: DemoRun) -> dict[str, Any]:
-    from efficient_dlm.train.loop import train
 
     config = training_config(run)
     started = time.perf_counter()
@@ -124,8 +130,6 @@ def stage_convert(run: DemoRun) -> dict[str, Any]:
 
 def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any]:
     """The AR teacher's task and text results, cached in the data directory (shared by variants)."""
-    from efficient_dlm.demo.evaluate import task_eval, text_eval
-    from efficient_dlm.port.hf_import import from_hf
 
     d = run.config.demo
     key = {"teacher": run.teacher, "batch": d.eval_batch, "max_new_tokens": d.max_new_tokens,
@@ -145,9 +149,6 @@ def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any
 def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from efficient_dlm import checkpoints
-    from efficient_dlm.demo.evaluate import task_eval, text_eval
-    from efficient_dlm.demo.tokenizer import load as load_tokenizer
 
     d, config = run.config.demo, training_config(run)
     objective = config.diffusion.objective
@@ -180,8 +181,6 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_export(run: DemoRun) -> dict[str, Any]:
-    from efficient_dlm.demo.reload import reload_and_generate
-    from efficient_dlm.port.hf_export import to_hf
 
     hf_dir = run.path("hf")
     to_hf(run.path("train"), hf_dir, tokenizer_dir=run.teacher, overwrite=True)  # decoding: the run's diffusion spec

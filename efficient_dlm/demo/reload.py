@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from efficient_dlm.demo import tasks
 from efficient_dlm.extras import require
+from efficient_dlm.port.hf_import import from_hf
+from efficient_dlm.sample.api import generate
 
 
 def reload_and_generate(
@@ -19,8 +21,6 @@ def reload_and_generate(
     torch = require("torch", "test", "reloading the export in transformers (demo.hf_samples > 0)")
     transformers = require("transformers", "test", "reloading the export in transformers (demo.hf_samples > 0)")
     AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
-    from efficient_dlm.port.hf_import import from_hf
-    from efficient_dlm.sample.api import generate
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)

@@ -14,6 +14,10 @@ from typing import Any
 
 from efficient_dlm.demo import tasks
 from efficient_dlm.errors import UserFileNotFoundError
+from efficient_dlm.demo.evaluate import task_eval
+from efficient_dlm.demo.tokenizer import load as load_tokenizer
+from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+from efficient_dlm.port.hf_import import from_hf
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo_teacher")
 RECORD_NAME = "demo_teacher.json"
@@ -36,9 +40,6 @@ def check_set() -> list[tasks.Instance]:
 
 def measure(path: str, batch_size: int = 70) -> dict[str, Any]:
     """Greedy AR accuracy of the teacher at `path` on the fixed check set."""
-    from efficient_dlm.demo.evaluate import task_eval
-    from efficient_dlm.demo.tokenizer import load as load_tokenizer
-    from efficient_dlm.port.hf_import import from_hf
 
     model = from_hf(teacher_dir(path))
     result = task_eval(model, load_tokenizer(path), check_set(), strategy="ar", batch_size=batch_size)
@@ -52,7 +53,6 @@ def read_record(path: str = "") -> dict[str, Any]:
 
 def record(path: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measures the teacher and writes DIR/demo_teacher.json (recipe facts + check-set accuracy)."""
-    from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 
     cfg = model_config_from_hf(read_config_json(path))
     payload = {

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_dlm.diffusion import corruption
+from efficient_dlm.diffusion.losses import token_stats
 
 OBJECTIVES = ("block_diffusion", "block", "bidirectional", "ar")
 MASKINGS = ("position", "uniform")
@@ -231,7 +232,6 @@ def loss_and_sums(
     The normaliser is the global batch's sum of `count` (the masked-token count, Efficient-DLM), so
     micro-batches of an accumulated step add up to exactly the full-batch loss.
     """
-    from efficient_dlm.diffusion.losses import token_stats
 
     h, aux = predict_hidden(model, obj, ex, key=key, step=step, train=train)
     stats = token_stats(model, h, ex.targets, valid_vocab=valid_vocab, chunk=chunk)

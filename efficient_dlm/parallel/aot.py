@@ -24,6 +24,16 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel import sharding
 from efficient_dlm.parallel.topology import GIB, TpuSlice
+from efficient_dlm.config import to_plain
+from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
+from efficient_dlm.errors import UserError
+from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.sample.api import prepare
+from efficient_dlm.sample.config import generate_kwargs
+from efficient_dlm.train.model_init import trained_config
+from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.state import abstract_state, state_shardings
+from efficient_dlm.train.step import make_train_step
 
 # libtpu reads these when it is loaded; on a CPU host they make it describe (not open) a TPU.
 # ALLOW_MULTIPLE_LIBTPU_LOAD lets several compile-only processes share the host.
@@ -63,7 +73,6 @@ class Program:
 def target_model_config(config: ConfigDict) -> ModelConfig:
     """The model config the recipe trains, as it runs on TPU: 'auto' attention means the TPU kernels
     there (this host is a CPU, where 'auto' would resolve to the XLA reference)."""
-    from efficient_dlm.train.model_init import trained_config
 
     cfg = trained_config(config)
     return cfg.replace(attention_backend="splash") if cfg.attention_backend == "auto" else cfg
@@ -77,9 +86,6 @@ def _batch_args(mesh: Mesh, batch: int, length: int) -> dict[str, jax.ShapeDtype
 
 def train_program(config: ConfigDict, mesh: Mesh) -> Program:
     """The training step of `edlm train` (efficient_dlm.train.step) with abstract state and batch."""
-    from efficient_dlm.train.optim import make_optimizer
-    from efficient_dlm.train.state import abstract_state, state_shardings
-    from efficient_dlm.train.step import make_train_step
 
     cfg = target_model_config(config)
     config = config.copy_and_resolve_references()
@@ -108,11 +114,6 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     """The sampler of `edlm sample` (efficient_dlm.sample: the whole generation program, block loop,
     denoising steps and exact KV cache, or the AR baseline per sample.strategy) for `batch` prompts of
     `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens, weights and inputs sharded."""
-    from efficient_dlm.config import to_plain
-    from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
-    from efficient_dlm.models.decoder import abstract_model
-    from efficient_dlm.sample.api import prepare
-    from efficient_dlm.sample.config import generate_kwargs
 
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
@@ -172,7 +173,6 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
 
 def compile_or_explain(program: Program, mesh: Mesh, rules, config: ConfigDict, target: TpuSlice):
     """Compiles; an out-of-memory compile error becomes one line saying what to change."""
-    from efficient_dlm.cli import UserError
 
     try:
         return program.compile(mesh, rules)

@@ -16,6 +16,9 @@ from absl import flags
 from efficient_dlm.errors import UserError
 from efficient_dlm.extras import require
 from efficient_dlm.outputs import check_output_file
+from efficient_dlm.parallel import aot
+from efficient_dlm.parallel import mesh as mesh_lib
+from efficient_dlm.parallel.topology import parse
 
 flags.DEFINE_string("topology", None, "TPU slice: v5p-256, v5e-64, v4-128, v6e-256, or explicit v5p:4x4x12")
 flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; mesh.dcn_* sizes apply)")
@@ -30,9 +33,6 @@ MULTI_HOST = False
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.parallel import aot
-    from efficient_dlm.parallel import mesh as mesh_lib
-    from efficient_dlm.parallel.topology import parse
 
     if not FLAGS.topology:
         raise UserError("--topology is required (e.g. --topology=v5p-256)")

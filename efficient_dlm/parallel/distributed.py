@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from efficient_dlm.errors import UserError
+from efficient_dlm.parallel.sharding import batch_sharding
 
 # Environment variables that mean "this process is one of several": set by our launch scripts
 # (EDLM_DISTRIBUTED=1), by users (JAX_COORDINATOR_ADDRESS), by multi-slice TPU (MEGASCALE_*) or by
@@ -90,7 +91,6 @@ def local_batch_size(sharding: NamedSharding, global_batch: int, shape_rest: tup
 def global_batch(local: Mapping[str, np.ndarray] | Any, mesh: Mesh, global_batch_size: int) -> Any:
     """Turns this process's rows (a pytree of [local_rows, ...] arrays) into global jax.Arrays sharded
     like a batch (rows over the data-parallel axes). On one process it is a plain device_put."""
-    from efficient_dlm.parallel.sharding import batch_sharding
 
     def put(x):
         x = np.asarray(x)

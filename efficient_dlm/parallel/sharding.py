@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_dlm.parallel.rules import CACHE_AXES, logical_to_spec, mesh_axis_sizes
+from efficient_dlm.parallel.mesh import use
 
 
 def _is_variable(x) -> bool:
@@ -53,7 +54,6 @@ def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=None) -> nn
     runs as one jitted program whose outputs are laid out by the rules, so no device or host ever
     holds a whole weight.
     """
-    from efficient_dlm.parallel.mesh import use
 
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
     shardings = state_shardings(abstract_state, mesh)

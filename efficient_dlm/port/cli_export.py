@@ -15,6 +15,7 @@ from absl import flags
 
 from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_dir
+from efficient_dlm.port.hf_export import to_hf
 
 flags.DEFINE_string("ckpt", None, "efficient_dlm checkpoint directory (from `edlm import-hf`, `edlm train` or save)")
 flags.DEFINE_string("out", None, "output directory (must be empty or absent unless --overwrite)")
@@ -53,7 +54,6 @@ def check_push_args(repo_id: str):
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.port.hf_export import to_hf
 
     if not FLAGS.ckpt or not FLAGS.out:
         raise UserError("--ckpt and --out are required")

@@ -13,6 +13,8 @@ from absl import flags
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES
 from efficient_dlm.outputs import check_output_dir
+from efficient_dlm.checkpoints import save
+from efficient_dlm.port.hf_import import from_hf
 
 flags.DEFINE_string("hf_dir", None, "local Hugging Face model directory (default: --config.init.hf_dir)")
 flags.DEFINE_string("out", None, "output checkpoint directory")
@@ -38,8 +40,6 @@ def check_tokenizer_files(hf_dir: str) -> None:
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.checkpoints import save
-    from efficient_dlm.port.hf_import import from_hf
 
     hf_dir = FLAGS.hf_dir or config.init.hf_dir
     if not hf_dir or not FLAGS.out:

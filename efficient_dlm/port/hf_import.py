@@ -25,6 +25,7 @@ from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.port import keymaps
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json, spec_from_hf
 from efficient_dlm.port.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from efficient_dlm.parallel.sharding import state_shardings
 
 log = logging.getLogger("efficient_dlm")
 
@@ -157,7 +158,6 @@ def from_hf(path: str, *, dtype: str = "float32", mesh=None, progress: bool = Fa
     model = abstract_model(cfg)
     shardings = None
     if mesh is not None:
-        from efficient_dlm.parallel.sharding import state_shardings
 
         shardings = state_shardings(model, mesh)
     state = load_hf_params(path, cfg, model, shardings, progress)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import signal
 
+from efficient_dlm.errors import UserError
+from efficient_dlm.parallel.mesh import run_mesh
+from efficient_dlm.train.loop import NonFiniteError, train
+
 
 DEFAULT_CONFIG = "configs/tiny_train.py"
 
 
 def run(config, FLAGS) -> int:
-    from efficient_dlm.cli import UserError
-    from efficient_dlm.parallel.mesh import run_mesh
-    from efficient_dlm.train.loop import NonFiniteError, train
 
     try:
         result = train(config, mesh=run_mesh(config))

@@ -21,6 +21,8 @@ from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model, init_model
+from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
+from efficient_dlm.port.hf_import import from_hf
 
 NUMERIC_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_layers")
 
@@ -50,7 +52,6 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
         valid = spec.valid_vocab_size if spec is not None else None
         return InitialModel(model, tokenizer, valid, os.path.abspath(config.init.checkpoint))
     if config.init.hf_dir:
-        from efficient_dlm.port.hf_import import from_hf
 
         overrides = _overrides(config)
         compute_dtype = overrides.pop("dtype")  # from_hf's own `dtype` argument is the parameter dtype
@@ -125,7 +126,6 @@ def source_config(config: ConfigDict):
     if config.init.checkpoint:
         return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**_overrides(config))
     if config.init.hf_dir:
-        from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 
         return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**_overrides(config))
     return model_config(config)

@@ -25,6 +25,7 @@ from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.train.opd import ROLLOUT_STRATEGIES, Teacher, make_opd_eval_step, make_opd_step, summarize
 from efficient_dlm.train.state import split_model
 from efficient_dlm.train.step import STEP_TRAIN_KEYS
+from efficient_dlm.port.hf_import import from_hf
 
 
 def enabled(config: ConfigDict) -> bool:
@@ -53,7 +54,6 @@ def load_teacher(config: ConfigDict, mesh=None) -> Teacher:
     if os.path.exists(os.path.join(path, checkpoints.CONFIG_NAME)):
         model = checkpoints.load(path, mesh=mesh, dtype=dtype, **overrides)
     else:
-        from efficient_dlm.port.hf_import import from_hf
 
         model = from_hf(path, dtype=dtype, mesh=mesh, **overrides)
     return Teacher(model.config, split_model(model)[1])

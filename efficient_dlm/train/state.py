@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
+from efficient_dlm.parallel.sharding import state_shardings as param_shardings
 
 
 @flax.struct.dataclass
@@ -67,7 +68,6 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """NamedShardings for every leaf: params by the logical-axis rules, optimizer moments like their
     parameters, scalars and the key replicated."""
-    from efficient_dlm.parallel.sharding import state_shardings as param_shardings
 
     replicated = NamedSharding(mesh, PartitionSpec())
     params = param_shardings(abstract_params(cfg)[1], mesh)
