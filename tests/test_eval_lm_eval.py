@@ -166,3 +166,16 @@ def test_chat_template_formats_the_prompts(tmp_path):
     )
     contexts = [row["arguments"][0][0] for row in _samples(results["samples"]["edlm_demo"])]
     assert contexts == [f"[user] {item.prompt}\n[assistant]" for item in ITEMS[:2]]
+
+
+def test_speculative_decoding_through_lm_eval_is_the_verifiers_greedy_decoding(tiny_dlm_dir):
+    """strategy=speculative (the dLM drafts, the AR teacher verifies) is lossless: the teacher's own answers."""
+    results = lm_eval.simple_evaluate(
+        model="edlm", model_args=f"ckpt={tiny_dlm_dir},strategy=speculative,verifier={TEACHER},batch_size=4,warmup=false",
+        tasks=["edlm_demo"], limit=4, log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=task_dir(), include_defaults=False),
+    )
+    ours = task_eval(edlm.from_hf(TEACHER), load_tokenizer(TEACHER), ITEMS[:4], strategy="ar", batch_size=4, max_new_tokens=32)
+    assert [row["filtered_resps"][0].strip() for row in _samples(results["samples"]["edlm_demo"])] == \
+        [e["output"] for e in ours["examples"]]
+    assert results["config"]["edlm"]["decoding"]["strategy"] == "speculative"
