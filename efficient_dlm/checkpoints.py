@@ -176,15 +176,13 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
 
     A dLM comes back with its DiffusionSpec as `model.spec` (None for an AR model), so
     `generate(load(d), prompts, max_new_tokens=n)` decodes it as it was trained. overrides: ModelConfig
-    fields (dtype, attention backend, ...). MoE routing follows the spec's moe_capacity_factor.
+    fields (dtype, attention backend, ...).
     step: for a training run directory, the step to read (default: the newest; never an older one in
     its place). The files are checked against the checksums recorded at save time first
     (CheckpointError naming the step and the file).
     """
     cfg, extra = read_model_config(directory)
     spec = read_diffusion_spec(directory, cfg, extra)
-    if spec is not None and cfg.is_moe and "capacity_factor" not in overrides and spec.moe_capacity_factor != cfg.capacity_factor:
-        overrides = {"capacity_factor": spec.moe_capacity_factor, **overrides}
     if dtype is not None:
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     stored_cfg = cfg

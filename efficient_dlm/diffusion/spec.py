@@ -38,7 +38,7 @@ class DiffusionSpec:
     block_size: int = 32  # the final training block size (the last of a block-size schedule)
     attention: str = "block_diffusion"  # the training attention pattern (ATTENTION_PATTERNS)
     token_shift: bool = False  # token i was predicted from the hidden state at i - 1 (Dream, Fast-dLLM v2)
-    moe_capacity_factor: float | None = None  # MoE routing at inference: None = dropless, else per-row capacity
+    moe_capacity_factor: float | None = None  # MoE routing at inference: None = dropless (the only one: capacity is training-only)
     # Default decoding (the knobs of `generate`).
     strategy: str = "threshold"
     threshold: float = 0.9
@@ -64,8 +64,8 @@ class DiffusionSpec:
             return f"block_size must be a positive integer, got {self.block_size!r}"
         if self.attention not in ATTENTION_PATTERNS:
             return f"attention must be one of {', '.join(ATTENTION_PATTERNS)}, got {self.attention!r}"
-        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
-            return f"moe_capacity_factor must be positive or null (dropless), got {self.moe_capacity_factor}"
+        if self.moe_capacity_factor is not None:  # docs/METHOD.md section 7: capacity routes training's x_t only
+            return f"moe_capacity_factor must be null: MoE layers decode dropless, got {self.moe_capacity_factor}"
         if self.strategy not in DECODING_STRATEGIES:
             return f"strategy must be one of {', '.join(DECODING_STRATEGIES)}, got {self.strategy!r}"
         if not 0.0 <= self.threshold <= 1.0:
@@ -105,7 +105,7 @@ def default_spec(cfg) -> DiffusionSpec | None:
     project's defaults; None for a plain AR model (no [MASK] token)."""
     if cfg.mask_token_id is None:
         return None
-    return DiffusionSpec(mask_token_id=cfg.mask_token_id, moe_capacity_factor=cfg.capacity_factor if cfg.is_moe else None)
+    return DiffusionSpec(mask_token_id=cfg.mask_token_id)
 
 
 def spec_of(model) -> DiffusionSpec | None:
@@ -148,7 +148,7 @@ def spec_from_recipe(recipe: Mapping[str, Any], cfg, valid_vocab_size: int | Non
     return DiffusionSpec(
         mask_token_id=cfg.mask_token_id, valid_vocab_size=valid, block_size=int(block_size or 32),
         attention=attention, token_shift=bool(diffusion.get("token_shift", False)),
-        moe_capacity_factor=cfg.capacity_factor if cfg.is_moe else None, **decoding,
+        **decoding,
     )
 
 

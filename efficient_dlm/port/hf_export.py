@@ -100,19 +100,6 @@ def export_spec(spec: DiffusionSpec | None, cfg: ModelConfig, **given: Any) -> D
     return spec.replace(**changes) if changes else spec
 
 
-def check_reproducible(cfg: ModelConfig, spec: DiffusionSpec | None) -> None:
-    """Refuses, in one line naming the setting, what the exported PyTorch model would compute
-    differently from efficient_dlm (a silently different model is worse than no export)."""
-    capacity = spec.moe_capacity_factor if spec is not None else cfg.capacity_factor if cfg.is_moe else None
-    if capacity is not None:
-        where = "its diffusion spec's moe_capacity_factor" if spec is not None else "model.capacity_factor"
-        raise UserError(
-            f"cannot export: the model routes its MoE layers with capacity ({where}={capacity}), which drops "
-            "tokens; the exported PyTorch modeling routes dropless. Export a checkpoint whose inference routing is "
-            "dropless (moe_capacity_factor null in diffusion_spec.json)"
-        )
-
-
 def recorded_metrics(checkpoint: str | None, step: int | None = None) -> dict[str, dict[str, Any]]:
     """The last logged record of each kind ("train", "eval") in a training run's metrics.jsonl, up to
     `step` when given (the exported step, so the card describes the weights it ships)."""
@@ -260,7 +247,7 @@ def to_hf(
     format: "auto" (dLM when the model has a mask token, else AR), "dlm" or "ar".
     block_size / strategy / threshold / tokens_per_step / factor / entropy_bound: the exported decoding
     defaults; unset ones come from the model's DiffusionSpec (the checkpoint's, or `model.spec`);
-    token_shift may only restate the spec's. Settings the PyTorch modeling cannot reproduce are refused.
+    token_shift may only restate the spec's.
     step: for a training run directory, the step to export (default: the newest; never an older one
     in its place: a missing or damaged newest step is an error).
     Everything is validated before any work; the directory is written under a temporary name and
@@ -278,7 +265,6 @@ def to_hf(
     if _is_dlm(cfg, format):
         dlm = export_spec(spec, cfg, block_size=block_size, token_shift=token_shift, strategy=strategy, threshold=threshold,
                           tokens_per_step=tokens_per_step, factor=factor, entropy_bound=entropy_bound)
-    check_reproducible(cfg, dlm)
     dtype = dtype or cfg.param_dtype
     config_json = hf_config_out.dlm_config(cfg, dlm, dtype) if dlm else hf_config_out.ar_config(cfg, dtype)
     if checkpoint is not None:  # every argument is valid: now the weights
