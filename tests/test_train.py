@@ -175,6 +175,12 @@ def _check_gradient_accumulation(config, result):
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     for a, b in zip(_params(s2.params), _params(s1.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Joint objective through the train step (diffusion.ar_weight): its loss is the plain one plus w times
+    # the causal next-token NLL it reports (the loss itself is tested in test_objectives.py).
+    config.diffusion.ar_weight = 0.5
+    joint = make_train_step(config, cfg, block_size=8, donate=False)
+    _, mj = joint(copy(), batch, jax.random.PRNGKey(9))
+    np.testing.assert_allclose(float(mj["loss"]), float(m1["loss"]) + 0.5 * float(mj["ar_nll"]), rtol=1e-5)
 
 
 def test_edlm_train_cli_ar_then_bad_configs(tmp_path, capsys):
