@@ -40,8 +40,8 @@ TEST = [
     "jax[tpu]==0.10.2; sys_platform == 'linux'",
 ]
 # `edlm serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn) and its Prometheus metrics.
-SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0"]
-TEST += SERVE + ["openai==3.57.0"]  # tests/test_serve_*.py talk to the server with the official client
+SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "prometheus_client==0.26.0", "transformers==5.23.0"]  # transformers: chat templates
+TEST += SERVE + ["openai==3.57.0", "httpx2==2.16.2"]  # tests/test_serve_*.py talk to the server with the official client
 EVAL = ["lm_eval==0.4.13", "torch==2.13.0", "transformers==5.23.0"]  # `edlm eval`, the lm-eval model `edlm`
 
 setup(
