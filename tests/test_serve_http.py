@@ -1,10 +1,11 @@
 """`edlm serve` over HTTP on 127.0.0.1, spoken to with the official `openai` client: completions and chat,
-whole and streamed, equal to `generate` on the prompt alone; the error cases; 32 concurrent streams with ragged prompts each get their own solo output."""
+whole and streamed, equal to `generate` on the prompt alone; the error cases; a client that leaves frees its slot; 32 concurrent streams with ragged prompts each get their own solo output."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,7 +123,39 @@ def test_full_queue_is_429(served):
     response = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
     with engine._wake:
         engine._wake.notify()
+    while engine.waiting:  # the parked requests are dropped before the next test
+        time.sleep(0.02)
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_client_disconnect_frees_its_slot(served, monkeypatch):
+    _, url, engine, _, _, _ = served
+    permits = threading.Semaphore(0)
+    run_step = engine.step
+
+    def gated_step():  # the engine waits for a permit after each call: the request cannot finish meanwhile
+        run_step()
+        assert permits.acquire(timeout=60)
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    cancelled = engine.metrics.requests.labels(reason="cancelled")
+    before = cancelled._value.get()
+    body = {"prompt": [5, 6, 7], "max_tokens": MAX_NEW, "temperature": 0, "stream": True}
+    deadline = time.time() + 60
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        while not any(engine.slots) and time.time() < deadline:
+            time.sleep(0.02)
+        slot = next(s for s in engine.slots if s is not None)
+    while not slot.request.cancelled.is_set() and time.time() < deadline:  # hung up: the server cancels it
+        time.sleep(0.02)
+    assert slot.request.cancelled.is_set()
+    monkeypatch.setattr(engine, "step", run_step)
+    permits.release()
+    while engine.busy and time.time() < deadline:
+        time.sleep(0.02)
+    assert not engine.busy and cancelled._value.get() == before + 1
+    assert len(slot.generated) < MAX_NEW  # it left at a block boundary, unfinished
 
 
 def test_32_concurrent_streams_each_get_their_solo_output(served):
