@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +30,7 @@ from tests.test_serve_engine import serve_model
 BYTE_TOKENIZER = os.path.join(os.path.dirname(checkpoints.__file__), "assets", "byte_tokenizer")
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
 MAX_NEW = 12
+CKPT: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +50,7 @@ def served(tmp_path_factory):
     texts = Texts(checkpoints.tokenizer_dir(ckpt))
     with Server(create_app(engine.start(), texts, "tiny-dlm")) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        CKPT["dir"] = ckpt  # for the test that starts `edlm serve` itself
         yield client, server.url, engine, model, texts, checkpoints.tokenizer_dir(ckpt)
 
 
@@ -180,3 +186,48 @@ def test_serve_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{broken")
     assert main(["edlm", "serve", "--ckpt", str(tmp_path)]) == 2
     assert "does not load" in capsys.readouterr().err
+
+
+def test_sigterm_drains_open_requests_and_exits(served):
+    """`edlm serve` in a subprocess: SIGTERM while requests stream and wait; every one completes, then it exits."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([cli_root(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "efficient_dlm.cli", "serve", "--ckpt", CKPT["dir"], "--port",
+                             str(port), "--slots", "2", "--max_prompt_tokens", "16", "--max_tokens", str(MAX_NEW)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        started = threading.Semaphore(0)
+
+        def stream(i):
+            body = {"prompt": [5 + i, 6, 7], "max_tokens": MAX_NEW, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+                started.release()  # headers received: the request is in the engine (queued or in a slot)
+                return [line for line in response.iter_lines() if line]
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stream, i) for i in range(8)]
+            for _ in futures:
+                assert started.acquire(timeout=120)
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        assert all(lines and lines[-1] == "data: [DONE]" for lines in results)
+        # uvicorn re-raises the signal once its graceful shutdown (and our engine drain) is complete
+        assert proc.wait(120) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read().decode()
+    finally:
+        proc.kill()
+
+
+def cli_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoints.__file__)))
