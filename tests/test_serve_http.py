@@ -231,3 +231,17 @@ def test_sigterm_drains_open_requests_and_exits(served):
 
 def cli_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(checkpoints.__file__)))
+
+
+def test_stop_string_cuts_whole_and_streamed_text_alike(served):
+    client, _, _, model, texts, _ = served
+    prompt = "x = (1"
+    full, _ = solo(model, texts, texts.encode(prompt))
+    stop = full[4:6]  # a string the solo output contains: the response ends before its first occurrence
+    assert len(stop) == 2
+    expected = full[: full.find(stop)]
+    kwargs = dict(model="tiny-dlm", prompt=prompt, max_tokens=MAX_NEW, temperature=0, stop=[stop])
+    whole = client.completions.create(**kwargs)
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
+    assert streamed == expected
