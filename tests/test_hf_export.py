@@ -17,7 +17,7 @@ import efficient_dlm as edlm
 from efficient_dlm import cli
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
-from efficient_dlm.port.cli_export import check_push_args
+from efficient_dlm.port.hub import check_push_args
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
 from tests.hf_factory import make_hf_model

@@ -9,13 +9,13 @@ anything is exported.
 from __future__ import annotations
 
 import os
-import re
 
 from absl import flags
 
 from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.port.hf_export import to_hf
+from efficient_dlm.port.hub import check_push_args
 
 flags.DEFINE_string("ckpt", None, "efficient_dlm checkpoint directory (from `edlm import-hf`, `edlm train` or save)")
 flags.DEFINE_string("out", None, "output directory (must be empty or absent unless --overwrite)")
@@ -34,24 +34,6 @@ flags.DEFINE_float("entropy_bound", None, "default entropy bound written to conf
 flags.DEFINE_string("push_to_hub", None, "upload the export to this Hugging Face repo id (namespace/name)")
 flags.DEFINE_bool("private", True, "with --push_to_hub: create the repo as private")
 flags.DEFINE_integer("step", None, "training run directory: the step to export (default: the newest)")
-
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-
-
-def check_push_args(repo_id: str):
-    """Validates an upload before any work: repo id syntax, huggingface_hub installed, online, a token."""
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or len(repo_id) > 96:
-        raise UserError(f"--push_to_hub {repo_id!r}: not a valid Hugging Face repo id (expected namespace/name)")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise UserError("--push_to_hub needs huggingface_hub: pip install 'efficient_dlm[hub]'") from None
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise UserError("--push_to_hub: HF_HUB_OFFLINE is set; unset it to upload")
-    if huggingface_hub.get_token() is None:
-        raise UserError("--push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
-    return huggingface_hub
-
 
 def run(config, FLAGS) -> int:
 
