@@ -66,6 +66,8 @@ def diffusion_section() -> ConfigDict:
             mask_noise_std=0.0,  # Gaussian noise on [MASK] embeddings (LLaDA2.0) ...
             mask_noise_steps=0,  # ... for the first this many steps
             ar_weight=0.0,  # > 0: + ar_weight * causal next-token loss (Nemotron-Labs Diffusion), for verifier="self"
+            confidence_weight=0.0,  # > 0: CAP (LLaDA2.0): + weight * entropy at masked, already-correct positions (METHOD 9)
+            confidence_temperature=1.0,  # CAP's entropy is of softmax(logits / this) (dParallel uses 0.5)
         )
     )
 

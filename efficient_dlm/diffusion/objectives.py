@@ -3,7 +3,9 @@
 An objective is split in two pure functions so the train step can normalise exactly over gradient
 accumulation: `corrupt(objective, batch, key)` -> `Example` (model inputs, targets, per-token loss
 weights and counts), and `predict_hidden(model, objective, example, ...)` -> hidden states aligned
-with the targets. The loss is sum(weight * CE) / sum(count) over the whole global batch.
+with the targets. The loss is sum(weight * CE) / sum(count) over the whole global batch, plus
+the confidence-aware term (LLaDA2.0's CAP, `confidence_weight`, docs/METHOD.md section 9) under the
+same normaliser.
 
 Objectives:
 - block_diffusion (default): [x_t ; x_0] with the clean-context pattern, loss on the x_t half.
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_dlm.diffusion import corruption
-from efficient_dlm.diffusion.losses import token_stats
+from efficient_dlm.diffusion.losses import confidence_sum, token_stats
 
 OBJECTIVES = ("block_diffusion", "block", "bidirectional", "ar")
 MASKINGS = ("position", "uniform")
@@ -47,6 +49,8 @@ class Objective:
     mask_noise_std: float = 0.0
     mask_noise_steps: int = 0
     ar_weight: float = 0.0  # joint objective: + ar_weight * causal next-token loss (self-speculative verifier)
+    confidence_weight: float = 0.0  # CAP: + weight * entropy at masked positions already predicted correctly
+    confidence_temperature: float = 1.0  # the entropy is that of softmax(logits / this)
 
     def __post_init__(self):
         if self.kind not in OBJECTIVES:
@@ -67,6 +71,7 @@ class Objective:
             raise ValueError("diffusion.ar_weight adds an AR loss to a diffusion objective; objective=ar is AR already")
         if self.half_life <= 0:
             raise ValueError(f"diffusion.half_life must be positive, got {self.half_life}")
+        check_confidence(self.kind, self.confidence_weight, self.confidence_temperature)
 
     @property
     def is_diffusion(self) -> bool:
@@ -84,6 +89,17 @@ class Objective:
     def corruption_block(self, length: int) -> int:
         """Positions sharing one mask rate: the whole sequence for bidirectional (MDLM)."""
         return length if self.kind == "bidirectional" else self.block_size
+
+
+def check_confidence(kind: str, weight: float, temperature: float) -> None:
+    """The CAP settings (ValueError naming the key): weight >= 0, temperature > 0, and a diffusion
+    objective (objective=ar has no masked positions, so the term would silently do nothing)."""
+    if not weight >= 0:
+        raise ValueError(f"diffusion.confidence_weight must be >= 0, got {weight}")
+    if not temperature > 0:
+        raise ValueError(f"diffusion.confidence_temperature must be > 0, got {temperature}")
+    if weight and kind == "ar":
+        raise ValueError("diffusion.confidence_weight acts on masked positions; objective=ar has none (set it to 0)")
 
 
 class Example(NamedTuple):
@@ -230,20 +246,29 @@ def loss_and_sums(
     """(sum(weight * CE + z * count * lse^2) / normaliser, aux losses, metric sums) for one example.
 
     The normaliser is the global batch's sum of `count` (the masked-token count, Efficient-DLM), so
-    micro-batches of an accumulated step add up to exactly the full-batch loss.
+    micro-batches of an accumulated step add up to exactly the full-batch loss. With
+    obj.confidence_weight = w > 0 the numerator also gets w * sum(count * [argmax == target] * H)
+    (CAP, docs/METHOD.md section 9), and sums["confidence"] holds that sum without w.
     """
 
     h, aux = predict_hidden(model, obj, ex, key=key, step=step, train=train)
-    stats = token_stats(model, h, ex.targets, valid_vocab=valid_vocab, chunk=chunk)
+    cap = obj.confidence_weight > 0
+    stats = token_stats(model, h, ex.targets, valid_vocab=valid_vocab, chunk=chunk,
+                        entropy_temperature=obj.confidence_temperature if cap else None)
     loss = jnp.sum(ex.weight * stats.ce)
     if z_loss:
         loss = loss + z_loss * jnp.sum(ex.count * stats.lse**2)
+    if cap:
+        confidence = confidence_sum(ex.count, stats.correct, stats.entropy)
+        loss = loss + obj.confidence_weight * confidence
     sums = {
         "ce": jnp.sum(ex.count * stats.ce),
         "correct": jnp.sum(ex.count * stats.correct),
         "count": jnp.sum(ex.count),
         "tokens": jnp.sum(ex.segment_ids > 0).astype(jnp.float32),
     }
+    if cap:
+        sums["confidence"] = confidence
     if "expert_counts" in aux:  # MoE routing counts [moe layers, experts]: load metrics and the bias update
         sums["expert_counts"] = aux["expert_counts"]
     if ex.ar_weight is not None:  # joint objective: the same weights in causal mode on the clean tokens

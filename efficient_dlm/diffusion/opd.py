@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from efficient_dlm.diffusion.losses import entropy_from_logits, mask_padded_vocab
 from efficient_dlm.diffusion.objectives import Example, Objective
 
 OBJECTIVE = "opd"
@@ -121,24 +122,26 @@ def shift_right(h: jax.Array) -> jax.Array:
 
 
 class DistillStats(NamedTuple):
-    """Per position [batch, L]: KL(teacher || student), and whether the argmaxes agree."""
+    """Per position [batch, L]: KL(teacher || student), whether the argmaxes agree, and the student's
+    predictive entropy (CAP, docs/METHOD.md section 9; None unless asked for)."""
 
     kl: jax.Array
     agree: jax.Array
+    entropy: jax.Array | None = None
 
 
 def kl_from_logits(
-    student: jax.Array, teacher: jax.Array, *, top_k: int = 0, valid_vocab: int | None = None
+    student: jax.Array, teacher: jax.Array, *, top_k: int = 0, valid_vocab: int | None = None,
+    entropy_temperature: float | None = None,
 ) -> DistillStats:
     """KL(p || q) per position from float32 logits: student [..., Vs], teacher [..., Vt], Vt <= Vs.
 
     top_k = 0: p is the teacher's full softmax (student ids >= Vt get p = 0). top_k > 0: p is the
     teacher's top-k tokens renormalised, KL = sum_topk p (log p - log q), with q the student's full
     softmax; at k = Vt both agree. Student ids >= valid_vocab (vocabulary padding) are impossible.
+    entropy_temperature: also H(softmax(student / temperature)) over the valid ids.
     """
-    vocab = student.shape[-1]
-    if valid_vocab is not None and valid_vocab < vocab:
-        student = jnp.where(jnp.arange(vocab) < valid_vocab, student, -jnp.inf)
+    student = mask_padded_vocab(student, valid_vocab)
     teacher = jax.lax.stop_gradient(teacher)
     log_q = jax.nn.log_softmax(student, axis=-1)
     if top_k:
@@ -150,18 +153,21 @@ def kl_from_logits(
         log_q_at = log_q[..., : teacher.shape[-1]]
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q_at), axis=-1)
     agree = jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)
-    return DistillStats(kl, agree.astype(jnp.float32))
+    entropy = None if entropy_temperature is None else entropy_from_logits(student, entropy_temperature)
+    return DistillStats(kl, agree.astype(jnp.float32), entropy)
 
 
 def distill_stats(student, h_s: jax.Array, teacher, h_t: jax.Array, *, top_k: int = 0,
-                  valid_vocab: int | None = None, chunk: int = 0) -> DistillStats:
+                  valid_vocab: int | None = None, chunk: int = 0,
+                  entropy_temperature: float | None = None) -> DistillStats:
     """`kl_from_logits` of the two LM heads applied to aligned hidden states [B, L, E_s] / [B, L, E_t].
 
     chunk > 0: `chunk` positions at a time under jax.checkpoint, so neither pass holds [B, L, V]
     logits (large vocabularies; as the trainer's chunked cross-entropy).
     """
     def stats(hs, ht):
-        return kl_from_logits(student.logits(hs), teacher.logits(ht), top_k=top_k, valid_vocab=valid_vocab)
+        return kl_from_logits(student.logits(hs), teacher.logits(ht), top_k=top_k, valid_vocab=valid_vocab,
+                              entropy_temperature=entropy_temperature)
 
     batch, length = h_s.shape[:2]
     if not chunk or chunk >= length:
@@ -173,4 +179,4 @@ def distill_stats(student, h_s: jax.Array, teacher, h_t: jax.Array, *, top_k: in
         return h.reshape(batch, count, chunk, h.shape[-1]).swapaxes(0, 1)
 
     out = jax.lax.map(jax.checkpoint(lambda args: stats(*args)), (split(h_s), split(h_t)))
-    return DistillStats(*(x.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length] for x in out))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length], out)

@@ -7,7 +7,9 @@
      gradient through the rollout), which also returns the raw canvas and the step of every commit;
   2. one state per row (or per block, opd.states) is chosen and rebuilt (diffusion/opd.py);
   3. the frozen AR teacher runs causally on the finished sequences;
-  4. loss = KL(teacher || student) at the state's [MASK] positions, normalised by their count;
+  4. loss = KL(teacher || student) at the state's [MASK] positions, normalised by their count
+     (+ diffusion.confidence_weight x CAP's entropy term where the student's argmax is the teacher's,
+     docs/METHOD.md section 9);
      gradients (accumulated over train.grad_accum micro-batches) and the optax update are the
      trainer's (train/step.py), so OPD shares the optimizer, schedule and non-finite handling.
 The teacher's parameters are an argument, never donated and never differentiated: they stay bitwise
@@ -24,6 +26,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from efficient_dlm.diffusion.losses import confidence_sum
 from efficient_dlm.diffusion.objectives import Objective, aux_losses, predict_hidden
 from efficient_dlm.diffusion.opd import (
     Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
@@ -148,17 +151,24 @@ def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
 def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
     """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form; the
     student's auxiliary losses (MoE routers) are added as in block-diffusion training. train: MoE
-    training routing (capacity on x_t), as the train step; evaluation routes dropless."""
-    o, valid = p.config.opd, p.config.diffusion.valid_vocab_size
+    training routing (capacity on x_t), as the train step; evaluation routes dropless. CAP
+    (diffusion.confidence_weight): the student's entropy where its argmax is the teacher's."""
+    o, d = p.config.opd, p.config.diffusion
+    cap = d.confidence_weight > 0
 
     def loss_fn(params, inputs, normaliser, key, step):
         ex, h_t = inputs
         student = nnx.merge(p.student, params)
         h_s, aux = predict_hidden(student, p.objective, ex, train=train)
         stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
-                              top_k=o.top_k, valid_vocab=valid, chunk=o.kl_chunk)
-        loss = jnp.sum(ex.weight * stats.kl) / normaliser
+                              top_k=o.top_k, valid_vocab=d.valid_vocab_size, chunk=o.kl_chunk,
+                              entropy_temperature=d.confidence_temperature if cap else None)
+        loss = jnp.sum(ex.weight * stats.kl)
         sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
+        if cap:
+            sums["confidence"] = confidence_sum(ex.count, stats.agree, stats.entropy)
+            loss = loss + d.confidence_weight * sums["confidence"]
+        loss = loss / normaliser
         sums["count"] = jnp.sum(ex.count)
         if "expert_counts" in aux:  # MoE routing counts: the trainer's bias update and load metrics
             sums["expert_counts"] = aux["expert_counts"]
@@ -178,6 +188,7 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
         "tokens_per_forward": sums["generated"] / jnp.maximum(sums["row_forwards"], 1.0),
         "trained_tokens": sums["count"],
         "generated_tokens": sums["generated"],
+        **({"confidence_loss": sums["confidence"] / count} if "confidence" in sums else {}),
     }
 
 

@@ -80,7 +80,7 @@ def _cached(factory, config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelCon
     (a resumed run, or OPD steps inside a mixed recipe, do not recompile)."""
     d = config.diffusion
     settings = [{k: config.opd[k] for k in STEP_OPD_KEYS}, {k: config.train[k] for k in STEP_TRAIN_KEYS},
-                d.token_shift, d.valid_vocab_size]
+                d.token_shift, d.valid_vocab_size, d.confidence_weight, d.confidence_temperature]
     key = (factory.__name__, json.dumps(settings, sort_keys=True), cfg, teacher_cfg, max_new_tokens)
     if key not in _COMPILED:
         _COMPILED[key] = factory(config, cfg, teacher_cfg, max_new_tokens=max_new_tokens)

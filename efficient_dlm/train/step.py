@@ -50,6 +50,8 @@ def make_objective(config: ConfigDict, model_cfg: ModelConfig, block_size: int |
         mask_noise_std=d.mask_noise_std,
         mask_noise_steps=d.mask_noise_steps,
         ar_weight=d.ar_weight,
+        confidence_weight=d.confidence_weight,
+        confidence_temperature=d.confidence_temperature,
     )
 
 
@@ -92,7 +94,8 @@ def accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Ratios from summed statistics: masked NLL, masked-token accuracy, masked fraction."""
+    """Ratios from summed statistics: masked NLL, masked-token accuracy, masked fraction (and CAP's
+    confidence_loss, the mean entropy term per masked token, when diffusion.confidence_weight > 0)."""
     count = jnp.maximum(sums["count"], 1.0)
     out = {
         "nll": sums["ce"] / count,
@@ -101,6 +104,8 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
     if "ar_ce" in sums:  # joint objective (diffusion.ar_weight): the causal next-token NLL
         out["ar_nll"] = sums["ar_ce"] / jnp.maximum(sums["ar_count"], 1.0)
+    if "confidence" in sums:  # CAP (diffusion.confidence_weight): L_conf, before its weight
+        out["confidence_loss"] = sums["confidence"] / count
     return out
 
 
@@ -168,9 +173,10 @@ def make_train_step(
 
 
 def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
-    """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss and no
-    mask-embedding noise), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
-    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0)
+    """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss, no
+    mask-embedding noise, no CAP term), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
+    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0,
+                              confidence_weight=0.0)
     loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0, train=False)
 
     def eval_step(params, batch: Batch, rng: jax.Array):

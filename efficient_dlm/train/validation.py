@@ -8,7 +8,7 @@ import math
 
 from ml_collections import ConfigDict
 
-from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS
+from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS, check_confidence
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
 from efficient_dlm.errors import UserError
@@ -37,6 +37,10 @@ def check_diffusion(config: ConfigDict) -> None:
         raise UserError(f"diffusion.rate_min / rate_max must satisfy 0 < min <= max <= 1, got {d.rate_min}, {d.rate_max}")
     if d.vocab_multiple <= 0:
         raise UserError(f"diffusion.vocab_multiple must be positive, got {d.vocab_multiple}")
+    try:
+        check_confidence(d.objective, d.confidence_weight, d.confidence_temperature)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def check_data_and_train(config: ConfigDict) -> None:
