@@ -36,6 +36,7 @@ TEST = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     "lm_eval==0.4.13",  # tests/test_eval_*.py call lm-eval's own entry points
+    "peft==0.21.2",  # tests/test_lora.py: PEFT loads `edlm export-hf --peft` adapters (the independent reference)
     # libtpu: the AOT tests and `edlm aot` compile for TPU topologies on any Linux host (no TPU needed).
     "jax[tpu]==0.10.2; sys_platform == 'linux'",
 ]

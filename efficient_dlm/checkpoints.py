@@ -9,9 +9,13 @@ Layout of a model checkpoint directory:
 Training checkpoints (train/) reuse `model_config.json` and the tokenizer directory around an orbax
 CheckpointManager; `load` reads either kind (for a training run the newest step, or `step=`; it never
 falls back to an older step when the newest is missing or damaged: that is a CheckpointError).
+A LoRA run's steps hold adapters only; its model_config.json extra["lora"] names the base checkpoint
+(path, step, SHA-256 of its checksum manifest: `base_reference`), which `load` restores, checks and
+returns with the adapters merged in (or attached, merge_lora=False).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +31,9 @@ from efficient_dlm.errors import UserFileExistsError, UserFileNotFoundError
 from efficient_dlm.integrity import CheckpointError
 from efficient_dlm.diffusion import spec as spec_lib
 from efficient_dlm.diffusion.spec import DiffusionSpec
+from efficient_dlm.models.adapters import add_adapters, merge_adapters, split_adapted
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.outputs import check_output_dir
@@ -171,7 +177,43 @@ def params_location(directory: str, step: int | None = None) -> tuple[epath.Path
     return root / str(step) / PARAMS_DIR, label
 
 
-def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | None = None, **overrides: Any):
+def base_reference(directory: str, step: int | None = None) -> dict[str, Any]:
+    """{path, step, manifest_sha256} of a model checkpoint or a training run's step (default: the newest),
+    verified now: what a LoRA run records about its base."""
+    location, _ = params_location(directory, step)
+    root = epath.Path(os.path.abspath(directory))
+    model_checkpoint = location.parent == root
+    manifest = (location if model_checkpoint else location.parent) / integrity.MANIFEST
+    return {"path": os.fspath(root), "step": None if model_checkpoint else int(location.parent.name),
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+
+
+def lora_base(reference: dict[str, Any], mesh, directory: str, **overrides: Any):
+    """The base model of a LoRA run (reference: base_reference's record), refused when its files
+    changed since the run started."""
+    now = base_reference(reference["path"], reference["step"])
+    if now["manifest_sha256"] != reference["manifest_sha256"]:
+        raise CheckpointError(f"{directory}: its LoRA base {reference['path']} changed since the run started "
+                              "(checksum manifest differs); restore that base or retrain the adapters")
+    return load(reference["path"], mesh=mesh, step=reference["step"], **overrides)
+
+
+def _load_lora_run(directory: str, record: dict[str, Any], mesh, step: int | None, merge: bool):
+    """The base of a LoRA run with the run's adapters (from `step`, default the newest) attached or merged."""
+    lora = LoraConfig(record["rank"], record["alpha"], record["dropout"], tuple(record["targets"]), record["base_dtype"])
+    model = add_adapters(lora_base(record["base"], mesh, directory), lora)
+    target = split_adapted(model)[1]
+    if mesh is not None:
+        shardings = state_shardings(target, mesh)
+        target = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), target, shardings)
+    location, _ = params_location(directory, step)
+    with ocp.StandardCheckpointer() as ckptr:
+        nnx.update(model, ckptr.restore(location, target))
+    return merge_adapters(model) if merge else model
+
+
+def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | None = None, merge_lora: bool = True,
+         **overrides: Any):
     """Restores a `Decoder` from a checkpoint directory, sharded over `mesh` when given.
 
     A dLM comes back with its DiffusionSpec as `model.spec` (None for an AR model), so
@@ -180,6 +222,8 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
     step: for a training run directory, the step to read (default: the newest; never an older one in
     its place). The files are checked against the checksums recorded at save time first
     (CheckpointError naming the step and the file).
+    A LoRA run comes back as its base with the adapters merged into the weights (a plain Decoder), or
+    with merge_lora=False as the base carrying the adapters (overrides then do not apply).
     """
     cfg, extra = read_model_config(directory)
     spec = read_diffusion_spec(directory, cfg, extra)
@@ -187,6 +231,11 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
         overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     stored_cfg = cfg
     cfg = cfg.replace(**overrides) if overrides else cfg
+    if extra.get("lora"):
+        model = _load_lora_run(directory, extra["lora"], mesh, step, merge_lora)
+        if merge_lora and cfg != model.config:
+            model = _with_config(model, cfg)
+        return spec_lib.with_spec(model, spec)
     model = abstract_model(stored_cfg)
     target = nnx.state(model, MODEL_STATE)
     if mesh is not None:

@@ -6,7 +6,7 @@ what differs (big_vision style). Every verb of `edlm` takes `--config=configs/x.
 line naming the key.
 
 Sections: model (architecture, `ModelConfig` fields), init (where weights and tokenizer come from),
-diffusion (objective and corruption), data, train, mesh, sample, bench. Each package owns the
+diffusion (objective and corruption), data, train, mesh, sample, bench, opd, lora. Each package owns the
 meaning of its section; the defaults live here so a reader sees the whole schema at once.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from efficient_dlm.parallel.mesh import validate_mesh_section
 from efficient_dlm.parallel.rules import DEFAULT_RULES, rules_to_strings
 from efficient_dlm.sample.config import validate_bench, validate_sample
 from efficient_dlm.train.opd_loop import check_opd
-from efficient_dlm.train.validation import check_data_and_train, check_diffusion
+from efficient_dlm.train.validation import check_data_and_train, check_diffusion, check_lora
 
 def model_section(cfg: ModelConfig | None = None) -> ConfigDict:
     """ModelConfig fields as a ConfigDict; None fields become typed placeholders so CLI overrides work."""
@@ -235,6 +235,22 @@ def opd_section() -> ConfigDict:
     )
 
 
+def lora_section() -> ConfigDict:
+    """LoRA adapters (models/lora.py, README "LoRA"). Owned by efficient_dlm/train (train/lora.py).
+
+    rank > 0 trains adapters on a frozen base (init.checkpoint); checkpoints hold the adapters only.
+    """
+    return ConfigDict(
+        dict(
+            rank=0,  # 0 = off (full fine-tuning)
+            alpha=16.0,  # adapter output scaled by alpha / rank
+            dropout=0.0,  # on the adapters' input (attention and MLP projections; not the routed experts)
+            targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",  # + "experts": MoE routed experts
+            base_dtype="",  # "" = model.param_dtype; "bfloat16": hold the frozen base in bfloat16
+        )
+    )
+
+
 def sibling_recipe(anchor: str, name: str) -> ConfigDict:
     """get_config() of the recipe `name`.py next to the file `anchor` (a recipe's __file__): recipes
     build on one another (qwen3_8b_opd on qwen3_8b_bd on qwen3_8b) without configs/ being a package."""
@@ -259,6 +275,7 @@ def base_config() -> ConfigDict:
     c.bench = bench_section()
     c.demo = demo_section()
     c.opd = opd_section()
+    c.lora = lora_section()
     c.seed = 0
     c.run_dir = "runs/default"
     return c
@@ -267,7 +284,7 @@ def base_config() -> ConfigDict:
 # Every section's checks, owned by its package and composed here explicitly: every verb validates
 # every section the same way (no validator depends on which modules a verb happened to import).
 SECTION_CHECKS: tuple[Callable[[ConfigDict], None], ...] = (
-    validate_mesh_section, check_diffusion, check_data_and_train, check_opd, validate_sample, validate_bench,
+    validate_mesh_section, check_diffusion, check_data_and_train, check_opd, check_lora, validate_sample, validate_bench,
 )
 
 

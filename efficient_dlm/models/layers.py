@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.lora import project
 from efficient_dlm.models.rope import apply_rope
 from efficient_dlm.parallel.rules import constrain
 
@@ -56,6 +57,10 @@ class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2), o bias (Llama / Qwen3 attention_bias)
     and per-head QK RMSNorm (Qwen3)."""
 
+    # Each projection's einsum; models/lora.py derives an adapter's A and B from it (models/adapters.py).
+    LORA_PROJECTIONS = {"q_proj": "bte,ehd->bthd", "k_proj": "bte,ehd->bthd", "v_proj": "bte,ehd->bthd",
+                        "o_proj": "bthd,hde->bte"}
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -76,9 +81,8 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B, T, H, D], k and v [B, T, Hkv, D] after bias, QK-norm and RoPE."""
         dt = self.cfg.compute_dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        eq = self.LORA_PROJECTIONS
+        q, k, v = (project(self, name, eq[name], x, dt) for name in ("q_proj", "k_proj", "v_proj"))
         if self.cfg.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -95,12 +99,14 @@ class Attention(nnx.Module):
 
     def output(self, attn: jax.Array) -> jax.Array:
         dt = self.cfg.compute_dtype
-        out = jnp.einsum("bthd,hde->bte", attn, self.o_proj[...].astype(dt))
+        out = project(self, "o_proj", self.LORA_PROJECTIONS["o_proj"], attn, dt)
         return out + self.o_bias[...].astype(dt) if self.cfg.attention_out_bias else out
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    LORA_PROJECTIONS = {"gate_proj": "bte,em->btm", "up_proj": "bte,em->btm", "down_proj": "btm,me->bte"}
 
     def __init__(self, cfg: ModelConfig, intermediate_size: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -111,10 +117,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.compute_dtype
-        gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt))
+        eq = self.LORA_PROJECTIONS
+        gate = project(self, "gate_proj", eq["gate_proj"], x, dt)
+        up = project(self, "up_proj", eq["up_proj"], x, dt)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btm,me->bte", hidden, self.down_proj[...].astype(dt))
+        return project(self, "down_proj", eq["down_proj"], hidden, dt)
 
 
 class DecoderLayer(nnx.Module):

@@ -33,6 +33,7 @@ from flax import nnx
 
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layers import MLP, Attention, AttendFn, RMSNorm, param
+from efficient_dlm.models.lora import expert_weight
 from efficient_dlm.models.moe_dispatch import ExpertWeights, routed_outputs
 from efficient_dlm.models.routers import Router
 from efficient_dlm.parallel.rules import constrain
@@ -55,6 +56,8 @@ class Routing(NamedTuple):
 class MoEBlock(nnx.Module):
     """Router + routed SwiGLU experts + optional (gated) shared expert. Returns (y, router statistics)."""
 
+    LORA_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")  # adapted merged (models/lora.py), target "experts"
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         e, d, m = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -73,7 +76,7 @@ class MoEBlock(nnx.Module):
         token_weight = None if routing is None else routing.token_weight.reshape(b * t)
         weights, experts, stats = self.router(x.reshape(b * t, d), token_weight)
         k = experts.shape[-1]
-        w = ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        w = ExpertWeights(*(expert_weight(self, name) for name in self.LORA_EXPERT_WEIGHTS))
         capacity_len = None if routing is None else routing.capacity_len
         outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg, capacity_len)
         y = jnp.einsum("btkd,btk->btd", outputs, weights.reshape(b, t, k).astype(x.dtype))

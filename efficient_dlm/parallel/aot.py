@@ -32,6 +32,7 @@ from efficient_dlm.sample.api import prepare
 from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.train.model_init import trained_config
 from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import abstract_state, state_shardings
 from efficient_dlm.train.step import make_train_step
 
@@ -92,8 +93,9 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
     if config.diffusion.objective != "ar" and config.diffusion.mask_token == "append":
         config.diffusion.valid_vocab_size = cfg.mask_token_id + 1  # as the trainer records it
     tx = make_optimizer(config.train)
-    shardings = state_shardings(cfg, tx, mesh)
-    state = sharding.abstract_arrays(abstract_state(cfg, tx, config.seed), shardings)
+    lora = lora_config(config)  # LoRA: adapters trained, the base frozen (TrainState.frozen)
+    shardings = state_shardings(cfg, tx, mesh, lora)
+    state = sharding.abstract_arrays(abstract_state(cfg, tx, config.seed, lora), shardings)
     batch, length = config.train.batch_size, config.data.seq_len
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     return Program(
@@ -106,6 +108,8 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
         notes=dict(
             objective=config.diffusion.objective, batch=batch, seq_len=length, grad_accum=config.train.grad_accum,
             attention=cfg.attention_backend, remat=cfg.remat_policy, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+            **({} if lora is None else dict(lora_rank=lora.rank, lora_targets=",".join(lora.targets),
+                                            lora_base_dtype=lora.base_dtype or cfg.param_dtype)),
         ),
     )
 

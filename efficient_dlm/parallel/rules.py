@@ -43,6 +43,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("norm", None),
     ("experts", "expert"),
+    ("lora_rank", None),  # LoRA adapters' rank axis (models/lora.py): small, replicated
     ("cache_batch", ("data", "fsdp", "expert")),
     ("cache_length", None),
 )

@@ -240,6 +240,7 @@ def to_hf(
     tokens_per_step: int | None = None,
     factor: float | None = None,
     entropy_bound: float | None = None,
+    merge_lora: bool = False,
 ) -> str:
     """Writes `model` (a Decoder, or an efficient_dlm checkpoint directory) as a Hugging Face directory.
 
@@ -250,6 +251,8 @@ def to_hf(
     token_shift may only restate the spec's.
     step: for a training run directory, the step to export (default: the newest; never an older one
     in its place: a missing or damaged newest step is an error).
+    merge_lora: a LoRA run is exported as its base with the adapters merged into the weights (required
+    for a LoRA run: its unmerged adapters export with port/peft_export.py, `--peft`).
     Everything is validated before any work; the directory is written under a temporary name and
     renamed, so it is complete or absent. Returns out_dir.
     """
@@ -260,6 +263,8 @@ def to_hf(
     _check_out_dir(out_dir, overwrite, [checkpoint, tokenizer_dir])
     check_output_dir(out_dir, "out_dir")
     cfg, extra, ckpt_tokenizer, spec = _describe_source(model)
+    if extra.get("lora") and not merge_lora:
+        raise UserError(f"{checkpoint} is a LoRA run: pass --merge_lora for a merged model, or --peft for its adapters")
     tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
     dlm = None
     if _is_dlm(cfg, format):

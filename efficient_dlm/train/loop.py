@@ -32,7 +32,9 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import distributed
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.rules import axis_rules
+from efficient_dlm.models.adapters import add_adapters
 from efficient_dlm.train import model_init, opd_loop
+from efficient_dlm.train.lora import lora_config, require_base, run_record
 from efficient_dlm.errors import UserError
 from efficient_dlm.parallel.distributed import is_main
 from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
@@ -40,7 +42,9 @@ from efficient_dlm.train.metrics import MetricsLogger
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.run_lock import RunLock
 from efficient_dlm.train.stop import StopSignals
-from efficient_dlm.train.state import TrainState, abstract_state, create_state, params_finite, state_shardings
+from efficient_dlm.train.state import (
+    TrainState, abstract_state, cast_base, create_state, params_finite, split_model, state_shardings,
+)
 from efficient_dlm.train.step import STEP_TRAIN_KEYS, make_eval_step, make_train_step, summarize
 
 BatchTransform = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -102,6 +106,8 @@ class _Run:
         self.config, self.t, self.mesh, self.batch_transform = config, config.train, mesh, batch_transform
         self.run_dir = os.path.abspath(config.run_dir)
         self.tx = make_optimizer(self.t)
+        self.lora = lora_config(config)  # None: full fine-tuning
+        self.frozen = None  # LoRA: the frozen base state (TrainState.frozen)
         self.schedule = parse_schedule(config.diffusion.block_size_schedule, config.diffusion.block_size)
         self.step_fns: dict[int | None, Callable] = {}
         self.eval_fns: dict[int | None, Callable] = {}
@@ -134,7 +140,7 @@ class _Run:
         if latest is not None:
             if self.ckpt.verify(latest):
                 print(f"step {latest} had no checksums (the run stopped before recording them); recorded them now")
-            self.state = self.ckpt.restore(latest, self._restore_target(), self.iterators())
+            self.state = self.ckpt.restore(latest, self._restore_target(), self.iterators()).replace(frozen=self.frozen)
             self.resumed_from = latest
         if self.t.max_param_norm_ratio:
             self.initial_norm = float(jax.jit(optax.tree.norm)(self.state.params))
@@ -147,11 +153,15 @@ class _Run:
         check_same_architecture(self.config, extra.get("train_config") or {}, self.run_dir)
         self.cfg = cfg.replace(**_numerics(self.config))
         self.config.diffusion.valid_vocab_size = extra.get("valid_vocab_size")
+        if self.lora is not None or extra.get("lora"):
+            self.frozen = self._lora_base(extra.get("lora"))
         return checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
 
     def _start(self) -> str | None:
         """A new run: opens the data first (a bad path or tokenizer fails before any weights load),
         loads the model, records model_config.json and the tokenizer, builds the initial state."""
+        if self.lora is not None:
+            require_base(self.config)
         source_cfg = model_init.source_config(self.config)
         model_init.check_mask_token(self.config, source_cfg)
         tokenizer = self.config.init.tokenizer or self._source_tokenizer()
@@ -161,13 +171,27 @@ class _Run:
         self.cfg = init.model.config
         self.config.diffusion.valid_vocab_size = init.valid_vocab_size
         extra = {"valid_vocab_size": init.valid_vocab_size, "source": init.source, "train_config": to_plain(self.config)}
+        if self.lora is not None:  # adapters on the frozen base; the run records which base
+            add_adapters(init.model, self.lora, self.config.seed)
+            extra["lora"] = run_record(self.lora, self.config)
         checkpoints.write_model_config(self.run_dir, self.cfg, extra)
         spec = spec_from_recipe(extra["train_config"], self.cfg, init.valid_vocab_size)
         if spec is not None:  # what load / generate / export read: the run decodes as it trains
             checkpoints.write_diffusion_spec(self.run_dir, spec)
         checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
-        self.state = create_state(init.model, self.tx, self.config.seed, self.mesh)
+        self.state = create_state(init.model, self.tx, self.config.seed, self.mesh, self.lora)
         return init.tokenizer_dir
+
+    def _lora_base(self, record: dict | None):
+        """The frozen base state of a resumed LoRA run: the recorded base, checked unchanged, loaded with
+        the recipe's numerics as at the start; the lora section must be the one the run started with."""
+        started = None if record is None else {k: v for k, v in record.items() if k != "base"}
+        now = None if self.lora is None else {**dataclasses.asdict(self.lora), "targets": list(self.lora.targets)}
+        if started is None or now is None or {**started, "targets": list(started["targets"])} != now:
+            raise UserError(f"lora is {now} but the run in {self.run_dir} started with {started}; the adapters "
+                            "cannot change on resume (use a new run_dir)")
+        base = checkpoints.lora_base(record["base"], self.mesh, self.run_dir, **model_init.numeric_overrides(self.config))
+        return cast_base(split_model(base)[1], self.lora)
 
     def iterators(self) -> dict[str, Any]:
         """The run's data iterators by checkpoint item name (text batches, OPD prompts)."""
@@ -181,10 +205,10 @@ class _Run:
         return hf if hf and os.path.exists(os.path.join(hf, "tokenizer.json")) else None
 
     def _restore_target(self) -> TrainState:
-        target = abstract_state(self.cfg, self.tx, self.config.seed)
+        target = abstract_state(self.cfg, self.tx, self.config.seed, self.lora)
         if self.mesh is None:
             return target
-        shardings = state_shardings(self.cfg, self.tx, self.mesh)
+        shardings = state_shardings(self.cfg, self.tx, self.mesh, self.lora)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
 
     # ---- per step -------------------------------------------------------------------------------
@@ -211,7 +235,7 @@ class _Run:
         the text loss, else the KL, and selects the best checkpoint."""
         out = self.evaluate_text(self.block_size(step)) if self.eval_batches else {}
         if self.opd and self.opd.eval_batches:
-            out.update(self.opd.evaluate(self.state.params, step, self.device_batch))
+            out.update(self.opd.evaluate(self.state.params, step, self.device_batch, self.state.frozen))
             out.setdefault("loss", out["kl"])
         return out
 
@@ -221,7 +245,7 @@ class _Run:
         fn, key = self.eval_fns[block_size], jax.random.PRNGKey(self.config.seed + 1)
         totals = None
         for j, batch in enumerate(self.eval_batches):
-            sums = fn(self.state.params, self.device_batch(batch), jax.random.fold_in(key, j))
+            sums = fn(self.state.params, self.device_batch(batch), jax.random.fold_in(key, j), self.state.frozen)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         totals = jax.device_get(totals)
         out = {k: float(v) for k, v in summarize(totals).items()}
@@ -238,10 +262,11 @@ _COMPILED: dict[tuple, Callable] = {}
 
 def cached_step(factory, config: ConfigDict, cfg: ModelConfig, block_size: int | None) -> Callable:
     """`factory(config, cfg, block_size=...)`, reused across train() calls in one process while the
-    settings that shape the step (the diffusion section, STEP_TRAIN_KEYS) are unchanged: a resumed or repeated
-    run in the same process does not recompile."""
+    settings that shape the step (the diffusion and lora sections, STEP_TRAIN_KEYS) are unchanged: a resumed or
+    repeated run in the same process does not recompile."""
     train_keys = {k: config.train[k] for k in STEP_TRAIN_KEYS}
-    shape = json.dumps([to_plain(config.diffusion), train_keys], sort_keys=True)
+    lora = to_plain(config.lora) if "lora" in config else None
+    shape = json.dumps([to_plain(config.diffusion), lora, train_keys], sort_keys=True)
     key = (factory.__name__, shape, cfg, block_size)
     if key not in _COMPILED:
         _COMPILED[key] = factory(config, cfg, block_size=block_size)

@@ -35,7 +35,7 @@ class InitialModel:
     source: str
 
 
-def _overrides(config: ConfigDict) -> dict:
+def numeric_overrides(config: ConfigDict) -> dict:
     values = {name: config.model[name] for name in NUMERIC_FIELDS}
     if config.model.mask_token_id is not None:
         values["mask_token_id"] = config.model.mask_token_id
@@ -46,14 +46,14 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
     """The model named by config.init (hf_dir / checkpoint) or a random init from config.model."""
     tokenizer = config.init.tokenizer or None
     if config.init.checkpoint:
-        model = checkpoints.load(config.init.checkpoint, mesh=mesh, **_overrides(config))
+        model = checkpoints.load(config.init.checkpoint, mesh=mesh, **numeric_overrides(config))
         tokenizer = tokenizer or checkpoints.tokenizer_dir(config.init.checkpoint)
         spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
         valid = spec.valid_vocab_size if spec is not None else None
         return InitialModel(model, tokenizer, valid, os.path.abspath(config.init.checkpoint))
     if config.init.hf_dir:
 
-        overrides = _overrides(config)
+        overrides = numeric_overrides(config)
         compute_dtype = overrides.pop("dtype")  # from_hf's own `dtype` argument is the parameter dtype
         model = from_hf(config.init.hf_dir, dtype=overrides.pop("param_dtype"), mesh=mesh, **overrides)
         if compute_dtype != model.config.dtype:
@@ -124,8 +124,8 @@ def trained_config(config: ConfigDict):
 def source_config(config: ConfigDict):
     """The ModelConfig `load_source_model` will produce, read without loading weights (fail fast)."""
     if config.init.checkpoint:
-        return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**_overrides(config))
+        return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**numeric_overrides(config))
     if config.init.hf_dir:
 
-        return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**_overrides(config))
+        return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**numeric_overrides(config))
     return model_config(config)

@@ -37,6 +37,7 @@ from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
 from efficient_dlm.sample.program import Plan, stop_id_array
 from efficient_dlm.train.optim import make_optimizer
+from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import TrainState, graphdef_for
 from efficient_dlm.train.step import accumulate, apply_gradients
 
@@ -130,8 +131,14 @@ class _Parts:
 
 
 def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, max_new_tokens: int) -> _Parts:
-    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), graphdef_for(cfg), graphdef_for(teacher_cfg),
+    student = graphdef_for(cfg, lora_config(config))  # LoRA: adapters on the frozen base, without dropout
+    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), student, graphdef_for(teacher_cfg),
                   student_objective(config, cfg))
+
+
+def _student_state(params: nnx.State, frozen: nnx.State | None) -> nnx.State:
+    """The whole student state the rollout decodes with: the params, or under LoRA base and adapters."""
+    return params if frozen is None else nnx.merge_state(frozen, params)
 
 
 def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
@@ -156,9 +163,9 @@ def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
     o, d = p.config.opd, p.config.diffusion
     cap = d.confidence_weight > 0
 
-    def loss_fn(params, inputs, normaliser, key, step):
+    def loss_fn(params, inputs, normaliser, key, step, frozen=None):
         ex, h_t = inputs
-        student = nnx.merge(p.student, params)
+        student = nnx.merge(p.student, params, *([] if frozen is None else [frozen]))
         h_s, aux = predict_hidden(student, p.objective, ex, train=train)
         stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
                               top_k=o.top_k, valid_vocab=d.valid_vocab_size, chunk=o.kl_chunk,
@@ -203,10 +210,10 @@ def make_opd_step(
     accum = config.train.grad_accum
 
     def step(state: TrainState, teacher_params: nnx.State, batch: dict, rng: jax.Array):
-        ex, h_t, stats = _states_and_teacher(parts, state.params, teacher_params, batch, rng)
+        ex, h_t, stats = _states_and_teacher(parts, _student_state(state.params, state.frozen), teacher_params, batch, rng)
         grad_fn = jax.value_and_grad(_loss_fn(parts, teacher_params, accum, train=True), has_aux=True)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
-        grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum)
+        grads, sums = accumulate(grad_fn, state.params, (ex, h_t), normaliser, rng, state.step, accum, state.frozen)
         state, metrics = apply_gradients(config.train, tx, cfg, state, grads, sums)
         return state, {**metrics, **summarize({**sums, **stats}), "tokens": stats["tokens"]}
 
@@ -218,13 +225,14 @@ def make_opd_step(
 def make_opd_eval_step(
     config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True
 ):
-    """eval_step(params, teacher_params, batch, rng) -> summed statistics (kl, agree, count, generated,
-    row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all batches."""
+    """eval_step(params, teacher_params, batch, rng, frozen=None) -> summed statistics (kl, agree, count,
+    generated, row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all
+    batches. frozen: the LoRA base (TrainState.frozen)."""
     parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
 
-    def eval_step(params, teacher_params, batch, rng):
-        ex, h_t, stats = _states_and_teacher(parts, params, teacher_params, batch, rng)
-        _, sums = _loss_fn(parts, teacher_params)(params, (ex, h_t), 1.0, rng, 0)
+    def eval_step(params, teacher_params, batch, rng, frozen=None):
+        ex, h_t, stats = _states_and_teacher(parts, _student_state(params, frozen), teacher_params, batch, rng)
+        _, sums = _loss_fn(parts, teacher_params)(params, (ex, h_t), 1.0, rng, 0, frozen)
         return {k: v for k, v in {**sums, **stats}.items() if k not in ("loss", "aux_loss", "expert_counts")}
 
     return jax.jit(eval_step) if jit else eval_step

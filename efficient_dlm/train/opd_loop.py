@@ -80,7 +80,8 @@ def _cached(factory, config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelCon
     (a resumed run, or OPD steps inside a mixed recipe, do not recompile)."""
     d = config.diffusion
     settings = [{k: config.opd[k] for k in STEP_OPD_KEYS}, {k: config.train[k] for k in STEP_TRAIN_KEYS},
-                d.token_shift, d.valid_vocab_size, d.confidence_weight, d.confidence_temperature]
+                d.token_shift, d.valid_vocab_size, d.confidence_weight, d.confidence_temperature,
+                config.lora.to_dict() if "lora" in config else None]
     key = (factory.__name__, json.dumps(settings, sort_keys=True), cfg, teacher_cfg, max_new_tokens)
     if key not in _COMPILED:
         _COMPILED[key] = factory(config, cfg, teacher_cfg, max_new_tokens=max_new_tokens)
@@ -132,12 +133,13 @@ class OPDRun:
         fn = _cached(make_opd_step, self.config, self.cfg, self.teacher.config, self.max_new_tokens(step))
         return lambda state, batch, rng: fn(state, self.teacher.params, batch, rng)
 
-    def evaluate(self, params, step: int, device_batch: Callable) -> dict[str, float]:
-        """KL, teacher agreement and tokens per forward of the current student on the held-out prompts."""
+    def evaluate(self, params, step: int, device_batch: Callable, frozen=None) -> dict[str, float]:
+        """KL, teacher agreement and tokens per forward of the current student on the held-out prompts
+        (frozen: the LoRA base)."""
         fn = _cached(make_opd_eval_step, self.config, self.cfg, self.teacher.config, self.max_new_tokens(step))
         key, totals = jax.random.PRNGKey(self.config.seed + 2), None
         for j, batch in enumerate(self.eval_batches):
-            sums = fn(params, self.teacher.params, device_batch(batch), jax.random.fold_in(key, j))
+            sums = fn(params, self.teacher.params, device_batch(batch), jax.random.fold_in(key, j), frozen)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         return {k: float(v) for k, v in summarize(jax.device_get(totals)).items()}
 

@@ -4,6 +4,11 @@ TrainState holds everything a resumed run needs besides the data iterator: step,
 `nnx.State` of the model's Params, fp32 master weights), optimizer state and the run's PRNG key.
 The model's graph definition is static and rebuilt from the ModelConfig, so the state is a plain
 pytree that jit, orbax and AOT compilation handle directly.
+
+With LoRA (`lora`, a models.lora.LoraConfig) `params` are the adapters only (nnx.LoRAParam), so
+the optimizer state holds moments for the adapters only, and `frozen` holds the base model's state
+(optionally cast to lora.base_dtype): an input of the step that it returns untouched, never
+checkpointed with the run (the run records where the base is; train/lora.py).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from efficient_dlm.models.adapters import abstract_adapted, split_adapted
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
+from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.parallel.sharding import state_shardings as param_shardings
 
 
@@ -27,6 +34,7 @@ class TrainState:
     params: nnx.State
     opt_state: Any
     rng: jax.Array  # uint32[2]: the run's key; step t uses fold_in(rng, t)
+    frozen: Any = None  # LoRA: the frozen base state (not checkpointed); None for full fine-tuning
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -45,33 +53,73 @@ def outside_mesh():
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
 
 
-def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def cast_base(base: nnx.State, lora: LoraConfig) -> nnx.State:
+    """The frozen base with its Params in lora.base_dtype (when set; the MoE selection bias keeps its
+    dtype). Works on abstract states (ShapeDtypeStruct leaves) too."""
+    if not lora.base_dtype:
+        return base
+    dtype = jnp.dtype(lora.base_dtype)
+
+    def cast(v):
+        if not isinstance(v, nnx.Param):
+            return v
+        x = v.get_value()
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return v.replace(jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding))
+        return v.replace(x.astype(dtype))
+
+    return jax.tree.map(cast, base, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def trainable_split(model: nnx.Module, lora: LoraConfig | None) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None]:
+    """(graphdef, trained params, frozen base or None): the adapters and the (cast) base of an adapted
+    model under LoRA, else the whole model state and None."""
+    if lora is None:
+        return (*split_model(model), None)
+    graphdef, adapters, base, _ = split_adapted(model)
+    return graphdef, adapters, cast_base(base, lora)
+
+
+def abstract_split(cfg: ModelConfig, lora: LoraConfig | None = None, train: bool = False):
+    """trainable_split of the model's structure (nothing allocated); train: the graph with the LoRA
+    dropout keys (the train step's)."""
     with outside_mesh():
-        return split_model(abstract_model(cfg))
+        if lora is None:
+            return (*split_model(abstract_model(cfg)), None)
+        graphdef, adapters, base, _ = split_adapted(abstract_adapted(cfg, lora, train))
+        return graphdef, adapters, cast_base(base, lora)
 
 
-def graphdef_for(cfg: ModelConfig) -> nnx.GraphDef:
-    return abstract_params(cfg)[0]
+def dropout_key_template(cfg: ModelConfig, lora: LoraConfig) -> nnx.State:
+    """The structure of the train graph's LoRA dropout keys (models/adapters.py fill_dropout_keys)."""
+    with outside_mesh():
+        return split_adapted(abstract_adapted(cfg, lora, train=True))[3]
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+def graphdef_for(cfg: ModelConfig, lora: LoraConfig | None = None, train: bool = False) -> nnx.GraphDef:
+    return abstract_split(cfg, lora, train)[0]
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int, frozen: nnx.State | None = None) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed), frozen)
+
+
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0, lora: LoraConfig | None = None) -> TrainState:
     """ShapeDtypeStruct tree of the state (no allocation): restore target and AOT input."""
-    params = abstract_params(cfg)[1]
+    _, params, frozen = abstract_split(cfg, lora)
     with outside_mesh():
-        return jax.eval_shape(lambda p: init_state(p, tx, seed), params)
+        return jax.eval_shape(lambda p, f: init_state(p, tx, seed, f), params, frozen)
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """NamedShardings for every leaf: params by the logical-axis rules, optimizer moments like their
-    parameters, scalars and the key replicated."""
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, lora: LoraConfig | None = None) -> TrainState:
+    """NamedShardings for every leaf: params (and the frozen base) by the logical-axis rules, optimizer
+    moments like their parameters, scalars and the key replicated."""
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = param_shardings(abstract_params(cfg)[1], mesh)
-    abstract = abstract_state(cfg, tx)
+    _, abstract_params_, abstract_frozen = abstract_split(cfg, lora)
+    params = param_shardings(abstract_params_, mesh)
+    frozen = None if abstract_frozen is None else param_shardings(abstract_frozen, mesh)
+    abstract = abstract_state(cfg, tx, lora=lora)
     opt = optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
@@ -80,16 +128,18 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    return TrainState(replicated, params, opt, replicated)
+    return TrainState(replicated, params, opt, replicated, frozen)
 
 
-def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None) -> TrainState:
-    """The initial train state from a model; built directly into its shardings when a mesh is given."""
-    _, params = split_model(model)
+def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: Mesh | None = None,
+                 lora: LoraConfig | None = None) -> TrainState:
+    """The initial train state from a model (an adapted one under LoRA); built directly into its
+    shardings when a mesh is given."""
+    _, params, frozen = trainable_split(model, lora)
     if mesh is None:  # committed to the default device, like a restored state (same compiled step)
-        return jax.device_put(init_state(params, tx, seed), jax.devices()[0])
-    shardings = state_shardings(model.config, tx, mesh)
-    return jax.jit(lambda p: init_state(p, tx, seed), out_shardings=shardings)(params)
+        return jax.device_put(init_state(params, tx, seed, frozen), jax.devices()[0])
+    shardings = state_shardings(model.config, tx, mesh, lora)
+    return jax.jit(lambda p, f: init_state(p, tx, seed, f), out_shardings=shardings)(params, frozen)
 
 
 def params_finite(state: TrainState) -> bool:

@@ -10,6 +10,7 @@ metrics report it. One compiled function per block size: the loop caches them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -19,10 +20,12 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from efficient_dlm.diffusion.objectives import Example, Objective, corrupt, loss_and_sums
+from efficient_dlm.models.adapters import fill_dropout_keys
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.moe import expert_load_metrics, with_updated_expert_bias
 from efficient_dlm.train.optim import learning_rate_schedule, make_optimizer
-from efficient_dlm.train.state import TrainState, graphdef_for
+from efficient_dlm.train.lora import lora_config
+from efficient_dlm.train.state import TrainState, dropout_key_template, graphdef_for
 
 Batch = dict[str, jax.Array]
 
@@ -59,12 +62,23 @@ def _micro_batches(ex: Example, count: int) -> Example:
     return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), ex)
 
 
-def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: float, train: bool):
-    """train: MoE training routing (capacity on x_t); the eval step routes dropless, as inference."""
-    valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
+_DROPOUT_STREAM = 0x10A  # fold_in constant: the LoRA dropout keys' stream, apart from the mask-noise key
 
-    def loss_fn(params, ex: Example, normaliser, key, step):
-        model = nnx.merge(graphdef, params)
+
+def _loss_fn(config: ConfigDict, model_cfg: ModelConfig, obj: Objective, accum: int, z_loss: float, train: bool):
+    """train: MoE training routing (capacity on x_t) and LoRA dropout; the eval step routes dropless, as
+    inference, without dropout. frozen: the LoRA base (None for full fine-tuning)."""
+    valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
+    lora = lora_config(config)
+    dropout = train and lora is not None and lora.dropout > 0
+    graphdef = graphdef_for(model_cfg, lora, train=dropout)
+    keys = dropout_key_template(model_cfg, lora) if dropout else None
+
+    def loss_fn(params, ex: Example, normaliser, key, step, frozen=None):
+        states = [] if frozen is None else [frozen]
+        if keys is not None:
+            states.append(fill_dropout_keys(keys, jax.random.fold_in(key, _DROPOUT_STREAM)))
+        model = nnx.merge(graphdef, params, *states)
         loss, aux, sums = loss_and_sums(
             model, obj, ex, normaliser=normaliser, key=key, step=step, z_loss=z_loss, valid_vocab=valid_vocab,
             chunk=chunk, train=train,
@@ -74,8 +88,10 @@ def _loss_fn(graphdef, obj: Objective, config: ConfigDict, accum: int, z_loss: f
     return loss_fn
 
 
-def accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int):
-    """Sum of gradients and metric sums over `accum` micro-batches (lax.scan)."""
+def accumulate(grad_fn, params, ex: Example, normaliser, key, step, accum: int, frozen=None):
+    """Sum of gradients and metric sums over `accum` micro-batches (lax.scan); frozen: the LoRA base."""
+    if frozen is not None:
+        grad_fn = functools.partial(grad_fn, frozen=frozen)
     if accum == 1:
         (_, sums), grads = grad_fn(params, ex, normaliser, key, step)
         return grads, sums
@@ -123,8 +139,8 @@ def apply_gradients(
     params = optax.apply_updates(state.params, updates)
     moe_metrics = {}
     if "expert_counts" in sums:  # the selection bias moves only on steps the optimizer applied
-        applied = opt_state.last_finite
-        params = with_updated_expert_bias(params, state.params, sums["expert_counts"], model_cfg, applied)
+        if state.frozen is None:  # under LoRA it is part of the frozen base
+            params = with_updated_expert_bias(params, state.params, sums["expert_counts"], model_cfg, opt_state.last_finite)
         moe_metrics = expert_load_metrics(sums["expert_counts"])
     metrics = {
         "loss": loss,
@@ -136,7 +152,7 @@ def apply_gradients(
         "nonfinite_streak": opt_state.notfinite_count,
         **moe_metrics,
     }
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(
@@ -155,15 +171,13 @@ def make_train_step(
     obj = make_objective(config, model_cfg, block_size)
     tx = tx or make_optimizer(config.train)
     accum = config.train.grad_accum
-    grad_fn = jax.value_and_grad(
-        _loss_fn(graphdef_for(model_cfg), obj, config, accum, config.train.z_loss, train=True), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(_loss_fn(config, model_cfg, obj, accum, config.train.z_loss, train=True), has_aux=True)
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         corrupt_key, noise_key = jax.random.split(rng)
         ex = corrupt(obj, batch, corrupt_key)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
-        grads, sums = accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum)
+        grads, sums = accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum, state.frozen)
         state, metrics = apply_gradients(config.train, tx, model_cfg, state, grads, sums)
         return state, {**metrics, "tokens": sums["tokens"], **summarize(sums)}
 
@@ -173,14 +187,15 @@ def make_train_step(
 
 
 def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
-    """eval_step(params, batch, rng) -> metric sums: "loss" (the ELBO / NLL numerator, no z-loss, no
-    mask-embedding noise, no CAP term), count, ce, correct, tokens. Ratios come from `summarize` over all batches."""
+    """eval_step(params, batch, rng, frozen=None) -> metric sums: "loss" (the ELBO / NLL numerator, no
+    z-loss, no mask-embedding noise, no CAP term), count, ce, correct, tokens. Ratios come from
+    `summarize` over all batches. frozen: the LoRA base (TrainState.frozen)."""
     obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0,
                               confidence_weight=0.0)
-    loss_fn = _loss_fn(graphdef_for(model_cfg), obj, config, 1, 0.0, train=False)
+    loss_fn = _loss_fn(config, model_cfg, obj, 1, 0.0, train=False)
 
-    def eval_step(params, batch: Batch, rng: jax.Array):
-        _, sums = loss_fn(params, corrupt(obj, batch, rng), 1.0, None, 0)
+    def eval_step(params, batch: Batch, rng: jax.Array, frozen=None):
+        _, sums = loss_fn(params, corrupt(obj, batch, rng), 1.0, None, 0, frozen)
         return sums
 
     return jax.jit(eval_step) if jit else eval_step

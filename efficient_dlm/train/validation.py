@@ -12,6 +12,8 @@ from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS,
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.config import DTYPES
+from efficient_dlm.models.lora import TARGETS
 from efficient_dlm.train.optim import SCHEDULES
 
 MASK_TOKEN_MODES = ("model", "append")
@@ -66,3 +68,26 @@ def check_data_and_train(config: ConfigDict) -> None:
     if not 0.0 < t.wsd_decay_fraction <= 1.0:
         raise UserError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
 
+
+
+def check_lora(config: ConfigDict) -> None:
+    """The lora section (train/lora.py): checked only when lora.rank > 0."""
+    lo = config.get("lora")
+    if lo is None or lo.rank == 0:
+        return
+    if not isinstance(lo.rank, int) or lo.rank < 0:
+        raise UserError(f"lora.rank must be a non-negative integer (0 = off), got {lo.rank!r}")
+    if not (math.isfinite(lo.alpha) and lo.alpha > 0):
+        raise UserError(f"lora.alpha must be a positive number, got {lo.alpha}")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise UserError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    targets = [t.strip() for t in lo.targets.split(",") if t.strip()]
+    if not targets or any(t not in TARGETS for t in targets):
+        raise UserError(f"lora.targets {lo.targets!r}: comma-separated names from {', '.join(TARGETS)}")
+    if lo.base_dtype not in ("", *DTYPES):
+        raise UserError(f"unknown lora.base_dtype {lo.base_dtype!r}; choose one of {', '.join(DTYPES)} (or '' for model.param_dtype)")
+    if config.init.hf_dir:
+        raise UserError("lora.rank > 0 trains adapters on a saved base: import init.hf_dir first (`edlm import-hf`) "
+                        "and set init.checkpoint")
+    if config.diffusion.objective != "ar" and config.diffusion.mask_token != "model":
+        raise UserError("lora.rank > 0 keeps the base's vocabulary frozen: [MASK] must be in it (diffusion.mask_token='model')")
