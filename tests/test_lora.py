@@ -134,8 +134,9 @@ def _check_exports(run_dir: str, base_dir: str, ours: np.ndarray, tmp):
 
 
 def test_lora_on_a_moe_model_adapts_experts_and_keeps_the_router_bias_frozen():
-    """Two train steps of a tiny MoE (router bias on) with adapters on attention, shared-free experts:
-    base (and its selection bias) bitwise unchanged, every adapter moved, merged forward = adapter forward."""
+    """Two train steps of a tiny MoE (selection bias on) with adapters on q / v and the routed experts:
+    the base, its selection bias included, bitwise unchanged; every adapter moved; the merged model
+    (models/adapters.py, an einsum per weight) computes the adapter forward (grouped matmuls)."""
     c = _recipe("tiny_moe_train")
     c.model.update(first_k_dense=0, num_layers=1, router_bias=True, router_bias_update_rate=0.01)
     c.diffusion.update(block_size=4, mask_token="model")
