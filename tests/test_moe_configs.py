@@ -57,6 +57,7 @@ def test_moe_recipes_build_with_the_expected_parameter_count(recipe, published):
         (dict(router_groups=3), r"model.router_groups \(3\) must divide model.num_experts \(8\)"),
         (dict(router_groups=4, router_topk_groups=1, num_experts_per_tok=3), "exceeds the 2 experts"),
         (dict(capacity_factor=-1.0), "model.capacity_factor must be positive"),
+        (dict(clean_routing="sometimes"), "unknown model.clean_routing 'sometimes'; choose one of dropless, capacity"),
         (dict(shared_expert_gate=True), "needs a shared expert"),
         (dict(router_score="relu"), "unknown model.router_score 'relu'"),
         (dict(first_k_dense=2), r"model.first_k_dense \(2\) and model.mlp_only_layers leave no MoE layer of 2"),

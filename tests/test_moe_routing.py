@@ -135,6 +135,27 @@ def test_capacity_mode_drops_later_assignments_beyond_capacity():
     assert np.all(np.abs(dropless).sum(-1) > 0)
 
 
+def test_capacity_segments_route_each_half_with_a_capacity_of_its_own():
+    """clean_routing="capacity": [x_t ; x_0] rows of 2 x 6, each half with C = capacity(6) of its own
+    (plus a dropless tail of 2 positions). Expert e0 is crowded in both halves: x_0 keeps its own C
+    assignments of e0 however many x_t took; one capacity over the 12 would drop x_0's in favour of x_t's."""
+    cfg = ModelConfig(**MOE, capacity_factor=0.5)
+    x, experts = _routing(cfg, (2, 14))
+    e0 = experts[0, 0, 0]
+    experts[0, 6:10] = experts[0, 0]  # x_0 crowds the same experts as x_t's positions 0..4
+    w = _weights(cfg)
+    dense = _every_expert(x, w)
+    out = np.asarray(jax.jit(lambda x, e, w: routed_outputs(x, e, w, cfg, 6, 2))(jnp.asarray(x), jnp.asarray(experts), w))
+    cap = capacity(cfg, 6)
+    expected = _capacity_reference(experts, dense, cap, range(6)) + _capacity_reference(experts, dense, cap, range(6, 12))
+    b, t = np.meshgrid(np.arange(2), np.arange(12, 14), indexing="ij")
+    expected[:, 12:] = dense[experts[:, 12:], b[..., None], t[..., None]]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    kept_e0_x0 = int(np.sum(np.abs(out[0, 6:12][experts[0, 6:12] == e0]).sum(-1) > 0))
+    assert kept_e0_x0 == cap  # x_0's own capacity; whole-row capacity(12) would have left it none
+    assert np.sum(np.abs(_capacity_reference(experts, dense, capacity(cfg, 12), range(12))[0, 6:12][experts[0, 6:12] == e0]).sum(-1) > 0) == 0
+
+
 def test_megablox_gmm_matches_ragged_dot():
     rng = np.random.RandomState(0)
     lhs, rhs = jnp.asarray(rng.randn(24, 32), jnp.float32), jnp.asarray(rng.randn(4, 32, 16), jnp.float32)
@@ -174,31 +195,40 @@ def test_aux_loss_free_bias_update_balances_the_load():
     assert float(step(model)[1]) < 1.2 * cfg.num_experts_per_tok  # the Switch loss is k when balanced
 
 
-def test_training_routing_counts_real_x_t_tokens_and_never_drops_x_0():
+def test_training_routing_counts_real_x_t_tokens_and_routes_x_0_by_clean_routing():
     """[x_t ; x_0] rows with padding under a capacity that drops: the router statistics count the real
-    x_t tokens only (not padding, not the x_0 copy); the x_0 half is routed dropless, so its hidden
-    states (which never see x_t) are the same with and without training's capacity; x_t's are not."""
+    x_t tokens only (not padding, not the x_0 copy). clean_routing="dropless": the x_0 half's hidden
+    states (which never see x_t) are the same with and without training's capacity; x_t's are not.
+    clean_routing="capacity": the x_0 half equals a block-causal forward of x_0 alone, routed with one
+    capacity over its own row (never competing with x_t), and differs from the dropless x_0."""
     cfg = ModelConfig(**{**MOE, "hidden_size": 32}, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=64,
                       capacity_factor=0.25, router_score="sigmoid", router_bias=True)
     model = _random_model(cfg)
+    clean_capacity = _random_model(cfg.replace(clean_routing="capacity"))
+    nnx.update(clean_capacity, nnx.state(model))  # the same weights
     length = 16
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, (3, 2 * length)))
     seg = jnp.asarray(np.array([[1] * length, [1] * 10 + [0] * 6, [1] * 5 + [2] * 8 + [0] * 3]))
 
     @jax.jit
     def run(tokens):
-        out = {c: model.hidden(tokens, attention="clean_context", block_size=4, segment_ids=seg, moe_capacity=c)
-               for c in (False, True)}
-        return {c: (h, aux["router_tokens"], aux["expert_counts"]) for c, (h, aux) in out.items()}
+        def hidden(m, c):
+            return m.hidden(tokens, attention="clean_context", block_size=4, segment_ids=seg, moe_capacity=c)
+        out = {"dropless": hidden(model, False), "capacity": hidden(model, True), "clean": hidden(clean_capacity, True)}
+        alone = clean_capacity.hidden(tokens[:, length:], attention="block", block_size=4, segment_ids=seg,
+                                      moe_capacity=True)[0]
+        return {c: (h, aux["router_tokens"], aux["expert_counts"]) for c, (h, aux) in out.items()}, alone
 
-    out = run(tokens)
+    out, x_0_alone = run(tokens)
     real_x_t = float(np.sum(np.asarray(seg) > 0))
     for _, tokens_counted, counts in out.values():
         np.testing.assert_array_equal(np.asarray(tokens_counted), [real_x_t] * 2)
         np.testing.assert_allclose(np.asarray(counts).sum(-1), [real_x_t * cfg.num_experts_per_tok] * 2)
-    dropless, capacity_routed = np.asarray(out[False][0]), np.asarray(out[True][0])
+    dropless, capacity_routed, clean = (np.asarray(out[c][0]) for c in ("dropless", "capacity", "clean"))
     np.testing.assert_allclose(capacity_routed[:, length:], dropless[:, length:], rtol=1e-6, atol=1e-6)
     assert np.abs(capacity_routed[:, :length] - dropless[:, :length]).max() > 1e-3  # x_t tokens were dropped
+    np.testing.assert_allclose(clean[:, length:], np.asarray(x_0_alone), rtol=1e-5, atol=1e-5)
+    assert np.abs(clean[:, length:] - dropless[:, length:]).max() > 1e-3  # x_0 tokens were dropped too
 
 
 def test_weighted_routing_stats_match_numpy():

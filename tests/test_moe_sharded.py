@@ -1,8 +1,9 @@
 """Expert parallelism on 8 fake CPU devices: the sharded MoE block's loss and gradients equal one device's.
 
 Meshes (data, fsdp, tensor, expert): dropless all_to_all over expert=4 with fsdp=2; capacity mode
-over expert=4 with the experts' mlp split over tensor=2; and no expert axis (experts sharded over
-fsdp/tensor by the rules, XLA partitions the grouped matmul). One subprocess for all three."""
+(x_t half) over expert=4 with the experts' mlp split over tensor=2; both halves with a capacity each
+(clean_routing="capacity") over expert=4 with fsdp=2; and no expert axis (experts sharded over
+fsdp/tensor by the rules, XLA partitions the grouped matmul). One subprocess for all four."""
 import os
 import subprocess
 import sys
@@ -18,4 +19,4 @@ def test_sharded_moe_forward_and_gradient_equal_single_device():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("mesh=")]
-    assert len(lines) == 3, proc.stdout
+    assert len(lines) == 4, proc.stdout

@@ -17,10 +17,12 @@ from tests.test_moe_configs import _recipe
 
 
 def test_block_diffusion_training_of_a_tiny_moe_learns_and_balances(tmp_path):
-    """Trained with capacity 0.5 (training drops x_t assignments), the model decodes dropless, so the
-    JAX sampler, the slow reference and the exported PyTorch model give the same tokens."""
+    """Trained with capacity 0.5 on both halves, each with its own (clean_routing="capacity", as the
+    100B recipe: training drops x_t and x_0 assignments), the model decodes dropless, so the JAX
+    sampler, the slow reference and the exported PyTorch model give the same tokens."""
     c = _recipe("tiny_moe_train")
     c.model.capacity_factor = 0.5
+    c.model.clean_routing = "capacity"
     c.data.train_files = write_jsonl(tmp_path / "train.jsonl", documents(300, 1))
     c.data.eval_files = ""
     c.data.update(seq_len=32, num_threads=1)
@@ -60,3 +62,4 @@ def test_block_diffusion_training_of_a_tiny_moe_learns_and_balances(tmp_path):
     assert [list(map(int, r)) for r in result["new_tokens"]] == out.sequences
     card = open(f"{export}/README.md").read()
     assert "dropless at inference" in card and "trained with expert capacity 0.5" in card
+    assert "clean context with a capacity of its own" in card

@@ -193,8 +193,10 @@ def test_aot_advice_names_capacity_routing_for_dropless_expert_parallelism():
     config = sibling_recipe(os.path.join(os.path.dirname(__file__), "..", "configs", "moe_100b.py"), "moe_100b")
     step = Program("train_step", None, (), (), notes={})
     config.mesh.expert = 16
-    assert "capacity_factor" not in advice(step, config)  # the recipe already routes with capacity
+    assert "capacity" not in advice(step, config)  # the recipe already routes both halves with capacity
     config.model.capacity_factor = None
     assert "--config.model.capacity_factor=1.25" in advice(step, config)
+    config.model.clean_routing = "dropless"
+    assert "--config.model.clean_routing=capacity" in advice(step, config)
     config.mesh.expert = 1  # no expert axis: nothing is padded to the worst case
-    assert "capacity_factor" not in advice(step, config)
+    assert "capacity" not in advice(step, config)

@@ -186,8 +186,9 @@ def predict_hidden(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Final hidden states [B', L, E] whose row i predicts targets[:, i], and the model's aux outputs.
 
-    train: route MoE experts as in training (capacity on the x_t half, docs/METHOD.md section 7);
-    False (evaluation, scoring) routes them dropless, as inference does.
+    train: route MoE experts as in training (capacity on the x_t half, the x_0 half per
+    model.clean_routing, docs/METHOD.md section 7); False (evaluation, scoring) routes them
+    dropless, as inference does.
 
     With token shift, position i reads the hidden state at i - 1; under clean context the first
     token of a block reads the clean x_0 state at i - 1 (it sees only finished blocks, as at decode).

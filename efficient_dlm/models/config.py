@@ -20,6 +20,7 @@ MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")
 MODEL_TYPES = DENSE_FAMILIES + MOE_FAMILIES
 ROUTER_SCORES = ("softmax", "sigmoid")
 MOE_IMPLS = ("auto", "ragged", "gmm")
+CLEAN_ROUTINGS = ("dropless", "capacity")  # training's x_0 half under capacity_factor (docs/METHOD.md section 7)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 ATTENTION_BACKENDS = ("auto", "xla", "splash", "pallas", "gpu")
@@ -86,6 +87,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights
     router_bias: bool = False  # per-expert selection bias, updated without gradients (aux-loss-free balancing)
     capacity_factor: float | None = None  # training only: expert capacity over x_t (moe_dispatch); inference is dropless
+    clean_routing: str = "dropless"  # training's x_0 half: dropless (as decoding) | capacity (its own; bounded memory)
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in aux["moe_aux_loss"] (HF's name)
     router_z_loss_coef: float = 0.0  # weight of the router z-loss in aux["router_z_loss"]
     router_bias_update_rate: float = 0.001  # step of the aux-loss-free bias update (DeepSeek-V3's gamma)
@@ -252,6 +254,8 @@ def _validate_moe(cfg: ModelConfig) -> None:
         )
     if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
         raise UserError(f"model.capacity_factor must be positive (or unset for dropless routing), got {cfg.capacity_factor}")
+    if cfg.clean_routing not in CLEAN_ROUTINGS:
+        raise UserError(f"unknown model.clean_routing {cfg.clean_routing!r}; choose one of {', '.join(CLEAN_ROUTINGS)}")
     for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
         if getattr(cfg, name) < 0:
             raise UserError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")

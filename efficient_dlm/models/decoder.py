@@ -188,9 +188,10 @@ class Decoder(nnx.Module):
         0..L-1 in both halves and segment_ids may be given for one half ([B, L]) or both ([B, 2L]).
         `embeddings` replaces the token embedding lookup (e.g. noised [MASK] embeddings).
         MoE (docs/METHOD.md section 7): moe_capacity=True (the train step) routes the x_t half (the
-        whole row without clean context) with model.capacity_factor and the x_0 half dropless; False
-        (default: scoring, inference) routes everything dropless. Router statistics count the real
-        tokens of the x_t half only.
+        whole row without clean context) with model.capacity_factor, and the x_0 half dropless
+        (model.clean_routing="dropless") or with a capacity of its own ("capacity"); False (default:
+        scoring, inference) routes everything dropless. Router statistics count the real tokens of
+        the x_t half only.
         """
         batch, length = tokens.shape
         stream_len = length // 2 if attention == "clean_context" else length
@@ -215,7 +216,8 @@ class Decoder(nnx.Module):
         if self.config.is_moe:
             real = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
             counted = real & (jnp.arange(length) < stream_len)[None, :]
-            routing = Routing(stream_len if moe_capacity else None, counted.astype(jnp.float32))
+            segments = 2 if length == 2 * stream_len and self.config.clean_routing == "capacity" else 1
+            routing = Routing(stream_len if moe_capacity else None, counted.astype(jnp.float32), segments)
         h = self.embed(tokens) if embeddings is None else embeddings
         h, _, aux = self._layers(h, positions, make_attend, None, _real_length(positions, segment_ids), routing)
         return h, aux

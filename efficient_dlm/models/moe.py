@@ -20,8 +20,9 @@ Contract with the trainer. `Decoder.hidden` returns `aux`, empty for dense model
 b_e += router_bias_update_rate * sign(mean load - load_e) per layer, once per optimizer step;
 `with_updated_expert_bias` is the same on an nnx.State, as the train step (train/step.py) applies it
 with the expert counts summed over its micro-batches, on the steps the optimizer applied.
-Routing per phase (`Routing`, docs/METHOD.md section 7): capacity on the x_t half in training, x_0
-and inference dropless; statistics over the real x_t tokens.
+Routing per phase (`Routing`, docs/METHOD.md section 7): capacity on the x_t half in training; the
+x_0 half dropless (`model.clean_routing="dropless"`, the default) or with a capacity of its own
+("capacity"); inference dropless; statistics over the real x_t tokens.
 """
 from __future__ import annotations
 
@@ -42,15 +43,19 @@ from efficient_dlm.parallel.rules import constrain
 class Routing(NamedTuple):
     """How one forward routes its tokens (docs/METHOD.md section 7), built by `Decoder.hidden`.
 
-    capacity_len: the leading positions of every row routed with capacity (training's x_t half, or the
-        whole row without clean context); later positions (the x_0 half) are routed dropless. None:
-        everything dropless (inference and scoring).
+    capacity_len: the length of one capacity segment; the first capacity_segments of them in every row
+        are routed with capacity, each with its own (training's x_t half, or the whole row without
+        clean context; and the x_0 half under model.clean_routing="capacity"); later positions (the
+        x_0 half under clean_routing="dropless") are routed dropless. None: everything dropless
+        (inference and scoring).
     token_weight [B, T] float32: 1 on the tokens the router statistics count (the real tokens of the
         x_t half), else 0.
+    capacity_segments: 1 (x_t only, or the whole row) or 2 (x_t and x_0, one capacity each).
     """
 
     capacity_len: int | None
     token_weight: jax.Array
+    capacity_segments: int = 1
 
 
 class MoEBlock(nnx.Module):
@@ -77,8 +82,8 @@ class MoEBlock(nnx.Module):
         weights, experts, stats = self.router(x.reshape(b * t, d), token_weight)
         k = experts.shape[-1]
         w = ExpertWeights(*(expert_weight(self, name) for name in self.LORA_EXPERT_WEIGHTS))
-        capacity_len = None if routing is None else routing.capacity_len
-        outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg, capacity_len)
+        capacity_len, segments = (None, 1) if routing is None else (routing.capacity_len, routing.capacity_segments)
+        outputs = routed_outputs(x, experts.reshape(b, t, k), w, self.cfg, capacity_len, segments)
         y = jnp.einsum("btkd,btk->btd", outputs, weights.reshape(b, t, k).astype(x.dtype))
         if self.cfg.shared_expert_intermediate_size:
             shared = self.shared_expert(x)

@@ -9,8 +9,10 @@ unweighted output of each assignment, [..., k, embed]; the caller weights and su
 
 Which positions route how is the caller's (docs/METHOD.md section 7): `capacity_len` = None routes
 everything dropless (inference: the decoder's `decode`, scoring, export parity); an int routes the
-first `capacity_len` positions of every row with capacity (training's x_t half, or the whole row
-without clean context) and the rest (training's x_0 half) dropless. capacity_factor unset: dropless.
+first `capacity_segments` x `capacity_len` positions of every row with capacity, each segment of
+`capacity_len` positions with a capacity of its own (training's x_t half, and the x_0 half under
+`model.clean_routing="capacity"`; or the whole row without clean context), and the rest (training's
+x_0 half under the default `clean_routing="dropless"`) dropless. capacity_factor unset: dropless.
 - dropless: assignments sorted by expert, SwiGLU with grouped matmuls (group sizes = tokens per
   expert); nothing is dropped.
 - capacity (capacity_factor = c): within the capacity positions of each batch row (T of them), expert
@@ -22,8 +24,8 @@ without clean context) and the rest (training's x_0 half) dropless. capacity_fac
   more than one device, each device owns E / ep experts; the tokens (sharded by batch) are sent to
   their experts' devices and back with all_to_all inside shard_map. Dropless sends a static
   [ep, T_local * k] buffer per device (worst case, mostly padding; XLA:CPU has no
-  ragged_all_to_all): capacity_factor bounds the traffic of training's x_t half, the x_0 half and
-  inference stay dropless. Capacity sends exactly [E, rows * C].
+  ragged_all_to_all): capacity_factor bounds the traffic of training's x_t half (and of the x_0 half
+  with clean_routing="capacity"); inference stays dropless. Capacity sends exactly [E, rows * C].
   The mlp dimension of the experts may also be split over the tensor axis (partial sums, psum).
   Without an expert axis, expert weights are sharded over fsdp/tensor by the rules and XLA
   partitions the grouped matmul.
@@ -49,19 +51,31 @@ class ExpertWeights(NamedTuple):
 
 
 def routed_outputs(
-    x: jax.Array, experts: jax.Array, w: ExpertWeights, cfg: ModelConfig, capacity_len: int | None = None
+    x: jax.Array, experts: jax.Array, w: ExpertWeights, cfg: ModelConfig, capacity_len: int | None = None,
+    capacity_segments: int = 1,
 ) -> jax.Array:
     """x [B, T, D], experts [B, T, k] -> per-assignment expert outputs [B, T, k, D].
 
-    Positions [0, capacity_len) of each row route with capacity (when cfg.capacity_factor is set),
-    the others dropless; capacity_len None: all dropless.
+    The first capacity_segments * capacity_len positions of each row route with capacity (when
+    cfg.capacity_factor is set) in segments of capacity_len positions, each with its own capacity
+    C = capacity(cfg, capacity_len) (tokens of different segments never compete); the other positions
+    route dropless. capacity_len None: all dropless.
     """
     if capacity_len is None or cfg.capacity_factor is None:
         return _outputs(x, experts, w, cfg, None)
-    head = _outputs(x[:, :capacity_len], experts[:, :capacity_len], w, cfg, capacity(cfg, capacity_len))
-    if capacity_len == x.shape[1]:
+    b, t, d = x.shape
+    k = experts.shape[-1]
+    span = capacity_len * capacity_segments
+    if span > t:
+        raise ValueError(f"{capacity_segments} capacity segments of {capacity_len} exceed the row length {t}")
+    # Segments become rows of their own (row-major, so a batch shard keeps its rows' segments): one
+    # dispatch whose per-row capacity is each segment's.
+    head = _outputs(x[:, :span].reshape(b * capacity_segments, capacity_len, d),
+                    experts[:, :span].reshape(b * capacity_segments, capacity_len, k), w, cfg,
+                    capacity(cfg, capacity_len)).reshape(b, span, k, d)
+    if span == t:
         return head
-    tail = _outputs(x[:, capacity_len:], experts[:, capacity_len:], w, cfg, None)
+    tail = _outputs(x[:, span:], experts[:, span:], w, cfg, None)
     return jnp.concatenate([head, tail], axis=1)
 
 

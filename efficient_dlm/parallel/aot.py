@@ -163,6 +163,10 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
     if m.get("num_experts") and m.get("capacity_factor") is None and config.mesh.get("expert", 1) not in (0, 1):
         # Dropless expert parallelism sends static worst-case buffers: ep x the local tokens.
         tips.append("--config.model.capacity_factor=1.25 (dropless expert parallelism sizes its buffers for the worst case)")
+    if (m.get("num_experts") and program.name == "train_step" and m.get("clean_routing", "dropless") == "dropless"
+            and config.mesh.get("expert", 1) not in (0, 1)):
+        # The clean x_0 half, dropless in training by default, pads the same way (docs/METHOD.md section 7).
+        tips.append("--config.model.clean_routing=capacity (the x_0 half's dropless exchange is sized for the worst case)")
     if program.name == "train_step":
         if config.model.remat_policy != "full":
             tips.append("--config.model.remat_policy=full")

@@ -131,8 +131,9 @@ def render(
 
 def moe_routing(cfg: ModelConfig) -> str:
     """The routing policy per phase (docs/METHOD.md section 7) in one line."""
+    clean = "clean context dropless" if cfg.clean_routing == "dropless" else "clean context with a capacity of its own"
     trained = (
-        f"trained with expert capacity {cfg.capacity_factor} on the noisy (x_t) tokens, clean context dropless"
+        f"trained with expert capacity {cfg.capacity_factor} on the noisy (x_t) tokens, {clean}"
         if cfg.capacity_factor is not None else "trained dropless"
     )
     return f"dropless at inference (every token visits its {cfg.num_experts_per_tok} experts); {trained}"

@@ -158,8 +158,9 @@ def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
 def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
     """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form; the
     student's auxiliary losses (MoE routers) are added as in block-diffusion training. train: MoE
-    training routing (capacity on x_t), as the train step; evaluation routes dropless. CAP
-    (diffusion.confidence_weight): the student's entropy where its argmax is the teacher's."""
+    training routing (capacity on x_t; x_0 per model.clean_routing), as the train step; evaluation
+    routes dropless. CAP (diffusion.confidence_weight): the student's entropy where its argmax is the
+    teacher's."""
     o, d = p.config.opd, p.config.diffusion
     cap = d.confidence_weight > 0
 

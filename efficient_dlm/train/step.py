@@ -66,8 +66,9 @@ _DROPOUT_STREAM = 0x10A  # fold_in constant: the LoRA dropout keys' stream, apar
 
 
 def _loss_fn(config: ConfigDict, model_cfg: ModelConfig, obj: Objective, accum: int, z_loss: float, train: bool):
-    """train: MoE training routing (capacity on x_t) and LoRA dropout; the eval step routes dropless, as
-    inference, without dropout. frozen: the LoRA base (None for full fine-tuning)."""
+    """train: MoE training routing (capacity on x_t; x_0 per model.clean_routing) and LoRA dropout; the
+    eval step routes dropless, as inference, without dropout. frozen: the LoRA base (None for full
+    fine-tuning)."""
     valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
     lora = lora_config(config)
     dropout = train and lora is not None and lora.dropout > 0
