@@ -82,7 +82,9 @@ def data_section() -> ConfigDict:
             text_key="text",  # JSON field / Parquet column holding the document
             seq_len=256,
             packing=True,  # pack documents (segment ids) or pad one document per row
-            add_bos=False,  # prepend model.bos_token_id to every document
+            add_bos=False,  # prepend model.bos_token_id to every document (text; a chat template writes its own)
+            format="text",  # text: documents | chat: JSONL conversations, only assistant tokens supervised (README, Chat SFT)
+            chat_template="",  # chat: "" the tokenizer's own | "builtin" (data/chat.py) | a .jinja file
             num_threads=2,
             prefetch=8,
         )
@@ -162,6 +164,7 @@ def sample_section() -> ConfigDict:
             stop_tokens=(),  # token ids that end a row; () = model.eos_token_id
             prompt_bucket=0,  # prompt capacity of the cache in tokens; 0 = next power of two
             draft_steps=1,  # speculative (--verifier): dLM denoising steps per draft, the last commits the rest
+            chat=False,  # edlm sample: text prompts as a user turn in the checkpoint's chat template (chat SFT)
         )
     )
 

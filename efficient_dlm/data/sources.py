@@ -91,15 +91,19 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self._starts)
 
-    def __getitem__(self, index: int) -> str:
+    def record(self, index: int) -> tuple[Any, str]:
+        """(the parsed JSON value of record `index`, "path: line n" for error messages)."""
         line = self._buf[self._starts[index]:self._ends[index]]
         where = f"{self.path}: line {self._line_numbers[index]}"
         try:
-            record = json.loads(bytes(line).decode("utf-8"))
+            return json.loads(bytes(line).decode("utf-8")), where
         except UnicodeDecodeError as err:
             raise UserError(f"{where} is not valid UTF-8 (byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise UserError(f"{where} is not valid JSON ({err.msg})") from None
+
+    def __getitem__(self, index: int) -> str:
+        record, where = self.record(index)
         return _text_of(record, self.text_key, where)
 
 

@@ -3,7 +3,9 @@
 The model decodes as its DiffusionSpec says (recorded in the checkpoint), exactly as
 `generate(load(ckpt), prompts, max_new_tokens=n)`; keys set in the config's `sample` section
 (`--config.sample.strategy=ar`, `--config.sample.threshold=0.8`, ...) override it. Prompts are
-encoded with the checkpoint's tokenizer.
+encoded with the checkpoint's tokenizer; with `--chat` (or `--config.sample.chat=True`) a text prompt is
+rendered as one user turn plus the generation prompt in the checkpoint's chat template, and the
+template's end-of-turn token joins the stop tokens (a chat-SFT'd model, README "Chat SFT").
 `--verifier CKPT` (or `--verifier self`) decodes speculatively: the dLM drafts, the AR checkpoint (or
 the dLM's own weights in causal mode) verifies, and the output is exactly the verifier's own decoding.
 """
@@ -20,7 +22,9 @@ from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_file
 from efficient_dlm.sample.api import check_model, generate
 from efficient_dlm.sample.config import generate_kwargs
-from efficient_dlm.sample.inputs import Prompt, check_ids, decode, encode, load_source, load_verifier, read_prompts
+from efficient_dlm.sample.inputs import (
+    Prompt, check_ids, decode, encode, encode_chat, load_source, load_verifier, read_prompts,
+)
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
@@ -29,6 +33,8 @@ flags.DEFINE_string("out", None, "write one JSON record per prompt to this JSONL
 flags.DEFINE_integer("batch_size", 8, "prompts decoded together")
 flags.DEFINE_bool("stream", False, "print each block as soon as it is final")
 flags.DEFINE_integer("step", None, "training run directory: the step to load (default: the newest)")
+flags.DEFINE_bool("chat", False, "render each text prompt as a user turn with the checkpoint's chat template "
+                  "(a chat-SFT'd model; same as --config.sample.chat=True)")
 flags.DEFINE_string("verifier", None, "AR checkpoint verifying the dLM's drafts (strategy speculative), or 'self'")
 
 
@@ -65,9 +71,14 @@ def run(config, FLAGS) -> int:
     check_model(source.model, strategy, config.sample.top_k)
     prompts = [Prompt([], text) for text in FLAGS.prompt]
     prompts += read_prompts(FLAGS.prompts_jsonl) if FLAGS.prompts_jsonl else []
+    chat = FLAGS.chat or config.sample.chat
+    end_of_turn = encode_chat(prompts, source, config.data.chat_template) if chat else None
     encode(prompts, source.tokenizer)
     check_ids(prompts, source.model.config.vocab_size)
     kwargs = generate_kwargs(config.sample)
+    if chat and kwargs["stop_tokens"] is None:  # the reply ends at the template's end-of-turn token (or EOS)
+        eos = source.model.config.eos_token_id
+        kwargs["stop_tokens"] = tuple(dict.fromkeys(t for t in (eos, end_of_turn) if t is not None)) or None
     if FLAGS.verifier:
         strategy = "speculative"
         kwargs.update(strategy=strategy, verifier=load_verifier(FLAGS.verifier, config))

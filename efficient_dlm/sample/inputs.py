@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config, to_plain
+from efficient_dlm.data.chat import ChatEncoder
 from efficient_dlm.data.sources import check_regular_file
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError, UserFileNotFoundError
@@ -46,6 +47,7 @@ class Source:
     model: object  # with its DiffusionSpec attached (model.spec)
     tokenizer: object | None  # tokenizers.Tokenizer
     description: str
+    tokenizer_dir: str | None = None  # where the tokenizer (and its chat template) lives
 
 
 def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
@@ -65,17 +67,17 @@ def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -
         model = checkpoints.load(ckpt, step=step)
         tokenizer_dir = tokenizer_dir or checkpoints.tokenizer_dir(ckpt)
         where = os.path.abspath(ckpt) + ("" if step is None else f" step {step}")
-        return Source(model, _tokenizer(tokenizer_dir), where)
+        return Source(model, _tokenizer(tokenizer_dir), where, tokenizer_dir)
     if config.init.hf_dir:
         model = from_hf(config.init.hf_dir, dtype=config.model.param_dtype)
         if getattr(model, "spec", None) is None:
             with_spec(model, spec_from_recipe(to_plain(config), model.config))
         if tokenizer_dir is None and os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")):
             tokenizer_dir = config.init.hf_dir
-        return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(config.init.hf_dir))
+        return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(config.init.hf_dir), tokenizer_dir)
     model = init_model(model_config(config), seed=config.init.seed)
     with_spec(model, spec_from_recipe(to_plain(config), model.config))
-    return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})")
+    return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})", tokenizer_dir)
 
 
 def load_verifier(ckpt: str, config: ConfigDict):
@@ -131,6 +133,20 @@ def encode(prompts: list[Prompt], tokenizer) -> list[Prompt]:
             )
         prompt.ids = tokenizer.encode(prompt.text).ids
     return prompts
+
+
+def encode_chat(prompts: list[Prompt], source: Source, chat_template: str = "") -> int | None:
+    """Renders each text prompt as one user turn plus the generation prompt with the tokenizer's chat
+    template, or `chat_template` (the recipe's data.chat_template) when set: the ids a chat-SFT run
+    trained the reply to follow (data/chat.py). Returns the template's end-of-turn token (a stop
+    token). Prompts given as ids are used as they are."""
+    if not source.tokenizer_dir:
+        raise UserError("--chat needs the model's tokenizer (a checkpoint's tokenizer/ or --config.init.tokenizer=DIR)")
+    renderer = ChatEncoder(source.tokenizer_dir, eos_id=source.model.config.eos_token_id, chat_template=chat_template)
+    for prompt in prompts:
+        if not prompt.ids:
+            prompt.ids = renderer.prompt_ids([{"role": "user", "content": prompt.text}])
+    return renderer.end_of_turn_id()
 
 
 def check_ids(prompts: list[Prompt], vocab_size: int) -> None:

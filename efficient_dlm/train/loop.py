@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
 from efficient_dlm.config import to_plain, validate
+from efficient_dlm.data.chat import ChatEncoder, install_template
 from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
 from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
 from efficient_dlm.diffusion.spec import spec_from_recipe
@@ -84,7 +86,19 @@ def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> Da
         seed=config.seed,
         num_threads=d.num_threads,
         prefetch=d.prefetch,
+        format=d.format,
+        chat_template=d.chat_template,
+        align=chat_alignment(config),
     )
+
+
+def chat_alignment(config: ConfigDict) -> int:
+    """Chat conversations start at a multiple of every block size the run trains with (the schedule's
+    least common multiple), so each turn's blocks are where the sampler puts them (METHOD.md section 9)."""
+    d = config.diffusion
+    if config.data.format != "chat" or d.objective not in ("block", "block_diffusion"):
+        return 1
+    return math.lcm(*(size for _, size in parse_schedule(d.block_size_schedule, d.block_size)))
 
 
 def _build_data(config: ConfigDict, spec: DataSpec, train: bool):
@@ -178,7 +192,10 @@ class _Run:
         spec = spec_from_recipe(extra["train_config"], self.cfg, init.valid_vocab_size)
         if spec is not None:  # what load / generate / export read: the run decodes as it trains
             checkpoints.write_diffusion_spec(self.run_dir, spec)
-        checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
+        copied = checkpoints.copy_tokenizer(_tokenizer_folder(init.tokenizer_dir), self.run_dir)
+        if copied and self.config.data.format == "chat" and self.config.data.chat_template:
+            encoder = ChatEncoder(copied, eos_id=self.cfg.eos_token_id, chat_template=self.config.data.chat_template)
+            install_template(copied, encoder.template, encoder.hf.eos_token)  # sample --chat / serve render as trained
         self.state = create_state(init.model, self.tx, self.config.seed, self.mesh, self.lora)
         return init.tokenizer_dir
 

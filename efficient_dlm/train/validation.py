@@ -8,6 +8,7 @@ import math
 
 from ml_collections import ConfigDict
 
+from efficient_dlm.data.pipeline import FORMATS
 from efficient_dlm.diffusion.objectives import MASKINGS, OBJECTIVES, WEIGHTINGS, check_confidence
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
 from efficient_dlm.diffusion.schedule import parse_schedule
@@ -50,6 +51,9 @@ def check_data_and_train(config: ConfigDict) -> None:
     if d.seq_len <= 1:
         raise UserError(f"data.seq_len must be at least 2, got {d.seq_len}")
     _choice(t.schedule, SCHEDULES, "train.schedule")
+    _choice(d.format, FORMATS, "data.format")
+    if d.chat_template and d.format != "chat":
+        raise UserError(f"data.chat_template is set ({d.chat_template!r}) but data.format is {d.format!r}; set data.format=chat")
     for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "max_nonfinite_steps"):
         if t[key] <= 0:
             raise UserError(f"train.{key} must be positive, got {t[key]}")
