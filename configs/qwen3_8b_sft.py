@@ -8,7 +8,7 @@ Data: JSONL conversations ({"messages": [...]} multi-turn, or {"prompt", "respon
 Qwen3's own chat template (the checkpoint's tokenizer_config.json); only assistant tokens (and each
 turn's <|im_end|>) are masked and supervised, every conversation starts on a block boundary so each
 reply's first block holds the prompt's last tokens exactly where `edlm sample --chat` puts them
-(docs/METHOD.md section 9). The objective is the conversion's (clean-context block diffusion, block
+(docs/METHOD.md section 11). The objective is the conversion's (clean-context block diffusion, block
 32, position-dependent masking, ELBO / masked-token count); the [MASK] row already exists in the
 converted checkpoint, so nothing is appended.
 

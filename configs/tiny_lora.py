@@ -17,8 +17,8 @@ def get_config():
     c.init.checkpoint = "runs/tiny_train"
     c.init.tokenizer = ""  # the base run's tokenizer
     c.diffusion.mask_token = "model"  # tiny.py's [MASK] (511) is in the base vocabulary
-    if "format" in c.data:  # the chat pipeline (issue 22's SFT half)
-        c.data.format = "chat"
+    c.data.format = "chat"  # chat SFT (README, Chat SFT): only assistant turns supervised
+    c.data.chat_template = "builtin"  # the byte tokenizer ships no chat template
     c.lora.rank = 8
     c.lora.alpha = 16.0
     c.lora.dropout = 0.05

@@ -227,13 +227,45 @@ def test_a_chat_sft_tiny_dlm_samples_a_reply_through_edlm_sample(tmp_path, capsy
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).chat_template  # serve / lm-eval see it
-    out = tmp_path / "out.jsonl"
-    sample = ["edlm", "sample", f"--config={root}/configs/tiny_sft.py", "--ckpt", str(run), "--prompt", "cat dog",
-              "--out", str(out), "--config.sample.max_new_tokens=8", "--config.sample.threshold=0.5"]
-    assert cli.main(sample) == 0, capsys.readouterr().err
-    (record,) = [json.loads(x) for x in out.read_text().splitlines()]
-    want = [b + 3 for b in b"<|user|>cat dog"] + [EOS] + [b + 3 for b in b"<|assistant|>"]
-    assert record["prompt_ids"] == want
+    out, prompts = tmp_path / "out.jsonl", tmp_path / "prompts.jsonl"
     model = edlm.load(str(run))
-    expected = edlm.generate(model, [want], max_new_tokens=8, threshold=0.5, stop_tokens=(EOS,))
-    assert record["completion_ids"] == expected.sequences[0] and len(record["completion_ids"]) >= 1
+    want = [b + 3 for b in b"<|user|>cat dog"] + [EOS] + [b + 3 for b in b"<|assistant|>"]
+    expected = edlm.generate(model, [want], max_new_tokens=8, threshold=0.5, stop_tokens=(EOS,)).sequences[0]
+    reply = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).decode(expected, skip_special_tokens=True)
+    _write(prompts, [{"prompt": "cat dog", "reference": f" {reply} "}, {"prompt": "cat dog", "reference": reply + "x"}])
+    sample = ["edlm", "sample", f"--config={root}/configs/tiny_sft.py", "--ckpt", str(run), "--prompts_jsonl",
+              str(prompts), "--out", str(out), "--config.sample.max_new_tokens=8", "--config.sample.threshold=0.5"]
+    capsys.readouterr()
+    assert cli.main(sample) == 0
+    assert "exact match 1/2 (50.0%)" in capsys.readouterr().err
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["prompt_ids"] for r in records] == [want, want]
+    assert records[0]["completion_ids"] == expected and len(expected) >= 1
+
+
+def test_demo_tasks_as_chat_turns_render_with_the_demo_tokenizer(tmp_path):
+    """`edlm demo-data --chat`: the demo's instances as prompt / response turns; through the chat pipeline
+    with the demo teacher's tokenizer (no template of its own: builtin) each reply is the answer + EOS."""
+    from efficient_dlm.demo import data as demo_data, tasks
+    from efficient_dlm.demo.teacher import teacher_dir
+
+    counts = demo_data.write_chat(str(tmp_path), train_tasks=12, eval_tasks_per_task=2, task_names=["reverse", "add"])
+    assert counts == {"chat_train.jsonl": 12, "chat_eval.jsonl": 4}
+    train = [json.loads(x) for x in (tmp_path / "chat_train.jsonl").read_text().splitlines()]
+    items = tasks.instances("train", 12, 0, ["reverse", "add"])
+    assert train == [{"prompt": i.prompt, "response": i.answer} for i in items]
+    held = [json.loads(x) for x in (tmp_path / "chat_eval.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["prompt"], r["answer"]) for r in held] == [
+        (i.task, i.prompt, i.answer) for i in tasks.instances("eval", 4, 0, ["reverse", "add"])]
+    tok_dir = teacher_dir("")
+    spec = DataSpec(seq_len=64, batch_size=1, eos_id=0, vocab_size=4096, tokenizer=tok_dir, num_threads=1,
+                    format="chat", chat_template="builtin", align=4)
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    replies = []
+    for b in take(build_dataset(str(tmp_path / "chat_train.jsonl"), spec, train=False), 12):
+        for r, start, end in _segments(b):
+            sup = b["loss_weights"][r, start:end] > 0
+            replies.append(tok.decode(b["tokens"][r, start:end][sup].tolist(), skip_special_tokens=False))
+            text = tok.decode(b["tokens"][r, start:end].tolist(), skip_special_tokens=False)
+            assert text.startswith("<|user|>") and text.endswith("<|endoftext|>")
+    assert replies == [i.answer + "<|endoftext|>" for i in items]

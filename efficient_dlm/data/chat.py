@@ -8,7 +8,7 @@ from the tokenizer directory (tokenizer_config.json's "chat_template" or chat_te
 byte tokenizer and the demo's BPE) or a .jinja file. The trainer writes the template it used into the
 run's tokenizer/ directory, so `edlm sample --chat`, `edlm serve` and lm-eval render prompts with it.
 
-Which tokens are supervised (docs/METHOD.md section 9): assistant turn i covers exactly what the
+Which tokens are supervised (docs/METHOD.md section 11): assistant turn i covers exactly what the
 sampler would have to generate after the prompt `render(messages[:i], add_generation_prompt=True)`:
 the rendered text from the end of that prompt to the end of the turn's content, plus the end-of-turn
 token (the first token the template writes after the content, e.g. <|im_end|>, <|eot_id|>, or EOS for

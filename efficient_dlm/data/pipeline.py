@@ -8,7 +8,7 @@ A batch is a dict of int32 numpy arrays [per_process_batch, seq_len]:
 With format "chat" (data/chat.py) each row holds whole conversations, loss_weights is 1 only on the
 assistant tokens and a bool `maskable` marks the same tokens (the only ones an objective may mask); every
 conversation starts at a multiple of `align` (the block size) so its blocks are the sampler's
-(docs/METHOD.md section 9), packed first-fit (grain's `FirstFitPackIterDataset`, never split across rows).
+(docs/METHOD.md section 11), packed first-fit (grain's `FirstFitPackIterDataset`, never split across rows).
 Order is a pure function of the seed: each source is sliced by process (`jax.process_index()`),
 shuffled per epoch and repeated; sources are mixed by weight (`MapDataset.mix`); packing uses grain's
 `ConcatThenSplitIterDataset` (long documents continue in the next row). The returned grain iterator

@@ -6,6 +6,7 @@ Layout of `out_dir`:
     tasks_prompts.jsonl {"prompt": ...} the same instances' prompts (on-policy distillation rollouts)
     text_eval.jsonl     {"text": ...} held-out documents
     tasks_eval.jsonl    {"task", "prompt", "answer", "text"} held-out task instances
+    chat_train.jsonl, chat_eval.jsonl   with --chat: the same tasks as chat turns (write_chat, chat SFT)
     tokenizer/          the tokenizer (trained here for the teacher, copied from the teacher otherwise)
     manifest.json       what was written and from what (Python version, seed, counts)
 The pipeline adds EOS after every document, so a task document teaches "prompt -> answer<eos>".
@@ -103,6 +104,28 @@ def write(
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+CHAT_TRAIN, CHAT_EVAL = "chat_train.jsonl", "chat_eval.jsonl"
+
+
+def write_chat(out_dir: str, *, seed: int = 0, train_tasks: int = 200_000, eval_tasks_per_task: int = 100,
+               task_names: Iterable[str] = tuple(tasks.TASKS)) -> dict[str, int]:
+    """The task instances as chat turns for `data.format=chat` (configs/demo_sft.py), the same instances
+    as tasks_train.jsonl / tasks_eval.jsonl:
+        chat_train.jsonl  {"prompt": task prompt, "response": answer} (the user turn and the reply)
+        chat_eval.jsonl   {"task", "prompt", "answer"} held out (`edlm sample --chat --prompts_jsonl` reads
+                          "prompt" and reports exact matches against "answer")
+    The answer keeps its leading space: the reply's tokens are the ones the teacher learned after "->"."""
+    names = tasks.check_tasks(task_names)
+    os.makedirs(out_dir, exist_ok=True)
+    train_items = tasks.instances("train", train_tasks, seed, names)
+    eval_items = tasks.instances("eval", eval_tasks_per_task * len(names), seed, names)
+    return {
+        CHAT_TRAIN: write_jsonl(os.path.join(out_dir, CHAT_TRAIN), ({"prompt": i.prompt, "response": i.answer} for i in train_items)),
+        CHAT_EVAL: write_jsonl(os.path.join(out_dir, CHAT_EVAL),
+                               ({"task": i.task, "prompt": i.prompt, "answer": i.answer} for i in eval_items)),
+    }
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:

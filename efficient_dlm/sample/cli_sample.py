@@ -58,6 +58,15 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def exact_matches(records: list[dict]) -> str:
+    """"; exact match k/n" over the records with a reference (completion and reference compared stripped)."""
+    scored = [r for r in records if r.get("reference") is not None and r["completion"] is not None]
+    if not scored:
+        return ""
+    hits = sum(r["completion"].strip() == r["reference"].strip() for r in scored)
+    return f"; exact match {hits}/{len(scored)} ({100 * hits / len(scored):.1f}%)"
+
+
 def run(config, FLAGS) -> int:
     if not FLAGS.prompt and not FLAGS.prompts_jsonl:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
@@ -106,7 +115,7 @@ def run(config, FLAGS) -> int:
     print(
         f"{len(records)} prompt(s), strategy {strategy}, model {source.description}: {tokens} tokens in "
         f"{forwards} forward passes ({tokens / max(forwards, 1):.2f} per forward), {seconds:.2f}s"
-        + (f"; wrote {FLAGS.out}" if FLAGS.out else ""),
+        + exact_matches(records) + (f"; wrote {FLAGS.out}" if FLAGS.out else ""),
         file=sys.stderr,
     )
     return 0

@@ -94,7 +94,7 @@ def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> Da
 
 def chat_alignment(config: ConfigDict) -> int:
     """Chat conversations start at a multiple of every block size the run trains with (the schedule's
-    least common multiple), so each turn's blocks are where the sampler puts them (METHOD.md section 9)."""
+    least common multiple), so each turn's blocks are where the sampler puts them (METHOD.md section 11)."""
     d = config.diffusion
     if config.data.format != "chat" or d.objective not in ("block", "block_diffusion"):
         return 1
