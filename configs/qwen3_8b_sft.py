@@ -40,6 +40,11 @@ def get_config():
     t.save_every = 500
     t.eval_every = 250  # data.eval_files: held-out conversations (masked-token NLL on replies)
     t.eval_batches = 16
+    # LLaDA2.0 trains its chat models with CAP (confidence-aware parallel training, docs/METHOD.md
+    # section 9): --config.diffusion.confidence_weight=0.5 adds the entropy of the masked reply tokens
+    # the model already gets right (only reply tokens: CAP reads the same masked-token counts), which
+    # sharpens them so threshold decoding commits more per forward. Off here: its effect at 8B is unmeasured.
+    c.diffusion.confidence_weight = 0.0
     c.sample.chat = True
     c.run_dir = "runs/qwen3_8b_sft"
     return c

@@ -171,6 +171,34 @@ def test_no_prompt_or_template_token_is_masked_weighted_or_predicted(chatml, obj
             np.testing.assert_allclose(weight, np.repeat(per_block, ALIGN, axis=1) * noised, rtol=1e-6)
 
 
+def test_cap_confidence_term_covers_only_assistant_tokens(chatml):
+    """CAP (diffusion.confidence_weight) on a chat batch: its sum is the entropy of the already-correct
+    masked assistant tokens, recomputed here from the model's own logits; prompts add nothing. The final
+    norm is zeroed so every position predicts id 0 (<pad>, written into prompts and replies as text):
+    'correct' then happens on both sides of the prompt / reply boundary."""
+    from efficient_dlm.diffusion.objectives import loss_and_sums, predict_hidden
+
+    root, _, _, _ = chatml
+    records = [{"prompt": f"{i} <pad> <pad>", "response": "<pad><pad> a<pad><pad>"} for i in range(24)]
+    path = _write(root / "pads.jsonl", records)
+    batch = take(build_dataset(path, _spec(root / "tok", chat_template=str(root / "chatml.jinja")), train=False), 1)[0]
+    cfg = edlm.ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=16, mask_token_id=MASK, eos_token_id=EOS)
+    model = edlm.init_model(cfg, seed=0)
+    model.final_norm.scale[...] = jnp.zeros_like(model.final_norm.scale[...])
+    obj = Objective("block_diffusion", ALIGN, mask_token_id=MASK, confidence_weight=0.5)
+    ex = corrupt(obj, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0))
+    _, _, sums = loss_and_sums(model, obj, ex, normaliser=1.0)
+    h, _ = predict_hidden(model, obj, ex)
+    logits = np.asarray(model.logits(h), np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(-1)
+    chosen = np.asarray(ex.noised) & (batch["loss_weights"] > 0) & (logits.argmax(-1) == batch["tokens"])
+    np.testing.assert_allclose(float(sums["confidence"]), entropy[chosen].sum(), rtol=1e-4)
+    assert chosen.any() and ((logits.argmax(-1) == batch["tokens"]) & (batch["loss_weights"] == 0)).any()
+
+
 def test_chat_iterator_resumes_bitwise_and_shards_by_process(chatml):
     root, _, path, records = chatml
     spec = _spec(root / "tok", chat_template=str(root / "chatml.jinja"), seed=5)
