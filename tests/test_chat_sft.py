@@ -297,3 +297,19 @@ def test_demo_tasks_as_chat_turns_render_with_the_demo_tokenizer(tmp_path):
             text = tok.decode(b["tokens"][r, start:end].tolist(), skip_special_tokens=False)
             assert text.startswith("<|user|>") and text.endswith("<|endoftext|>")
     assert replies == [i.answer + "<|endoftext|>" for i in items]
+
+
+def test_sft_recipes_validate_and_chat_keys_are_checked():
+    from efficient_dlm.config import sibling_recipe, validate
+
+    anchor = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "x.py")
+    for name in ("tiny_sft", "qwen3_8b_sft", "demo_sft", "tiny_lora"):
+        c = validate(sibling_recipe(anchor, name))
+        assert c.data.format == "chat", name
+    c = sibling_recipe(anchor, "tiny_train")
+    c.data.format = "dialog"
+    with pytest.raises(UserError, match="^unknown data.format 'dialog'; choose one of text, chat$"):
+        validate(c)
+    c.data.format, c.data.chat_template = "text", "builtin"
+    with pytest.raises(UserError, match="data.chat_template is set .* set data.format=chat"):
+        validate(c)
