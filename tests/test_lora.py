@@ -7,15 +7,16 @@ import shutil
 
 import jax
 import numpy as np
-import optax
+import peft
 import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 import efficient_dlm as edlm
-from efficient_dlm.config import validate
+from efficient_dlm.config import base_config, validate
 from efficient_dlm.data.byte_tokenizer import ASSET_DIR
 from efficient_dlm.errors import UserError
 from efficient_dlm.integrity import CheckpointError
@@ -23,11 +24,16 @@ from efficient_dlm.models.adapters import add_adapters, merge_adapters, split_ad
 from efficient_dlm.models.decoder import MODEL_STATE
 from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.port.peft_export import to_peft
+from efficient_dlm.train.lora import lora_config
+from efficient_dlm.train.opd import make_opd_step
 from efficient_dlm.train.loop import train
 from efficient_dlm.train.optim import make_optimizer
-from efficient_dlm.train.state import create_state
+from efficient_dlm.train.state import create_state, split_model, state_shardings
 from efficient_dlm.train.step import make_train_step
+from tests.sample_reference import peaked_model
 from tests.test_moe_configs import _recipe
+from tests.test_opd import BLOCK, PROMPTS, _batch
+from tests.test_opd import _recipe as opd_recipe
 from tests.test_train import tiny_config
 
 ALL = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -121,8 +127,6 @@ def _check_exports(run_dir: str, base_dir: str, ours: np.ndarray, tmp):
     with torch.no_grad():
         assert _relative(hf(torch.tensor(TOKENS)).logits.numpy(), ours) <= 1e-5
 
-    import peft  # the test extra pins it
-
     base_hf = edlm.to_hf(base_dir, str(tmp / "base_hf"), block_size=4)
     adapter_dir = to_peft(run_dir, str(tmp / "peft"), base_model=base_hf)
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
@@ -197,3 +201,39 @@ def test_lora_config_errors_name_the_key(tmp_path):
     bad.init.checkpoint, bad.diffusion.mask_token = str(tmp_path), "append"
     with pytest.raises(UserError, match="diffusion.mask_token='model'"):
         validate(bad)
+
+
+def test_opd_steps_train_only_the_adapters():
+    """OPD with LoRA: the student decodes with base + adapters, only the adapters move, the base stays bitwise."""
+    c = opd_recipe({})
+    c.opd.update(dict(block_size=BLOCK, steps_per_block=BLOCK, top_k=0))
+    c.lora.update(rank=2, alpha=4.0, targets="q_proj,o_proj,down_proj")
+    lora = lora_config(c)
+    teacher_params = split_model(peaked_model(seed=1))[1]  # a different model: the KL is not zero at the start
+    student = peaked_model(seed=0)
+    base = _leaves(split_model(student)[1])
+    state = create_state(add_adapters(student, lora, seed=1), make_optimizer(c.train), 0, lora=lora)
+    step = make_opd_step(c, student.config, student.config, max_new_tokens=8, donate=False)
+    kls = []
+    for i in range(2):
+        state, metrics = step(state, teacher_params, _batch(PROMPTS), jax.random.PRNGKey(i))
+        kls.append(float(metrics["kl"]))
+    assert all(np.isfinite(kls)) and kls[0] > 0
+    for a, b in zip(_leaves(state.frozen), base):
+        np.testing.assert_array_equal(a, b)
+    assert all(np.abs(x).max() > 0 for x in _leaves(state.params))
+
+
+def test_adapters_shard_by_the_base_rules_and_their_moments_follow():
+    """Adapters carry their weight's logical names (rank replicated): A shards like the weight's input
+    axes, B like its output axes, the experts axis on "expert"; Adam moments follow (no compile needed)."""
+    cfg = edlm.ModelConfig(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    mesh = jax.sharding.AbstractMesh((1, 2, 1, 2), ("data", "fsdp", "tensor", "expert"))
+    lora = LoraConfig(2, 4.0, 0.0, ("q_proj", "experts"))
+    shardings = state_shardings(cfg, make_optimizer(base_config().train), mesh, lora)
+    specs = {path: v.get_value().spec for path, v in nnx.to_flat_state(shardings.params)}
+    assert specs[("layers", "attn", "q_proj_lora_a")] == P(None, "fsdp", None)  # [layers, embed, r]
+    assert specs[("layers", "mlp", "gate_proj_lora_a")] == P(None, "expert", "fsdp", None)  # [layers, experts, embed, r]
+    assert specs[("layers", "mlp", "down_proj_lora_b")] == P(None, "expert", None, "fsdp")  # [layers, experts, r, embed]
+    moments = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(shardings.opt_state)[0]]
+    assert [spec for path, spec in moments if "q_proj_lora_a" in path] == [P(None, "fsdp", None)] * 2

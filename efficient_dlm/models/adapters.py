@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_dlm.errors import UserError
 from efficient_dlm.models.decoder import MODEL_STATE, Decoder, abstract_model
 from efficient_dlm.models.lora import (
     EXPERTS, KEY, RANK_AXIS, SUFFIX_A, SUFFIX_B, LoraConfig, LoraDropoutKey, merged, split_equation,
@@ -68,7 +69,8 @@ def add_adapters(model: nnx.Module, lora: LoraConfig, seed: int = 0, *, train: b
             setattr(module, KEY, LoraDropoutKey(jnp.zeros((*shape, 2), jnp.uint32), out_sharding=(*names, None),
                                                 eager_sharding=False))
     if not count:
-        raise ValueError(f"lora.targets {lora.targets} match no projection of this model")
+        raise UserError(f"lora.targets {','.join(lora.targets)} match no projection of this model "
+                        "(experts: a MoE model's routed experts)")
     return model
 
 

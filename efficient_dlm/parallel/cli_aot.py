@@ -27,6 +27,7 @@ flags.DEFINE_float("hbm_limit", 0.9, "fail when a program needs more than this f
 flags.DEFINE_integer("sample_batch", 8, "sampler: rows decoded together")
 flags.DEFINE_integer("sample_prompt_len", None, "sampler: prompt tokens per row (default data.seq_len / 2)")
 flags.DEFINE_string("json_out", None, "also write the reports as JSON to this path")
+flags.DEFINE_bool("flops", True, "train: also count FLOPs (two more compiles with layers unrolled at depth 1 and 2)")
 
 # Set before libtpu loads; the verb never opens a real accelerator.
 MULTI_HOST = False
@@ -55,7 +56,7 @@ def run(config, FLAGS) -> int:
         program = aot.PROGRAMS[name](config, mesh, **options)
         start = time.perf_counter()
         compiled = aot.compile_or_explain(program, mesh, rules, config, target)
-        flops = aot.train_flops(config, mesh, rules) if name == "train" else None
+        flops = aot.train_flops(config, mesh, rules) if name == "train" and FLAGS.flops else None
         result = aot.report(compiled, target, program, flops)
         result.update(program=program.name, notes=program.notes, mesh=mesh_lib.describe(mesh), seconds=time.perf_counter() - start)
         results[name] = result
