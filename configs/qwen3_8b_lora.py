@@ -1,4 +1,4 @@
-"""Qwen3-8B block-diffusion LM -> LoRA fine-tuning (chat SFT) on a frozen bfloat16 base.
+"""Qwen3-8B dLM -> chat model with LoRA: configs/qwen3_8b_sft.py's chat SFT, adapters on a frozen bfloat16 base.
 
     edlm train --config=configs/qwen3_8b_lora.py --config.init.checkpoint=runs/qwen3_8b_bd \
         --config.data.train_files=chat.jsonl --config.run_dir=runs/qwen3_8b_lora
@@ -11,19 +11,18 @@ The base is the block-diffusion run of configs/qwen3_8b_bd.py (its [MASK] row ap
 plans the step without weights (training reads it from init.checkpoint). Rank-16 adapters
 (alpha 32, dropout 0.05) on every attention and MLP projection, float32 with their Adam moments;
 the base is held in bfloat16 and never updated. Same objective as the base run (block diffusion,
-clean context, block 32); chat data (data.format=chat) when given chat JSONL.
+clean context, block 32) and data as configs/qwen3_8b_sft.py (chat JSONL, Qwen3's template, only
+assistant tokens supervised). Batch 64 in 8 micro-batches, so the same recipe with
+--config.lora.rank=0 is full fine-tuning of the same step (docs/BENCHMARKS.md, "LoRA").
 """
 from efficient_dlm.config import sibling_recipe
 
 
 def get_config():
-    c = sibling_recipe(__file__, "qwen3_8b_bd")
+    c = sibling_recipe(__file__, "qwen3_8b_sft")
     c.model.vocab_size = 152064
     c.model.mask_token_id = 151936
-    c.diffusion.mask_token = "model"
     c.diffusion.valid_vocab_size = 151937
-    if "format" in c.data:  # the chat pipeline (issue 22's SFT half)
-        c.data.format = "chat"
     lo = c.lora
     lo.rank = 16
     lo.alpha = 32.0
@@ -38,6 +37,5 @@ def get_config():
     t.warmup_steps = 50
     t.weight_decay = 0.0
     t.save_every = 200
-    t.eval_every = 200
     c.run_dir = "runs/qwen3_8b_lora"
     return c

@@ -31,6 +31,7 @@ from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.state import create_state, split_model, state_shardings
 from efficient_dlm.train.step import make_train_step
 from tests.sample_reference import peaked_model
+from tests.test_chat_sft import _conversations, _write
 from tests.test_moe_configs import _recipe
 from tests.test_opd import BLOCK, PROMPTS, _batch
 from tests.test_opd import _recipe as opd_recipe
@@ -49,8 +50,10 @@ def _relative(ours, ref) -> float:
 
 
 def _lora_config(tmp, base_dir: str) -> ConfigDict:
+    """LoRA chat SFT (data.format=chat: assistant turns supervised) on the saved base."""
     c = tiny_config(tmp, "lora")
-    c.data.eval_files = ""  # one compiled program: the train step
+    c.data.update(format="chat", chat_template="builtin", seq_len=64, eval_files="")  # eval off: one compiled step
+    c.data.train_files = _write(tmp / "chat.jsonl", _conversations(200))
     c.diffusion.update(mask_token="model", block_size_schedule="")
     c.init.checkpoint = base_dir
     c.lora.update(rank=4, alpha=8.0, dropout=0.1, targets=ALL)
@@ -58,7 +61,7 @@ def _lora_config(tmp, base_dir: str) -> ConfigDict:
     return c
 
 
-def test_lora_run_freezes_the_base_resumes_exactly_loads_merged_and_exports(tmp_path):
+def test_lora_chat_sft_freezes_the_base_resumes_exactly_loads_merged_and_exports(tmp_path):
     c = tiny_config(tmp_path, "unused")
     base = edlm.init_model(edlm.ModelConfig.from_dict(c.model.to_dict()), seed=0)
     base_dir = edlm.save(base, str(tmp_path / "base"), tokenizer_dir=ASSET_DIR)
