@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from efficient_dlm.config import base_config, model_config  # noqa: E402
+from efficient_dlm.config import base_config, model_config, typed  # noqa: E402
 from efficient_dlm.models.decoder import init_model  # noqa: E402
 from efficient_dlm.train.optim import make_optimizer  # noqa: E402
 from efficient_dlm.train.state import create_state  # noqa: E402
@@ -68,7 +68,7 @@ def bench(args, objective: str, batch) -> dict:
     cfg = model_config(config)
     tx = make_optimizer(config.train)
     state = create_state(init_model(cfg, seed=0), tx, seed=0)
-    step = make_train_step(config, cfg, tx=tx)
+    step = make_train_step(typed(config).diffusion, typed(config).train, cfg, tx=tx)
     start = time.perf_counter()
     compiled = step.lower(state, batch, jax.random.PRNGKey(0)).compile()
     compile_s = time.perf_counter() - start

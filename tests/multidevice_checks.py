@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from efficient_dlm import checkpoints  # noqa: E402
-from efficient_dlm.config import base_config, model_config  # noqa: E402
+from efficient_dlm.config import base_config, model_config, typed  # noqa: E402
 from efficient_dlm.models.cache import KVCache  # noqa: E402
 from efficient_dlm.models.decoder import Decoder  # noqa: E402
 from efficient_dlm.parallel import distributed, sharding  # noqa: E402
@@ -65,7 +65,7 @@ def train_and_sample(c, cfg, model, tokens, mesh, rules):
     - an empty KV cache, to read its sharding."""
     tx = make_optimizer(c.train)
     state = create_state(model, tx, 0, mesh)
-    step = make_train_step(c, cfg, tx=tx, jit=False)
+    step = make_train_step(typed(c).diffusion, typed(c).train, cfg, tx=tx, jit=False)
     batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.broadcast_to(np.arange(16), tokens.shape))
     batch = distributed.global_batch(batch, mesh, tokens.shape[0])
     assert batch["tokens"].sharding.spec == sharding.batch_sharding(mesh, 2, tokens.shape).spec

@@ -33,9 +33,12 @@ def test_a_user_error_and_a_bad_key_are_one_line(monkeypatch, capsys):
     ("--config.sample.threshold=1.5", "sample.threshold must be in [0, 1], got 1.5"),
     ("--config.mesh.data=0", "mesh.data must be a positive integer or -1, got 0"),
     ("--config.train.steps=0", "train.steps must be positive, got 0"),
+    ("--config.diffusion.block_size=-4", "diffusion.block_size must be positive, got -4"),
+    ("--config.diffusion.masking=random", "unknown diffusion.masking 'random'; choose one of position, uniform"),
 ])
 def test_every_verb_rejects_the_same_bad_value_in_a_shared_section(capsys, override, message):
-    """Validation is composed explicitly (config.validate), not registered by whatever a verb imports."""
+    """Validation is composed explicitly (config.typed: each package's typed section, then the checks across
+    sections), not registered by whatever a verb imports."""
     for verb in cli.VERBS:
         assert cli.main(["edlm", verb, override]) == 2, verb
         err = capsys.readouterr().err.strip()

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 import efficient_dlm as edlm
-from efficient_dlm.config import base_config, validate
+from efficient_dlm.config import base_config, typed, validate
 from efficient_dlm.data.byte_tokenizer import ASSET_DIR
 from efficient_dlm.errors import UserError
 from efficient_dlm.integrity import CheckpointError
@@ -158,7 +158,9 @@ def test_lora_on_a_moe_model_adapts_experts_and_keeps_the_router_bias_frozen():
     add_adapters(model, lora, seed=1)
     tx = make_optimizer(config.train)
     state = create_state(model, tx, 0, lora=lora)
-    step = make_train_step(config, model.config, donate=False)
+    sections = typed(config)
+    assert sections.lora.adapters() == lora
+    step = make_train_step(sections.diffusion, sections.train, model.config, lora=lora, donate=False)
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(3, 200, (2, 16)).astype(np.int32), "segment_ids": np.ones((2, 16), np.int32),
              "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}

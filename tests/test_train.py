@@ -13,6 +13,7 @@ from ml_collections import ConfigDict
 
 import efficient_dlm as edlm
 from efficient_dlm import cli
+from efficient_dlm.config import typed
 from efficient_dlm.train.loop import NonFiniteError, cached_step, train
 from efficient_dlm.train.step import make_train_step
 from tests.corpus import documents, write_jsonl
@@ -161,11 +162,10 @@ def _restore(run_dir: str, step: int) -> list[np.ndarray]:
 def _check_gradient_accumulation(config, result):
     """Two micro-batches give the same loss and update as one batch (normalised by the global count)."""
     cfg = result.model_config
-    config = ConfigDict(config.to_dict())
-    config.diffusion.valid_vocab_size = 513
-    one = cached_step(make_train_step, config, cfg, 8)  # the step the straight run compiled
-    config.train.grad_accum = 2
-    two = make_train_step(config, cfg, block_size=8, donate=False)
+    c = typed(config)
+    diffusion = c.diffusion.replace(valid_vocab_size=513)
+    one = cached_step(make_train_step, diffusion, c.train, cfg, 8)  # the step the straight run compiled
+    two = make_train_step(diffusion, c.train.replace(grad_accum=2), cfg, block_size=8, donate=False)
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(3, 200, (4, 32)).astype(np.int32), "segment_ids": np.ones((4, 32), np.int32),
              "positions": np.tile(np.arange(32, dtype=np.int32), (4, 1)), "loss_weights": np.ones((4, 32), np.float32)}
@@ -177,8 +177,7 @@ def _check_gradient_accumulation(config, result):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # Joint objective through the train step (diffusion.ar_weight): its loss is the plain one plus w times
     # the causal next-token NLL it reports (the loss itself is tested in test_objectives.py).
-    config.diffusion.ar_weight = 0.5
-    joint = make_train_step(config, cfg, block_size=8, donate=False)
+    joint = make_train_step(diffusion.replace(ar_weight=0.5), c.train, cfg, block_size=8, donate=False)
     _, mj = joint(copy(), batch, jax.random.PRNGKey(9))
     np.testing.assert_allclose(float(mj["loss"]), float(m1["loss"]) + 0.5 * float(mj["ar_nll"]), rtol=1e-5)
 
@@ -235,7 +234,6 @@ def test_qwen3_8b_block_diffusion_recipe_traces_at_full_size():
     """The 8B recipe validates and its train step traces (shapes only, nothing allocated)."""
     import importlib.util
 
-    from efficient_dlm.config import model_config, validate
     from efficient_dlm.train.optim import make_optimizer
     from efficient_dlm.train.state import abstract_state
 
@@ -243,15 +241,14 @@ def test_qwen3_8b_block_diffusion_recipe_traces_at_full_size():
     spec = importlib.util.spec_from_file_location("qwen3_8b_bd", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = validate(module.get_config())
-    cfg = model_config(config).replace(vocab_size=152064, mask_token_id=151936)  # what mask_token=append makes
-    config.diffusion.valid_vocab_size = 151937
-    config.train.batch_size = 2
-    state = abstract_state(cfg, make_optimizer(config.train))
+    config = typed(module.get_config())
+    cfg = config.model.replace(vocab_size=152064, mask_token_id=151936)  # what mask_token=append makes
+    diffusion, train = config.diffusion.replace(valid_vocab_size=151937), config.train.replace(batch_size=2)
+    state = abstract_state(cfg, make_optimizer(train))
     n = config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((2, n), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
     batch["loss_weights"] = jax.ShapeDtypeStruct((2, n), jnp.float32)
-    step = make_train_step(config, cfg, jit=False)
+    step = make_train_step(diffusion, train, cfg, jit=False)
     new_state, metrics = jax.eval_shape(step, state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert sum(x.size for x in jax.tree.leaves(state.params)) > 8e9

@@ -16,7 +16,7 @@ import numpy as np
 
 from efficient_dlm.demo import tasks
 from efficient_dlm.diffusion.spec import spec_of
-from efficient_dlm.config import to_plain
+from efficient_dlm.config import typed
 from efficient_dlm.data.pipeline import build_dataset, take
 from efficient_dlm.sample.api import generate
 from efficient_dlm.train.loop import data_spec
@@ -96,17 +96,15 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     run. Both are in nats per token.
     """
     import jax
-    from ml_collections import ConfigDict
 
-
-    config = ConfigDict(to_plain(config))
-    config.diffusion.objective = objective
-    d = config.diffusion  # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with
-    d.loss_weighting, d.masking, d.complementary, d.rate_min, d.rate_max = "elbo", "uniform", False, 1e-6, 1.0
+    config = typed(config)
+    # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with
+    diffusion = config.diffusion.replace(objective=objective, loss_weighting="elbo", masking="uniform",
+                                         complementary=False, rate_min=1e-6, rate_max=1.0)
     spec = data_spec(config, model.config, config.init.tokenizer or config.init.hf_dir or None)
     data = take(build_dataset(config.data.eval_files, spec, train=False), batches)
-    block = None if objective == "ar" else config.diffusion.block_size
-    step = make_eval_step(config, model.config, block_size=block)
+    block = None if objective == "ar" else diffusion.block_size
+    step = make_eval_step(diffusion, config.train, model.config, block_size=block)
     _, params = split_model(model)
     key = jax.random.PRNGKey(config.seed + 1)
     totals = None

@@ -24,15 +24,13 @@ from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel import sharding
 from efficient_dlm.parallel.topology import GIB, TpuSlice
-from efficient_dlm.config import to_plain
+from efficient_dlm.config import to_plain, typed
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.decoder import abstract_model
 from efficient_dlm.sample.api import prepare
-from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.train.model_init import trained_config
 from efficient_dlm.train.optim import make_optimizer
-from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import abstract_state, state_shardings
 from efficient_dlm.train.step import make_train_step
 
@@ -89,18 +87,18 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
     """The training step of `edlm train` (efficient_dlm.train.step) with abstract state and batch."""
 
     cfg = target_model_config(config)
-    config = config.copy_and_resolve_references()
-    if config.diffusion.objective != "ar" and config.diffusion.mask_token == "append":
-        config.diffusion.valid_vocab_size = cfg.mask_token_id + 1  # as the trainer records it
-    tx = make_optimizer(config.train)
-    lora = lora_config(config)  # LoRA: adapters trained, the base frozen (TrainState.frozen)
+    diffusion, train = (sections := typed(config)).diffusion, sections.train
+    if diffusion.objective != "ar" and diffusion.mask_token == "append":
+        diffusion = diffusion.replace(valid_vocab_size=cfg.mask_token_id + 1)  # as the trainer records it
+    tx = make_optimizer(train)
+    lora = sections.lora.adapters()  # LoRA: adapters trained, the base frozen (TrainState.frozen)
     shardings = state_shardings(cfg, tx, mesh, lora)
     state = sharding.abstract_arrays(abstract_state(cfg, tx, config.seed, lora), shardings)
     batch, length = config.train.batch_size, config.data.seq_len
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
     return Program(
         "train_step",
-        make_train_step(config, cfg, tx=tx, jit=False),
+        make_train_step(diffusion, train, cfg, lora=lora, tx=tx, jit=False),
         (state, _batch_args(mesh, batch, length), key),
         ("state", "batch", "rng"),
         out_shardings=(shardings, None),
@@ -122,7 +120,7 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
-    kwargs = generate_kwargs(config.sample)
+    kwargs = typed(config).sample.generate_kwargs()
     # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
     # weights in the program (the worst case; verifier="self" holds one set).
     speculative = kwargs["strategy"] == "speculative"

@@ -20,12 +20,9 @@ import numpy as np
 from flax.core import spmd as flax_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
-from ml_collections import ConfigDict
-
 from efficient_dlm.errors import UserError
+from efficient_dlm.parallel.config import DCN_PREFIX, MeshConfig
 from efficient_dlm.parallel.rules import MESH_AXES, _normalise, axis_rules, current_rules
-
-DCN_PREFIX = "dcn_"
 
 
 def _resolve(sizes: Mapping[str, int], total: int, what: str) -> tuple[int, ...]:
@@ -55,16 +52,16 @@ def num_slices(devices: Sequence[jax.Device]) -> int:
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def mesh_shapes(mesh_cfg: ConfigDict, num_devices: int, slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def mesh_shapes(mesh_cfg: MeshConfig, num_devices: int, slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(ici_shape, dcn_shape) over MESH_AXES for `num_devices` split into `slices` slices."""
     if num_devices % slices:
         raise UserError(f"{num_devices} devices cannot form {slices} equal slices")
-    dcn = _resolve({a: mesh_cfg[DCN_PREFIX + a] for a in MESH_AXES}, slices, f"mesh dcn_* over {slices} slice(s)")
-    ici = _resolve({a: mesh_cfg[a] for a in MESH_AXES}, num_devices // slices, f"mesh over {num_devices // slices} devices per slice")
+    dcn = _resolve({a: getattr(mesh_cfg, DCN_PREFIX + a) for a in MESH_AXES}, slices, f"mesh dcn_* over {slices} slice(s)")
+    ici = _resolve({a: getattr(mesh_cfg, a) for a in MESH_AXES}, num_devices // slices, f"mesh over {num_devices // slices} devices per slice")
     return ici, dcn
 
 
-def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The Mesh over `devices` (default: all) with axes MESH_AXES, sized by the config's mesh section."""
     devices = list(jax.devices() if devices is None else devices)
     slices = num_slices(devices)
@@ -78,12 +75,12 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
     return Mesh(array, MESH_AXES)
 
 
-def run_mesh(config: ConfigDict) -> Mesh | None:
+def run_mesh(mesh_cfg: MeshConfig) -> Mesh | None:
     """The mesh a run uses: None on a single device (plain jit, no constraints), else the config's."""
-    return make_mesh(config.mesh) if jax.device_count() > 1 else None
+    return make_mesh(mesh_cfg) if jax.device_count() > 1 else None
 
 
-def config_rules(mesh_cfg: ConfigDict):
+def config_rules(mesh_cfg: MeshConfig):
     """The rules table from `mesh.rules` ({logical name: "axis,axis"}; "" = replicated)."""
     return _normalise(dict(mesh_cfg.rules))
 
@@ -106,17 +103,3 @@ def use(mesh: Mesh, rules=None) -> Iterator[Mesh]:
 def describe(mesh: Mesh) -> str:
     """'data=1 fsdp=8 tensor=1 expert=1' for logs and reports."""
     return " ".join(f"{a}={n}" for a, n in mesh.shape.items())
-
-
-def validate_mesh_section(config: ConfigDict) -> None:
-    """Device-independent checks of config.mesh (sizes, -1 usage, rule axis names)."""
-    mesh_cfg = config.mesh
-    for prefix in ("", DCN_PREFIX):
-        values = {a: mesh_cfg[prefix + a] for a in MESH_AXES}
-        for axis, value in values.items():
-            if not isinstance(value, int) or value == 0 or value < -1:
-                raise UserError(f"mesh.{prefix}{axis} must be a positive integer or -1, got {value!r}")
-        if sum(v == -1 for v in values.values()) > 1:
-            free = [prefix + a for a, v in values.items() if v == -1]
-            raise UserError(f"at most one of mesh.{', mesh.'.join(free)} may be -1")
-    config_rules(mesh_cfg)

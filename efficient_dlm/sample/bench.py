@@ -31,6 +31,7 @@ from flax import nnx
 
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample.api import GenerateResult, generate
+from efficient_dlm.sample.config import SampleConfig
 from efficient_dlm.sample.inputs import Prompt, decode
 
 
@@ -45,11 +46,11 @@ class Setting:
         return f"{self.name}_b{self.batch_size}.json"
 
 
-def make_settings(strategies, thresholds, batch_sizes, sample, spec) -> list[Setting]:
+def make_settings(strategies, thresholds, batch_sizes, sample: SampleConfig, spec) -> list[Setting]:
     """AR once, threshold once per value, every other strategy once with its parameter: the sample
     section's when set, else the dLM's DiffusionSpec's (speculative: verifier "teacher" is resolved by the
     caller; self_speculative verifies with the dLM itself)."""
-    parameter = {strategy: (key, sample[key] if sample[key] is not None else getattr(spec, key))
+    parameter = {strategy: (key, getattr(sample, key) if getattr(sample, key) is not None else getattr(spec, key))
                  for strategy, key in (("topk", "tokens_per_step"), ("factor", "factor"), ("entropy", "entropy_bound"))}
     variants = []
     for strategy in strategies:

@@ -13,10 +13,10 @@ import os
 import numpy as np
 from absl import flags
 
+from efficient_dlm.config import typed
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_of
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.sample.bench import format_table, make_settings, run_setting
-from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.sample.inputs import Prompt, encode, load_source, load_verifier, read_prompts
 
 flags.DEFINE_string("ckpt", None, "dLM checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
@@ -51,7 +51,7 @@ def _write_json(path: str, payload) -> None:
 
 
 def run(config, FLAGS) -> int:
-    b = config.bench
+    sample, b = (section := typed(config)).sample, section.bench
     out_dir = FLAGS.out or os.path.join(config.run_dir, "bench")
     check_output_dir(out_dir, "--out" if FLAGS.out else "run_dir/bench")  # before any model loads
     dlm = load_source(FLAGS.ckpt, config)
@@ -66,8 +66,8 @@ def run(config, FLAGS) -> int:
     print(f"dLM: {dlm.description}; AR: {ar.description}; {len(prompts)} prompts; writing {out_dir}", flush=True)
     records = []
     spec = spec_of(dlm.model) or DiffusionSpec(mask_token_id=0)
-    base = generate_kwargs(config.sample)
-    for setting in make_settings(b.strategies, b.thresholds, b.batch_sizes, config.sample, spec):
+    base = sample.generate_kwargs()
+    for setting in make_settings(b.strategies, b.thresholds, b.batch_sizes, sample, spec):
         source = ar if setting.strategy == "ar" else dlm
         record = run_setting(source.model, setting, prompts, source.tokenizer, base, repeats=b.repeats,
                              warmup=b.warmup, overhead_forwards=b.overhead_forwards, verifier=verifier)

@@ -17,11 +17,11 @@ import sys
 
 from absl import flags
 
+from efficient_dlm.config import typed
 from efficient_dlm.diffusion.spec import spec_of
 from efficient_dlm.errors import UserError
 from efficient_dlm.outputs import check_output_file
 from efficient_dlm.sample.api import check_model, generate
-from efficient_dlm.sample.config import generate_kwargs
 from efficient_dlm.sample.inputs import (
     Prompt, check_ids, decode, encode, encode_chat, load_source, load_verifier, read_prompts,
 )
@@ -84,7 +84,7 @@ def run(config, FLAGS) -> int:
     end_of_turn = encode_chat(prompts, source, config.data.chat_template) if chat else None
     encode(prompts, source.tokenizer)
     check_ids(prompts, source.model.config.vocab_size)
-    kwargs = generate_kwargs(config.sample)
+    kwargs = typed(config).sample.generate_kwargs()
     if chat and kwargs["stop_tokens"] is None:  # the reply ends at the template's end-of-turn token (or EOS)
         eos = source.model.config.eos_token_id
         kwargs["stop_tokens"] = tuple(dict.fromkeys(t for t in (eos, end_of_turn) if t is not None)) or None

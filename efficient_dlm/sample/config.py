@@ -1,5 +1,4 @@
-"""The `sample` and `bench` config sections: validation (composed by efficient_dlm.config.validate) and the
-mapping from the `sample` section to `generate` keyword arguments.
+"""The `sample` and `bench` config sections, and the mapping from `sample` to `generate` keyword arguments.
 
 The dLM decoding keys of `sample` (strategy, threshold, tokens_per_step, factor, entropy_bound,
 block_size) are unset by default: then the model's DiffusionSpec decides, exactly as for
@@ -7,63 +6,97 @@ block_size) are unset by default: then the model's DiffusionSpec decides, exactl
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-
-from ml_collections import ConfigDict
 
 from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.errors import UserError
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
+from efficient_dlm.section import Section
 
 _SPEC_DEFAULTS = DiffusionSpec(mask_token_id=0)  # what an unset key means when the model records no spec
+BENCH_STRATEGIES = (*ALL_STRATEGIES, "self_speculative")
 
 
-def generate_kwargs(sample: ConfigDict) -> dict:
-    """`generate` keyword arguments from the sample section; unset dLM keys are left to the model's spec."""
-    return dict(
-        max_new_tokens=sample.max_new_tokens, block_size=sample.block_size or None, strategy=sample.strategy or None,
-        threshold=sample.threshold, tokens_per_step=sample.tokens_per_step, factor=sample.factor,
-        entropy_bound=sample.entropy_bound, temperature=sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
-        seed=sample.seed, stop_tokens=tuple(sample.stop_tokens) or None, prompt_bucket=sample.prompt_bucket or None,
-        draft_steps=sample.draft_steps,
-    )
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(Section):
+    """Decoding defaults for `edlm sample` / `generate` (and the sampler programs `edlm aot` compiles)."""
+
+    SECTION = "sample"
+
+    strategy: str = ""  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline) | speculative
+    threshold: float | None = None  # threshold: commit every masked position with confidence >= this
+    tokens_per_step: int | None = None  # topk: positions committed per step
+    factor: float | None = None  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - f / (n + 1)
+    entropy_bound: float | None = None  # entropy: commit while the summed entropy (nats) stays <= this
+    block_size: int = 0  # 0 = the model's (its spec's training block size)
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()  # token ids that end a row; () = model.eos_token_id
+    prompt_bucket: int = 0  # prompt capacity of the cache in tokens; 0 = next power of two
+    draft_steps: int = 1  # speculative (--verifier): dLM denoising steps per draft, the last commits the rest
+    chat: bool = False  # edlm sample: text prompts as a user turn in the checkpoint's chat template (chat SFT)
+
+    def validate(self) -> None:
+        if self.block_size < 0:
+            raise UserError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {self.block_size}")
+        unset = {k: getattr(self, k) in (None, "") for k in ("strategy", "threshold", "tokens_per_step")}
+        d = {k: getattr(_SPEC_DEFAULTS if unset[k] else self, k) for k in unset}
+        try:
+            check_settings(d["strategy"], self.max_new_tokens, self.block_size or _SPEC_DEFAULTS.block_size,
+                           d["threshold"], d["tokens_per_step"], self.temperature, self.top_p, self.top_k)
+        except ValueError as err:
+            raise UserError(f"sample.{err}") from None
+        for key in ("factor", "entropy_bound"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UserError(f"sample.{key} must be a finite number > 0, got {value}")
+        if self.draft_steps < 1:
+            raise UserError(f"sample.draft_steps must be >= 1, got {self.draft_steps}")
+        if self.prompt_bucket < 0:
+            raise UserError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {self.prompt_bucket}")
+
+    def generate_kwargs(self) -> dict:
+        """`generate` keyword arguments; unset dLM keys are left to the model's spec."""
+        return dict(
+            max_new_tokens=self.max_new_tokens, block_size=self.block_size or None, strategy=self.strategy or None,
+            threshold=self.threshold, tokens_per_step=self.tokens_per_step, factor=self.factor,
+            entropy_bound=self.entropy_bound, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            seed=self.seed, stop_tokens=self.stop_tokens or None, prompt_bucket=self.prompt_bucket or None,
+            draft_steps=self.draft_steps,
+        )
 
 
-def validate_sample(config: ConfigDict) -> None:
-    if "sample" not in config:
-        return
-    s = config.sample
-    if s.block_size < 0:
-        raise UserError(f"sample.block_size must be >= 0 (0 = the checkpoint's training block size), got {s.block_size}")
-    d = {k: s[k] if s[k] not in (None, "") else getattr(_SPEC_DEFAULTS, k) for k in ("strategy", "threshold", "tokens_per_step")}
-    try:
-        check_settings(d["strategy"], s.max_new_tokens, s.block_size or _SPEC_DEFAULTS.block_size, d["threshold"],
-                       d["tokens_per_step"], s.temperature, s.top_p, s.top_k)
-    except ValueError as err:
-        raise UserError(f"sample.{err}") from None
-    for key in ("factor", "entropy_bound"):
-        if s[key] is not None and not (math.isfinite(s[key]) and s[key] > 0):
-            raise UserError(f"sample.{key} must be a finite number > 0, got {s[key]}")
-    if s.draft_steps < 1:
-        raise UserError(f"sample.draft_steps must be >= 1, got {s.draft_steps}")
-    if s.prompt_bucket < 0:
-        raise UserError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {s.prompt_bucket}")
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Section):
+    """`edlm bench` settings: the AR baseline and the dLM strategies over one prompt set."""
 
+    SECTION = "bench"
 
-def validate_bench(config: ConfigDict) -> None:
-    if "bench" not in config:
-        return
-    b = config.bench
-    known = (*ALL_STRATEGIES, "self_speculative")
-    unknown = [s for s in b.strategies if s not in known]
-    if unknown or not b.strategies:
-        raise UserError(f"bench.strategies must name some of {', '.join(known)}, got {tuple(b.strategies)}")
-    if any(not 0.0 <= t <= 1.0 for t in b.thresholds):
-        raise UserError(f"bench.thresholds must lie in [0, 1], got {tuple(b.thresholds)}")
-    if not b.batch_sizes or any(n < 1 for n in b.batch_sizes):
-        raise UserError(f"bench.batch_sizes must be positive integers, got {tuple(b.batch_sizes)}")
-    for key in ("repeats", "num_prompts", "prompt_len", "overhead_forwards"):
-        if b[key] < 1:
-            raise UserError(f"bench.{key} must be >= 1, got {b[key]}")
-    if b.warmup < 0:
-        raise UserError(f"bench.warmup must be >= 0, got {b.warmup}")
+    # each non-threshold strategy runs once with the sample section's value; "speculative" verifies with
+    # --verifier (default the --ar_ckpt teacher), "self_speculative" with the dLM's own causal mode
+    strategies: tuple[str, ...] = ("ar", "threshold")
+    thresholds: tuple[float, ...] = (0.7, 0.8, 0.9, 0.95)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 3  # timed repeats; the median is reported
+    warmup: int = 1  # untimed runs first (compilation)
+    num_prompts: int = 8  # random prompts when no --prompts_jsonl is given
+    prompt_len: int = 32
+    overhead_forwards: int = 64  # forward passes timed for the bare-forward reference
+
+    def validate(self) -> None:
+        unknown = [s for s in self.strategies if s not in BENCH_STRATEGIES]
+        if unknown or not self.strategies:
+            raise UserError(f"bench.strategies must name some of {', '.join(BENCH_STRATEGIES)}, got {self.strategies}")
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise UserError(f"bench.thresholds must lie in [0, 1], got {self.thresholds}")
+        if not self.batch_sizes or any(n < 1 for n in self.batch_sizes):
+            raise UserError(f"bench.batch_sizes must be positive integers, got {self.batch_sizes}")
+        for key in ("repeats", "num_prompts", "prompt_len", "overhead_forwards"):
+            if getattr(self, key) < 1:
+                raise UserError(f"bench.{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise UserError(f"bench.warmup must be >= 0, got {self.warmup}")

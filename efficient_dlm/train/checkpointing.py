@@ -19,11 +19,11 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 from etils import epath
-from ml_collections import ConfigDict
 from orbax.checkpoint import checkpoint_managers as policies
 
 from efficient_dlm import integrity
 from efficient_dlm.parallel.distributed import is_main
+from efficient_dlm.train.config import TrainConfig
 from efficient_dlm.train.state import TrainState
 
 BEST_METRIC = "eval_loss"
@@ -32,7 +32,7 @@ BEST_METRIC = "eval_loss"
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) under run_dir; one per run."""
 
-    def __init__(self, run_dir: str, t: ConfigDict):
+    def __init__(self, run_dir: str, t: TrainConfig):
         keep = [policies.LatestN(n=t.keep_last)]
         if t.keep_best:
             keep.append(

@@ -18,7 +18,7 @@ DEFAULT_CONFIG = "configs/tiny_train.py"
 def run(config, FLAGS) -> int:
 
     try:
-        result = train(config, mesh=run_mesh(config))
+        result = train(config, mesh=run_mesh(config.mesh))
     except NonFiniteError as err:
         raise UserError(str(err)) from None
     if result.stopped_by:  # train() printed where it stopped and how to resume

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -25,21 +24,24 @@ import optax
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import to_plain, validate
+from efficient_dlm.config import Config, to_plain, typed
 from efficient_dlm.data.chat import ChatEncoder, install_template
 from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
-from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
+from efficient_dlm.diffusion.config import DiffusionConfig
+from efficient_dlm.diffusion.schedule import block_size_at
 from efficient_dlm.diffusion.spec import spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.parallel import distributed
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.rules import axis_rules
 from efficient_dlm.models.adapters import add_adapters
 from efficient_dlm.train import model_init, opd_loop
-from efficient_dlm.train.lora import lora_config, require_base, run_record
+from efficient_dlm.train.lora import require_base, run_record
 from efficient_dlm.errors import UserError
 from efficient_dlm.parallel.distributed import is_main
 from efficient_dlm.train.checkpointing import BEST_METRIC, Checkpointer
+from efficient_dlm.train.config import TrainConfig
 from efficient_dlm.train.metrics import MetricsLogger
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.run_lock import RunLock
@@ -47,7 +49,7 @@ from efficient_dlm.train.stop import StopSignals
 from efficient_dlm.train.state import (
     TrainState, abstract_state, cast_base, create_state, params_finite, split_model, state_shardings,
 )
-from efficient_dlm.train.step import STEP_TRAIN_KEYS, make_eval_step, make_train_step, summarize
+from efficient_dlm.train.step import make_eval_step, make_train_step, step_settings, summarize
 
 BatchTransform = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -68,7 +70,7 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
 
 
-def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> DataSpec:
+def data_spec(config: Config, cfg: ModelConfig, tokenizer: str | None) -> DataSpec:
     d, t = config.data, config.train
     count = jax.process_count()
     if t.batch_size % count:
@@ -92,16 +94,16 @@ def data_spec(config: ConfigDict, cfg: ModelConfig, tokenizer: str | None) -> Da
     )
 
 
-def chat_alignment(config: ConfigDict) -> int:
+def chat_alignment(config: Config) -> int:
     """Chat conversations start at a multiple of every block size the run trains with (the schedule's
     least common multiple), so each turn's blocks are where the sampler puts them (METHOD.md section 11)."""
     d = config.diffusion
-    if config.data.format != "chat" or d.objective not in ("block", "block_diffusion"):
+    if config.data.format != "chat" or not d.has_blocks:
         return 1
-    return math.lcm(*(size for _, size in parse_schedule(d.block_size_schedule, d.block_size)))
+    return math.lcm(*(size for _, size in d.block_sizes()))
 
 
-def _build_data(config: ConfigDict, spec: DataSpec, train: bool):
+def _build_data(config: Config, spec: DataSpec, train: bool):
     files = config.data.train_files if train else config.data.eval_files
     return build_dataset(
         files, spec, weights=config.data.train_weights if train else "", train=train,
@@ -114,15 +116,19 @@ def _numerics(config: ConfigDict) -> dict[str, Any]:
 
 
 class _Run:
-    """Mutable pieces of one train() call, so the loop body stays short."""
+    """Mutable pieces of one train() call, so the loop body stays short.
+
+    `typed` holds the typed sections the steps are built from; `config` (the ConfigDict) is what the
+    run records and what the OPD side still reads."""
 
     def __init__(self, config: ConfigDict, mesh, batch_transform: BatchTransform | None):
-        self.config, self.t, self.mesh, self.batch_transform = config, config.train, mesh, batch_transform
+        self.config, self.typed, self.mesh, self.batch_transform = config, typed(config), mesh, batch_transform
+        self.t = self.typed.train
         self.run_dir = os.path.abspath(config.run_dir)
         self.tx = make_optimizer(self.t)
-        self.lora = lora_config(config)  # None: full fine-tuning
+        self.lora = self.typed.lora.adapters()  # None: full fine-tuning
         self.frozen = None  # LoRA: the frozen base state (TrainState.frozen)
-        self.schedule = parse_schedule(config.diffusion.block_size_schedule, config.diffusion.block_size)
+        self.schedule = self.typed.diffusion.block_sizes()
         self.step_fns: dict[int | None, Callable] = {}
         self.eval_fns: dict[int | None, Callable] = {}
         self.history: list[dict[str, float]] = []
@@ -146,9 +152,9 @@ class _Run:
         if opd_loop.enabled(self.config):
             opd_loop.check_inputs(self.config)
         tokenizer = self._resume(latest) if latest is not None else self._start()
-        spec = data_spec(self.config, self.cfg, tokenizer)
+        spec = data_spec(self.typed, self.cfg, tokenizer)
         if latest is not None and self.text:
-            self.data_iter = iter(_build_data(self.config, spec, True))
+            self.data_iter = iter(_build_data(self.typed, spec, True))
         if opd_loop.enabled(self.config):
             self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
         if latest is not None:
@@ -159,14 +165,14 @@ class _Run:
         if self.t.max_param_norm_ratio:
             self.initial_norm = float(jax.jit(optax.tree.norm)(self.state.params))
         text_eval = self.text and self.config.data.eval_files  # OPD alone evaluates on opd.eval_files
-        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if text_eval else []
+        self.eval_batches = take(_build_data(self.typed, spec, False), self.t.eval_batches) if text_eval else []
 
     def _resume(self, latest: int) -> str | None:
         """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
         cfg, extra = checkpoints.read_model_config(self.run_dir)
         check_same_architecture(self.config, extra.get("train_config") or {}, self.run_dir)
         self.cfg = cfg.replace(**_numerics(self.config))
-        self.config.diffusion.valid_vocab_size = extra.get("valid_vocab_size")
+        self._set_valid_vocab(extra.get("valid_vocab_size"))
         if self.lora is not None or extra.get("lora"):
             self.frozen = self._lora_base(extra.get("lora"))
         return checkpoints.tokenizer_dir(self.run_dir) or self.config.init.tokenizer
@@ -180,10 +186,10 @@ class _Run:
         model_init.check_mask_token(self.config, source_cfg)
         tokenizer = self.config.init.tokenizer or self._source_tokenizer()
         if self.text:
-            self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
+            self.data_iter = iter(_build_data(self.typed, data_spec(self.typed, source_cfg, tokenizer), True))
         init = model_init.prepare_model(self.config, self.mesh)
         self.cfg = init.model.config
-        self.config.diffusion.valid_vocab_size = init.valid_vocab_size
+        self._set_valid_vocab(init.valid_vocab_size)
         extra = {"valid_vocab_size": init.valid_vocab_size, "source": init.source, "train_config": to_plain(self.config)}
         if self.lora is not None:  # adapters on the frozen base; the run records which base
             add_adapters(init.model, self.lora, self.config.seed)
@@ -210,6 +216,11 @@ class _Run:
         base = checkpoints.lora_base(record["base"], self.mesh, self.run_dir, **model_init.numeric_overrides(self.config))
         return cast_base(split_model(base)[1], self.lora)
 
+    def _set_valid_vocab(self, size: int | None) -> None:
+        """diffusion.valid_vocab_size as the model decides it (an appended [MASK] row), in both views."""
+        self.config.diffusion.valid_vocab_size = size
+        self.typed = dataclasses.replace(self.typed, diffusion=self.typed.diffusion.replace(valid_vocab_size=size))
+
     def iterators(self) -> dict[str, Any]:
         """The run's data iterators by checkpoint item name (text batches, OPD prompts)."""
         named = {"data": self.data_iter, opd_loop.OPDRun.ITERATOR_NAME: self.opd and self.opd.iterator}
@@ -232,11 +243,12 @@ class _Run:
 
     def block_size(self, step: int) -> int | None:
         """The block size in force at `step`; None for objectives without blocks (ar, bidirectional)."""
-        return block_size_at(self.schedule, step) if self.config.diffusion.objective in ("block", "block_diffusion") else None
+        return block_size_at(self.schedule, step) if self.typed.diffusion.has_blocks else None
 
     def step_fn(self, block_size):
         if block_size not in self.step_fns:
-            self.step_fns[block_size] = cached_step(make_train_step, self.config, self.cfg, block_size)
+            self.step_fns[block_size] = cached_step(
+                make_train_step, self.typed.diffusion, self.t, self.cfg, block_size, self.lora)
         return self.step_fns[block_size]
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -258,7 +270,8 @@ class _Run:
 
     def evaluate_text(self, block_size) -> dict[str, float]:
         if block_size not in self.eval_fns:
-            self.eval_fns[block_size] = cached_step(make_eval_step, self.config, self.cfg, block_size)
+            self.eval_fns[block_size] = cached_step(
+                make_eval_step, self.typed.diffusion, self.t, self.cfg, block_size, self.lora)
         fn, key = self.eval_fns[block_size], jax.random.PRNGKey(self.config.seed + 1)
         totals = None
         for j, batch in enumerate(self.eval_batches):
@@ -277,16 +290,16 @@ class _Run:
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def cached_step(factory, config: ConfigDict, cfg: ModelConfig, block_size: int | None) -> Callable:
-    """`factory(config, cfg, block_size=...)`, reused across train() calls in one process while the
-    settings that shape the step (the diffusion and lora sections, STEP_TRAIN_KEYS) are unchanged: a resumed or
-    repeated run in the same process does not recompile."""
-    train_keys = {k: config.train[k] for k in STEP_TRAIN_KEYS}
-    lora = to_plain(config.lora) if "lora" in config else None
-    shape = json.dumps([to_plain(config.diffusion), lora, train_keys], sort_keys=True)
-    key = (factory.__name__, shape, cfg, block_size)
+def cached_step(
+    factory, diffusion: DiffusionConfig, train: TrainConfig, cfg: ModelConfig, block_size: int | None,
+    lora: LoraConfig | None = None,
+) -> Callable:
+    """`factory(diffusion, train, cfg, lora=..., block_size=...)`, reused across train() calls in one process
+    while the settings that shape the step (the frozen diffusion and lora sections, train.step_settings) are
+    unchanged: a resumed or repeated run in the same process does not recompile."""
+    key = (factory.__name__, diffusion, lora, step_settings(train), cfg, block_size)
     if key not in _COMPILED:
-        _COMPILED[key] = factory(config, cfg, block_size=block_size)
+        _COMPILED[key] = factory(diffusion, train, cfg, lora=lora, block_size=block_size)
     return _COMPILED[key]
 
 
@@ -317,7 +330,8 @@ def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | No
     SIGINT / SIGTERM (main thread) end the loop after the current step with a checkpoint; the result
     says which signal (`stopped_by`).
     """
-    config = ConfigDict(to_plain(validate(config)))
+    typed(config)  # every section checked before the run directory is locked
+    config = ConfigDict(to_plain(config))
     lock = RunLock(os.path.abspath(config.run_dir))
     if is_main():
         lock.acquire()

@@ -14,17 +14,14 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
+from efficient_dlm.config import typed
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.lora import LoraConfig
 
 
 def lora_config(config: ConfigDict) -> LoraConfig | None:
-    """The section's LoraConfig, None when lora.rank is 0 (full fine-tuning)."""
-    section = config.get("lora")
-    if section is None or not section.rank:
-        return None
-    targets = tuple(t.strip() for t in section.targets.split(",") if t.strip())
-    return LoraConfig(int(section.rank), float(section.alpha), float(section.dropout), targets, section.base_dtype)
+    """The section's LoraConfig (train/config.py LoraSection.adapters), None when lora.rank is 0."""
+    return typed(config).lora.adapters()
 
 
 def require_base(config: ConfigDict) -> None:

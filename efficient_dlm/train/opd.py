@@ -41,9 +41,6 @@ from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import TrainState, graphdef_for
 from efficient_dlm.train.step import accumulate, apply_gradients
 
-ROLLOUT_STRATEGIES = ("topk", "threshold")
-
-
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     """The frozen AR teacher: its architecture (static, compiled in) and parameters (a step argument)."""

@@ -18,11 +18,11 @@ from ml_collections import ConfigDict
 from efficient_dlm import checkpoints
 from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
-from efficient_dlm.diffusion.opd import OBJECTIVE, STATE_MODES
+from efficient_dlm.diffusion.opd import OBJECTIVE
 from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
 from efficient_dlm.errors import UserError, UserFileNotFoundError
-from efficient_dlm.models.config import DTYPES, ModelConfig
-from efficient_dlm.train.opd import ROLLOUT_STRATEGIES, Teacher, make_opd_eval_step, make_opd_step, summarize
+from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.train.opd import Teacher, make_opd_eval_step, make_opd_step, summarize
 from efficient_dlm.train.state import split_model
 from efficient_dlm.train.step import STEP_TRAIN_KEYS
 from efficient_dlm.port.hf_import import from_hf
@@ -155,28 +155,3 @@ def check_inputs(config: ConfigDict) -> None:
         raise UserFileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
     if not o.prompt_files:
         raise UserError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
-
-
-def check_opd(config: ConfigDict) -> None:
-    """The opd section, when OPD steps will run (one line naming the key)."""
-    if "opd" not in config or not enabled(config):
-        return
-    o = config.opd
-    if config.diffusion.objective == "ar":
-        raise UserError("opd.start_step needs a diffusion student; diffusion.objective 'ar' has no [MASK] token")
-    choices = {"strategy": ROLLOUT_STRATEGIES, "states": STATE_MODES, "teacher_dtype": DTYPES}
-    for key, allowed in choices.items():
-        if o[key] not in allowed:
-            raise UserError(f"unknown opd.{key} {o[key]!r}; choose one of {', '.join(allowed)}")
-    for key in ("block_size", "steps_per_block", "max_prompt_len", "max_new_tokens", "every", "eval_batches"):
-        if o[key] < 1:
-            raise UserError(f"opd.{key} must be >= 1, got {o[key]}")
-    if o.strategy == "topk" and o.block_size % o.steps_per_block:
-        raise UserError(f"opd.steps_per_block ({o.steps_per_block}) must divide opd.block_size ({o.block_size})")
-    if not 0.0 <= o.threshold <= 1.0 or o.temperature < 0:
-        raise UserError(
-            f"opd.threshold must be in [0, 1] and opd.temperature >= 0, got {o.threshold}, {o.temperature}"
-        )
-    if o.top_k < 0 or o.kl_chunk < 0 or o.start_step < -1:
-        raise UserError("opd.top_k and opd.kl_chunk must be >= 0 and opd.start_step >= -1")
-    rollout_schedule(config)

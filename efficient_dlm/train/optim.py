@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import jax
 import optax
-from ml_collections import ConfigDict
 
-SCHEDULES = ("cosine", "wsd", "constant")
+from efficient_dlm.train.config import TrainConfig
 
 
-def learning_rate_schedule(t: ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
     """Linear warm-up to train.learning_rate, then cosine / WSD / constant over train.steps."""
     peak, warmup, total = t.learning_rate, t.warmup_steps, max(t.steps, 1)
     end = peak * t.min_lr_ratio
@@ -35,7 +34,7 @@ def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def weight_decay_mask(t: ConfigDict):
+def weight_decay_mask(t: TrainConfig):
     """params -> bool tree: True where weight decay applies (train.decay_norms/biases/embeddings)."""
 
     def decays(path, _) -> bool:
@@ -51,7 +50,7 @@ def weight_decay_mask(t: ConfigDict):
     return lambda params: jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(t: ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     """The full update rule for train section `t`."""
     inner = optax.adamw(
         learning_rate_schedule(t),

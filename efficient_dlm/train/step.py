@@ -1,6 +1,7 @@
 """The jitted train and eval steps.
 
-`make_train_step(config, model_cfg, block_size=...)` returns `step(state, batch, rng) -> (state,
+`make_train_step(diffusion, train, model_cfg, block_size=...)` (the typed `diffusion` and `train`
+config sections: frozen, so a compiled step is keyed by their values) returns `step(state, batch, rng) -> (state,
 metrics)`: corruption from `rng` (the loop passes fold_in(state.rng, step)), forward, loss, gradient
 (accumulated over `train.grad_accum` micro-batches with lax.scan, normalised by the masked-token
 count of the whole batch so accumulation is exact), and the optax update. A step whose loss or
@@ -17,14 +18,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 
+from efficient_dlm.diffusion.config import DiffusionConfig
 from efficient_dlm.diffusion.objectives import Example, Objective, corrupt, loss_and_sums
 from efficient_dlm.models.adapters import fill_dropout_keys
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.models.moe import expert_load_metrics, with_updated_expert_bias
+from efficient_dlm.train.config import TrainConfig
 from efficient_dlm.train.optim import learning_rate_schedule, make_optimizer
-from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import TrainState, dropout_key_template, graphdef_for
 
 Batch = dict[str, jax.Array]
@@ -37,25 +39,9 @@ STEP_TRAIN_KEYS = (
 )
 
 
-def make_objective(config: ConfigDict, model_cfg: ModelConfig, block_size: int | None = None) -> Objective:
-    d = config.diffusion
-    return Objective(
-        kind=d.objective,
-        block_size=d.block_size if block_size is None else block_size,
-        masking=d.masking,
-        half_life=d.half_life,
-        rate_min=d.rate_min,
-        rate_max=d.rate_max,
-        complementary=d.complementary,
-        token_shift=d.token_shift,
-        weighting=d.loss_weighting,
-        mask_token_id=model_cfg.mask_token_id,
-        mask_noise_std=d.mask_noise_std,
-        mask_noise_steps=d.mask_noise_steps,
-        ar_weight=d.ar_weight,
-        confidence_weight=d.confidence_weight,
-        confidence_temperature=d.confidence_temperature,
-    )
+def step_settings(train: TrainConfig) -> tuple:
+    """The train-section values a compiled step depends on (a cache key: equal settings, one compilation)."""
+    return tuple((k, getattr(train, k)) for k in STEP_TRAIN_KEYS)
 
 
 def _micro_batches(ex: Example, count: int) -> Example:
@@ -65,12 +51,13 @@ def _micro_batches(ex: Example, count: int) -> Example:
 _DROPOUT_STREAM = 0x10A  # fold_in constant: the LoRA dropout keys' stream, apart from the mask-noise key
 
 
-def _loss_fn(config: ConfigDict, model_cfg: ModelConfig, obj: Objective, accum: int, z_loss: float, train: bool):
+def _loss_fn(
+    model_cfg: ModelConfig, lora: LoraConfig | None, obj: Objective, valid_vocab: int | None, chunk: int, accum: int,
+    z_loss: float, train: bool,
+):
     """train: MoE training routing (capacity on x_t; x_0 per model.clean_routing) and LoRA dropout; the
     eval step routes dropless, as inference, without dropout. frozen: the LoRA base (None for full
     fine-tuning)."""
-    valid_vocab, chunk = config.diffusion.valid_vocab_size, config.train.loss_chunk
-    lora = lora_config(config)
     dropout = train and lora is not None and lora.dropout > 0
     graphdef = graphdef_for(model_cfg, lora, train=dropout)
     keys = dropout_key_template(model_cfg, lora) if dropout else None
@@ -127,7 +114,7 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def apply_gradients(
-    t: ConfigDict, tx: optax.GradientTransformation, model_cfg: ModelConfig, state: TrainState, grads,
+    t: TrainConfig, tx: optax.GradientTransformation, model_cfg: ModelConfig, state: TrainState, grads,
     sums: dict[str, jax.Array],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The optax update from summed gradients; a non-finite loss (sums["loss"] + sums["aux_loss"]) or
@@ -157,29 +144,35 @@ def apply_gradients(
 
 
 def make_train_step(
-    config: ConfigDict,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
     model_cfg: ModelConfig,
     *,
+    lora: LoraConfig | None = None,
     block_size: int | None = None,
     tx: optax.GradientTransformation | None = None,
     jit: bool = True,
     donate: bool = True,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, Any]]]:
-    """The train step for `model_cfg` under `config` (objective, optimizer, accumulation, z-loss).
+    """The train step for `model_cfg` under the `diffusion` objective and the `train` optimizer, accumulation
+    and z-loss; `block_size` overrides diffusion.block_size (the block-size schedule's current value);
+    `lora`: adapters trained on the frozen base in TrainState.frozen (None: full fine-tuning).
 
     batch: {tokens, segment_ids, positions[, loss_weights]} with leading dimension train.batch_size.
     """
-    obj = make_objective(config, model_cfg, block_size)
-    tx = tx or make_optimizer(config.train)
-    accum = config.train.grad_accum
-    grad_fn = jax.value_and_grad(_loss_fn(config, model_cfg, obj, accum, config.train.z_loss, train=True), has_aux=True)
+    obj = diffusion.make_objective(model_cfg.mask_token_id, block_size)
+    tx = tx or make_optimizer(train)
+    accum = train.grad_accum
+    loss_fn = _loss_fn(model_cfg, lora, obj, diffusion.valid_vocab_size, train.loss_chunk, accum, train.z_loss,
+                       train=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         corrupt_key, noise_key = jax.random.split(rng)
         ex = corrupt(obj, batch, corrupt_key)
         normaliser = jnp.maximum(jnp.sum(ex.count), 1.0)
         grads, sums = accumulate(grad_fn, state.params, ex, normaliser, noise_key, state.step, accum, state.frozen)
-        state, metrics = apply_gradients(config.train, tx, model_cfg, state, grads, sums)
+        state, metrics = apply_gradients(train, tx, model_cfg, state, grads, sums)
         return state, {**metrics, "tokens": sums["tokens"], **summarize(sums)}
 
     if not jit:
@@ -187,13 +180,16 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(config: ConfigDict, model_cfg: ModelConfig, *, block_size: int | None = None, jit: bool = True):
+def make_eval_step(
+    diffusion: DiffusionConfig, train: TrainConfig, model_cfg: ModelConfig, *, lora: LoraConfig | None = None,
+    block_size: int | None = None, jit: bool = True,
+):
     """eval_step(params, batch, rng, frozen=None) -> metric sums: "loss" (the ELBO / NLL numerator, no
     z-loss, no mask-embedding noise, no CAP term), count, ce, correct, tokens. Ratios come from
     `summarize` over all batches. frozen: the LoRA base (TrainState.frozen)."""
-    obj = dataclasses.replace(make_objective(config, model_cfg, block_size), mask_noise_std=0.0, ar_weight=0.0,
-                              confidence_weight=0.0)
-    loss_fn = _loss_fn(config, model_cfg, obj, 1, 0.0, train=False)
+    obj = dataclasses.replace(diffusion.make_objective(model_cfg.mask_token_id, block_size), mask_noise_std=0.0,
+                              ar_weight=0.0, confidence_weight=0.0)
+    loss_fn = _loss_fn(model_cfg, lora, obj, diffusion.valid_vocab_size, train.loss_chunk, 1, 0.0, train=False)
 
     def eval_step(params, batch: Batch, rng: jax.Array, frozen=None):
         _, sums = loss_fn(params, corrupt(obj, batch, rng), 1.0, None, 0, frozen)
