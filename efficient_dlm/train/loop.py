@@ -149,13 +149,13 @@ class _Run:
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
             raise UserError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
-        if opd_loop.enabled(self.config):
+        if self.typed.opd.enabled(self.typed.diffusion.objective):
             opd_loop.check_inputs(self.config)
         tokenizer = self._resume(latest) if latest is not None else self._start()
         spec = data_spec(self.typed, self.cfg, tokenizer)
         if latest is not None and self.text:
             self.data_iter = iter(_build_data(self.typed, spec, True))
-        if opd_loop.enabled(self.config):
+        if self.typed.opd.enabled(self.typed.diffusion.objective):
             self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
         if latest is not None:
             if self.ckpt.verify(latest):

@@ -16,10 +16,11 @@ import jax
 from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
+from efficient_dlm.config import typed
 from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
 from efficient_dlm.diffusion.opd import OBJECTIVE
-from efficient_dlm.diffusion.schedule import block_size_at, parse_schedule
+from efficient_dlm.diffusion.schedule import block_size_at
 from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.train.opd import Teacher, make_opd_eval_step, make_opd_step, summarize
@@ -28,21 +29,12 @@ from efficient_dlm.train.step import STEP_TRAIN_KEYS
 from efficient_dlm.port.hf_import import from_hf
 
 
-def enabled(config: ConfigDict) -> bool:
-    return config.diffusion.objective == OBJECTIVE or config.opd.start_step >= 0
-
-
 def is_opd_step(config: ConfigDict, step: int) -> bool:
     """Whether step `step` (0-based) is an OPD step (module docstring)."""
     o = config.opd
     if config.diffusion.objective == OBJECTIVE:
         return True
     return 0 <= o.start_step <= step and (step - o.start_step) % o.every == 0
-
-
-def rollout_schedule(config: ConfigDict) -> list[tuple[int, int]]:
-    o = config.opd
-    return parse_schedule(o.max_new_tokens_schedule, o.max_new_tokens, "opd.max_new_tokens_schedule")
 
 
 def load_teacher(config: ConfigDict, mesh=None) -> Teacher:
@@ -96,7 +88,7 @@ class OPDRun:
     def __init__(self, config: ConfigDict, cfg: ModelConfig, tokenizer: str | None, mesh=None):
         o = config.opd
         self.config, self.cfg = config, cfg
-        self.schedule = rollout_schedule(config)
+        self.schedule = typed(config).opd.rollout_schedule()
         longest = o.max_prompt_len + max(n for _, n in self.schedule) + o.block_size
         if longest > cfg.max_position_embeddings:
             raise UserError(
