@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_dlm.config import base_config, validate
+from efficient_dlm.config import base_config, typed, validate
 from efficient_dlm.diffusion.objectives import Objective, corrupt, loss_and_sums, predict_hidden
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
@@ -81,8 +81,6 @@ def test_cap_gradient_accumulates_exactly_and_never_reaches_padded_ids(model):
     """Two micro-batches sum to the one-batch gradient (the term shares the global normaliser); the padded
     ids' LM-head columns get exactly zero gradient and nothing is non-finite."""
     obj = Objective("block_diffusion", 4, token_shift=True, mask_token_id=MASK, confidence_weight=W)
-    config = base_config()
-    config.diffusion.valid_vocab_size = VALID
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -91,7 +89,7 @@ def test_cap_gradient_accumulates_exactly_and_never_reaches_padded_ids(model):
         normaliser = jnp.sum(ex.count)
         out = []
         for accum in (1, 2):
-            fn = jax.value_and_grad(step_lib._loss_fn(graphdef, obj, config, accum, 0.0, train=True), has_aux=True)
+            fn = jax.value_and_grad(step_lib._loss_fn(graphdef, obj, VALID, 0, accum, 0.0, train=True), has_aux=True)
             out.append(step_lib.accumulate(fn, params, ex, normaliser, jax.random.PRNGKey(0), 0, accum))
         return out
 
@@ -110,7 +108,7 @@ def test_cap_settings_are_validated_and_reach_the_objective():
     config.diffusion.confidence_temperature = 0.5
     cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                       head_dim=16, mask_token_id=MASK)
-    obj = step_lib.make_objective(validate(config), cfg)
+    obj = typed(config).diffusion.make_objective(cfg.mask_token_id)
     assert (obj.confidence_weight, obj.confidence_temperature) == (0.25, 0.5)
     for key, value, objective in [("confidence_weight", -1.0, "block_diffusion"),
                                   ("confidence_temperature", 0.0, "block_diffusion"),
