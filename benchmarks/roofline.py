@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from efficient_dlm.models.cache import KVCache  # noqa: E402
 from efficient_dlm.models.decoder import abstract_model  # noqa: E402
-from efficient_dlm.parallel import aot  # noqa: E402
+from efficient_dlm.aot import compiler as aot  # noqa: E402
 from efficient_dlm.parallel.topology import parse  # noqa: E402
 
 # TPU v5p per chip (Google Cloud's published figures): bfloat16 peak and HBM bandwidth.

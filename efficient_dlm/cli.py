@@ -34,7 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("efficient_dlm.sample.cli_bench", "AR vs dLM decoding: tokens/s, tokens per forward, latency, memory"),
     "eval": ("efficient_dlm.eval.cli_eval", "lm-evaluation-harness tasks on a checkpoint (the lm-eval model `edlm`)"),
     "serve": ("efficient_dlm.serve.cli_serve", "OpenAI-compatible HTTP server with continuous batching (dLM or AR)"),
-    "aot": ("efficient_dlm.parallel.cli_aot", "compile train step and sampler for a TPU topology: memory per chip, FLOPs"),
+    "aot": ("efficient_dlm.aot.cli_aot", "compile train step and sampler for a TPU topology: memory per chip, FLOPs"),
 }
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -65,7 +65,7 @@ def check_flops_extrapolation(results) -> None:
 def check_flops_per_shard_estimate(results) -> None:
     """The fallback for batches whose plain-loss program does not fit: scaled from 1 row per batch shard,
     within 2% of XLA's count for the same (3-layer, batch-8) program."""
-    from efficient_dlm.parallel import aot
+    from efficient_dlm.aot import compiler as aot
     from efficient_dlm.parallel import mesh as mesh_lib
     from efficient_dlm.parallel.topology import parse
 
@@ -85,7 +85,7 @@ def check_speculative_sampler(results) -> None:
     """The speculative program (dLM drafter + AR verifier of the same architecture, both caches) compiles for
     v5p-8 like the plain sampler, and holds both models' weights: its arguments exceed the plain sampler's
     by at least one more copy of the parameters."""
-    from efficient_dlm.parallel import aot
+    from efficient_dlm.aot import compiler as aot
     from efficient_dlm.parallel import mesh as mesh_lib
     from efficient_dlm.parallel.topology import parse
 
@@ -110,7 +110,7 @@ def check_does_not_fit(out_dir: str) -> None:
     """A training batch far beyond v5e HBM: the compiler's out-of-memory error becomes one line
     naming what to change."""
     from efficient_dlm.cli import UserError
-    from efficient_dlm.parallel import aot
+    from efficient_dlm.aot import compiler as aot
     from efficient_dlm.parallel import mesh as mesh_lib
     from efficient_dlm.parallel.topology import parse
 

@@ -14,3 +14,15 @@ def test_no_import_cycles():
 
 def test_cycle_detection_finds_a_planted_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_parallel_is_the_low_level_layer():
+    """parallel/ (rules, mesh, sharding, distributed, topology, its config section) imports nothing above it:
+    the AOT tool that compiles train and sample programs lives at the CLI level (efficient_dlm/aot/)."""
+    edges, _ = graph(ROOT)
+    below = ("efficient_dlm.parallel.", "efficient_dlm.errors", "efficient_dlm.section")
+    parallel = {m: targets for m, targets in edges.items() if m.startswith("efficient_dlm.parallel.")}
+    assert "efficient_dlm.parallel.mesh" in parallel
+    assert {m: sorted(t for t in targets if not t.startswith(below)) for m, targets in parallel.items()} == {
+        m: [] for m in parallel
+    }

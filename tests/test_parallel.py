@@ -188,7 +188,7 @@ def test_aot_tiny_config_on_tpu_topology(tmp_path):
 def test_aot_advice_names_capacity_routing_for_dropless_expert_parallelism():
     """The one line `edlm aot` prints when a program does not fit names the fix that fits the 100B MoE."""
     from efficient_dlm.config import sibling_recipe
-    from efficient_dlm.parallel.aot import Program, advice
+    from efficient_dlm.aot.compiler import Program, advice
 
     config = sibling_recipe(os.path.join(os.path.dirname(__file__), "..", "configs", "moe_100b.py"), "moe_100b")
     step = Program("train_step", None, (), (), notes={})

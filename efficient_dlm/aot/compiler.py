@@ -7,6 +7,9 @@ configuration fits before anyone pays for a pod.
 
 Memory per chip (XLA's CompiledMemoryStats): arguments + outputs - aliased (donated state is updated
 in place) + temporaries + generated code. FLOPs from `cost_analysis()` are per chip.
+
+It sits at the CLI level (it builds the programs of train/ and sample/ from the typed config); the
+mesh, rules and sharding it compiles over are parallel/'s.
 """
 from __future__ import annotations
 
@@ -20,14 +23,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from efficient_dlm.models.config import ModelConfig
-from efficient_dlm.parallel import mesh as mesh_lib
-from efficient_dlm.parallel import sharding
-from efficient_dlm.parallel.topology import GIB, TpuSlice
 from efficient_dlm.config import to_plain, typed
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.parallel import mesh as mesh_lib
+from efficient_dlm.parallel import sharding
+from efficient_dlm.parallel.topology import GIB, TpuSlice
 from efficient_dlm.sample.api import prepare
 from efficient_dlm.train.model_init import trained_config
 from efficient_dlm.train.optim import make_optimizer

@@ -16,7 +16,7 @@ from absl import flags
 from efficient_dlm.errors import UserError
 from efficient_dlm.extras import require
 from efficient_dlm.outputs import check_output_file
-from efficient_dlm.parallel import aot
+from efficient_dlm.aot import compiler as aot
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.topology import parse
 
