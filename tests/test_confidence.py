@@ -89,7 +89,7 @@ def test_cap_gradient_accumulates_exactly_and_never_reaches_padded_ids(model):
         normaliser = jnp.sum(ex.count)
         out = []
         for accum in (1, 2):
-            fn = jax.value_and_grad(step_lib._loss_fn(graphdef, obj, VALID, 0, accum, 0.0, train=True), has_aux=True)
+            fn = jax.value_and_grad(step_lib._loss_fn(model.config, None, obj, VALID, 0, accum, 0.0, train=True), has_aux=True)
             out.append(step_lib.accumulate(fn, params, ex, normaliser, jax.random.PRNGKey(0), 0, accum))
         return out
 
