@@ -26,6 +26,7 @@ CORE = [
     "pyarrow>=16",
     "array-record>=0.8",
     "matplotlib>=3.8",
+    "qwix==0.1.8",  # quantized inference (sample.quantize, edlm quantize): per-channel int8 / fp8 weights
 ]
 TEST = [
     "pytest==9.2.0",

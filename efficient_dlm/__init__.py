@@ -1,6 +1,6 @@
 """efficient_dlm: turn pretrained autoregressive LLMs into fast block-diffusion LLMs.
 
-Public API (DESIGN.md "Contracts"): from_hf, Model, ModelConfig, save, load, generate, to_hf.
+Public API (DESIGN.md "Contracts"): from_hf, Model, ModelConfig, save, load, generate, to_hf, quantize_model.
 Heavy submodules are imported lazily so `import efficient_dlm` stays cheap.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ _EXPORTS = {
     "load": "efficient_dlm.checkpoints:load",
     "to_hf": "efficient_dlm.port.hf_export:to_hf",
     "generate": "efficient_dlm.sample.api:generate",
+    "quantize_model": "efficient_dlm.models.quantize:quantize_model",
 }
 
 

@@ -1,7 +1,9 @@
 """Model checkpoints: orbax for the parameters, JSON for the architecture, copied tokenizer files.
 
 Layout of a model checkpoint directory:
-    model_config.json   ModelConfig fields (plus "extra": free-form metadata such as the recipe)
+    model_config.json   ModelConfig fields (plus "extra": free-form metadata such as the recipe); a
+                        quantized checkpoint (`edlm quantize`) records its quantization there and its
+                        params/ hold the int8 / fp8 values and float32 scales (qwix QArrays)
     diffusion_spec.json a dLM's DiffusionSpec (diffusion/spec.py): [MASK], padding, block size, token shift, decoding
     params/             orbax StandardCheckpointer output (atomic: written to a temp dir, renamed),
                         with params/checksums.json (efficient_dlm.integrity) verified on every load
@@ -25,9 +27,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from qwix import QArray
 
 from efficient_dlm import integrity
-from efficient_dlm.errors import UserFileExistsError, UserFileNotFoundError
+from efficient_dlm.errors import UserError, UserFileExistsError, UserFileNotFoundError
 from efficient_dlm.integrity import CheckpointError
 from efficient_dlm.diffusion import spec as spec_lib
 from efficient_dlm.diffusion.spec import DiffusionSpec
@@ -35,6 +38,7 @@ from efficient_dlm.models.adapters import add_adapters, merge_adapters, split_ad
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.lora import LoraConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
+from efficient_dlm.models.quantize import abstract_quantized_state
 from efficient_dlm.models.routers import ExpertBias
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.parallel.sharding import state_shardings
@@ -236,8 +240,12 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
         if merge_lora and cfg != model.config:
             model = _with_config(model, cfg)
         return spec_lib.with_spec(model, spec)
-    model = abstract_model(stored_cfg)
-    target = nnx.state(model, MODEL_STATE)
+    check_quantization_kept(stored_cfg, cfg, directory)
+    if stored_cfg.quantize != "none":  # restored straight into the quantized structure: no float copy exists
+        model, target = abstract_quantized_state(stored_cfg)
+    else:
+        model = abstract_model(stored_cfg)
+        target = nnx.state(model, MODEL_STATE)
     if mesh is not None:
 
         shardings = state_shardings(target, mesh)
@@ -253,9 +261,18 @@ def load(directory: str, *, mesh=None, dtype: str | None = None, step: int | Non
     return spec_lib.with_spec(model, spec)
 
 
+def check_quantization_kept(stored: ModelConfig, cfg: ModelConfig, directory: str) -> None:
+    """A quantized checkpoint's weights are what they are: an override cannot change how they are stored."""
+    changed = [f for f in ("quantize", "quantize_lm_head", "quantize_embed") if getattr(stored, f) != getattr(cfg, f)]
+    if stored.quantize != "none" and changed:
+        raise UserError(f"{directory}: a {stored.quantize}-quantized checkpoint; model.{changed[0]} cannot be overridden")
+
+
 def _with_config(model, cfg: ModelConfig):
-    """The same parameters (cast to cfg.param_dtype) under a changed config (dtype, backend, ...)."""
+    """The same parameters (cast to cfg.param_dtype; quantized weights as they are) under a changed config
+    (dtype, backend, ...)."""
     fresh = abstract_model(cfg)
-    params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda x: x if isinstance(x, QArray) else x.astype(cfg.weight_dtype),
+                          nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, QArray))
     nnx.update(fresh, params, nnx.state(model, ExpertBias))
     return fresh

@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo-data": ("efficient_dlm.demo.cli_data", "write the demo's data (stdlib text, generated tasks) and tokenizer"),
     "train": ("efficient_dlm.train.cli_train", "block-diffusion (or AR) continued pretraining; resumes from run_dir"),
     "sample": ("efficient_dlm.sample.cli_sample", "generate completions (block diffusion or AR) for prompts"),
+    "quantize": ("efficient_dlm.sample.cli_quantize", "write an int8 / fp8 quantized checkpoint (qwix) for inference"),
     "bench": ("efficient_dlm.sample.cli_bench", "AR vs dLM decoding: tokens/s, tokens per forward, latency, memory"),
     "eval": ("efficient_dlm.eval.cli_eval", "lm-evaluation-harness tasks on a checkpoint (the lm-eval model `edlm`)"),
     "serve": ("efficient_dlm.serve.cli_serve", "OpenAI-compatible HTTP server with continuous batching (dLM or AR)"),

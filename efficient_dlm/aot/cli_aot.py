@@ -19,6 +19,7 @@ from efficient_dlm.outputs import check_output_file
 from efficient_dlm.aot import compiler as aot
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel.topology import parse
+from efficient_dlm.sample.config import set_quantize_flag
 
 flags.DEFINE_string("topology", None, "TPU slice: v5p-256, v5e-64, v4-128, v6e-256, or explicit v5p:4x4x12")
 flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; mesh.dcn_* sizes apply)")
@@ -28,6 +29,7 @@ flags.DEFINE_integer("sample_batch", 8, "sampler: rows decoded together")
 flags.DEFINE_integer("sample_prompt_len", None, "sampler: prompt tokens per row (default data.seq_len / 2)")
 flags.DEFINE_string("json_out", None, "also write the reports as JSON to this path")
 flags.DEFINE_bool("flops", True, "train: also count FLOPs (two more compiles with layers unrolled at depth 1 and 2)")
+flags.DEFINE_string("quantize", None, "sampler: none | int8 | fp8 weights (sets sample.quantize; qwix, per channel)")
 
 # Set before libtpu loads; the verb never opens a real accelerator.
 MULTI_HOST = False
@@ -37,6 +39,7 @@ def run(config, FLAGS) -> int:
 
     if not FLAGS.topology:
         raise UserError("--topology is required (e.g. --topology=v5p-256)")
+    set_quantize_flag(config, FLAGS.quantize)
     require("libtpu", "tpu", "edlm aot (compiling for a TPU topology)")
     if FLAGS.json_out:
         check_output_file(FLAGS.json_out, "--json_out")

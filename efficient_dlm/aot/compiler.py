@@ -28,10 +28,12 @@ from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import abstract_model
+from efficient_dlm.models.quantize import Quantization, quantize_model
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel import sharding
 from efficient_dlm.parallel.topology import GIB, TpuSlice
 from efficient_dlm.sample.api import prepare
+from efficient_dlm.sample.config import quantization_kwargs
 from efficient_dlm.train.model_init import trained_config
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.state import abstract_state, state_shardings
@@ -123,6 +125,7 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
+    model = quantize_model(model, **quantization_kwargs(config.sample))  # sample.quantize / --quantize: abstract too
     kwargs = typed(config).sample.generate_kwargs()
     # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
     # weights in the program (the worst case; verifier="self" holds one set).
@@ -148,7 +151,8 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     state = tuple(shard(s) for s in state) if speculative else shard(state)
     return Program(
         "sampler", run, (state, inputs, knobs), ("params", "inputs", "knobs"),
-        notes=dict(**notes, prompt_len=prompt_len, **prep.shapes, attention=cfg.attention_backend),
+        notes=dict(**notes, prompt_len=prompt_len, **prep.shapes, attention=cfg.attention_backend,
+                   quantization=Quantization.of(model.config).describe()),
     )
 
 

@@ -25,6 +25,8 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_qkv_proj")
 ATTENTION_BACKENDS = ("auto", "xla", "splash", "pallas", "gpu")
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_QUANTIZATIONS = ("none", "int8", "fp8")
+KV_QUANTIZATIONS = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,13 @@ class ModelConfig:
     remat_policy: str = "none"
     attention_backend: str = "auto"
     scan_layers: bool = True
+    # Quantized inference (models/quantize.py, models/quant_ops.py; set by `quantize_model`, recorded by a
+    # quantized checkpoint). Weights: per-channel int8 / fp8 via qwix; inference only.
+    quantize: str = "none"  # none | int8 | fp8: the projection weights
+    quantize_activations: bool = False  # also the matmul inputs, per token, to the weights' type
+    quantize_lm_head: bool = True  # the LM head (with tied embeddings: the shared table)
+    quantize_embed: bool = True  # the input embedding table (per-row scales)
+    quantize_kv: str = "none"  # none | int8: keys and values (per token and head), the KV cache with them
     # Mixture of experts (models/moe.py); num_experts = 0 means a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # top-k
@@ -214,6 +223,23 @@ def validate(cfg: ModelConfig) -> None:
         if cfg.mask_token_id is not None and cfg.mask_token_id == getattr(cfg, name):
             raise UserError(f"model.mask_token_id {cfg.mask_token_id} equals model.{name}; [MASK] must be a token of its own")
     _validate_moe(cfg)
+    _validate_quantization(cfg)
+
+
+def _validate_quantization(cfg: ModelConfig) -> None:
+    if cfg.quantize not in WEIGHT_QUANTIZATIONS:
+        raise UserError(f"unknown model.quantize {cfg.quantize!r}; choose one of {', '.join(WEIGHT_QUANTIZATIONS)}")
+    if cfg.quantize_kv not in KV_QUANTIZATIONS:
+        raise UserError(f"unknown model.quantize_kv {cfg.quantize_kv!r}; choose one of {', '.join(KV_QUANTIZATIONS)}")
+    if cfg.quantize_activations and cfg.quantize == "none":
+        raise UserError("model.quantize_activations quantizes matmul inputs to the weights' type: set model.quantize too")
+    if cfg.quantize_activations and cfg.is_moe:
+        raise UserError("model.quantize_activations is not supported for MoE models (the routed experts run weight-only)")
+    if cfg.quantize != "none" and cfg.tie_word_embeddings and cfg.quantize_lm_head != cfg.quantize_embed:
+        raise UserError(
+            "model.quantize_lm_head and model.quantize_embed must agree for a model with tied embeddings "
+            "(one table serves both)"
+        )
 
 
 def _validate_moe(cfg: ModelConfig) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_dlm.models import kernel_dispatch
+from efficient_dlm.models import kernel_dispatch, quant_ops
 from efficient_dlm.models.cache import KVCache
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layer_groups import DENSE_STACK, Segment, schedule
@@ -135,19 +135,31 @@ class Decoder(nnx.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         # Gather, then cast: casting the table first would materialise a vocab x embed copy per call.
-        rows = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
+        rows = quant_ops.take_rows(self.embed_tokens, tokens, self.config.compute_dtype)
         return constrain(rows, ("batch", "length", "act_embed"))
 
-    def output_embedding(self) -> jax.Array:
-        """[embed, vocab] matrix of the LM head (the tied embedding, transposed, when tied)."""
+    def _head(self):
+        """The LM head weight variable and its einsum (the tied embedding table is [vocab, embed])."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens[...].T
-        return self.lm_head[...]
+            return self.embed_tokens, "bte,ve->btv"
+        return self.lm_head, "bte,ev->btv"
+
+    def output_embedding(self) -> jax.Array:
+        """[embed, vocab] matrix of the LM head (the tied embedding, transposed, when tied); dequantized
+        to the compute dtype when the head is quantized (the loss and the fused LM-head kernel read it)."""
+        weight, _ = self._head()
+        w = quant_ops.float_weight(weight, self.config.compute_dtype)
+        return w.T if self.config.tie_word_embeddings else w
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head on final-normalised hidden states; logits in float32."""
-        w = self.output_embedding().astype(self.config.compute_dtype)
-        out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
+        cfg = self.config
+        weight, equation = self._head()
+        if quant_ops.is_quantized(quant_ops.weight_value(weight)):
+            out = quant_ops.einsum(equation, hidden, weight, cfg.compute_dtype, cfg.quantize_activations, jnp.float32)
+        else:
+            w = self.output_embedding().astype(cfg.compute_dtype)
+            out = jnp.einsum("bte,ev->btv", hidden, w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
     def _layers(self, h, positions, make_attend, caches, rope_length=None, routing: Routing | None = None):
@@ -259,7 +271,7 @@ class Decoder(nnx.Module):
 
         def make_attend(window):
             def attend(q, k, v, layer_cache):
-                ck, cv = layer_cache
+                ck, cv = (quant_ops.kv_values(c, k.dtype) for c in layer_cache)  # int8 cache: dequantized here
                 return kernel_dispatch.cached_attention(
                     q, k, v, ck, cv, cache.start, cache.length, positions, attention, block_size, backend, window
                 )

@@ -3,7 +3,8 @@
 Weights are declared with their shapes and logical axis names side by side (tunix style) and used
 through einsums, so a reader sees `[embed, heads, head_dim]` where the parameter is born and the
 sharding rules in parallel/rules.py place it. Parameters are stored in `param_dtype` and cast to the
-compute `dtype` at use (fp32 master weights with bf16 compute).
+compute `dtype` at use (fp32 master weights with bf16 compute). `project` (models/lora.py) runs each
+weight einsum through models/quant_ops.py, which also serves weights quantized by models/quantize.py.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from efficient_dlm.models import quant_ops
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.lora import project
 from efficient_dlm.models.rope import apply_rope
@@ -135,7 +137,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, attend: AttendFn, layer_cache=None):
         q, k, v = self.attn.project(self.input_norm(x), cos, sin)
+        k, v, kv = quant_ops.kv_round_trip(k, v, self.attn.cfg.quantize_kv != "none")
         x = x + self.attn.output(attend(q, k, v, layer_cache))
         x = x + self.mlp(self.post_attn_norm(x))
         x = constrain(x, ("batch", "length", "act_embed"))
-        return x, (k, v), {}
+        return x, kv, {}

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_dlm.models import quant_ops
+
 # What lora.targets may name: the attention and MLP projections (dense layers and the MoE shared
 # expert) by their module attribute, and "experts" for the routed experts' gate / up / down.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -82,7 +84,8 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
 def project(module: nnx.Module, name: str, equation: str, x: jax.Array, dtype) -> jax.Array:
     """The projection `name` of `module` on x: einsum with the weight, plus its adapter when it has one."""
-    out = jnp.einsum(equation, x, getattr(module, name)[...].astype(dtype))
+    cfg = module.cfg  # the base weight: float, or quantized (models/quantize.py) through qwix
+    out = quant_ops.einsum(equation, x, getattr(module, name), dtype, cfg.quantize_activations)
     spec: LoraConfig | None = getattr(module, "lora", None)
     if spec is None or not hasattr(module, name + SUFFIX_A):
         return out
@@ -106,8 +109,9 @@ def merged(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.A
 
 
 def expert_weight(module: nnx.Module, name: str) -> jax.Array:
-    """A routed-expert weight [experts, in, out], merged with its adapter when it has one."""
-    w = getattr(module, name)[...]
+    """A routed-expert weight [experts, in, out], merged with its adapter when it has one; a quantized
+    weight is dequantized to the compute dtype (the grouped matmuls take float operands)."""
+    w = quant_ops.float_weight(getattr(module, name), module.cfg.compute_dtype)
     spec: LoraConfig | None = getattr(module, "lora", None)
     if spec is None or not hasattr(module, name + SUFFIX_A):
         return w

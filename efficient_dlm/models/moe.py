@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_dlm.models import quant_ops
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.layers import MLP, Attention, AttendFn, RMSNorm, param
 from efficient_dlm.models.lora import expert_weight
@@ -105,10 +106,11 @@ class MoEDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, attend: AttendFn, layer_cache=None, routing: Routing | None = None):
         q, k, v = self.attn.project(self.input_norm(x), cos, sin)
+        k, v, kv = quant_ops.kv_round_trip(k, v, self.attn.cfg.quantize_kv != "none")
         x = x + self.attn.output(attend(q, k, v, layer_cache))
         y, stats = self.mlp(self.post_attn_norm(x), routing)
         x = constrain(x + y, ("batch", "length", "act_embed"))
-        return x, (k, v), stats
+        return x, kv, stats
 
 
 # ---- losses, metrics and the bias update (the trainer's side of the contract) ------------------------

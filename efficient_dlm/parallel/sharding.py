@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from qwix import QArray
 
 from efficient_dlm.parallel.rules import CACHE_AXES, logical_to_spec, mesh_axis_sizes
 from efficient_dlm.parallel.mesh import use
@@ -28,18 +29,28 @@ def named(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None =
     return NamedSharding(mesh, logical_to_spec(names, mesh_axes=mesh_axis_sizes(mesh), shape=shape))
 
 
-def param_spec(variable: nnx.Variable, mesh: Mesh) -> PartitionSpec:
+def param_spec(variable: nnx.Variable, mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
     names = variable.get_metadata().get("out_sharding")
     if not names:
         return PartitionSpec()
-    shape = jax.numpy.shape(variable.get_value())
+    shape = jax.numpy.shape(variable.get_value()) if shape is None else shape
     return logical_to_spec(names, mesh_axes=mesh_axis_sizes(mesh), shape=shape)
+
+
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh):
+    """The NamedSharding of a parameter; for a quantized weight (a qwix QArray) one for its int8 / fp8 values
+    and one for its scales, both by the weight's logical names (a scale's size-1 contracted axes stay whole)."""
+    value = variable.get_value()
+    if isinstance(value, QArray):
+        return QArray(*(NamedSharding(mesh, param_spec(variable, mesh, part.shape)) for part in (value.qvalue, value.scale)),
+                      qtype=value.qtype)
+    return NamedSharding(mesh, param_spec(variable, mesh))
 
 
 def state_shardings(model_or_state, mesh: Mesh):
     """A tree like nnx.state(model) whose leaves are NamedShardings for each parameter."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, param_spec(v, mesh))), state, is_leaf=_is_variable)
+    return jax.tree.map(lambda v: v.replace(_variable_sharding(v, mesh)), state, is_leaf=_is_variable)
 
 
 def abstract_arrays(tree, shardings):

@@ -28,6 +28,7 @@ from efficient_dlm.diffusion.spec import DiffusionSpec, default_spec, spec_of
 from efficient_dlm.errors import UserError, UserFileExistsError, UserFileNotFoundError
 from efficient_dlm.models.config import DTYPES, ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE
+from efficient_dlm.models.quantize import Quantization
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.port import hf_config_out, keymaps, model_card
 from efficient_dlm.port.safetensors_writer import TensorSpec, parse_size, write_sharded
@@ -265,6 +266,11 @@ def to_hf(
     cfg, extra, ckpt_tokenizer, spec = _describe_source(model)
     if extra.get("lora") and not merge_lora:
         raise UserError(f"{checkpoint} is a LoRA run: pass --merge_lora for a merged model, or --peft for its adapters")
+    if cfg.quantize != "none" or cfg.quantize_kv != "none":
+        raise UserError(
+            f"export of a quantized model ({Quantization.of(cfg).describe()}) is refused: transformers would not "
+            "reproduce it; export the float checkpoint it was quantized from"
+        )
     tokenizer = resolve_tokenizer(tokenizer_dir, ckpt_tokenizer)
     dlm = None
     if _is_dlm(cfg, format):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from efficient_dlm.diffusion.spec import resolve_decoding
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.quantize import quantize_model
 from efficient_dlm.sample import layout as layout_lib
 from efficient_dlm.sample.ar import ar_program
 from efficient_dlm.sample.choice import Sampling
@@ -173,6 +174,11 @@ def prepare(
     stream: bool = False,
     verifier=None,
     draft_steps: int = 1,
+    quantize: str | None = None,
+    quantize_activations: bool = False,
+    quantize_lm_head: bool = True,
+    quantize_embed: bool = True,
+    quantize_kv: str | None = None,
 ) -> Prepared:
     """Validates a `generate` call and builds its compiled program's arguments without running it
     (the decoding settings are documented on `generate`; `stream` compiles the block-streaming hook in). `model` may be
@@ -191,6 +197,11 @@ def prepare(
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"{name} must be a finite number > 0, got {value}")
     check_model(model, strategy, top_k)
+    quantization = dict(quantize=quantize, quantize_activations=quantize_activations, quantize_lm_head=quantize_lm_head,
+                        quantize_embed=quantize_embed, quantize_kv=quantize_kv)
+    model = quantize_model(model, **quantization)
+    if verifier is not None and verifier != "self":
+        verifier = quantize_model(verifier, **quantization)
     if strategy == "speculative":
         check_verifier(model, verifier, draft_steps)
         if return_logits or stream:
@@ -273,6 +284,11 @@ def generate(
     threshold knob choosing the commits of all but the last), `verifier` (an AR model, or "self": the
     dLM's own weights in causal mode) checks the draft in one forward and keeps exactly what its own
     decoding (strategy="ar") would produce: the same tokens when greedy, the same distribution when sampled.
+    quantize ("int8" | "fp8" | "none"; None: the model as it is): per-channel quantized weights (qwix,
+    models/quantize.py), with quantize_activations (matmul inputs per token to the same type),
+    quantize_lm_head and quantize_embed choosing those two tables; quantize_kv "int8": keys and values
+    (and so the KV cache) in int8 with a scale per token and head. The model is quantized on every call:
+    for repeated calls quantize once (`efficient_dlm.quantize_model`, or `edlm quantize`) and pass that.
     on_block(block_index, tokens_per_row) is called on the host as each block becomes final.
     measure_memory adds XLA's memory analysis of the compiled program (bytes) to the result.
     """

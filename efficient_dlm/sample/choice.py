@@ -65,7 +65,8 @@ def _top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def _fused_kernel(model, want_logits: bool, sampling: Sampling) -> bool:
     kernel = kernel_dispatch.resolve_backend(model.config.attention_backend) in ("splash", "pallas")
-    return kernel and sampling.greedy and not want_logits
+    # Quantized activations: the LM head must run qwix's quantized einsum (model.logits), not the float kernel.
+    return kernel and sampling.greedy and not want_logits and not model.config.quantize_activations
 
 
 def filtered_logits(raw: jax.Array, sampling: Sampling, knobs: dict, allowed: np.ndarray) -> jax.Array:

@@ -17,6 +17,7 @@ from efficient_dlm.config import typed
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_of
 from efficient_dlm.outputs import check_output_dir
 from efficient_dlm.sample.bench import format_table, make_settings, run_setting
+from efficient_dlm.sample.config import set_quantize_flag
 from efficient_dlm.sample.inputs import Prompt, encode, load_source, load_verifier, read_prompts
 
 flags.DEFINE_string("ckpt", None, "dLM checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
@@ -24,6 +25,7 @@ flags.DEFINE_string("ar_ckpt", None, "AR teacher checkpoint for the AR baseline 
 flags.DEFINE_string("prompts_jsonl", None, 'JSONL of {"prompt": text} or {"prompt_ids": [ids]}, optional "reference"')
 flags.DEFINE_string("out", None, "output directory for the JSON records (default: <run_dir>/bench)")
 flags.DEFINE_string("verifier", None, "AR checkpoint verifying the speculative settings (default: the --ar_ckpt model)")
+flags.DEFINE_string("quantize", None, "none | int8 | fp8: quantize the weights (sets sample.quantize; qwix, per channel)")
 
 
 def random_prompts(source, count: int, length: int, seed: int):
@@ -51,6 +53,7 @@ def _write_json(path: str, payload) -> None:
 
 
 def run(config, FLAGS) -> int:
+    set_quantize_flag(config, FLAGS.quantize)
     sample, b = (section := typed(config)).sample, section.bench
     out_dir = FLAGS.out or os.path.join(config.run_dir, "bench")
     check_output_dir(out_dir, "--out" if FLAGS.out else "run_dir/bench")  # before any model loads

@@ -25,6 +25,7 @@ from efficient_dlm.sample.api import check_model, generate
 from efficient_dlm.sample.inputs import (
     Prompt, check_ids, decode, encode, encode_chat, load_source, load_verifier, read_prompts,
 )
+from efficient_dlm.sample.config import set_quantize_flag
 
 flags.DEFINE_string("ckpt", None, "model checkpoint directory (default: config.init.checkpoint / hf_dir / random init)")
 flags.DEFINE_multi_string("prompt", [], "a prompt text (repeatable)")
@@ -36,6 +37,7 @@ flags.DEFINE_integer("step", None, "training run directory: the step to load (de
 flags.DEFINE_bool("chat", False, "render each text prompt as a user turn with the checkpoint's chat template "
                   "(a chat-SFT'd model; same as --config.sample.chat=True)")
 flags.DEFINE_string("verifier", None, "AR checkpoint verifying the dLM's drafts (strategy speculative), or 'self'")
+flags.DEFINE_string("quantize", None, "none | int8 | fp8: quantize the weights (sets sample.quantize; qwix, per channel)")
 
 
 def _printer(tokenizer, batch: int):
@@ -68,6 +70,7 @@ def exact_matches(records: list[dict]) -> str:
 
 
 def run(config, FLAGS) -> int:
+    set_quantize_flag(config, FLAGS.quantize)
     if not FLAGS.prompt and not FLAGS.prompts_jsonl:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
     if FLAGS.batch_size < 1:

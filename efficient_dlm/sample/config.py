@@ -11,6 +11,8 @@ import math
 
 from efficient_dlm.diffusion.spec import DiffusionSpec
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.config import WEIGHT_QUANTIZATIONS
+from efficient_dlm.models.quantize import Quantization, check_quantization
 from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
 from efficient_dlm.section import Section
 
@@ -39,6 +41,13 @@ class SampleConfig(Section):
     prompt_bucket: int = 0  # prompt capacity of the cache in tokens; 0 = next power of two
     draft_steps: int = 1  # speculative (--verifier): dLM denoising steps per draft, the last commits the rest
     chat: bool = False  # edlm sample: text prompts as a user turn in the checkpoint's chat template (chat SFT)
+    # Quantized inference (models/quantize.py, qwix): applied to every model the verb loads (the dLM, the AR
+    # teacher, the verifier). "" = the model as stored (float, or a quantized checkpoint's own).
+    quantize: str = ""  # none | int8 | fp8: per-channel weights
+    quantize_activations: bool = False  # also the matmul inputs, per token, to the weights' type
+    quantize_lm_head: bool = True  # the LM head (tied embeddings: the shared table with quantize_embed)
+    quantize_embed: bool = True  # the input embedding table
+    quantize_kv: str = ""  # none | int8: keys / values and the KV cache, a scale per token and head
 
     def validate(self) -> None:
         if self.block_size < 0:
@@ -58,6 +67,7 @@ class SampleConfig(Section):
             raise UserError(f"sample.draft_steps must be >= 1, got {self.draft_steps}")
         if self.prompt_bucket < 0:
             raise UserError(f"sample.prompt_bucket must be >= 0 (0 = automatic), got {self.prompt_bucket}")
+        check_sample_quantization(self)
 
     def generate_kwargs(self) -> dict:
         """`generate` keyword arguments; unset dLM keys are left to the model's spec."""
@@ -68,6 +78,31 @@ class SampleConfig(Section):
             seed=self.seed, stop_tokens=self.stop_tokens or None, prompt_bucket=self.prompt_bucket or None,
             draft_steps=self.draft_steps,
         )
+
+
+def quantization_kwargs(sample) -> dict:
+    """`quantize_model` / `generate` quantization keyword arguments from the sample section (a SampleConfig or
+    the CLI's ConfigDict section; "" = as stored)."""
+    return dict(quantize=sample.quantize or None, quantize_activations=sample.quantize_activations,
+                quantize_lm_head=sample.quantize_lm_head, quantize_embed=sample.quantize_embed,
+                quantize_kv=sample.quantize_kv or None)
+
+
+def check_sample_quantization(sample) -> None:
+    """The sample section's quantization keys, one line naming the bad `sample.<key>`."""
+    q = quantization_kwargs(sample)
+    check_quantization(Quantization(q["quantize"] or "none", q["quantize_activations"], q["quantize_lm_head"],
+                                    q["quantize_embed"], q["quantize_kv"] or "none"), "sample")
+
+
+def set_quantize_flag(config, value: str | None) -> None:
+    """A verb's --quantize flag: sets sample.quantize of the CLI config (checked like the config key)."""
+    if value is None:
+        return
+    if value not in WEIGHT_QUANTIZATIONS:
+        raise UserError(f"--quantize must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got {value!r}")
+    config.sample.quantize = value
+    check_sample_quantization(config.sample)
 
 
 @dataclasses.dataclass(frozen=True)

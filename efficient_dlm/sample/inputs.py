@@ -19,8 +19,10 @@ from efficient_dlm.data.sources import check_regular_file
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.decoder import init_model
+from efficient_dlm.models.quantize import Quantization, quantize_model
 from efficient_dlm.models.token_ids import check_token_ids
 from efficient_dlm.port.hf_import import from_hf
+from efficient_dlm.sample.config import quantization_kwargs
 
 
 @dataclasses.dataclass
@@ -51,12 +53,22 @@ class Source:
 
 
 def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
-    """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model.
+    """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model,
+    quantized as the sample section asks (sample.quantize, ...; unset: as stored).
     step: the step of a training run directory (default: the newest).
 
     A checkpoint brings its own spec; a model from an HF directory (unless a dLM export, which records
     one) or a random init gets the spec the recipe would train it with.
     """
+    source = _load_source(ckpt, config, step)
+    quantized = quantize_model(source.model, **quantization_kwargs(config.sample))
+    if quantized is not source.model:
+        source.model = quantized
+        source.description += f" ({Quantization.of(quantized.config).describe()})"
+    return source
+
+
+def _load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
     ckpt = ckpt or config.init.checkpoint
     if step is not None and not ckpt:
         raise UserError("--step needs --ckpt (a training run directory)")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_dlm.models.cache import KVCache
+from efficient_dlm.models.cache import KVCache, update_parts
 from efficient_dlm.sample.choice import Choice, Sampling, allowed_ids, choose_tokens
 from efficient_dlm.sample.program import TRACES, is_stop
 from efficient_dlm.sample.strategies import commit_mask
@@ -57,9 +57,11 @@ def write_rows(cache: KVCache, keys, values, slots) -> KVCache:
     outside the cache (padding of the chunk) are dropped. (KVCache.write_rows writes a contiguous chunk
     per row; here a row writes only the real tail of a chunk padded to the call's width.)"""
     rows = jnp.arange(slots.shape[0])[:, None]
-    k = cache.k.at[:, rows, slots].set(keys.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, rows, slots].set(values.astype(cache.v.dtype), mode="drop")
-    return cache.replace(k=k, v=v)
+
+    def scatter(old, new):
+        return old.at[:, rows, slots].set(new, mode="drop")
+
+    return cache.replace(k=update_parts(scatter, cache.k, keys), v=update_parts(scatter, cache.v, values))
 
 
 def _choose(model, plan: SlotPlan, hidden, knobs: dict, forwards) -> Choice:
