@@ -14,6 +14,8 @@ from absl import flags
 
 from efficient_dlm import checkpoints
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.quantize import quantize_model
+from efficient_dlm.sample.config import quantization_kwargs, set_quantize_flag
 from efficient_dlm.serve.app import serve
 from efficient_dlm.serve.engine import Engine, EngineConfig
 from efficient_dlm.serve.text import Texts
@@ -30,10 +32,13 @@ flags.DEFINE_string("strategy", None, "decoding strategy (default: the checkpoin
 flags.DEFINE_integer("block_size", None, "decoded block size (default: the checkpoint's spec)")
 flags.DEFINE_string("served_model_name", None, "model id in the API (default: the checkpoint directory's name)")
 flags.DEFINE_bool("warmup", True, "compile every step program before opening the port")
+flags.DEFINE_string("quantize", None, "none | int8 | fp8: quantize the weights as they load (sets sample.quantize)")
 
 
 def run(config, FLAGS) -> int:
-    del config  # the checkpoint describes the model; the server's knobs are flags
+    # The checkpoint describes the model (a quantized one, from `edlm quantize`, serves quantized); the
+    # server's knobs are flags; sample.quantize* / --quantize quantize a float checkpoint as it loads.
+    set_quantize_flag(config, FLAGS.quantize)
     if not FLAGS.ckpt:
         raise UserError("give --ckpt DIR (a checkpoint directory)")
     if not os.path.isdir(FLAGS.ckpt):
@@ -42,6 +47,7 @@ def run(config, FLAGS) -> int:
         model = checkpoints.load(FLAGS.ckpt, step=FLAGS.step)
     except (OSError, ValueError, KeyError) as err:  # a damaged / foreign directory: refuse to start, one line
         raise UserError(f"--ckpt {FLAGS.ckpt}: the checkpoint does not load ({type(err).__name__}: {err})") from None
+    model = quantize_model(model, **quantization_kwargs(config.sample))
     engine = Engine(model, EngineConfig(
         slots=FLAGS.slots, max_prompt_tokens=FLAGS.max_prompt_tokens, max_new_tokens=FLAGS.max_tokens,
         queue_size=FLAGS.queue_size, strategy=FLAGS.strategy, block_size=FLAGS.block_size))
