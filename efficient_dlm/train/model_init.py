@@ -21,6 +21,7 @@ from efficient_dlm import checkpoints
 from efficient_dlm.config import model_config
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model, init_model
+from efficient_dlm.models.quantize import Quantization
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 from efficient_dlm.port.hf_import import from_hf
 
@@ -47,6 +48,9 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
     tokenizer = config.init.tokenizer or None
     if config.init.checkpoint:
         model = checkpoints.load(config.init.checkpoint, mesh=mesh, **numeric_overrides(config))
+        if Quantization.of(model.config).active:
+            raise UserError(f"init.checkpoint {config.init.checkpoint}: a quantized checkpoint "
+                            f"({Quantization.of(model.config).describe()}) is for inference; train from the float one")
         tokenizer = tokenizer or checkpoints.tokenizer_dir(config.init.checkpoint)
         spec = getattr(model, "spec", None)  # the checkpoint's DiffusionSpec (None: an AR model)
         valid = spec.valid_vocab_size if spec is not None else None
