@@ -7,7 +7,9 @@ The student (init.checkpoint: usually a block-diffusion run such as configs/tiny
 AR checkpoint itself) decodes each prompt with block 4 and 4 steps per block (OPDLM's setting) and
 learns the teacher's top-16 next-token distributions at the [MASK] positions of one state per rollout.
 Mixed recipes: set diffusion.objective=block_diffusion, data.train_files and opd.start_step (phases)
-/ opd.every (interleaving) instead.
+/ opd.every (interleaving) instead. Trajectory self-distillation (no teacher; docs/METHOD.md section 13):
+--config.opd.target=self (these rollouts, one token per step, are its slow trajectories), best with
+--config.opd.states=block and --config.diffusion.confidence_weight=0.5.
 """
 from efficient_dlm.config import sibling_recipe
 

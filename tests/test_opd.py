@@ -319,6 +319,23 @@ def test_edlm_train_mixes_block_diffusion_and_opd_steps(opd_setup, capsys):
     assert {"data", "params", "prompts", "train_state"} <= set(os.listdir(tmp / "mixed" / "24"))
 
 
+def test_edlm_train_self_distills_without_a_teacher_and_logs_cap(opd_setup, capsys):
+    """opd.target=self through the CLI: no teacher is given or loaded; the rollout's own tokens are the targets
+    (the loss itself: tests/test_self_distill.py) and CAP's term is logged."""
+    from efficient_dlm import cli
+
+    overrides, tmp = opd_setup
+    own = {**overrides, "run_dir": str(tmp / "self"), "opd.target": "self", "opd.teacher": "", "opd.eval_files": "",
+           "diffusion.confidence_weight": 0.5, "opd.states": "block", "train.steps": 3, "train.save_every": 3}
+    args = ["edlm", "train", f"--config={RECIPE}"] + [f"--config.{k}={v}" for k, v in own.items()]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    logged = [json.loads(x) for x in open(tmp / "self" / "metrics.jsonl") if '"train"' in x]
+    assert len(logged) == 3 and all("kl" not in x for x in logged)
+    for x in logged:
+        assert np.isfinite([x["loss"], x["trajectory_nll"], x["confidence_loss"], x["grad_norm"]]).all()
+        assert 0 <= x["trajectory_accuracy"] <= 1 and x["trained_tokens"] > 0 and x["grad_norm"] > 0
+
+
 def test_prompt_pipeline_chat_template_truncation_and_layout(tmp_path):
     from efficient_dlm.data.byte_tokenizer import ASSET_DIR
     from efficient_dlm.sample.layout import block_layout
@@ -367,6 +384,7 @@ def test_bad_opd_configs_fail_with_one_clear_line(opd_setup):
         "opd.strategy": ("factor", "unknown opd.strategy 'factor'; choose one of topk, threshold"),
         "opd.steps_per_block": (3, "opd.steps_per_block (3) must divide opd.block_size (4)"),
         "opd.states": ("all", "unknown opd.states 'all'; choose one of sequence, block"),
+        "opd.target": ("ar", "unknown opd.target 'ar'; choose one of teacher, self"),
         "opd.max_new_tokens_schedule": ("0:8,4:x", "opd.max_new_tokens_schedule item '4:x' must be step:value"),
         "diffusion.objective": ("mdlm", "unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, "
                                         "bidirectional, ar, opd"),

@@ -66,18 +66,18 @@ def token_stats(model, hidden: jax.Array, targets: jax.Array, *, valid_vocab: in
                 entropy_temperature: float | None = None) -> TokenStats:
     """Cross-entropy of `targets` [B, L] under the LM head applied to `hidden` [B, L, E].
 
-    chunk == 0: plain (full logits). chunk > 0: `chunk` positions at a time (must divide L).
-    entropy_temperature: also the predictive entropy at that temperature (None: not computed).
+    chunk == 0: plain (full logits). chunk > 0: `chunk` positions at a time (L is zero-padded to whole
+    chunks; the padding's statistics are cut off). entropy_temperature: also the predictive entropy at
+    that temperature (None: not computed).
     """
     if not chunk or chunk >= hidden.shape[1]:
         return _stats_from_logits(model.logits(hidden), targets, valid_vocab, entropy_temperature)
     batch, length, embed = hidden.shape
-    if length % chunk:
-        raise ValueError(f"train.loss_chunk ({chunk}) must divide the sequence length ({length})")
     w = model.output_embedding().astype(hidden.dtype)
-    n = length // chunk
-    h = hidden.reshape(batch, n, chunk, embed).swapaxes(0, 1)
-    t = targets.reshape(batch, n, chunk).swapaxes(0, 1)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, n, chunk, embed).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, n, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(args):
@@ -86,4 +86,4 @@ def token_stats(model, hidden: jax.Array, targets: jax.Array, *, valid_vocab: in
         return _stats_from_logits(logits, t_c, valid_vocab, entropy_temperature)
 
     out = jax.lax.map(one_chunk, (h, t))
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(batch, length), out)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length], out)

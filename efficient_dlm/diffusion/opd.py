@@ -17,6 +17,10 @@ distribution for token i. Loss: KL(teacher || student) at the positions that wer
 state and belong to the kept output (through the first stop token), over the full vocabulary or the
 teacher's renormalised top-k tokens.
 
+Trajectory self-distillation (opd.target="self", docs/METHOD.md section 13) reuses all of this without a
+teacher: the same rollout (made slow by its settings) and the same rebuilt states, with the trajectory's
+own tokens (`Example.targets`) as hard targets at the trained positions.
+
 Why our own code: distillation from an AR teacher onto a diffusion student's trajectory states is the
 OPD workload itself; no library provides it.
 """
@@ -32,6 +36,8 @@ from efficient_dlm.diffusion.objectives import Example, Objective
 
 OBJECTIVE = "opd"
 STATE_MODES = ("sequence", "block")
+SELF_TARGET = "self"
+OPD_TARGETS = ("teacher", SELF_TARGET)  # opd.target: the frozen AR teacher's distributions, or the trajectory's tokens
 
 
 class Trajectory(NamedTuple):

@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from efficient_dlm.diffusion.opd import OBJECTIVE as OPD
-from efficient_dlm.diffusion.opd import STATE_MODES
+from efficient_dlm.diffusion.opd import OPD_TARGETS, STATE_MODES
 from efficient_dlm.diffusion.schedule import parse_schedule
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES
@@ -120,8 +120,9 @@ class OpdConfig(Section):
     threshold: float = 0.9  # threshold strategy
     temperature: float = 0.0  # 0: greedy rollouts; > 0: sampled (seeded from the step)
     states: str = "sequence"  # sequence: one partially denoised state per row | block: one per block
+    target: str = "teacher"  # teacher: KL from opd.teacher | self: CE toward the rollout's own tokens (no teacher; METHOD 13)
     top_k: int = 16  # KL over the teacher's top-k tokens (renormalised); 0 = the full vocabulary
-    kl_chunk: int = 0  # > 0: logits of this many positions at a time (large vocabularies)
+    kl_chunk: int = 0  # > 0: logits of this many positions at a time (large vocabularies; KL or the self CE)
     start_step: int = -1  # mixed recipes: first OPD step (with another diffusion objective)
     every: int = 1  # mixed recipes: OPD on every n-th step from start_step
 
@@ -136,6 +137,7 @@ class OpdConfig(Section):
     def validate(self) -> None:
         choice(self.strategy, ROLLOUT_STRATEGIES, "opd.strategy")
         choice(self.states, STATE_MODES, "opd.states")
+        choice(self.target, OPD_TARGETS, "opd.target")
         choice(self.teacher_dtype, DTYPES, "opd.teacher_dtype")
         for key in ("block_size", "steps_per_block", "max_prompt_len", "max_new_tokens", "every", "eval_batches"):
             if getattr(self, key) < 1:

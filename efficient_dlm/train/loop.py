@@ -264,8 +264,10 @@ class _Run:
         the text loss, else the KL, and selects the best checkpoint."""
         out = self.evaluate_text(self.block_size(step)) if self.eval_batches else {}
         if self.opd and self.opd.eval_batches:
-            out.update(self.opd.evaluate(self.state.params, step, self.device_batch, self.state.frozen))
-            out.setdefault("loss", out["kl"])
+            opd = self.opd.evaluate(self.state.params, step, self.device_batch, self.state.frozen)
+            loss = opd.pop("loss")  # the KL (or the self target's trajectory NLL) unless text set one
+            out.update(opd)
+            out.setdefault("loss", loss)
         return out
 
     def evaluate_text(self, block_size) -> dict[str, float]:
@@ -371,7 +373,7 @@ def _loop(run: _Run, logger: MetricsLogger, stop: StopSignals) -> None:
             evaluation = run.evaluate(step - 1)
             run.evals.append({"step": step, **evaluation})
             logger.write(step, evaluation, "eval")
-            shown = [k for k in ("loss", "accuracy", "kl", "teacher_accuracy") if k in evaluation]
+            shown = [k for k in ("loss", "accuracy", "kl", "teacher_accuracy", "trajectory_nll") if k in evaluation]
             logger.message(f"step {step}: eval " + " ".join(f"{k} {evaluation[k]:.4f}" for k in shown))
         if step % t.save_every == 0 or step == t.steps or evaluation is not None or stop.received:
             run.save({BEST_METRIC: evaluation["loss"]} if evaluation else None)

@@ -1,7 +1,7 @@
 """The on-policy distillation step: rollout, state choice, teacher, KL and update in one jitted program.
 
 `make_opd_step(config, model_cfg, teacher_cfg, max_new_tokens=...)` returns
-`step(state, teacher_params, batch, rng) -> (state, metrics)`:
+`step(state, teacher_params, batch, rng) -> (state, metrics)` (opd.target="teacher", the default):
   1. the student decodes the batch's prompts with the sampler's compiled block-diffusion program
      (efficient_dlm.sample.diffusion; current parameters under stop_gradient: on-policy, and no
      gradient through the rollout), which also returns the raw canvas and the step of every commit;
@@ -14,6 +14,12 @@
      trainer's (train/step.py), so OPD shares the optimizer, schedule and non-finite handling.
 The teacher's parameters are an argument, never donated and never differentiated: they stay bitwise
 unchanged. One compiled step per rollout length (opd.max_new_tokens_schedule).
+
+opd.target="self" (trajectory self-distillation, docs/METHOD.md section 13): no teacher (teacher_cfg and
+teacher_params are None); steps 1-2 are the same, with the rollout settings making the trajectory slow
+(e.g. one token per step), and step 4's loss is the cross-entropy toward the trajectory's own final
+tokens at the chosen state's [MASK] positions (+ CAP), so the student learns to commit from earlier
+states what its slow decoding commits later.
 """
 from __future__ import annotations
 
@@ -26,10 +32,10 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from efficient_dlm.diffusion.losses import confidence_sum
+from efficient_dlm.diffusion.losses import confidence_sum, token_stats
 from efficient_dlm.diffusion.objectives import Objective, aux_losses, predict_hidden
 from efficient_dlm.diffusion.opd import (
-    Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
+    SELF_TARGET, Trajectory, choose_steps, distill_stats, shift_right, student_example, teacher_inputs,
 )
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
@@ -123,13 +129,14 @@ class _Parts:
     cfg: ModelConfig
     plan: Plan
     student: nnx.GraphDef
-    teacher: nnx.GraphDef
+    teacher: nnx.GraphDef | None  # None: opd.target="self"
     objective: Objective
 
 
-def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, max_new_tokens: int) -> _Parts:
+def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int) -> _Parts:
     student = graphdef_for(cfg, lora_config(config))  # LoRA: adapters on the frozen base, without dropout
-    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), student, graphdef_for(teacher_cfg),
+    teacher = None if config.opd.target == SELF_TARGET else graphdef_for(teacher_cfg)
+    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), student, teacher,
                   student_objective(config, cfg))
 
 
@@ -139,39 +146,65 @@ def _student_state(params: nnx.State, frozen: nnx.State | None) -> nnx.State:
 
 
 def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
-    """Rollout, chosen states as a training Example, and the teacher's aligned hidden states."""
+    """Rollout, chosen states as a training Example, and the teacher's aligned hidden states (None for
+    opd.target="self": the Example's targets, the trajectory's tokens, are the targets)."""
     o = p.config.opd
     roll_key, choose_key = jax.random.split(rng)
     traj, stats = rollout(p.student, params, p.plan, batch, rollout_knobs(o, p.cfg, roll_key))
     group = o.block_size if o.states == "block" else traj.tokens.shape[1]
     ex = student_example(traj, choose_steps(choose_key, traj.steps, group), p.objective)
     tokens, segment_ids, positions = teacher_inputs(traj, p.plan.pad_id)
+    stats["tokens"] = jnp.sum(segment_ids).astype(jnp.float32)
+    if p.teacher is None:
+        return ex, None, stats
     teacher = nnx.merge(p.teacher, teacher_params)
     h_t, _ = teacher.hidden(tokens, attention="causal", segment_ids=segment_ids, positions=positions)
-    stats["tokens"] = jnp.sum(segment_ids).astype(jnp.float32)
     return ex, jax.lax.stop_gradient(shift_right(h_t)), stats
+
+
+def _distill_sums(p: _Parts, student, h_s, teacher_params, h_t, ex, cap: bool) -> tuple[jax.Array, dict]:
+    """(numerator without CAP, sums) of the teacher target: KL(teacher || student) at the trained positions;
+    CAP's "correct" is the student's argmax agreeing with the teacher's."""
+    o, d = p.config.opd, p.config.diffusion
+    stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
+                          top_k=o.top_k, valid_vocab=d.valid_vocab_size, chunk=o.kl_chunk,
+                          entropy_temperature=d.confidence_temperature if cap else None)
+    sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
+    if cap:
+        sums["confidence"] = confidence_sum(ex.count, stats.agree, stats.entropy)
+    return jnp.sum(ex.weight * stats.kl), sums
+
+
+def _self_sums(p: _Parts, student, h_s, ex, cap: bool) -> tuple[jax.Array, dict]:
+    """(numerator without CAP, sums) of the self target: cross-entropy toward the trajectory's tokens at
+    the trained positions; CAP's "correct" is the student's argmax being that token."""
+    o, d = p.config.opd, p.config.diffusion
+    stats = token_stats(student, h_s, ex.targets, valid_vocab=d.valid_vocab_size, chunk=o.kl_chunk,
+                        entropy_temperature=d.confidence_temperature if cap else None)
+    sums = {"ce": jnp.sum(ex.count * stats.ce), "correct": jnp.sum(ex.count * stats.correct)}
+    if cap:
+        sums["confidence"] = confidence_sum(ex.count, stats.correct, stats.entropy)
+    return jnp.sum(ex.weight * stats.ce), sums
 
 
 def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
     """loss(params, (example, teacher hidden), normaliser, key, step) in the trainer's grad_fn form; the
     student's auxiliary losses (MoE routers) are added as in block-diffusion training. train: MoE
     training routing (capacity on x_t; x_0 per model.clean_routing), as the train step; evaluation
-    routes dropless. CAP (diffusion.confidence_weight): the student's entropy where its argmax is the
-    teacher's."""
-    o, d = p.config.opd, p.config.diffusion
+    routes dropless. CAP (diffusion.confidence_weight, docs/METHOD.md section 9) adds its entropy term
+    under the same normaliser."""
+    d = p.config.diffusion
     cap = d.confidence_weight > 0
 
     def loss_fn(params, inputs, normaliser, key, step, frozen=None):
         ex, h_t = inputs
         student = nnx.merge(p.student, params, *([] if frozen is None else [frozen]))
         h_s, aux = predict_hidden(student, p.objective, ex, train=train)
-        stats = distill_stats(student, h_s, nnx.merge(p.teacher, teacher_params), h_t,
-                              top_k=o.top_k, valid_vocab=d.valid_vocab_size, chunk=o.kl_chunk,
-                              entropy_temperature=d.confidence_temperature if cap else None)
-        loss = jnp.sum(ex.weight * stats.kl)
-        sums = {"kl": jnp.sum(ex.count * stats.kl), "agree": jnp.sum(ex.count * stats.agree)}
+        if p.teacher is None:
+            loss, sums = _self_sums(p, student, h_s, ex, cap)
+        else:
+            loss, sums = _distill_sums(p, student, h_s, teacher_params, h_t, ex, cap)
         if cap:
-            sums["confidence"] = confidence_sum(ex.count, stats.agree, stats.entropy)
             loss = loss + d.confidence_weight * sums["confidence"]
         loss = loss / normaliser
         sums["count"] = jnp.sum(ex.count)
@@ -184,25 +217,28 @@ def _loss_fn(p: _Parts, teacher_params, accum: int = 1, train: bool = False):
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Ratios from summed OPD statistics: KL per trained token, agreement with the teacher's argmax,
-    and the rollouts' tokens per forward pass (generated tokens / row forward passes, as the sampler)."""
+    """Ratios from summed OPD statistics: KL per trained token and agreement with the teacher's argmax
+    (opd.target="teacher") or the cross-entropy toward the trajectory's tokens and the student's accuracy
+    on them (opd.target="self"), CAP's confidence_loss when on, and the rollouts' tokens per forward pass
+    (generated tokens / row forward passes, as the sampler)."""
     count = jnp.maximum(sums["count"], 1.0)
+    named = {"kl": "kl", "agree": "teacher_accuracy", "ce": "trajectory_nll", "correct": "trajectory_accuracy",
+             "confidence": "confidence_loss"}
     return {
-        "kl": sums["kl"] / count,
-        "teacher_accuracy": sums["agree"] / count,
+        **{name: sums[key] / count for key, name in named.items() if key in sums},
         "tokens_per_forward": sums["generated"] / jnp.maximum(sums["row_forwards"], 1.0),
         "trained_tokens": sums["count"],
         "generated_tokens": sums["generated"],
-        **({"confidence_loss": sums["confidence"] / count} if "confidence" in sums else {}),
     }
 
 
 def make_opd_step(
-    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int,
+    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int,
     tx: optax.GradientTransformation | None = None, jit: bool = True, donate: bool = True,
 ) -> Callable[[TrainState, nnx.State, dict, jax.Array], tuple[TrainState, dict[str, Any]]]:
     """The OPD train step for student `cfg` (see the module docstring). batch: the prompt pipeline's
-    layout arrays (data/prompts.py) with leading dimension train.batch_size."""
+    layout arrays (data/prompts.py) with leading dimension train.batch_size. teacher_cfg None: the
+    self target (the step's teacher_params are then ignored; pass None)."""
     tx = tx or make_optimizer(config.train)
     parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
     accum = config.train.grad_accum
@@ -221,11 +257,11 @@ def make_opd_step(
 
 
 def make_opd_eval_step(
-    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, *, max_new_tokens: int, jit: bool = True
+    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int, jit: bool = True
 ):
-    """eval_step(params, teacher_params, batch, rng, frozen=None) -> summed statistics (kl, agree, count,
-    generated, row_forwards, tokens) of one held-out prompt batch; ratios from `summarize` over all
-    batches. frozen: the LoRA base (TrainState.frozen)."""
+    """eval_step(params, teacher_params, batch, rng, frozen=None) -> summed statistics (kl and agree, or ce
+    and correct for the self target; count, generated, row_forwards, tokens) of one held-out prompt batch;
+    ratios from `summarize` over all batches. frozen: the LoRA base (TrainState.frozen)."""
     parts = _parts(config, cfg, teacher_cfg, max_new_tokens)
 
     def eval_step(params, teacher_params, batch, rng, frozen=None):

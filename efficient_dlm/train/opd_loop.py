@@ -4,7 +4,8 @@
 `opd.start_step >= 0` mixes them in (from that step on, every `opd.every`-th step), so OPD can follow
 block-diffusion continued pretraining (phases) or alternate with it (interleaving) in one run, with
 one optimizer state and one checkpoint. `OPDRun` is built once per run by the loop (train/loop.py)
-and owns everything OPD adds to it; the loop itself stays objective-agnostic.
+and owns everything OPD adds to it; the loop itself stays objective-agnostic. With opd.target="self"
+(trajectory self-distillation) there is no teacher: `OPDRun.teacher` is None.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from efficient_dlm import checkpoints
 from efficient_dlm.config import typed
 from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
-from efficient_dlm.diffusion.opd import OBJECTIVE
+from efficient_dlm.diffusion.opd import OBJECTIVE, SELF_TARGET
 from efficient_dlm.diffusion.schedule import block_size_at
 from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.config import ModelConfig
@@ -63,11 +64,12 @@ def check_teacher(teacher_cfg: ModelConfig, cfg: ModelConfig, valid_vocab: int |
 
 
 # The settings a compiled OPD step depends on (besides the architectures and the rollout length).
-STEP_OPD_KEYS = ("block_size", "strategy", "steps_per_block", "threshold", "temperature", "states", "top_k", "kl_chunk")
+STEP_OPD_KEYS = ("block_size", "strategy", "steps_per_block", "threshold", "temperature", "states", "top_k", "kl_chunk",
+                 "target")
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _cached(factory, config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig, max_new_tokens: int):
+def _cached(factory, config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int):
     """One compiled step per (settings, architectures, rollout length), reused across runs in a process
     (a resumed run, or OPD steps inside a mixed recipe, do not recompile)."""
     d = config.diffusion
@@ -100,8 +102,9 @@ class OPDRun:
         self.iterator = iter(build_prompt_dataset(o.prompt_files, spec, train=True, **process))
         held_out = build_prompt_dataset(o.eval_files, spec, train=False, **process) if o.eval_files else None
         self.eval_batches = take(held_out, o.eval_batches) if held_out is not None else []
-        self.teacher = load_teacher(config, mesh)
-        check_teacher(self.teacher.config, cfg, config.diffusion.valid_vocab_size)
+        self.teacher = None if o.target == SELF_TARGET else load_teacher(config, mesh)
+        if self.teacher is not None:
+            check_teacher(self.teacher.config, cfg, config.diffusion.valid_vocab_size)
 
     def _spec(self, tokenizer: str | None) -> PromptSpec:
         o, cfg, count = self.config.opd, self.cfg, jax.process_count()
@@ -120,30 +123,40 @@ class OPDRun:
     def max_new_tokens(self, step: int) -> int:
         return block_size_at(self.schedule, step)
 
+    def _teacher(self) -> tuple[ModelConfig | None, object]:
+        """(config, params) of the teacher; (None, None) for the self target."""
+        return (None, None) if self.teacher is None else (self.teacher.config, self.teacher.params)
+
     def step_fn(self, step: int) -> Callable:
         """fn(state, batch, rng) -> (state, metrics) for step `step`, teacher parameters bound."""
-        fn = _cached(make_opd_step, self.config, self.cfg, self.teacher.config, self.max_new_tokens(step))
-        return lambda state, batch, rng: fn(state, self.teacher.params, batch, rng)
+        teacher_cfg, teacher_params = self._teacher()
+        fn = _cached(make_opd_step, self.config, self.cfg, teacher_cfg, self.max_new_tokens(step))
+        return lambda state, batch, rng: fn(state, teacher_params, batch, rng)
 
     def evaluate(self, params, step: int, device_batch: Callable, frozen=None) -> dict[str, float]:
-        """KL, teacher agreement and tokens per forward of the current student on the held-out prompts
-        (frozen: the LoRA base)."""
-        fn = _cached(make_opd_eval_step, self.config, self.cfg, self.teacher.config, self.max_new_tokens(step))
+        """KL and teacher agreement (or the self target's trajectory NLL and accuracy) and tokens per forward
+        of the current student on the held-out prompts (frozen: the LoRA base); "loss" is the KL or the
+        trajectory NLL."""
+        teacher_cfg, teacher_params = self._teacher()
+        fn = _cached(make_opd_eval_step, self.config, self.cfg, teacher_cfg, self.max_new_tokens(step))
         key, totals = jax.random.PRNGKey(self.config.seed + 2), None
         for j, batch in enumerate(self.eval_batches):
-            sums = fn(params, self.teacher.params, device_batch(batch), jax.random.fold_in(key, j), frozen)
+            sums = fn(params, teacher_params, device_batch(batch), jax.random.fold_in(key, j), frozen)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-        return {k: float(v) for k, v in summarize(jax.device_get(totals)).items()}
+        out = {k: float(v) for k, v in summarize(jax.device_get(totals)).items()}
+        return {"loss": out["kl"] if self.teacher is not None else out["trajectory_nll"], **out}
 
 
 
 def check_inputs(config: ConfigDict) -> None:
-    """The teacher and prompt paths, checked when a run starts, before any weights load (recipes leave
+    """The teacher (unless opd.target=self) and prompt paths, checked when a run starts, before any weights load (recipes leave
     them to the command line, so `validate` does not require them)."""
     o = config.opd
-    if not o.teacher:
-        raise UserError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint")
-    if not os.path.isdir(o.teacher):
-        raise UserFileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
+    if o.target != SELF_TARGET:  # trajectory self-distillation reads no teacher
+        if not o.teacher:
+            raise UserError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint "
+                            "(or opd.target=self: self-distillation needs none)")
+        if not os.path.isdir(o.teacher):
+            raise UserFileNotFoundError(f"opd.teacher {o.teacher!r} is not a directory")
     if not o.prompt_files:
         raise UserError("opd.prompt_files is not set: give JSONL prompts ({\"prompt\": text} per line)")
