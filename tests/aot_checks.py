@@ -17,11 +17,13 @@ from efficient_dlm import cli  # noqa: E402
 
 
 def check_cli_report(out_dir: str) -> None:
-    """`edlm aot` on v5p-8 (4 chips) for the train step and the sampler: memory parts add up, the
-    state is donated, shardings follow the rules, and --hbm_limit fails the program above it (exit 1)."""
+    """`edlm aot` on v5p-8 (4 chips) for the train step, the sampler and the serving step: memory parts add
+    up, the train state and the serving cache are donated, shardings follow the rules (the serving slots over
+    the data axes), and --hbm_limit fails the program above it (exit 1)."""
     path = os.path.join(out_dir, "aot.json")
     argv = ["edlm", "aot", "--config=configs/tiny.py", "--topology=v5p-8", "--config.model.num_layers=3",
             "--config.model.scan_layers=False", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--hbm_limit=0.0003",
+            "--programs=train,sample,serve", "--serve_slots=4", "--serve_max_prompt_tokens=16",
             f"--json_out={path}"]
     sys.argv = argv  # ml_collections reads --config.* overrides from sys.argv
     out = io.StringIO()
@@ -31,7 +33,7 @@ def check_cli_report(out_dir: str) -> None:
     print(text)
     with open(path) as f:
         results = json.load(f)
-    assert set(results) == {"train", "sample"}, results.keys()
+    assert set(results) == {"train", "sample", "serve"}, results.keys()
     for name, r in results.items():
         mem = r["memory"]
         assert mem["total"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
@@ -40,7 +42,13 @@ def check_cli_report(out_dir: str) -> None:
         specs = {row["path"]: row["spec"] for row in r["largest"]}
         embed = next(spec for path, spec in specs.items() if path.endswith("embed_tokens/value"))
         assert embed == "P('tensor', 'fsdp')", (name, embed)  # (vocab, embed) by the rules table
-    train, sample = results["train"], results["sample"]
+    train, sample, serve = results["train"], results["sample"], results["serve"]
+    assert serve["memory"]["aliased"] > 0, "the serving KV cache must be donated (updated in place)"
+    assert serve["notes"]["slots"] == 4 and serve["notes"]["max_prompt_tokens"] == 16, serve["notes"]
+    block = serve["notes"]["block_size"]  # widest chunk: the prompt capacity in blocks plus the block decoded
+    assert serve["notes"]["chunk_width"] == 16 // block * block + block, serve["notes"]
+    cache = next(row for row in serve["largest"] if row["path"].startswith("cache/k"))
+    assert cache["shape"][1] == 4 and cache["spec"].startswith("P(None, 'fsdp'"), cache  # slots over the data axes
     assert train["memory"]["aliased"] > 0, "the train state must be donated (updated in place)"
     assert sample["flops_per_chip"] is None and sample["notes"]["cache_size"] == 128 + 64, sample["notes"]
     # --hbm_limit=0.0003 (29 MiB): the train step is over it, the sampler under it.

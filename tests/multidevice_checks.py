@@ -30,6 +30,7 @@ from efficient_dlm.parallel import distributed, sharding  # noqa: E402
 from efficient_dlm.parallel import mesh as mesh_lib  # noqa: E402
 from efficient_dlm.port import hf_import  # noqa: E402
 from efficient_dlm.sample.api import prepare  # noqa: E402
+from efficient_dlm.serve.engine import Engine, EngineConfig, Request  # noqa: E402
 from efficient_dlm.train.optim import make_optimizer  # noqa: E402
 from efficient_dlm.train.state import create_state  # noqa: E402
 from efficient_dlm.train.step import make_train_step  # noqa: E402
@@ -169,6 +170,41 @@ def check_orbax_load(c, cfg, work_dir):
     print("ok orbax_load")
 
 
+def _drive(engine: Engine, requests) -> list[list[int]]:
+    """Runs the requests through the engine on this thread (admit, step, until idle): their tokens."""
+    out = [[] for _ in requests]
+    for i, (prompt, settings) in enumerate(requests):
+        engine.waiting.append(Request(prompt, 8, {**engine.defaults, **settings}, lambda new, _, i=i: out[i].extend(new)))
+    while engine.busy:
+        with engine._wake:
+            engine._admit()
+        engine.step()
+    return out
+
+
+def check_serve_sharded(c, cfg):
+    """The serving engine with its slots sharded over the data axes (mesh data=2 fsdp=2 tensor=2) gives every
+    request the tokens the unsharded engine gives it (ragged prompts joining at different blocks, greedy and
+    sampled rows); the slots' KV cache is laid out by the rules (slots over data x fsdp)."""
+    model = Decoder(cfg, rngs=nnx.Rngs(params=0))
+    params = nnx.state(model, nnx.Param)  # scaled up so that the outputs depend on the prompt
+    nnx.update(model, jax.tree.map(lambda x: x * 6 if x.ndim >= 2 else x, params))
+    rng = np.random.RandomState(3)
+    requests = [(rng.randint(1, 120, size=n).tolist(), {"threshold": 0.3, "temperature": 0.7 * (i % 2), "seed": i})
+                for i, n in enumerate([3, 8, 5, 1, 7, 2])]
+    config = EngineConfig(slots=4, max_prompt_tokens=8, max_new_tokens=8, block_size=4)
+    want = _drive(Engine(model, config), requests)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.expert = 2, 2, 2, 1
+    mesh = mesh_lib.make_mesh(c.mesh, jax.devices())
+    engine = Engine(model, config, mesh=mesh, rules=mesh_lib.config_rules(c.mesh))
+    got = _drive(engine, requests)
+    assert got == want and len(set(map(tuple, want))) == len(want), (got, want)
+    k = engine.runner.cache.k
+    assert k.sharding.is_equivalent_to(sharding.cache_sharding(mesh, k.shape), k.ndim), k.sharding
+    assert k.sharding.spec[1] == ("data", "fsdp"), k.sharding.spec
+    print("ok serve_sharded")
+
+
 def main(hf_dir: str, work_dir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     c = tiny_config()
@@ -176,6 +212,7 @@ def main(hf_dir: str, work_dir: str) -> None:
     check_train_and_sample(c, cfg)
     check_hf_load(c, hf_dir)
     check_orbax_load(c, cfg, work_dir)
+    check_serve_sharded(c, cfg)
 
 
 if __name__ == "__main__":

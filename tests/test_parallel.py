@@ -173,7 +173,7 @@ def test_sharded_numerics_on_8_cpu_devices(tmp_path):
     make_hf_model("qwen2_bias", str(tmp_path / "hf"), vocab_size=128)
     result = _run(["tests/multidevice_checks.py", str(tmp_path / "hf"), str(tmp_path / "work")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    for check in ("train_and_sample", "hf_load", "orbax_load"):
+    for check in ("train_and_sample", "hf_load", "orbax_load", "serve_sharded"):
         assert f"ok {check}" in result.stdout, result.stdout
 
 

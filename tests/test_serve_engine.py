@@ -16,11 +16,11 @@ from efficient_dlm.serve.engine import Engine, EngineConfig, QueueFull, Request,
 from tests.hf_factory import random_model, tiny_config
 
 
-def serve_model(**changes):
+def serve_model(seed: int = 0, **changes):
     """A tiny random dLM whose weights are scaled up so that its outputs depend on the prompt (a plain
     N(0, 0.02) model repeats one token, which would make the comparisons weak)."""
     cfg = tiny_config(**{"mask_token_id": 96, "eos_token_id": 0, "max_position_embeddings": 256, **changes})
-    model = random_model(cfg, seed=0)
+    model = random_model(cfg, seed=seed)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 6 if x.ndim >= 2 else x, params))
     return model

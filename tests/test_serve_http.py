@@ -186,6 +186,8 @@ def test_serve_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{broken")
     assert main(["edlm", "serve", "--ckpt", str(tmp_path)]) == 2
     assert "does not load" in capsys.readouterr().err
+    assert main(["edlm", "serve", "--ckpt", str(tmp_path), "--verifier", str(tmp_path / "missing")]) == 2
+    assert "--verifier: checkpoint directory" in capsys.readouterr().err
 
 
 def test_sigterm_drains_open_requests_and_exits(served):

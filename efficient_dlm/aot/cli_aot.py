@@ -1,6 +1,7 @@
 """`edlm aot --config=configs/x.py --topology=v5p-256`: will this recipe fit on that TPU slice?
 
-Compiles the real training step and the sampler's generation program for the named topology on this host
+Compiles the real training step, the sampler's generation program and (--programs=serve) the serving
+block-step program of `edlm serve` for the named topology on this host
 through libtpu, with abstract sharded inputs, and prints per-chip memory against HBM, FLOPs per step
 and how the largest tensors are sharded. Exits 1, naming what to change, when a program does not fit
 under --hbm_limit of HBM.
@@ -23,10 +24,12 @@ from efficient_dlm.sample.config import set_quantize_flag
 
 flags.DEFINE_string("topology", None, "TPU slice: v5p-256, v5e-64, v4-128, v6e-256, or explicit v5p:4x4x12")
 flags.DEFINE_integer("num_slices", 1, "number of slices (multi-slice over DCN; mesh.dcn_* sizes apply)")
-flags.DEFINE_list("programs", ["train", "sample"], "what to compile: train, sample")
+flags.DEFINE_list("programs", ["train", "sample"], "what to compile: train, sample, serve")
 flags.DEFINE_float("hbm_limit", 0.9, "fail when a program needs more than this fraction of HBM per chip")
 flags.DEFINE_integer("sample_batch", 8, "sampler: rows decoded together")
 flags.DEFINE_integer("sample_prompt_len", None, "sampler: prompt tokens per row (default data.seq_len / 2)")
+flags.DEFINE_integer("serve_slots", 8, "serve: continuous-batching slots (edlm serve --slots)")
+flags.DEFINE_integer("serve_max_prompt_tokens", None, "serve: prompt capacity per slot (default data.seq_len / 2)")
 flags.DEFINE_string("json_out", None, "also write the reports as JSON to this path")
 flags.DEFINE_bool("flops", True, "train: also count FLOPs (two more compiles with layers unrolled at depth 1 and 2)")
 flags.DEFINE_string("quantize", None, "sampler: none | int8 | fp8 weights (sets sample.quantize; qwix, per channel)")
@@ -55,7 +58,8 @@ def run(config, FLAGS) -> int:
     print(f"target {target.describe()}; mesh {mesh_lib.describe(mesh)}")
     results, failed = {}, []
     for name in FLAGS.programs:
-        options = dict(batch=FLAGS.sample_batch, prompt_len=FLAGS.sample_prompt_len) if name == "sample" else {}
+        options = {"sample": dict(batch=FLAGS.sample_batch, prompt_len=FLAGS.sample_prompt_len),
+                   "serve": dict(slots=FLAGS.serve_slots, prompt_len=FLAGS.serve_max_prompt_tokens)}.get(name, {})
         program = aot.PROGRAMS[name](config, mesh, **options)
         start = time.perf_counter()
         compiled = aot.compile_or_explain(program, mesh, rules, config, target)

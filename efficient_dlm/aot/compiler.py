@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the real training step and sampler for a TPU topology, on any host.
+"""Ahead-of-time compilation of the real training step, sampler and serving step for a TPU topology, on any host.
 
 libtpu can describe a TPU slice it is not running on (`jax.experimental.topologies`); jit-lowering a
 function with abstract, sharded inputs (ShapeDtypeStruct, nothing allocated) over a mesh of those
@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
@@ -32,8 +33,13 @@ from efficient_dlm.models.quantize import Quantization, quantize_model
 from efficient_dlm.parallel import mesh as mesh_lib
 from efficient_dlm.parallel import sharding
 from efficient_dlm.parallel.topology import GIB, TpuSlice
+from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample.api import prepare
 from efficient_dlm.sample.config import quantization_kwargs
+from efficient_dlm.serve import slots as slots_lib
+from efficient_dlm.serve import speculative as spec_lib
+from efficient_dlm.serve.engine import EngineConfig, engine_layout
+from efficient_dlm.serve.step_program import ar_step, diffusion_step
 from efficient_dlm.train.model_init import trained_config
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.state import abstract_state, state_shardings
@@ -156,7 +162,63 @@ def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: i
     )
 
 
-PROGRAMS: dict[str, Callable[..., Program]] = {"train": train_program, "sample": sample_program}
+def _abstract_cache(cfg: ModelConfig, mesh: Mesh, slots: int, size: int) -> KVCache:
+    """A serving KV cache as ShapeDtypeStructs: slots over the data axes, kv heads by the rules."""
+    rope = np.ones((slots,), np.int32) if cfg.rope_type == "dynamic" else None
+    cache = jax.eval_shape(lambda: KVCache.empty(cfg, slots, size, rope_length=rope))
+    kv = sharding.cache_sharding(mesh, cache.k.shape)
+    rows = lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.named(mesh, ("batch",), x.shape))  # noqa: E731
+    return cache.replace(k=jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=kv),
+                         v=jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype, sharding=kv),
+                         start=rows(cache.start), length=rows(cache.length), rope_length=rows(cache.rope_length))
+
+
+def serve_program(config: ConfigDict, mesh: Mesh, slots: int = 8, prompt_len: int | None = None) -> Program:
+    """The block-step program of `edlm serve` (efficient_dlm/serve: one call advances every slot by one
+    block, one AR token, or one draft + verify iteration per sample.strategy) for `slots` slots holding
+    prompts of up to `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens. Compiled at
+    its widest chunk (every slot admitting a longest prompt) with sampling on: the largest variant the
+    server warms up. Slots shard over the data axes, weights by their rules, the caches are donated."""
+
+    cfg = target_model_config(config)
+    prompt_len = prompt_len or config.data.seq_len // 2
+    model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))
+    kwargs = typed(config).sample.generate_kwargs()
+    speculative = kwargs["strategy"] == "speculative"
+    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if speculative else None
+    layout = engine_layout(model, EngineConfig(
+        slots=slots, max_prompt_tokens=prompt_len, max_new_tokens=kwargs["max_new_tokens"], strategy=kwargs["strategy"],
+        block_size=kwargs["block_size"], draft_steps=kwargs["draft_steps"]), verifier)
+    rows = lambda tree: {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.named(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape)) for k, v in tree.items()}  # noqa: E731
+    replicated = NamedSharding(mesh, PartitionSpec())
+    knobs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+             for k, v in slots_lib.build_knobs([None] * slots, layout.defaults).items()}
+    shard = lambda m: sharding.abstract_arrays(nnx.state(m), sharding.state_shardings(nnx.state(m), mesh))  # noqa: E731
+    notes = dict(strategy=layout.strategy, slots=slots, batch=slots, max_prompt_tokens=prompt_len,
+                 max_new_tokens=kwargs["max_new_tokens"], block_size=layout.geometry.block_size)
+    if speculative:
+        geo, plan = layout.spec_geometry, dataclasses.replace(layout.spec, sampled=True)
+        widths = max(geo.all_widths())
+        draft_graphdef, verify_graphdef = nnx.graphdef(model), nnx.graphdef(verifier)
+        caches = (_abstract_cache(cfg, mesh, slots, geo.draft.cache_size),
+                  _abstract_cache(verifier.config, mesh, slots, geo.verify_cache_size))
+        run = lambda params, caches, inputs, knobs: spec_lib.spec_step(  # noqa: E731
+            draft_graphdef, verify_graphdef, plan, *params, *caches, inputs, knobs)
+        args = ((shard(model), shard(verifier)), caches, rows(spec_lib.empty_inputs(geo, widths)), knobs)
+        notes.update(chunk_widths=widths, cache_size=geo.draft.cache_size, verifier_cache_size=geo.verify_cache_size)
+    else:
+        geo, plan = layout.geometry, dataclasses.replace(layout.plan, sampled=True)
+        width = max(slots_lib.chunk_widths(geo))
+        graphdef = nnx.graphdef(model)
+        step = ar_step if layout.kind == "ar" else diffusion_step
+        run = lambda params, cache, inputs, knobs: step(graphdef, plan, params, cache, inputs, knobs)  # noqa: E731
+        args = (shard(model), _abstract_cache(cfg, mesh, slots, geo.cache_size), rows(slots_lib.empty_inputs(geo, width)), knobs)
+        notes.update(chunk_width=width, cache_size=geo.cache_size)
+    return Program("serve_step", run, args, ("params", "cache", "inputs", "knobs"), donate_argnums=(1,),
+                   notes=dict(**notes, attention=cfg.attention_backend))
+
+
+PROGRAMS: dict[str, Callable[..., Program]] = {"train": train_program, "sample": sample_program, "serve": serve_program}
 
 
 def advice(program: Program, config: ConfigDict, state_fraction: float | None = None) -> str:
@@ -176,6 +238,9 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
         if config.model.remat_policy != "full":
             tips.append("--config.model.remat_policy=full")
         tips.append(f"a smaller per-chip batch (train.batch_size below {config.train.batch_size}, or more train.grad_accum)")
+    elif program.name == "serve_step":
+        tips.append(f"fewer slots or shorter prompts (--serve_slots below {program.notes['slots']}, "
+                    "--serve_max_prompt_tokens, --config.sample.max_new_tokens)")
     else:
         tips.append(
             f"fewer rows or a shorter context (--sample_batch below {program.notes['batch']}, --sample_prompt_len, "

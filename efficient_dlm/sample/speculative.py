@@ -120,6 +120,13 @@ def _draft_step(ctx: _Context, drf: _Draft, forwards, tokens, positions, cache, 
     plan = ctx.plan.draft
     hidden, kv = ctx.drafter.decode(tokens, positions, cache, attention=attention, block_size=plan.block_size)
     hidden, before = block_hidden(plan, hidden, drf.before)
+    return draft_commit(ctx, drf._replace(before=before), forwards, hidden, last), kv
+
+
+def draft_commit(ctx: _Context, drf: _Draft, forwards, hidden, last) -> _Draft:
+    """The commit of one draft step from the hidden states predicting the block [batch, B, E] (`last`: commit
+    every position still open). The serving engine (serve/speculative.py) runs it per row too."""
+    plan = ctx.plan.draft
     sampled = _sampled(ctx.plan)
     choice = choose_tokens(ctx.drafter, hidden, step_key(ctx.knobs, forwards), plan.sampling, ctx.knobs,
                            plan.allowed(), sampled)
@@ -133,7 +140,7 @@ def _draft_step(ctx: _Context, drf: _Draft, forwards, tokens, positions, cache, 
         commit = commit_mask("threshold", choice.confidence, choice.entropy, drf.open, ctx.knobs)
     commit = jnp.where(last, drf.open, commit)
     logits = None if drf.logits is None else jnp.where(commit[..., None], choice.logits, drf.logits)
-    return _Draft(jnp.where(commit, choice.token, drf.tokens), drf.open & ~commit, logits, before), kv
+    return _Draft(jnp.where(commit, choice.token, drf.tokens), drf.open & ~commit, logits, drf.before)
 
 
 def _draft(ctx: _Context, carry: _Carry, cur, offset, live, prefix) -> tuple[_Draft, KVCache, jax.Array]:
@@ -175,7 +182,7 @@ def _draft(ctx: _Context, carry: _Carry, cur, offset, live, prefix) -> tuple[_Dr
     return drf, cache, steps
 
 
-def _accept(ctx: _Context, drafts, q_logits, n_drafts, hidden, key) -> tuple[jax.Array, jax.Array]:
+def accept(ctx: _Context, drafts, q_logits, n_drafts, hidden, key) -> tuple[jax.Array, jax.Array]:
     """(tokens [batch, B + 1], count [batch]): the accepted drafts followed by the verifier's own token."""
     plan = ctx.plan.verify
     size = drafts.shape[1]
@@ -230,7 +237,7 @@ def _iterate(ctx: _Context, carry: _Carry, prefixes=None) -> _Carry:
     cache = carry.verify_cache.replace(length=offsets)
     hidden, (keys, values) = ctx.verifier.decode(tokens, positions, cache, attention="causal")
     cache = cache.write_rows(keys, values, offsets)
-    new, accepted = _accept(ctx, drafts, q_logits, n_drafts, hidden[:, -(size + 1):], step_key(ctx.knobs, verify_forward))
+    new, accepted = accept(ctx, drafts, q_logits, n_drafts, hidden[:, -(size + 1):], step_key(ctx.knobs, verify_forward))
     # Keep the accepted run and the verifier's token, up to the first stop and within max_new_tokens.
     count = jnp.minimum(accepted + 1, max_new - carry.generated)
     slot = jnp.arange(size + 1)[None, :]
@@ -317,9 +324,9 @@ def check_verifier(model, verifier, draft_steps) -> None:
         raise UserError(f"verifier must be a model or 'self', got a {type(verifier).__name__}")
 
 
-def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, draft_steps: int, token_shift: bool,
-                        prompt_bucket: int | None, valid_vocab_size: int | None):
-    """(jitted program, its arguments without the knobs, prompt lengths, shapes) of one speculative call."""
+def spec_plan(model, verifier, plan: Plan, *, block_size: int, num_blocks: int, draft_steps: int, token_shift: bool,
+              valid_vocab_size: int | None) -> SpecPlan:
+    """The drafter's and the verifier's plans from the call's `plan` (verifier: a model or "self")."""
     self_verify = isinstance(verifier, str)
     verifier = model if self_verify else verifier
     vcfg, dcfg = verifier.config, model.config
@@ -332,17 +339,28 @@ def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, d
         valid_vocab_size=valid_vocab_size if self_verify else getattr(verify_spec, "valid_vocab_size", None),
     )
     limit = min(vcfg.vocab_size, valid_vocab_size or vcfg.vocab_size)  # the drafter drafts only ids the verifier knows
+    draft = dataclasses.replace(
+        plan, block_size=block_size, num_blocks=num_blocks, mask_id=dcfg.mask_token_id, token_shift=token_shift,
+        valid_vocab_size=limit,
+    )
+    return SpecPlan(draft, verify, int(draft_steps), self_verify)
+
+
+def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, draft_steps: int, token_shift: bool,
+                        prompt_bucket: int | None, valid_vocab_size: int | None):
+    """(jitted program, its arguments without the knobs, prompt lengths, shapes) of one speculative call."""
+    spec = spec_plan(model, verifier, plan, block_size=block_size, num_blocks=1, draft_steps=draft_steps,
+                     token_shift=token_shift, valid_vocab_size=valid_vocab_size)
+    self_verify = spec.self_verify
+    verifier = model if self_verify else verifier
+    vcfg, dcfg = verifier.config, model.config
     lay = layout_lib.block_layout(
         rows, block_size=block_size, max_new_tokens=plan.max_new_tokens, mask_id=dcfg.mask_token_id,
         pad_id=plan.pad_id, max_positions=layout_lib.position_limit(dcfg), capacity=prompt_bucket,
     )
-    draft = dataclasses.replace(
-        plan, block_size=block_size, num_blocks=lay.num_blocks, mask_id=dcfg.mask_token_id, token_shift=token_shift,
-        valid_vocab_size=limit,
-    )
-    ar = layout_lib.ar_layout(rows, max_new_tokens=plan.max_new_tokens, pad_id=verify_pad,
+    ar = layout_lib.ar_layout(rows, max_new_tokens=plan.max_new_tokens, pad_id=spec.verify.pad_id,
                               max_positions=layout_lib.position_limit(vcfg), capacity=prompt_bucket)
-    spec = SpecPlan(draft, verify, int(draft_steps), self_verify)
+    spec = dataclasses.replace(spec, draft=dataclasses.replace(spec.draft, num_blocks=lay.num_blocks))
     draft_graphdef, draft_state = nnx.split(model)
     verify_graphdef, verify_state = (None, None) if self_verify else nnx.split(verifier)
     inputs = {name: jnp.asarray(value) for name, value in (lay.arrays() | ar.arrays()).items()}

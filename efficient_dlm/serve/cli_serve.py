@@ -3,7 +3,9 @@
 The checkpoint is loaded (and its checksums verified) and every step program compiled before the
 port opens, so a checkpoint that does not load stops the command with one line (exit 2) and the
 first request never waits for a compilation. The model decodes as its DiffusionSpec says; --strategy
-ar serves it (or an AR teacher, which has no [MASK] and is served AR by default) causally.
+ar serves it (or an AR teacher, which has no [MASK] and is served AR by default) causally; --verifier CKPT
+(an AR checkpoint, e.g. the teacher) or --verifier self serves lossless speculative decoding: the dLM
+drafts, the verifier keeps exactly what its own decoding would produce.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ flags.DEFINE_integer("max_tokens", 256, "largest max_tokens a request may ask fo
 flags.DEFINE_integer("queue_size", 64, "requests that may wait for a slot; beyond it: HTTP 429")
 flags.DEFINE_string("strategy", None, "decoding strategy (default: the checkpoint's spec; ar for an AR model)")
 flags.DEFINE_integer("block_size", None, "decoded block size (default: the checkpoint's spec)")
+flags.DEFINE_string("verifier", None, "AR checkpoint verifying the dLM's drafts (speculative decoding), or 'self'")
+flags.DEFINE_integer("draft_steps", 1, "speculative: drafter denoising steps per draft (the last commits the rest)")
 flags.DEFINE_string("served_model_name", None, "model id in the API (default: the checkpoint directory's name)")
 flags.DEFINE_bool("warmup", True, "compile every step program before opening the port")
 flags.DEFINE_string("quantize", None, "none | int8 | fp8: quantize the weights as they load (sets sample.quantize)")
@@ -43,14 +47,17 @@ def run(config, FLAGS) -> int:
         raise UserError("give --ckpt DIR (a checkpoint directory)")
     if not os.path.isdir(FLAGS.ckpt):
         raise UserError(f"--ckpt: checkpoint directory {FLAGS.ckpt!r} does not exist")
-    try:
-        model = checkpoints.load(FLAGS.ckpt, step=FLAGS.step)
-    except (OSError, ValueError, KeyError) as err:  # a damaged / foreign directory: refuse to start, one line
-        raise UserError(f"--ckpt {FLAGS.ckpt}: the checkpoint does not load ({type(err).__name__}: {err})") from None
+    verifier = FLAGS.verifier
+    if verifier not in (None, "self") and not os.path.isdir(verifier):
+        raise UserError(f"--verifier: checkpoint directory {verifier!r} does not exist (or give --verifier self)")
+    model = _load("--ckpt", FLAGS.ckpt, FLAGS.step)
+    if verifier not in (None, "self"):
+        verifier = _load("--verifier", verifier, None)
     model = quantize_model(model, **quantization_kwargs(config.sample))
     engine = Engine(model, EngineConfig(
         slots=FLAGS.slots, max_prompt_tokens=FLAGS.max_prompt_tokens, max_new_tokens=FLAGS.max_tokens,
-        queue_size=FLAGS.queue_size, strategy=FLAGS.strategy, block_size=FLAGS.block_size))
+        queue_size=FLAGS.queue_size, strategy=FLAGS.strategy, block_size=FLAGS.block_size,
+        draft_steps=FLAGS.draft_steps), verifier=verifier)
     texts = Texts(checkpoints.tokenizer_dir(FLAGS.ckpt))
     name = FLAGS.served_model_name or os.path.basename(os.path.abspath(FLAGS.ckpt))
     if FLAGS.warmup:
@@ -60,3 +67,10 @@ def run(config, FLAGS) -> int:
           file=sys.stderr, flush=True)
     serve(engine, texts, name, host=FLAGS.host, port=FLAGS.port)
     return 0
+
+
+def _load(flag: str, directory: str, step: int | None):
+    try:
+        return checkpoints.load(directory, step=step)
+    except (OSError, ValueError, KeyError) as err:  # a damaged / foreign directory: refuse to start, one line
+        raise UserError(f"{flag} {directory}: the checkpoint does not load ({type(err).__name__}: {err})") from None

@@ -9,6 +9,9 @@ engine thread after every call that committed some (the web layer hops back to i
 
 Greedy requests get exactly what `generate(model, [prompt], ...)` gives them alone (tested): each
 slot runs its own batch-of-one computation (step_program.py), however the other slots are filled.
+With a verifier (an AR model, or "self") the engine serves lossless speculative decoding: every call
+runs one draft + verify iteration per slot (speculative.py). Under a mesh the slots shard over the
+data axes (runners.py).
 """
 from __future__ import annotations
 
@@ -19,20 +22,21 @@ import threading
 import time
 from typing import Callable
 
-import jax
 import numpy as np
-from flax import nnx
 
 from efficient_dlm.diffusion.spec import resolve_decoding, spec_of
 from efficient_dlm.errors import UserError
-from efficient_dlm.models.cache import KVCache
 from efficient_dlm.sample.api import check_model
 from efficient_dlm.sample.layout import position_limit
-from efficient_dlm.sample.program import MAX_STOP_TOKENS
+from efficient_dlm.sample.choice import Sampling
+from efficient_dlm.sample.program import MAX_STOP_TOKENS, Plan
+from efficient_dlm.sample.speculative import check_verifier, spec_plan
 from efficient_dlm.sample.strategies import STRATEGIES
 from efficient_dlm.serve import slots as slots_lib
+from efficient_dlm.serve import speculative as spec_lib
 from efficient_dlm.serve.metrics import EngineMetrics
-from efficient_dlm.serve.step_program import SlotPlan, ar_step_jit, diffusion_step_jit
+from efficient_dlm.serve.runners import BlockRunner, Placement, SpecRunner
+from efficient_dlm.serve.step_program import SlotPlan
 
 
 class QueueFull(Exception):
@@ -71,47 +75,88 @@ class EngineConfig:
     max_prompt_tokens: int = 256
     max_new_tokens: int = 256  # the most a request may ask for (sizes every slot's cache region)
     queue_size: int = 64
-    strategy: str | None = None  # None: the model's spec ("ar" for a model without [MASK])
+    strategy: str | None = None  # None: the model's spec ("ar" for a model without [MASK]; "speculative" with a verifier)
     block_size: int | None = None
+    draft_steps: int = 1  # speculative: drafter denoising steps per draft, the last commits the rest
 
     def validate(self) -> None:
-        for name in ("slots", "max_prompt_tokens", "max_new_tokens", "queue_size"):
+        for name in ("slots", "max_prompt_tokens", "max_new_tokens", "queue_size", "draft_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"serve: {name} must be an integer >= 1, got {value!r}")
 
 
-class Engine:
-    """Owns the model, the slots' KV cache and the engine thread (start / stop)."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What an engine serves, decided before anything is allocated (`edlm aot --programs=serve` uses it
+    with abstract models): the strategy, the request defaults, the slot geometry and the static plan."""
 
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
-        config.validate()
-        cfg, spec = model.config, spec_of(model)
-        strategy = config.strategy or ("ar" if cfg.mask_token_id is None else (spec.strategy if spec else "threshold"))
-        if strategy not in ("ar", *STRATEGIES):
-            raise UserError(f"serve: strategy must be ar or one of {', '.join(STRATEGIES)} (speculative decoding is not "
-                            f"served yet), got {strategy!r}")
-        check_model(model, strategy)
-        d = resolve_decoding(None if strategy == "ar" else spec, block_size=config.block_size, strategy=strategy)
-        kind = "ar" if strategy == "ar" else "diffusion"
-        size = 1 if kind == "ar" else int(d["block_size"])
-        self.config, self.model, self.strategy = config, model, strategy
-        self.defaults = {"threshold": float(d["threshold"]), "factor": float(d["factor"]),
-                         "entropy_bound": float(d["entropy_bound"]), "temperature": 0.0, "top_p": 1.0, "seed": 0,
-                         "stop_ids": () if cfg.eos_token_id is None else (int(cfg.eos_token_id),)}
-        pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
-        self.geometry = slots_lib.SlotGeometry(
-            kind, config.slots, size, config.max_prompt_tokens, config.max_new_tokens,
-            -1 if cfg.mask_token_id is None else cfg.mask_token_id, pad_id)
-        self.plan = SlotPlan(
-            kind=kind, strategy=strategy, block_size=size, tokens_per_step=int(d["tokens_per_step"]), sampled=False,
-            entropy=strategy == "entropy", token_shift=bool(d["token_shift"]) and kind == "diffusion",
-            vocab_size=cfg.vocab_size, banned_ids=() if cfg.mask_token_id is None else (cfg.mask_token_id,),
-            valid_vocab_size=d["valid_vocab_size"])
-        self.program = ar_step_jit if kind == "ar" else diffusion_step_jit
-        self.graphdef, self.params = nnx.split(model)
-        rope = np.ones((config.slots,), np.int32) if cfg.rope_type == "dynamic" else None
-        self.cache = KVCache.empty(cfg, config.slots, self.geometry.cache_size, rope_length=rope)
+    strategy: str
+    kind: str  # "diffusion" | "ar" | "speculative"
+    defaults: dict
+    geometry: slots_lib.SlotGeometry
+    plan: SlotPlan | None = None  # diffusion / AR
+    spec_geometry: spec_lib.SpecGeometry | None = None  # speculative
+    spec: spec_lib.SpecSlotPlan | None = None
+
+
+def engine_layout(model, config: EngineConfig, verifier=None) -> Layout:
+    """Resolves the strategy (the model's spec; "ar" without [MASK]; "speculative" with a verifier) and
+    the decoding settings as `generate` does, and sizes the slots."""
+    config.validate()
+    cfg, spec = model.config, spec_of(model)
+    default = "speculative" if verifier is not None else (
+        "ar" if cfg.mask_token_id is None else (spec.strategy if spec else "threshold"))
+    strategy = config.strategy or default
+    if strategy not in ("ar", "speculative", *STRATEGIES):
+        raise UserError(f"serve: strategy must be ar, speculative or one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "speculative":
+        check_verifier(model, verifier, config.draft_steps)
+    elif verifier is not None:
+        raise UserError(f"serve: a verifier is used by strategy speculative only, got strategy {strategy!r}")
+    check_model(model, strategy)
+    d = resolve_decoding(None if strategy == "ar" else spec, block_size=config.block_size, strategy=strategy)
+    kind = {"ar": "ar", "speculative": "speculative"}.get(strategy, "diffusion")
+    size = 1 if kind == "ar" else int(d["block_size"])
+    defaults = {"threshold": float(d["threshold"]), "factor": float(d["factor"]),
+                "entropy_bound": float(d["entropy_bound"]), "temperature": 0.0, "top_p": 1.0, "seed": 0,
+                "stop_ids": () if cfg.eos_token_id is None else (int(cfg.eos_token_id),)}
+    pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
+    geometry = slots_lib.SlotGeometry(
+        "ar" if kind == "ar" else "diffusion", config.slots, size, config.max_prompt_tokens, config.max_new_tokens,
+        -1 if cfg.mask_token_id is None else cfg.mask_token_id, pad_id)
+    if kind == "speculative":  # the plans `generate(..., strategy="speculative")` builds (greedy; sampled rows
+        # get the sampled variant inside the program)
+        plan = Plan(strategy="speculative", max_new_tokens=config.max_new_tokens, sampling=Sampling(greedy=True),
+                    pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=d["valid_vocab_size"],
+                    vocab_size=cfg.vocab_size)
+        plans = spec_plan(model, verifier, plan, block_size=size, num_blocks=1, draft_steps=config.draft_steps,
+                          token_shift=bool(d["token_shift"]), valid_vocab_size=d["valid_vocab_size"])
+        return Layout(strategy, kind, defaults, geometry, spec_geometry=spec_lib.SpecGeometry(geometry, plans.verify.pad_id),
+                      spec=spec_lib.SpecSlotPlan(plans, False))
+    plan = SlotPlan(
+        kind=kind, strategy=strategy, block_size=size, tokens_per_step=int(d["tokens_per_step"]), sampled=False,
+        entropy=strategy == "entropy", token_shift=bool(d["token_shift"]) and kind == "diffusion",
+        vocab_size=cfg.vocab_size, banned_ids=() if cfg.mask_token_id is None else (cfg.mask_token_id,),
+        valid_vocab_size=d["valid_vocab_size"])
+    return Layout(strategy, kind, defaults, geometry, plan=plan)
+
+
+class Engine:
+    """Owns the model(s), the slots' KV caches (runners.py) and the engine thread (start / stop).
+
+    verifier: an AR model or "self" serves strategy "speculative" (the output is the verifier's own
+    decoding); mesh / rules: shard the slots over the mesh's data axes."""
+
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, verifier=None, mesh=None, rules=None):
+        layout = engine_layout(model, config, verifier)
+        self.config, self.model, self.layout = config, model, layout
+        self.strategy, self.kind, self.defaults, self.geometry = layout.strategy, layout.kind, layout.defaults, layout.geometry
+        placement = Placement(mesh, rules)
+        if layout.kind == "speculative":
+            self.runner = SpecRunner(model, verifier, layout.spec_geometry, layout.spec, placement)
+        else:
+            self.runner = BlockRunner(model, layout.geometry, layout.plan, placement)
         self.slots: list[slots_lib.SlotState | None] = [None] * config.slots
         self.waiting: collections.deque[Request] = collections.deque()
         self.metrics = EngineMetrics(config.slots)
@@ -120,6 +165,19 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+
+    def _spec_runner(self, model, verifier, d: dict, pad_id: int, placement: Placement) -> SpecRunner:
+        """The speculative plans as `generate(..., strategy="speculative")` builds them (greedy; sampled
+        rows get the sampled variant in the program)."""
+        cfg = model.config
+        plan = Plan(strategy="speculative", max_new_tokens=self.config.max_new_tokens, sampling=Sampling(greedy=True),
+                    pad_id=pad_id, banned_ids=(cfg.mask_token_id,), valid_vocab_size=d["valid_vocab_size"],
+                    vocab_size=cfg.vocab_size)
+        spec = spec_plan(model, verifier, plan, block_size=self.geometry.block_size, num_blocks=1,
+                         draft_steps=self.config.draft_steps, token_shift=bool(d["token_shift"]),
+                         valid_vocab_size=d["valid_vocab_size"])
+        geometry = spec_lib.SpecGeometry(self.geometry, spec.verify.pad_id)
+        return SpecRunner(model, verifier, geometry, spec_lib.SpecSlotPlan(spec, False), placement)
 
     # ---- requests -------------------------------------------------------------------------------
     def check(self, prompt: list[int], max_new: int, settings: dict) -> None:
@@ -164,16 +222,7 @@ class Engine:
     def warmup(self, sampled: tuple[bool, ...] = (False, True)) -> int:
         """Compiles the step program for every chunk width (and sampling variant) before serving, so no
         request ever waits for a compilation; returns the number of programs. Empty slots write nothing."""
-        knobs = slots_lib.build_knobs(self.slots, self.defaults)
-        count = 0
-        for width in slots_lib.chunk_widths(self.geometry):
-            for flag in sampled:
-                plan = dataclasses.replace(self.plan, sampled=flag)
-                inputs = slots_lib.empty_inputs(self.geometry, width)
-                self.cache, _ = self.program(self.graphdef, plan, self.params, self.cache, inputs, knobs)
-                count += 1
-        jax.block_until_ready(self.cache)
-        return count
+        return self.runner.warmup(slots_lib.build_knobs(self.slots, self.defaults), sampled)
 
     # ---- thread ---------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -238,24 +287,19 @@ class Engine:
 
     def step(self) -> None:
         """One call of the step program over all slots, then the host-side bookkeeping."""
-        inputs = slots_lib.build_inputs(self.geometry, self.slots)
         knobs = slots_lib.build_knobs(self.slots, self.defaults)
-        plan = dataclasses.replace(self.plan, sampled=bool((knobs["temperature"] > 0).any()))
-        self.cache, out = self.program(self.graphdef, plan, self.params, self.cache, inputs, knobs)
-        out = jax.device_get(out)
-        occupied = [i for i, s in enumerate(self.slots) if s is not None]
-        self.metrics.step(len(occupied), int(sum(out["forwards"][i] - knobs["forwards"][i] for i in occupied)))
-        for i in occupied:
-            self._advance(i, out["block"][i], out["step"][i], int(out["forwards"][i]))
+        results = self.runner.step(self.slots, knobs)
+        self.metrics.step(len(results), sum(forwards - int(knobs["forwards"][i]) for i, (_, _, forwards) in results.items()))
+        if self.kind == "speculative":
+            self.metrics.drafted(*self.runner.drafts)
+        for i, (new, stopped, forwards) in results.items():
+            self._advance(i, new, stopped, forwards)
 
-    def _advance(self, index: int, block: np.ndarray, step: np.ndarray, forwards: int) -> None:
+    def _advance(self, index: int, new: list[int], stopped: bool, forwards: int) -> None:
         slot = self.slots[index]
         request = slot.request
-        new, stopped = slots_lib.committed(block, step, request.settings["stop_ids"])
         slot.generated += new
-        slot.block += 1
         slot.forwards = forwards
-        slot.clean = block
         self.metrics.generated.inc(len(new))
         if new and request.first_token is None:
             request.first_token = time.perf_counter()

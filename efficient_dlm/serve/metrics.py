@@ -21,6 +21,10 @@ class EngineMetrics:
         self.tokens_per_forward = Gauge("edlm_tokens_per_forward", "generated tokens / row forwards since start", registry=r)
         self.queue_depth = Gauge("edlm_queue_depth", "requests waiting for a slot", registry=r)
         self.occupancy = Gauge("edlm_slot_occupancy", "slots holding a request", registry=r)
+        self.draft_proposed = Counter("edlm_draft_tokens_proposed", "speculative: draft tokens offered to the verifier",
+                                      registry=r)
+        self.draft_accepted = Counter("edlm_draft_tokens_accepted", "speculative: draft tokens the verifier accepted",
+                                      registry=r)
         self.slots = Gauge("edlm_slots", "slots of the engine", registry=r)
         self.slots.set(slots)
         self.latency = Histogram("edlm_request_latency_seconds", "arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
@@ -31,6 +35,10 @@ class EngineMetrics:
         self.calls.inc()
         self.row_forwards.inc(row_forwards)
         self.tokens_per_forward.set(self.generated._value.get() / max(self.row_forwards._value.get(), 1.0))
+
+    def drafted(self, proposed: int, accepted: int) -> None:
+        self.draft_proposed.inc(proposed)
+        self.draft_accepted.inc(accepted)
 
     def finished(self, reason: str, seconds: float | None = None) -> None:
         self.requests.labels(reason=reason).inc()
