@@ -32,8 +32,7 @@ def test_shipped_tokenizer_gives_one_token_per_task_symbol():
         assert full[: len(prompt)] == prompt
         body = inst.prompt[len(inst.task) + 2 : -3]  # "<task>: <body> ->"
         for text in (body, inst.answer):
-            symbols = text.split() if inst.task not in ("add", "sub") else [c for c in text if c.isdigit() or c in "+-"]
-            assert len(tok.encode(" " + text.strip()).ids) == len(symbols), (inst, text)
+            assert len(tok.encode(" " + text.strip()).ids) == len(text.split()), (inst, text)
 
 
 def test_shipped_teacher_reaches_its_recorded_accuracy():
@@ -56,13 +55,13 @@ def test_shipped_teacher_decodes_like_transformers():
 
     path = teacher.teacher_dir()
     items = teacher.check_set()[:: len(teacher.check_set()) // 7][:7]  # one prompt per task
-    ours = task_eval(from_hf(path), load_tokenizer(path), items, strategy="ar", batch_size=len(items), max_new_tokens=16)
+    ours = task_eval(from_hf(path), load_tokenizer(path), items, strategy="ar", batch_size=len(items), max_new_tokens=32)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     expected = []
     for inst in items:
         ids = tok(inst.prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = hf.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+            out = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
         expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert [e["output"] for e in ours["examples"]] == expected

@@ -1,7 +1,7 @@
 """`edlm demo [--out DIR]`: the shipped AR teacher becomes a block-diffusion LM on this machine.
 
 Runs the stages of efficient_dlm/demo/pipeline.py (data, convert, evaluate, export, report) with the
-recipe configs/demo.py and writes DIR/report.md and DIR/accuracy_vs_tpf.png. Interrupt it at any
+recipe configs/demo.py and writes DIR/report.md, DIR/results.json and DIR/accuracy_vs_tpf.png. Interrupt it at any
 time: rerunning the same command continues where it stopped.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ def run(config, FLAGS) -> int:
         check_output_dir(FLAGS.out)
     results = run_demo(config, FLAGS.out, command=invocation())
     report = results["report"]["report"]
-    print(f"\nreport: {report}\nplot:   {results['report']['plot']}\ntotal:  {results['total_seconds']:.0f} s")
+    print(f"\nreport: {report}\nplot:   {results['report']['plot']}\nresults: {results['report']['results']}\n"
+          f"total:  {results['total_seconds']:.0f} s")
     with open(report) as f:
         verdict = next((line for line in f if line.startswith("At threshold")), "")
     if verdict:

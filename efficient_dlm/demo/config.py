@@ -18,10 +18,11 @@ class DemoConfig(Section):
     SECTION = "demo"
 
     teacher: str = ""  # HF directory of the AR teacher; "" = the shipped efficient_dlm/assets/demo_teacher
-    tasks: str = "add,sub,reverse,upper,shift,sort"  # generated exact-match tasks (demo/tasks.py)
+    tasks: str = "add,sub,upper,shift,sort"  # generated exact-match tasks the teacher solves (demo/tasks.py; not reverse)
     seed: int = 0  # task generation seed (train and held-out instances)
     train_tasks: int = 200000  # task instances written for training
-    eval_per_task: int = 100  # held-out instances per task for accuracy
+    eval_per_task: int = 200  # held-out instances per task (5 tasks: 1,000 prompts, so 1 point is outside the noise)
+    speed_prompts: int = 48  # tokens/s at batch 1 is measured on the first this many held-out prompts (balanced)
     tokenizer_vocab: int = 3072  # BPE size when demo-data trains a tokenizer (the teacher recipe)
     thresholds: str = "0.7,0.8,0.9,0.95"  # dLM decoding thresholds evaluated
     eval_batch: int = 64  # prompts per generate() call (AR and dLM alike)
@@ -41,8 +42,8 @@ class DemoConfig(Section):
         for key in ("train_tasks", "eval_per_task", "tokenizer_vocab", "eval_batch", "max_new_tokens", "text_eval_batches"):
             if getattr(self, key) < 1:
                 raise UserError(f"demo.{key} must be >= 1, got {getattr(self, key)}")
-        if self.hf_samples < 0:
-            raise UserError(f"demo.hf_samples must be >= 0, got {self.hf_samples}")
+        if self.hf_samples < 0 or self.speed_prompts < 0:
+            raise UserError(f"demo.hf_samples and demo.speed_prompts must be >= 0, got {self.hf_samples}, {self.speed_prompts}")
 
     def task_names(self) -> list[str]:
         return [t.strip() for t in self.tasks.split(",") if t.strip()]

@@ -34,28 +34,8 @@ def _decode(tokenizer, ids: list[int], stop_id: int | None) -> str:
     return tokenizer.decode(ids)
 
 
-def task_eval(
-    model,
-    tokenizer,
-    items: Sequence[tasks.Instance],
-    *,
-    strategy: str,
-    threshold: float | None = None,
-    block_size: int | None = None,
-    token_shift: bool | None = None,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-) -> dict[str, Any]:
-    """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
-    Settings left unset (threshold, block size, token shift) are the model's diffusion spec."""
-
-    prompts = prompt_ids(tokenizer, items)
-    bucket = 1 << (max(len(p) for p in prompts) - 1).bit_length()  # one prompt shape for every batch
-    kwargs = dict(
-        max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
-        block_size=None if strategy == "ar" else block_size,
-        token_shift=None if strategy == "ar" else token_shift,
-    )
+def _decode_all(model, tokenizer, prompts: list[list[int]], batch_size: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Greedy decoding of `prompts` in batches of one shape (one compilation, warm-up not timed)."""
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     batches = [b + [b[-1]] * (batch_size - len(b)) for b in batches]  # one batch shape: compile once
     generate(model, batches[0], **kwargs)  # warm-up (compilation), not timed
@@ -70,12 +50,50 @@ def task_eval(
         generated += int(out.lengths[:real].sum())
         forwards += int(out.row_forwards[:real].sum())
         predictions += [_decode(tokenizer, seq, stop_id) for seq in out.sequences[:real]]
+    return {"predictions": predictions, "generated": generated, "forwards": forwards, "seconds": seconds}
+
+
+def task_eval(
+    model,
+    tokenizer,
+    items: Sequence[tasks.Instance],
+    *,
+    strategy: str,
+    threshold: float | None = None,
+    block_size: int | None = None,
+    token_shift: bool | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    speed_prompts: int = 0,
+) -> dict[str, Any]:
+    """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
+    Settings left unset (threshold, block size, token shift) are the model's diffusion spec.
+
+    tokens/s is measured at `batch_size` over all prompts and, when `speed_prompts` > 0, at batch 1
+    over the first `speed_prompts` of them (a latency-bound user's speed; `tok_s` maps batch size to it).
+    """
+
+    prompts = prompt_ids(tokenizer, items)
+    bucket = 1 << (max(len(p) for p in prompts) - 1).bit_length()  # one prompt shape for every batch
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
+        block_size=None if strategy == "ar" else block_size,
+        token_shift=None if strategy == "ar" else token_shift,
+    )
+    run = _decode_all(model, tokenizer, prompts, batch_size, kwargs)
+    predictions, generated, seconds = run["predictions"], run["generated"], run["seconds"]
+    tok_s = {str(batch_size): generated / max(seconds, 1e-9)}
+    if speed_prompts > 0:
+        solo = _decode_all(model, tokenizer, prompts[:speed_prompts], 1, kwargs)
+        tok_s["1"] = solo["generated"] / max(solo["seconds"], 1e-9)
     return {
         "strategy": strategy,
         "threshold": (threshold if threshold is not None else spec_of(model).threshold) if strategy != "ar" else None,
         "accuracy": tasks.accuracy(predictions, list(items)),
-        "tokens_per_forward": generated / max(forwards, 1),
-        "tokens_per_second": generated / max(seconds, 1e-9),
+        "correct": [tasks.exact_match(p, inst.answer) for p, inst in zip(predictions, items)],
+        "tokens_per_forward": generated / max(run["forwards"], 1),
+        "tokens_per_second": tok_s[str(batch_size)],
+        "tok_s": tok_s,
         "generated_tokens": generated,
         "seconds": seconds,
         "examples": [
@@ -83,6 +101,16 @@ def task_eval(
             for inst, pred in list(zip(items, predictions))[:: max(1, len(items) // 7)][:7]
         ],
     }
+
+
+def paired_difference(correct: Sequence[bool], reference: Sequence[bool]) -> dict[str, float]:
+    """Accuracy difference (points) of one setting from the reference on the same prompts, with the
+    paired 95% normal interval: per-prompt differences d_i in {-1, 0, 1}, mean +- 1.96 sd / sqrt(n)."""
+    if len(correct) != len(reference) or not len(correct):
+        raise ValueError(f"paired difference over {len(correct)} and {len(reference)} prompts")
+    d = 100.0 * (np.asarray(correct, float) - np.asarray(reference, float))
+    half = 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"diff": float(d.mean()), "low": float(d.mean()) - half, "high": float(d.mean()) + half}
 
 
 def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float]:

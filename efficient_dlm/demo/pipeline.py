@@ -28,7 +28,7 @@ from efficient_dlm.demo import data as demo_data
 from efficient_dlm.demo import report, teacher
 from efficient_dlm.errors import UserError
 from efficient_dlm import checkpoints
-from efficient_dlm.demo.evaluate import task_eval, text_eval
+from efficient_dlm.demo.evaluate import paired_difference, task_eval, text_eval
 from efficient_dlm.demo.reload import reload_and_generate
 from efficient_dlm.demo.tokenizer import load as load_tokenizer
 from efficient_dlm.port.hf_export import to_hf
@@ -133,13 +133,14 @@ def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any
 
     d = run.config.demo
     key = {"teacher": run.teacher, "batch": d.eval_batch, "max_new_tokens": d.max_new_tokens,
-           "text_batches": d.text_eval_batches, "seq_len": config.data.seq_len}
+           "text_batches": d.text_eval_batches, "seq_len": config.data.seq_len, "speed_prompts": d.speed_prompts}
     cache = os.path.join(run.data_dir, "teacher_eval.json")
     if os.path.exists(cache) and _read_json(cache)["key"] == key:
         return _read_json(cache)["results"]
     model = from_hf(run.teacher)
     results = {
-        "tasks": task_eval(model, tok, items, strategy="ar", batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens),
+        "tasks": task_eval(model, tok, items, strategy="ar", batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens,
+                           speed_prompts=d.speed_prompts),
         "nll": text_eval(config, model, d.text_eval_batches, objective="ar")["nll_per_token"],
     }
     _write_json(cache, {"key": key, "results": results})
@@ -160,7 +161,7 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     bar.update()
     trained = checkpoints.load(run.path("train"))
     block = run.config.sample.block_size or trained.spec.block_size
-    common = dict(batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens)
+    common = dict(batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens, speed_prompts=d.speed_prompts)
     dlm_tasks = []
     for threshold in thresholds:
         if threshold is None:  # the AR variant of the ablation: decoded as the teacher is
@@ -169,14 +170,17 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
             dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold,
                                        block_size=block or None, **common))  # the rest: the run's diffusion spec
         bar.update()
+    for r in dlm_tasks:
+        r["vs_teacher"] = paired_difference(r["correct"], teacher_results["tasks"]["correct"])
     elbo = text_eval(config, trained, d.text_eval_batches, objective=objective)["nll_per_token"]
     bar.update()
     bar.close()
     return {
         "teacher": teacher_results["tasks"], "dlm": dlm_tasks,
         "text": {"teacher_nll": teacher_results["nll"], "dlm_elbo": elbo},
-        "objective": objective, "block_size": block,
+        "objective": objective, "block_size": block, "default_threshold": run.config.sample.threshold,
         "num_prompts": len(items), "per_task": d.eval_per_task, "batch_size": d.eval_batch,
+        "speed_prompts": d.speed_prompts,
     }
 
 
@@ -196,11 +200,12 @@ def stage_report(run: DemoRun, results: dict[str, Any]) -> dict[str, Any]:
     plot_path = report.plot(ev["teacher"], ev["dlm"], run.path(report.PLOT_NAME), "Demo: AR teacher vs block-diffusion dLM")
     results = {**results, "command": run.command, "machine": machine()}
     text = report.markdown(results)
+    _write_json(run.path(report.RESULTS_NAME), report.results_json(results))
     tmp = run.path("report.md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, run.path("report.md"))
-    return {"report": run.path("report.md"), "plot": plot_path}
+    return {"report": run.path("report.md"), "plot": plot_path, "results": run.path(report.RESULTS_NAME)}
 
 
 def machine() -> str:

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 PLOT_NAME = "accuracy_vs_tpf.png"
+RESULTS_NAME = "results.json"
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -24,59 +25,123 @@ def _code(text: str) -> str:
     return "`" + text.replace("\n", "\\n").replace("`", "'") + "`"
 
 
+def setting_name(r: dict[str, Any]) -> str:
+    return "ar" if r["strategy"] == "ar" else f"{r['strategy']}_{r['threshold']}"
+
+
+def _tok_s(r: dict[str, Any], batch: str) -> float | None:
+    return r.get("tok_s", {}).get(batch)
+
+
+def _batches(teacher: dict[str, Any]) -> list[str]:
+    """The batch sizes speed was measured at, the report's batch last ("1", "64")."""
+    return sorted(teacher.get("tok_s", {}), key=int)
+
+
+def default_setting(dlm: list[dict[str, Any]], threshold: float | None) -> dict[str, Any] | None:
+    return next((r for r in dlm if threshold is not None and r["threshold"] is not None
+                 and abs(r["threshold"] - threshold) < 1e-9), None)
+
+
 def task_table(teacher: dict[str, Any], dlm: list[dict[str, Any]], task_names: list[str]) -> list[str]:
-    """One row per decoding setting: overall and per-task accuracy (%), TPF, generated tokens/s."""
-    head = ["model", "decoding", "accuracy", *task_names, "tokens/forward", "tokens/s"]
+    """One row per decoding setting: accuracy (%) overall, its paired difference from the teacher
+    with the 95% interval, per task, TPF, and generated tokens/s at each measured batch size."""
+    batches = _batches(teacher)
+    head = ["model", "decoding", "accuracy", "vs teacher (95% CI)", *task_names, "tokens/forward",
+            *(f"tok/s @{b}" for b in batches), *(f"x AR @{b}" for b in batches)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [("AR teacher", "ar (greedy)", teacher)] + [
         ("dLM", f"threshold {r['threshold']}", r) for r in sorted(dlm, key=lambda r: r["threshold"])
     ]
     for name, decoding, r in rows:
         acc = r["accuracy"]
-        cells = [name, decoding, _fmt(acc["all"], 1), *(_fmt(acc.get(t), 1) for t in task_names)]
-        cells += [_fmt(r["tokens_per_forward"]), _fmt(r["tokens_per_second"], 0)]
+        pair = r.get("vs_teacher")
+        vs = "-" if pair is None or r is teacher else f"{pair['diff']:+.1f} [{pair['low']:+.1f}, {pair['high']:+.1f}]"
+        cells = [name, decoding, _fmt(acc["all"], 1), vs, *(_fmt(acc.get(t), 1) for t in task_names)]
+        cells += [_fmt(r["tokens_per_forward"]), *(_fmt(_tok_s(r, b), 0) for b in batches)]
+        cells += [_fmt(_ratio(r, teacher, b)) for b in batches]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _ratio(r: dict[str, Any], teacher: dict[str, Any], batch: str) -> float | None:
+    mine, base = _tok_s(r, batch), _tok_s(teacher, batch)
+    return mine / base if mine and base else None
+
+
 def verdict(teacher: dict[str, Any], dlm: list[dict[str, Any]], threshold: float = 0.9) -> str:
-    """The issue's bar: at threshold 0.9, within 2 points of the teacher with TPF >= 2 (stretch 1 / 3)."""
-    at = next((r for r in dlm if abs(r["threshold"] - threshold) < 1e-9), None)
+    """The issue's bar for the default decoding: within 1 point of the teacher at TPF >= 4 (stretch
+    TPF >= 6), with the dLM / AR tokens-per-second ratio at each measured batch size."""
+    at = default_setting(dlm, threshold)
     if at is None:
         return f"(no dLM evaluation at threshold {threshold})"
     gap = at["accuracy"]["all"] - teacher["accuracy"]["all"]
     tpf = at["tokens_per_forward"]
-    met = "met" if gap >= -2.0 and tpf >= 2.0 else "NOT met"
-    stretch = "met" if gap >= -1.0 and tpf >= 3.0 else "not met"
+    met = "met" if gap >= -1.0 and tpf >= 4.0 else "NOT met"
+    stretch = "met" if gap >= -1.0 and tpf >= 6.0 else "not met"
+    speed = ", ".join(f"{_ratio(at, teacher, b):.2f}x at batch {b}" for b in _batches(teacher) if _ratio(at, teacher, b))
     return (
-        f"At threshold {threshold} the dLM's accuracy is {gap:+.1f} points from the AR teacher's with "
-        f"{tpf:.2f} tokens per forward: bar (within 2 points, TPF >= 2) {met}; stretch (1 point, TPF >= 3) {stretch}."
+        f"At threshold {threshold} (the default decoding) the dLM's accuracy is {gap:+.1f} points from the AR "
+        f"teacher's with {tpf:.2f} tokens per forward: bar (within 1 point, TPF >= 4) {met}; stretch (TPF >= 6) "
+        f"{stretch}. Generated tokens/s against the teacher: {speed or 'not measured'}."
     )
 
 
 def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: str = "") -> str:
-    """Accuracy vs tokens per forward: the dLM's threshold curve and the AR teacher's point."""
+    """Accuracy against tokens per forward and against generated tokens/s (each measured batch size):
+    the dLM's threshold curve and the AR teacher's point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = sorted(dlm, key=lambda r: r["tokens_per_forward"])
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    ax.plot([r["tokens_per_forward"] for r in rows], [r["accuracy"]["all"] for r in rows], "o-", label="dLM (threshold)")
+    acc = [r["accuracy"]["all"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    ax.plot([r["tokens_per_forward"] for r in rows], acc, "o-", label="dLM (threshold)")
     for r in rows:
         ax.annotate(f"{r['threshold']}", (r["tokens_per_forward"], r["accuracy"]["all"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([teacher["tokens_per_forward"]], [teacher["accuracy"]["all"]], "s", color="black", label="AR teacher")
     ax.set_xlabel("tokens per forward pass")
     ax.set_ylabel("held-out task accuracy (%)")
-    ax.set_title(title or "Accuracy vs tokens per forward")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    for batch, marker in zip(_batches(teacher) or [None], "o^v"):
+        speeds = [_tok_s(r, batch) if batch else r["tokens_per_second"] for r in rows]
+        base = _tok_s(teacher, batch) if batch else teacher["tokens_per_second"]
+        line, = ax2.plot(speeds, acc, marker + "-", label=f"dLM, batch {batch}")
+        ax2.plot([base], [teacher["accuracy"]["all"]], "s", color=line.get_color(), markeredgecolor="black",
+                 label=f"AR teacher, batch {batch}")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("generated tokens per second (log)")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        a.legend(loc="lower left", fontsize=7)
+    fig.suptitle(title or "Accuracy vs tokens per forward and tokens/s")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _entry(r: dict[str, Any]) -> dict[str, Any]:
+    acc = r["accuracy"]
+    return {"name": setting_name(r), "strategy": r["strategy"], "threshold": r["threshold"], "accuracy": acc["all"],
+            "per_task": {k: v for k, v in acc.items() if k != "all"}, "tpf": r["tokens_per_forward"],
+            "tok_s": dict(r.get("tok_s", {})), **({"vs_teacher": r["vs_teacher"]} if "vs_teacher" in r else {})}
+
+
+def results_json(results: dict[str, Any]) -> dict[str, Any]:
+    """DIR/results.json: the machine-readable summary (layout of issue #19; accuracies in percent)."""
+    ev = results["evaluate"]
+    default = default_setting(ev["dlm"], ev.get("default_threshold"))
+    teacher = {**_entry(ev["teacher"]), "tpf": 1.0}
+    teacher.pop("strategy"), teacher.pop("threshold")
+    return {
+        "prompts": ev["num_prompts"], "report_batch": ev["batch_size"],
+        "default": setting_name(default) if default else None,
+        "hf_dir": results.get("export", {}).get("hf_dir"),
+        "teacher": teacher, "dlm": [_entry(r) for r in ev["dlm"]],
+    }
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -96,11 +161,12 @@ def markdown(results: dict[str, Any]) -> str:
         "## Held-out tasks (exact match, greedy)",
         "",
         f"{ev['num_prompts']} held-out prompts ({ev['per_task']} per task), batch {ev['batch_size']}, "
-        f"dLM block size {ev['block_size']}.",
+        f"dLM block size {ev['block_size']}. tokens/s at batch 1 over the first {ev.get('speed_prompts', '?')} prompts; "
+        "\"vs teacher\": the paired accuracy difference on the same prompts with its 95% interval.",
         "",
         *task_table(teacher, dlm, task_names),
         "",
-        verdict(teacher, dlm),
+        verdict(teacher, dlm, ev.get("default_threshold", 0.9)),
         "",
         f"![accuracy vs tokens per forward]({PLOT_NAME})",
         "",

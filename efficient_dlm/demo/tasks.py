@@ -1,24 +1,26 @@
-"""Exact-match tasks generated from a seed: arithmetic, copying with a transformation, reversing, sorting.
+"""Exact-match tasks generated from a seed: copies with a transformation, reversing, sorting, and
+addition and subtraction with explicit carries.
 
 Every instance is one document "<task>: <input> -><answer>" followed by EOS (the data pipeline adds
 EOS between documents). The answer starts with a space so that the prompt "<task>: <input> ->"
 tokenizes to a prefix of the full document. Symbols are separated by spaces (and the tokenizer
-splits digits), so each symbol is one token: a few-million-parameter model learns the tasks in CPU
-minutes, and answers whose tokens are locally predictable (copy, reverse, sort) are what
-lets a block-diffusion model commit several tokens per forward pass.
+splits digits), so each symbol is one token.
 
-The formats are chosen for what a 2M-parameter, 4-layer teacher can learn within its recipe's 8M
-tokens, because a task the teacher fails says nothing about the conversion (both models
-sit near 0%, and the dLM, unsure of a wrong answer, decodes it one token per forward). What the
-first teachers showed (docs/BENCHMARKS.md, demo section): tasks solved by relative-position
-attention (copy with a transformation, reverse, sort) are learned; lookups by content that need an
-induction head (key-value recall: 1-14%; the units digit of a sum of variable-length numbers: 9%,
-i.e. chance) are not. So numbers are written least-significant digit first and zero-padded to a
-fixed width: digit j of a sum or difference sits at a fixed offset from digits j of its operands,
-the order in which carries and borrows propagate (Lee et al., 2023, "Teaching Arithmetic to Small
-Transformers"); the shipped teacher still gets only 18% / 13% of sums / differences right (the tens
-digit, which needs the units' carry, is what it misses). Key-value recall was dropped. Reverse draws
-distinct symbols.
+What the tasks are for (issue #19): an answer must be long enough for parallel decoding to pay
+(every answer here is 16-24 tokens plus EOS; the first demo's averaged 6.5, which capped tokens per
+forward near 2.7 at block 4), and the teacher must solve every task reliably, or the task says
+nothing about the conversion. Two kinds:
+- copies with a transformation (upper, shift) and reverse: each answer token is a function of one
+  input token found by relative position;
+- computation over the input: sort (each output depends on counts over the whole list) and
+  add / sub with carries. The teachers of sessions 1-4 never learned multi-digit sums (the carry
+  into digit j needs digits j-1 of both operands and the carry before: a two-hop dependency a
+  2M-parameter, 4-layer model missed at 3 digits, 0-18%). Here the operands are interleaved
+  least-significant digit first ("a0 b0 a1 b1 ...") and the answer writes each digit with its carry
+  ("s0 c0 s1 c1 ..."), the scratchpad of Nye et al. (2021) / Lee et al. (2023): every answer token
+  is a fixed offset away from the tokens it depends on, so the carry chain is computed token by
+  token. For a block-diffusion model that chain is real sequential work inside a block, unlike the
+  copies, which is what makes it a test of parallel decoding.
 """
 from __future__ import annotations
 
@@ -53,39 +55,57 @@ def _distinct(rng: random.Random, lo: int, hi: int, alphabet: str = SYMBOLS) -> 
     return rng.sample(alphabet, rng.randint(lo, hi))
 
 
-def lsd_first(n: int, width: int) -> str:
-    """`n` in decimal, zero-padded to `width` digits, least-significant digit first: 47 -> "740"."""
-    return f"{n:0{width}d}"[::-1]
+LIST_MIN, LIST_MAX = 16, 24  # symbols per list task: every answer 16-24 tokens
+DIGITS = 8  # operand digits of add / sub: answers of 2 x 8 = 16 tokens
+
+
+def digits_lsd_first(n: int, width: int) -> list[int]:
+    """`n`'s decimal digits, zero-padded to `width`, least-significant first: 47, 3 -> [7, 4, 0]."""
+    return [int(c) for c in f"{n:0{width}d}"[::-1]]
+
+
+def _interleaved(a: int, b: int) -> str:
+    return " ".join(f"{x} {y}" for x, y in zip(digits_lsd_first(a, DIGITS), digits_lsd_first(b, DIGITS)))
+
+
+def _with_carries(a: int, b: int, sign: int) -> str:
+    """Digit j of a + b (sign 1) or a - b (sign -1, a >= b), each followed by its carry / borrow."""
+    out, carry = [], 0
+    for x, y in zip(digits_lsd_first(a, DIGITS), digits_lsd_first(b, DIGITS)):
+        v = x + sign * y + sign * carry
+        carry = int(v >= 10) if sign > 0 else int(v < 0)
+        out += [v % 10, carry]
+    return " ".join(map(str, out))
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"{lsd_first(a, 3)} + {lsd_first(b, 3)}", lsd_first(a + b, 4)
+    a, b = rng.randrange(10**DIGITS), rng.randrange(10**DIGITS)
+    return _interleaved(a, b), _with_carries(a, b, 1)
 
 
 def _sub(rng: random.Random) -> tuple[str, str]:
-    a, b = sorted((rng.randint(0, 999), rng.randint(0, 999)), reverse=True)
-    return f"{lsd_first(a, 3)} - {lsd_first(b, 3)}", lsd_first(a - b, 3)
+    a, b = sorted((rng.randrange(10**DIGITS), rng.randrange(10**DIGITS)), reverse=True)
+    return _interleaved(a, b), _with_carries(a, b, -1)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    items = _distinct(rng, 3, 8)
+    items = _distinct(rng, LIST_MIN, LIST_MAX)
     return " ".join(items), " ".join(reversed(items))
 
 
 def _upper(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 3, 8, string.ascii_lowercase)
+    items = _symbols(rng, LIST_MIN, LIST_MAX, string.ascii_lowercase)
     return " ".join(items), " ".join(s.upper() for s in items)
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 3, 8, string.ascii_lowercase)
+    items = _symbols(rng, LIST_MIN, LIST_MAX, string.ascii_lowercase)
     shifted = [chr((ord(s) - 97 + 1) % 26 + 97) for s in items]
     return " ".join(items), " ".join(shifted)
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    items = _symbols(rng, 3, 8, string.digits)
+    items = _symbols(rng, LIST_MIN, LIST_MAX, string.digits)
     return " ".join(items), " ".join(sorted(items))
 
 
