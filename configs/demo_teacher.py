@@ -48,7 +48,7 @@ def get_config():
     c.data.eval_files = f"{DATA}/text_eval.jsonl"
     c.data.seq_len = 128
     t = c.train
-    t.steps = 5000
+    t.steps = 4500
     t.batch_size = 16
     t.learning_rate = 2e-3
     t.warmup_steps = 100
