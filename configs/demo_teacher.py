@@ -11,10 +11,13 @@ part of the data depends on the Python version; the tasks do not):
 
 The last step measures the teacher on the fixed held-out task set and records the accuracy in the
 asset's demo_teacher.json (tests/test_demo_teacher.py checks the shipped model reproduces it).
-Data: task documents ("<task>: <input> -><answer>" + EOS) mixed with standard-library text;
-weights are per document, and a text document is ~14x longer than a task (277 vs 20 tokens), so
-0.975 : 0.025 gives about a quarter of the tokens to text. (The first teacher used 0.8 : 0.2, i.e.
-78% text, saw ~12k instances per task and never learned arithmetic or recall.)
+Data: task documents ("<task>: <input> -><answer>" + EOS, answers of 16-20 tokens) mixed with
+standard-library text; weights are per document, and a text document is ~6x longer than a task
+(277 vs ~45 tokens), so 0.975 : 0.025 gives about an eighth of the tokens to text. 4,500 steps x 16
+x 128 = 9.2M tokens, 44 min on this project's 2-core dev machine (session 6). Held-out check set
+(10 per task): add, sub, upper, shift 100%, sort 95%, reverse 0% (demo/tasks.py says why; the demo
+evaluates the five it solves). The first teachers (sessions 1-5: 3-8-symbol answers, sums without
+carry tokens) are in docs/BENCHMARKS.md's demo section.
 """
 from efficient_dlm.config import base_config
 

@@ -24,6 +24,11 @@ nothing about the conversion. Two kinds:
   is a fixed offset away from the tokens it depends on, so the carry chain is computed token by
   token. For a block-diffusion model that chain is real sequential work inside a block, unlike the
   copies, which is what makes it a test of parallel decoding.
+
+The teacher (configs/demo_teacher.py) trains on all six; its record (assets/demo_teacher/
+demo_teacher.json) has 100% on add, sub, upper and shift, 95% on sort and 0% on reverse of 20
+distinct symbols (it gets the first token, then loses its place: the content lookup an induction
+head would do never formed in 4,500 steps). The demo evaluates the five it solves (demo.tasks).
 """
 from __future__ import annotations
 
