@@ -313,3 +313,30 @@ def test_sft_recipes_validate_and_chat_keys_are_checked():
     c.data.format, c.data.chat_template = "text", "builtin"
     with pytest.raises(UserError, match="data.chat_template is set .* set data.format=chat"):
         validate(c)
+
+
+def test_plain_template_renders_the_raw_document_and_supervises_only_the_answer(tmp_path):
+    """data.chat_template=plain (the demo's prompt-clean conversion): a prompt/response record is the
+    teacher's own document, prompt + answer + EOS, token for token, and only the answer + EOS is
+    supervised and maskable: the prompt stays clean, as the sampler sees it."""
+    from efficient_dlm.demo import data as demo_data, tasks
+    from efficient_dlm.demo.teacher import teacher_dir
+
+    demo_data.write_chat(str(tmp_path), train_tasks=10, eval_tasks_per_task=1, task_names=["add", "upper"])
+    items = tasks.instances("train", 10, 0, ["add", "upper"])
+    tok_dir = teacher_dir("")
+    spec = DataSpec(seq_len=64, batch_size=1, eos_id=0, vocab_size=4096, tokenizer=tok_dir, num_threads=1,
+                    format="chat", chat_template="plain", align=4)
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    seen = []
+    for b in take(build_dataset(str(tmp_path / "chat_train.jsonl"), spec, train=False), 10):
+        for r, start, end in _segments(b):
+            ids = b["tokens"][r, start:end].tolist()
+            sup = (b["loss_weights"][r, start:end] > 0).tolist()
+            assert sup == b["maskable"][r, start:end].tolist()
+            seen.append((ids, sup))
+    expected = []
+    for inst in items:
+        prompt, full = tok.encode(inst.prompt).ids, tok.encode(inst.text).ids + [0]
+        expected.append((full, [False] * len(prompt) + [True] * (len(full) - len(prompt))))
+    assert seen == expected

@@ -5,7 +5,8 @@ or {"prompt": text, "response": text} (one user turn and its answer; an optional
 rendered with the tokenizer's own chat template by transformers' `apply_chat_template`, read offline
 from the tokenizer directory (tokenizer_config.json's "chat_template" or chat_template.jinja), or with
 `data.chat_template`: "builtin" (BUILTIN_TEMPLATE below, for tokenizers that ship none, such as the
-byte tokenizer and the demo's BPE) or a .jinja file. The trainer writes the template it used into the
+byte tokenizer and the demo's BPE), "plain" (contents concatenated, EOS after each reply: a base
+model's raw prompt/answer format, supervised on the answer only) or a .jinja file. The trainer writes the template it used into the
 run's tokenizer/ directory, so `edlm sample --chat`, `edlm serve` and lm-eval render prompts with it.
 
 Which tokens are supervised (docs/METHOD.md section 11): assistant turn i covers exactly what the
@@ -43,6 +44,15 @@ BUILTIN_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+# "plain": the turns' contents concatenated, EOS after each reply and nothing else: a prompt/response
+# record renders exactly as the raw document prompt + response + EOS, so a base model's own task
+# format trains prompt-clean (the demo's conversion) and decodes from the raw prompt.
+PLAIN = "plain"
+PLAIN_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['content'] }}{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
 )
 TEMPLATE_FILE = "chat_template.jinja"
 Conversation = tuple[str, list[dict[str, str]]]  # (where: "file: line n", messages)
@@ -101,6 +111,8 @@ def resolve_template(setting: str, hf_tok, folder: str) -> str:
     """The template text for data.chat_template: "" the tokenizer's own, "builtin", or a .jinja file."""
     if setting == BUILTIN:
         return BUILTIN_TEMPLATE
+    if setting == PLAIN:
+        return PLAIN_TEMPLATE
     if setting:
         if not os.path.isfile(setting):
             raise UserFileNotFoundError(f"data.chat_template {setting!r}: no such file (or use \"builtin\" or \"\")")

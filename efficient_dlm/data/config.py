@@ -24,7 +24,7 @@ class DataConfig(Section):
     packing: bool = True  # pack documents (segment ids) or pad one document per row
     add_bos: bool = False  # prepend model.bos_token_id to every document (text; a chat template writes its own)
     format: str = "text"  # text: documents | chat: JSONL conversations, only assistant tokens supervised (README, Chat SFT)
-    chat_template: str = ""  # chat: "" the tokenizer's own | "builtin" (data/chat.py) | a .jinja file
+    chat_template: str = ""  # chat: "" the tokenizer's own | "builtin" | "plain" (data/chat.py) | a .jinja file
     num_threads: int = 2
     prefetch: int = 8
 

@@ -16,7 +16,9 @@ import numpy as np
 
 from efficient_dlm.demo import tasks
 from efficient_dlm.diffusion.spec import spec_of
-from efficient_dlm.config import typed
+from ml_collections import ConfigDict
+
+from efficient_dlm.config import to_plain, typed
 from efficient_dlm.data.pipeline import build_dataset, take
 from efficient_dlm.sample.api import generate
 from efficient_dlm.train.loop import data_spec
@@ -125,10 +127,13 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     """
     import jax
 
+    config = ConfigDict(to_plain(config))
+    config.data.format, config.data.chat_template = "text", ""  # held-out documents, whatever the training data was
     config = typed(config)
-    # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with
+    # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with; no CAP term
+    # (an evaluation measures the bound itself; objective ar, the teacher's NLL, has none)
     diffusion = config.diffusion.replace(objective=objective, loss_weighting="elbo", masking="uniform",
-                                         complementary=False, rate_min=1e-6, rate_max=1.0)
+                                         complementary=False, rate_min=1e-6, rate_max=1.0, confidence_weight=0.0)
     spec = data_spec(config, model.config, config.init.tokenizer or config.init.hf_dir or None)
     data = take(build_dataset(config.data.eval_files, spec, train=False), batches)
     block = None if objective == "ar" else diffusion.block_size

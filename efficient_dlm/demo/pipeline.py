@@ -84,13 +84,24 @@ def training_config(run: DemoRun) -> ConfigDict:
     c.init.hf_dir = run.teacher
     c.init.tokenizer = ""
     d = run.data_dir
-    c.data.train_files = f"{d}/tasks_train.jsonl,{d}/text_train.jsonl"
-    c.data.eval_files = f"{d}/text_eval.jsonl"
+    if c.data.format == "chat":  # prompt-clean: the tasks as prompt/response records, only answers masked
+        c.data.train_files, c.data.train_weights = f"{d}/{demo_data.CHAT_TRAIN}", ""
+        c.data.eval_files = ""  # held-out text is evaluated after training (text_eval, text format)
+    else:
+        c.data.train_files = f"{d}/tasks_train.jsonl,{d}/text_train.jsonl"
+        c.data.eval_files = f"{d}/text_eval.jsonl"
     if c.diffusion.objective == "opd" or c.opd.start_step >= 0:  # on-policy distillation from the same teacher
         c.opd.teacher = run.teacher
         c.opd.prompt_files = f"{d}/tasks_prompts.jsonl"
         c.opd.eval_files = f"{d}/tasks_eval.jsonl"
     c.run_dir = run.path("train")
+    return c
+
+
+def text_config(run: DemoRun) -> ConfigDict:
+    """The recipe for held-out text evaluation: its eval files are the text documents, whatever it trained on."""
+    c = training_config(run)
+    c.data.eval_files = f"{run.data_dir}/text_eval.jsonl"
     return c
 
 
@@ -105,10 +116,14 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
         if manifest.get("seed") == d.seed and manifest.get("tasks") == run.task_names and \
                 manifest.get("counts", {}).get("tasks_prompts.jsonl") == d.train_tasks:
             return manifest
-    return demo_data.write(
+    manifest = demo_data.write(
         run.data_dir, seed=d.seed, train_tasks=d.train_tasks, eval_tasks_per_task=d.eval_per_task,
         task_names=run.task_names, tokenizer_dir=run.teacher,
     )
+    if run.config.data.format == "chat":
+        manifest["counts"].update(demo_data.write_chat(run.data_dir, seed=d.seed, train_tasks=d.train_tasks,
+                                                       eval_tasks_per_task=d.eval_per_task, task_names=run.task_names))
+    return manifest
 
 
 def stage_convert(run: DemoRun) -> dict[str, Any]:
@@ -141,7 +156,7 @@ def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any
     results = {
         "tasks": task_eval(model, tok, items, strategy="ar", batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens,
                            speed_prompts=d.speed_prompts),
-        "nll": text_eval(config, model, d.text_eval_batches, objective="ar")["nll_per_token"],
+        "nll": text_eval(text_config(run), model, d.text_eval_batches, objective="ar")["nll_per_token"],
     }
     _write_json(cache, {"key": key, "results": results})
     return results
@@ -172,7 +187,7 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
         bar.update()
     for r in dlm_tasks:
         r["vs_teacher"] = paired_difference(r["correct"], teacher_results["tasks"]["correct"])
-    elbo = text_eval(config, trained, d.text_eval_batches, objective=objective)["nll_per_token"]
+    elbo = text_eval(text_config(run), trained, d.text_eval_batches, objective=objective)["nll_per_token"]
     bar.update()
     bar.close()
     return {

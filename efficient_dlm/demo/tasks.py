@@ -26,7 +26,7 @@ nothing about the conversion. Two kinds:
   copies, which is what makes it a test of parallel decoding.
 
 The teacher (configs/demo_teacher.py) trains on all six; its record (assets/demo_teacher/
-demo_teacher.json) has 100% on add, sub, upper and shift, 95% on sort and 0% on reverse of 20
+demo_teacher.json) has 100% on add, sub, upper, shift and sort and 0% on reverse of 20
 distinct symbols (it gets the first token, then loses its place: the content lookup an induction
 head would do never formed in 4,500 steps). The demo evaluates the five it solves (demo.tasks).
 """
