@@ -1,6 +1,6 @@
 """`edlm ablate`: the demo recipe (configs/demo.py) per variant, at an equal token budget.
 
-    edlm ablate --out runs/ablation [--config.demo.variants=block_clean,block16]
+    edlm ablate --out runs/ablation [--config.demo.variants=block_clean,block8]
 
 Variants are defined in efficient_dlm/demo/ablate.py. Every variant trains train.steps x
 train.batch_size x data.seq_len tokens from the same teacher, data order and seed, and is decoded at

@@ -14,13 +14,14 @@ import pytest
 
 from efficient_dlm import cli
 from efficient_dlm.demo import tasks
+from efficient_dlm.demo.config import DemoConfig
 
 TINY = [
-    "--config.train.steps=2", "--config.train.batch_size=2", "--config.data.seq_len=32",
+    "--config.train.steps=2", "--config.train.batch_size=2", "--config.data.seq_len=64",
     "--config.train.tensorboard=False", "--config.train.progress=False", "--config.train.save_every=1",
-    "--config.demo.train_tasks=70", "--config.demo.eval_per_task=1", "--config.demo.thresholds=0.5,0.9",
-    "--config.demo.eval_batch=7", "--config.demo.max_new_tokens=16", "--config.demo.text_eval_batches=1",
-    "--config.demo.hf_samples=1",
+    "--config.demo.train_tasks=70", "--config.demo.eval_per_task=1", "--config.demo.thresholds=0.5,0.9,0.95",
+    "--config.demo.eval_batch=7", "--config.demo.max_new_tokens=24", "--config.demo.text_eval_batches=1",
+    "--config.demo.hf_samples=1", "--config.demo.speed_prompts=2",
 ]
 
 
@@ -50,7 +51,7 @@ def demo_dir(tmp_path_factory, args):
 
 def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
-    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9] and ev["num_prompts"] == len(tasks.TASKS)
+    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9, 0.95] and ev["num_prompts"] == len(DemoConfig().task_names())
     for r in [ev["teacher"], *ev["dlm"]]:
         # Every sampler step commits at least one token (the prompt rides along in the first step).
         assert r["generated_tokens"] > 0 and 0 < r["tokens_per_forward"] <= ev["block_size"]
@@ -67,7 +68,16 @@ def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     assert f"Command: `edlm demo --out={demo_dir} --config.train.steps=2 " in report  # overrides included
     assert open(os.path.join(demo_dir, "accuracy_vs_tpf.png"), "rb").read(4) == b"\x89PNG"
     conv = _json(os.path.join(demo_dir, "stages", "convert.json"))["results"]
-    assert conv["steps"] == 2 and conv["tokens"] == 2 * 2 * 32
+    assert conv["steps"] == 2 and conv["tokens"] == 2 * 2 * 64
+    # results.json (issue #19's layout) says what the stages measured, and the paired differences are
+    # the per-prompt ones.
+    out = _json(os.path.join(demo_dir, "results.json"))
+    assert out["prompts"] == ev["num_prompts"] and out["report_batch"] == 7 and out["hf_dir"] == export["hf_dir"]
+    assert out["default"] == "threshold_0.95" and out["teacher"]["accuracy"] == ev["teacher"]["accuracy"]["all"]
+    assert set(out["teacher"]["tok_s"]) == {"1", "7"}
+    for row, r in zip(out["dlm"], ev["dlm"]):
+        diff = sum(a - b for a, b in zip(r["correct"], ev["teacher"]["correct"])) * 100.0 / ev["num_prompts"]
+        assert row["tpf"] == r["tokens_per_forward"] and row["vs_teacher"]["diff"] == pytest.approx(diff)
 
 
 def test_teacher_answers_match_transformers_greedy_decoding(demo_dir, teacher_dir):
@@ -84,7 +94,7 @@ def test_teacher_answers_match_transformers_greedy_decoding(demo_dir, teacher_di
     preds = []
     for inst in items:
         ids = tok(inst.prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
         preds.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
     assert [e["prompt"] for e in ev["teacher"]["examples"]] == [i.prompt for i in items]
@@ -104,10 +114,10 @@ def test_rerun_skips_finished_stages_and_refuses_another_recipe(demo_dir, args, 
 
 def test_ablation_variants_share_the_demo_data(demo_dir, args):
     out = demo_dir  # variants go to DIR/<variant>; DIR/data and the teacher's cached results are reused
-    argv = ["edlm", "ablate", f"--out={out}", *args, "--config.demo.variants=ar,block16", "--config.demo.thresholds=0.9"]
+    argv = ["edlm", "ablate", f"--out={out}", *args, "--config.demo.variants=ar,block8", "--config.demo.thresholds=0.9"]
     assert cli.main(argv) == 0
     table = open(os.path.join(out, "results.md")).read()
-    for name in ("| ar | AR continued training | ar |", "| block16 | block + clean context, block 16 | threshold 0.9, block 16 |"):
+    for name in ("| ar | AR continued training | ar |", "| block8 | block + clean context, block 8 | threshold 0.9, block 8 |"):
         assert name in table
     ar = _json(os.path.join(out, "ar", "stages", "evaluate.json"))["results"]
     assert ar["dlm"][0]["strategy"] == "ar" and ar["dlm"][0]["tokens_per_forward"] == pytest.approx(1.0)

@@ -74,14 +74,14 @@ def test_ablation_variants_change_only_what_they_name():
     from efficient_dlm.config import base_config
 
     c = base_config()
-    c.diffusion.objective, c.diffusion.block_size = "block_diffusion", 4
+    c.diffusion.objective, c.diffusion.block_size = "block_diffusion", 16
     assert ablate.variant_config(c, "block_clean").to_dict() == c.to_dict()
-    v = ablate.variant_config(c, "block16")
-    assert (v.diffusion.block_size, v.sample.block_size, v.diffusion.objective) == (16, 16, "block_diffusion")
+    v = ablate.variant_config(c, "block8")
+    assert (v.diffusion.block_size, v.sample.block_size, v.diffusion.objective) == (8, 8, "block_diffusion")
     assert ablate.variant_config(c, "uniform").diffusion.masking == "uniform"
     mdlm = ablate.variant_config(c, "bidirectional").diffusion  # MDLM: full attention AND uniform masking
     assert (mdlm.objective, mdlm.masking) == ("bidirectional", "uniform")
-    assert c.diffusion.block_size == 4  # the recipe itself is untouched
+    assert c.diffusion.block_size == 16  # the recipe itself is untouched
     c.demo.variants = "ar, block32"
     assert ablate.selected(c) == ["ar", "block32"]
     c.demo.variants = "ar,causal"

@@ -8,7 +8,7 @@ same data (the demo's), then is evaluated on the same held-out tasks and text:
     block           block diffusion without clean context (block-causal attention over x_t)
     block_clean     block diffusion with clean context [x_t ; x_0] (Efficient-DLM, the demo's default)
     uniform         block_clean with uniform instead of position-dependent masking
-    block16/block32 block_clean with block size 16 / 32 (the demo's default is 4)
+    block4/8/32     block_clean with block size 4 / 8 / 32 (the demo's default is 16)
 
 Diffusion variants are decoded with the threshold sampler at the recipe's block size (bidirectional
 too: semi-autoregressive block decoding, as LLaDA does; its prefix cache is then an approximation,
@@ -28,12 +28,13 @@ from efficient_dlm.errors import UserError
 
 # name: (what it tests, {section.key: value} overrides of the recipe)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ar": ("AR continued training", {"diffusion.objective": "ar"}),
+    "ar": ("AR continued training", {"diffusion.objective": "ar", "diffusion.confidence_weight": 0.0}),
     "bidirectional": ("full bidirectional (MDLM)", {"diffusion.objective": "bidirectional", "diffusion.masking": "uniform"}),
     "block": ("block, no clean context", {"diffusion.objective": "block"}),
     "block_clean": ("block + clean context", {}),
     "uniform": ("block + clean context, uniform masking", {"diffusion.masking": "uniform"}),
-    "block16": ("block + clean context, block 16", {"diffusion.block_size": 16, "sample.block_size": 16}),
+    "block4": ("block + clean context, block 4", {"diffusion.block_size": 4, "sample.block_size": 4}),
+    "block8": ("block + clean context, block 8", {"diffusion.block_size": 8, "sample.block_size": 8}),
     "block32": ("block + clean context, block 32", {"diffusion.block_size": 32, "sample.block_size": 32}),
 }
 
