@@ -18,6 +18,7 @@ from efficient_dlm.config import sibling_recipe
 def get_config():
     c = sibling_recipe(__file__, "qwen3_8b_bd")
     c.diffusion.objective = "opd"
+    c.diffusion.block_size_schedule = ""  # the converted model is already at block 32 (no warm-up again)
     o = c.opd
     o.teacher_dtype = "bfloat16"
     o.chat_template = True

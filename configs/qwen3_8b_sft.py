@@ -24,6 +24,7 @@ from efficient_dlm.config import sibling_recipe
 def get_config():
     c = sibling_recipe(__file__, "qwen3_8b_bd")
     c.diffusion.mask_token = "model"  # the converted checkpoint's [MASK] (id 151936, valid vocab 151937)
+    c.diffusion.block_size_schedule = ""  # the converted model is already at block 32 (no warm-up again)
     d = c.data
     d.format = "chat"
     d.chat_template = ""  # Qwen3's own (tokenizer_config.json), written with the run's tokenizer

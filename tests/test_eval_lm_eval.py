@@ -17,15 +17,16 @@ from lm_eval.tasks import TaskManager
 import efficient_dlm as edlm
 from efficient_dlm import cli
 from efficient_dlm.demo import tasks as demo_tasks
+from efficient_dlm.demo.config import DemoConfig
 from efficient_dlm.demo import teacher
 from efficient_dlm.demo.evaluate import task_eval
 from efficient_dlm.demo.tokenizer import load as load_tokenizer
 from efficient_dlm.eval import __main__ as lm_eval_cli
 from efficient_dlm.eval.lm import task_dir
 
-N = 7  # one prompt per task, and the first task twice
+N = 6  # one prompt per task, and the first task twice
 TEACHER = teacher.teacher_dir()
-ITEMS = demo_tasks.instances("eval", 100 * len(demo_tasks.TASKS), seed=0)[:N]
+ITEMS = demo_tasks.instances("eval", 1000, seed=0, tasks=DemoConfig().task_names())[:N]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def _samples(rows: list[dict]) -> list[dict]:
 def test_shipped_task_file_is_the_demo_eval_set():
     with open(os.path.join(task_dir(), "demo_eval.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    items = demo_tasks.instances("eval", 100 * len(demo_tasks.TASKS), seed=0)
+    d = DemoConfig()
+    items = demo_tasks.instances("eval", d.eval_per_task * len(d.task_names()), seed=d.seed, tasks=d.task_names())
     assert rows == [{"task": i.task, "prompt": i.prompt, "answer": i.answer} for i in items]
 
 

@@ -1,7 +1,8 @@
 """Dataset loader and scorer of the shipped demo tasks (lm-eval resolves `!function utils.x` here).
 
 demo_eval.jsonl holds the demo's default held-out set, `efficient_dlm.demo.tasks.instances("eval",
-600, seed=0)` (100 per task, the order `edlm demo` evaluates them in); tests check it is exactly that.
+1000, seed=0, tasks=<demo.tasks>)` (200 per task, the order `edlm demo` evaluates them in); tests
+check it is exactly that.
 `data_file` (in --metadata or the YAML's dataset_kwargs) points a task at another file of the same
 format, e.g. a run's data/tasks_eval.jsonl. Nothing is downloaded.
 """
