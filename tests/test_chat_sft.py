@@ -271,11 +271,24 @@ def test_a_chat_sft_tiny_dlm_samples_a_reply_through_edlm_sample(tmp_path, capsy
     assert records[0]["completion_ids"] == expected and len(expected) >= 1
 
 
+def _demo_chat_segments(path, template: str, count: int):
+    """(ids, supervised, maskable) of each conversation in the first `count` batches of a demo chat file,
+    through the chat pipeline with the shipped demo teacher's tokenizer; and that tokenizer."""
+    from efficient_dlm.demo.teacher import teacher_dir
+
+    tok_dir = teacher_dir("")
+    spec = DataSpec(seq_len=64, batch_size=1, eos_id=0, vocab_size=4096, tokenizer=tok_dir, num_threads=1,
+                    format="chat", chat_template=template, align=4)
+    segments = [(b["tokens"][r, start:end].tolist(), (b["loss_weights"][r, start:end] > 0).tolist(),
+                 b["maskable"][r, start:end].tolist())
+                for b in take(build_dataset(str(path), spec, train=False), count) for r, start, end in _segments(b)]
+    return segments, Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+
+
 def test_demo_tasks_as_chat_turns_render_with_the_demo_tokenizer(tmp_path):
     """`edlm demo-data --chat`: the demo's instances as prompt / response turns; through the chat pipeline
     with the demo teacher's tokenizer (no template of its own: builtin) each reply is the answer + EOS."""
     from efficient_dlm.demo import data as demo_data, tasks
-    from efficient_dlm.demo.teacher import teacher_dir
 
     counts = demo_data.write_chat(str(tmp_path), train_tasks=12, eval_tasks_per_task=2, task_names=["reverse", "add"])
     assert counts == {"chat_train.jsonl": 12, "chat_eval.jsonl": 4}
@@ -285,17 +298,12 @@ def test_demo_tasks_as_chat_turns_render_with_the_demo_tokenizer(tmp_path):
     held = [json.loads(x) for x in (tmp_path / "chat_eval.jsonl").read_text().splitlines()]
     assert [(r["task"], r["prompt"], r["answer"]) for r in held] == [
         (i.task, i.prompt, i.answer) for i in tasks.instances("eval", 4, 0, ["reverse", "add"])]
-    tok_dir = teacher_dir("")
-    spec = DataSpec(seq_len=64, batch_size=1, eos_id=0, vocab_size=4096, tokenizer=tok_dir, num_threads=1,
-                    format="chat", chat_template="builtin", align=4)
-    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    segments, tok = _demo_chat_segments(tmp_path / "chat_train.jsonl", "builtin", 12)
     replies = []
-    for b in take(build_dataset(str(tmp_path / "chat_train.jsonl"), spec, train=False), 12):
-        for r, start, end in _segments(b):
-            sup = b["loss_weights"][r, start:end] > 0
-            replies.append(tok.decode(b["tokens"][r, start:end][sup].tolist(), skip_special_tokens=False))
-            text = tok.decode(b["tokens"][r, start:end].tolist(), skip_special_tokens=False)
-            assert text.startswith("<|user|>") and text.endswith("<|endoftext|>")
+    for ids, sup, _ in segments:
+        replies.append(tok.decode([t for t, s in zip(ids, sup) if s], skip_special_tokens=False))
+        text = tok.decode(ids, skip_special_tokens=False)
+        assert text.startswith("<|user|>") and text.endswith("<|endoftext|>")
     assert replies == [i.answer + "<|endoftext|>" for i in items]
 
 
@@ -320,21 +328,12 @@ def test_plain_template_renders_the_raw_document_and_supervises_only_the_answer(
     teacher's own document, prompt + answer + EOS, token for token, and only the answer + EOS is
     supervised and maskable: the prompt stays clean, as the sampler sees it."""
     from efficient_dlm.demo import data as demo_data, tasks
-    from efficient_dlm.demo.teacher import teacher_dir
 
     demo_data.write_chat(str(tmp_path), train_tasks=10, eval_tasks_per_task=1, task_names=["add", "upper"])
     items = tasks.instances("train", 10, 0, ["add", "upper"])
-    tok_dir = teacher_dir("")
-    spec = DataSpec(seq_len=64, batch_size=1, eos_id=0, vocab_size=4096, tokenizer=tok_dir, num_threads=1,
-                    format="chat", chat_template="plain", align=4)
-    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-    seen = []
-    for b in take(build_dataset(str(tmp_path / "chat_train.jsonl"), spec, train=False), 10):
-        for r, start, end in _segments(b):
-            ids = b["tokens"][r, start:end].tolist()
-            sup = (b["loss_weights"][r, start:end] > 0).tolist()
-            assert sup == b["maskable"][r, start:end].tolist()
-            seen.append((ids, sup))
+    segments, tok = _demo_chat_segments(tmp_path / "chat_train.jsonl", "plain", 10)
+    assert all(sup == maskable for _, sup, maskable in segments)
+    seen = [(ids, sup) for ids, sup, _ in segments]
     expected = []
     for inst in items:
         prompt, full = tok.encode(inst.prompt).ids, tok.encode(inst.text).ids + [0]
