@@ -113,7 +113,8 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
     manifest_path = os.path.join(run.data_dir, demo_data.MANIFEST)
     if os.path.exists(manifest_path):  # shared with an earlier variant of an ablation
         manifest = _read_json(manifest_path)
-        if manifest.get("seed") == d.seed and manifest.get("tasks") == run.task_names and \
+        chat_ready = run.config.data.format != "chat" or os.path.exists(os.path.join(run.data_dir, demo_data.CHAT_TRAIN))
+        if manifest.get("seed") == d.seed and manifest.get("tasks") == run.task_names and chat_ready and \
                 manifest.get("counts", {}).get("tasks_prompts.jsonl") == d.train_tasks:
             return manifest
     manifest = demo_data.write(
