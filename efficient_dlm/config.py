@@ -138,6 +138,9 @@ def check_across_sections(c: Config) -> None:
     if c.lora.rank and c.init.hf_dir:
         raise UserError("lora.rank > 0 trains adapters on a saved base: import init.hf_dir first (`edlm import-hf`) "
                         "and set init.checkpoint")
+    if c.lora.rank and c.opd.enabled(d.objective) and c.opd.rollout_quantization().active:
+        raise UserError("opd.quantize / opd.quantize_kv (quantized rollouts) are not supported with lora.rank > 0: "
+                        "set them to none")
     if c.lora.rank and d.objective != "ar" and d.mask_token != "model":
         raise UserError("lora.rank > 0 keeps the base's vocabulary frozen: [MASK] must be in it (diffusion.mask_token='model')")
 

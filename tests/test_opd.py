@@ -165,6 +165,27 @@ def test_rebuilt_states_reproduce_the_samplers_logits_including_commits_after_a_
     assert after_stop_seen, "the case this test exists for did not occur; pick another stop token"
 
 
+def test_quantized_rollouts_decode_as_generate_of_the_quantized_student(model):
+    """opd.quantize / opd.quantize_kv: the step's rollout (the Roller, fed the full-precision parameters)
+    commits the tokens, at the steps, that generate(student, quantize=..., quantize_kv=...) commits."""
+    config = base_config()
+    config.opd.update(dict(block_size=BLOCK, strategy="threshold", threshold=0.5, quantize="fp8", quantize_kv="int8"))
+    graphdef, params = split_model(model)
+    roller = opd_lib.make_roller(config, model.config, graphdef, MAX_NEW)
+    knobs = opd_lib.rollout_knobs(config.opd, model.config, jax.random.PRNGKey(0))
+    traj, stats = jax.jit(roller)(params, _batch(PROMPTS), knobs)
+    kwargs = dict(max_new_tokens=MAX_NEW, block_size=BLOCK, threshold=0.5)
+    ref = generate(model, PROMPTS, quantize="fp8", quantize_kv="int8", **kwargs)
+    plain = generate(model, PROMPTS, **kwargs)
+    assert int(stats["generated"]) == ref.generated_tokens and int(stats["row_forwards"]) == ref.row_forwards.sum()
+    for b, prompt in enumerate(PROMPTS):
+        p, n = len(prompt), int(traj.lengths[b])
+        assert traj.tokens[b, p : p + n].tolist() == ref.sequences[b]
+        np.testing.assert_array_equal(np.asarray(traj.steps[b, p : p + n]), ref.commit_step[b, :n])
+    assert ref.sequences != plain.sequences or not np.array_equal(ref.commit_step, plain.commit_step), (
+        "quantization changed nothing on this model: the test cannot tell a quantized rollout from a float one")
+
+
 def test_kl_is_zero_when_the_student_is_its_teacher_and_positive_otherwise(model):
     """Block size 1 with token shift makes the dLM's computation the AR one: the student reads token i
     from the clean causal state at i - 1, exactly as the teacher does. With the teacher's own weights
@@ -385,6 +406,8 @@ def test_bad_opd_configs_fail_with_one_clear_line(opd_setup):
         "opd.steps_per_block": (3, "opd.steps_per_block (3) must divide opd.block_size (4)"),
         "opd.states": ("all", "unknown opd.states 'all'; choose one of sequence, block"),
         "opd.target": ("ar", "unknown opd.target 'ar'; choose one of teacher, self"),
+        "opd.quantize": ("int4", "opd.quantize must be one of none, int8, fp8, got 'int4'"),
+        "opd.quantize_kv": ("fp8", "opd.quantize_kv must be one of none, int8, got 'fp8'"),
         "opd.max_new_tokens_schedule": ("0:8,4:x", "opd.max_new_tokens_schedule item '4:x' must be step:value"),
         "diffusion.objective": ("mdlm", "unknown diffusion.objective 'mdlm'; choose one of block_diffusion, block, "
                                         "bidirectional, ar, opd"),
@@ -399,6 +422,8 @@ def test_bad_opd_configs_fail_with_one_clear_line(opd_setup):
     for key, value, message in missing:  # checked when a run starts, before any weights load
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             train(_config({**overrides, key: value}, tmp / "bad_paths"))
+    with pytest.raises(ValueError, match=r"opd.quantize / opd.quantize_kv \(quantized rollouts\) are not supported with lora"):
+        validate(_config({**overrides, "lora.rank": 4, "opd.quantize_kv": "int8"}, tmp / "bad"))
     with pytest.raises(ValueError, match="needs a diffusion student"):
         validate(_config({**overrides, "diffusion.objective": "ar", "opd.start_step": 0}, tmp / "bad"))
     with pytest.raises(ValueError, match="needs 132 positions, beyond the model's max_position_embeddings=128"):

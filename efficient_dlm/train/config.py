@@ -16,6 +16,7 @@ from efficient_dlm.diffusion.schedule import parse_schedule
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import DTYPES
 from efficient_dlm.models.lora import TARGETS, LoraConfig
+from efficient_dlm.models.quantize import Quantization, check_quantization
 from efficient_dlm.section import Section, choice
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -125,6 +126,14 @@ class OpdConfig(Section):
     kl_chunk: int = 0  # > 0: logits of this many positions at a time (large vocabularies; KL or the self CE)
     start_step: int = -1  # mixed recipes: first OPD step (with another diffusion objective)
     every: int = 1  # mixed recipes: OPD on every n-th step from start_step
+    # Quantized rollouts (models/quantize.py, qwix): the student decodes its rollouts as a per-channel
+    # quantized copy of its current weights; the loss and gradients use the full-precision student.
+    quantize: str = "none"  # none | int8 | fp8: the rollout copy's weights
+    quantize_kv: str = "none"  # none | int8: its keys / values and KV cache, a scale per token and head
+
+    def rollout_quantization(self) -> Quantization:
+        """What the rollouts quantize (weights, LM head and embeddings per opd.quantize; K/V per opd.quantize_kv)."""
+        return Quantization(quantize=self.quantize, quantize_kv=self.quantize_kv)
 
     def enabled(self, objective: str) -> bool:
         """Whether a run whose diffusion.objective is `objective` takes OPD steps."""
@@ -151,6 +160,7 @@ class OpdConfig(Section):
         if self.top_k < 0 or self.kl_chunk < 0 or self.start_step < -1:
             raise UserError("opd.top_k and opd.kl_chunk must be >= 0 and opd.start_step >= -1")
         self.rollout_schedule()
+        check_quantization(self.rollout_quantization(), "opd")
 
 
 @dataclasses.dataclass(frozen=True)

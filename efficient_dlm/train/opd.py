@@ -5,6 +5,9 @@
   1. the student decodes the batch's prompts with the sampler's compiled block-diffusion program
      (efficient_dlm.sample.diffusion; current parameters under stop_gradient: on-policy, and no
      gradient through the rollout), which also returns the raw canvas and the step of every commit;
+     with opd.quantize / opd.quantize_kv the rollout decodes a quantized copy of the current
+     parameters (made inside the step, models/quantize.py), exactly as `generate(student,
+     quantize=..., quantize_kv=...)` would, while steps 2-4 use the full-precision student;
   2. one state per row (or per block, opd.states) is chosen and rebuilt (diffusion/opd.py);
   3. the frozen AR teacher runs causally on the finished sequences;
   4. loss = KL(teacher || student) at the state's [MASK] positions, normalised by their count
@@ -39,9 +42,11 @@ from efficient_dlm.diffusion.opd import (
 )
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.models.quantize import quantize_params, quantized_config
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
 from efficient_dlm.sample.program import Plan, stop_id_array
+from efficient_dlm.train.config import OpdConfig
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import TrainState, graphdef_for
@@ -115,6 +120,40 @@ def rollout(graphdef, params, plan: Plan, batch: dict[str, jax.Array], knobs: di
     return trajectory(batch, out, plan.block_size, plan.mask_id), stats
 
 
+def rollout_config(config: ConfigDict, cfg: ModelConfig) -> ModelConfig:
+    """The student's architecture as its rollouts decode it: quantized per opd.quantize / opd.quantize_kv
+    (models/quantize.py), or `cfg` itself."""
+    q = OpdConfig.from_mapping(config.opd.to_dict()).rollout_quantization()
+    return quantized_config(cfg, q) if q.active else cfg
+
+
+def rollout_params(params: nnx.State, rollout_cfg: ModelConfig) -> nnx.State:
+    """The parameters the rollout decodes with: the student's current ones without gradient, their
+    weights quantized per channel as rollout_cfg says (every step quantizes the current student)."""
+    return quantize_params(jax.lax.stop_gradient(params), rollout_cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Roller:
+    """The student as its rollouts decode it: the sampler plan and the graph of `cfg` (rollout_config:
+    the student's own architecture, or its quantized copy's). Called as roller(params, batch, knobs)
+    with the student's full-precision parameters."""
+
+    plan: Plan
+    graphdef: nnx.GraphDef
+    cfg: ModelConfig
+
+    def __call__(self, params: nnx.State, batch: dict[str, jax.Array], knobs: dict) -> tuple[Trajectory, dict]:
+        return rollout(self.graphdef, rollout_params(params, self.cfg), self.plan, batch, knobs)
+
+
+def make_roller(config: ConfigDict, cfg: ModelConfig, student: nnx.GraphDef, max_new_tokens: int) -> Roller:
+    """The Roller of student `cfg` (graph `student`) for rollouts of max_new_tokens."""
+    rollout_cfg = rollout_config(config, cfg)
+    graphdef = student if rollout_cfg == cfg else graphdef_for(rollout_cfg)  # (LoRA refuses quantized rollouts)
+    return Roller(rollout_plan(config, cfg, max_new_tokens), graphdef, rollout_cfg)
+
+
 def student_objective(config: ConfigDict, cfg: ModelConfig) -> Objective:
     """The clean-context pattern at the rollout's block size: how the sampler's KV cache decodes."""
     return Objective(kind="block_diffusion", block_size=config.opd.block_size, token_shift=config.diffusion.token_shift,
@@ -127,16 +166,20 @@ class _Parts:
 
     config: ConfigDict
     cfg: ModelConfig
-    plan: Plan
+    roller: Roller
     student: nnx.GraphDef
     teacher: nnx.GraphDef | None  # None: opd.target="self"
     objective: Objective
+
+    @property
+    def plan(self) -> Plan:
+        return self.roller.plan
 
 
 def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int) -> _Parts:
     student = graphdef_for(cfg, lora_config(config))  # LoRA: adapters on the frozen base, without dropout
     teacher = None if config.opd.target == SELF_TARGET else graphdef_for(teacher_cfg)
-    return _Parts(config, cfg, rollout_plan(config, cfg, max_new_tokens), student, teacher,
+    return _Parts(config, cfg, make_roller(config, cfg, student, max_new_tokens), student, teacher,
                   student_objective(config, cfg))
 
 
@@ -150,7 +193,7 @@ def _states_and_teacher(p: _Parts, params, teacher_params, batch, rng):
     opd.target="self": the Example's targets, the trajectory's tokens, are the targets)."""
     o = p.config.opd
     roll_key, choose_key = jax.random.split(rng)
-    traj, stats = rollout(p.student, params, p.plan, batch, rollout_knobs(o, p.cfg, roll_key))
+    traj, stats = p.roller(params, batch, rollout_knobs(o, p.cfg, roll_key))
     group = o.block_size if o.states == "block" else traj.tokens.shape[1]
     ex = student_example(traj, choose_steps(choose_key, traj.steps, group), p.objective)
     tokens, segment_ids, positions = teacher_inputs(traj, p.plan.pad_id)

@@ -65,7 +65,7 @@ def check_teacher(teacher_cfg: ModelConfig, cfg: ModelConfig, valid_vocab: int |
 
 # The settings a compiled OPD step depends on (besides the architectures and the rollout length).
 STEP_OPD_KEYS = ("block_size", "strategy", "steps_per_block", "threshold", "temperature", "states", "top_k", "kl_chunk",
-                 "target")
+                 "target", "quantize", "quantize_kv")
 _COMPILED: dict[tuple, Callable] = {}
 
 
