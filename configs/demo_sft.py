@@ -5,14 +5,17 @@
         --tokenizer_dir efficient_dlm/assets/demo_teacher --chat   # chat_train.jsonl, chat_eval.jsonl
     edlm train --config=configs/demo_sft.py --config.init.checkpoint=runs/demo/train \
         --config.data.train_files=runs/demo_chat/chat_train.jsonl --config.run_dir=runs/demo_sft
-    edlm sample --config=configs/demo_sft.py --ckpt runs/demo_sft \
+    edlm sample --config=configs/demo_sft.py --ckpt runs/demo_sft --batch_size 64 \
         --prompts_jsonl runs/demo_chat/chat_eval.jsonl --out runs/demo_sft/answers.jsonl
 
 The objective and decoding are the demo conversion's (configs/demo.py: clean-context block diffusion,
-block 4, token shift, ELBO weighting, threshold 0.9); only the data (tasks as a user turn and an
-assistant reply, rendered with the builtin template "<|role|>" + content + EOS, since the demo
-tokenizer ships none) and the optimizer (a smaller rate: the model is already converted) differ.
-`edlm sample` with references reports exact-match accuracy and tokens per forward.
+block 16, position-dependent masking, token shift, ELBO weighting, CAP weight 1, threshold 0.95). The
+demo already converts on the tasks as prompt / response records with the "plain" template (prompt
+clean, answers supervised); this recipe renders the same tasks with the builtin chat template instead
+("<|role|>" + content + EOS per turn, generation prompt "<|assistant|>", since the demo tokenizer ships
+none), so the dLM learns to answer a user turn, and uses a smaller rate (the model is already
+converted). The held-out prompts are the demo's (same seed and tasks). `edlm sample` with references
+reports exact-match accuracy and tokens per forward (docs/BENCHMARKS.md, "Chat SFT on the demo").
 """
 from efficient_dlm.config import sibling_recipe
 
