@@ -23,11 +23,11 @@ def _setting(acc: float, tpf: float, threshold=None, strategy="threshold", tok_s
 )
 def test_verdict_applies_the_issue_bar(dlm_acc, tpf, bar, stretch):
     teacher = _setting(80.0, 1.0, strategy="ar")
-    text = report.verdict(teacher, [_setting(dlm_acc, tpf, 0.9, tok_s=(250.0, 200.0))], 0.9)
+    text = report.verdict(teacher, [_setting(dlm_acc, tpf, 0.9, tok_s=(250.0, 200.0))], "threshold_0.9")
     assert f"bar (within 1 point, TPF >= 4) {bar}" in text
     assert f"stretch (TPF >= 6) {stretch}" in text
     assert "2.50x at batch 1, 0.50x at batch 64" in text
-    assert "no dLM evaluation" in report.verdict(teacher, [_setting(dlm_acc, tpf, 0.8)], 0.9)
+    assert "no dLM evaluation" in report.verdict(teacher, [_setting(dlm_acc, tpf, 0.8)], "threshold_0.9")
 
 
 def test_paired_difference_against_a_direct_computation():
@@ -68,6 +68,18 @@ def test_markdown_results_json_and_plot(tmp_path):
     json.dumps(out)
     path = report.plot(teacher, dlm, str(tmp_path / "p.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # A speculative setting named as the default: its row, its entry, and the summary line judge it.
+    spec = {**_setting(80.0, 4.5, 0.9, strategy="speculative", tok_s=(200.0, 100.0)), "verifier": "self",
+            "tokens_per_verifier_forward": 6.0, "vs_teacher": {"diff": 0.0, "low": -0.3, "high": 0.3}}
+    results["evaluate"] = {**results["evaluate"], "dlm": dlm + [spec], "default": "speculative_self"}
+    text = report.markdown(results)
+    assert "| dLM | self-speculative (fused) | 80.0 | +0.0 [-0.3, +0.3] | 80.0 | 80.0 | 4.50 | 200 | 100 | 2.00 | 0.25 |" in text
+    assert "At self-speculative (fused) (the default decoding) the dLM's accuracy is +0.0 points" in text
+    assert "bar (within 1 point, TPF >= 4) met" in text
+    out = report.results_json(results)
+    assert out["default"] == "speculative_self"
+    assert out["dlm"][2]["name"] == "speculative_self" and out["dlm"][2]["tokens_per_verifier_forward"] == 6.0
+    report.plot(teacher, dlm + [spec], str(tmp_path / "q.png"))
 
 
 def test_ablation_variants_change_only_what_they_name():

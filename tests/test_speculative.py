@@ -30,6 +30,9 @@ CASES = {
     "teacher": (peaked_model, lambda d: peaked_model(seed=1, mask_token_id=None), dict(draft_steps=1)),
     "agreeing": (lambda: _context_free(0.0), lambda d: d, dict(draft_steps=4, token_shift=True, threshold=0.5)),
     "self": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=2, token_shift=True, threshold=0.5)),
+    # fused self-speculation (one-step drafts: the next block's draft rides in the verifier's forward)
+    "self_fused": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=1, token_shift=True)),
+    "self_unfused": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=1, token_shift=True, fuse_draft=False)),
 }
 
 
@@ -116,3 +119,19 @@ def test_sampled_speculative_draws_from_the_verifiers_distribution():
     assert _chi_square_p_value(counts, _ar_distribution(verifier, prompt, new, temperature), total) > ALPHA
     # The test has power: the same samples are rejected against the verifier at another temperature.
     assert _chi_square_p_value(counts, _ar_distribution(verifier, prompt, new, 2 * temperature), total) < ALPHA
+
+
+def test_fused_self_speculation_spends_one_forward_per_accepted_block():
+    """With a zero LM head every logit ties, so the drafter's and the verifier's argmax are the same id
+    everywhere: every draft is accepted. Fused, only the first iteration runs a drafter forward; unfused,
+    every iteration runs one. Either way the tokens are the causal decoding's."""
+    model = peaked_model()
+    model.lm_head[...] = model.lm_head[...] * 0.0
+    expected = generate(model, PROMPTS, max_new_tokens=MAX_NEW, strategy="ar")
+    runs = {fuse: generate(model, PROMPTS, max_new_tokens=MAX_NEW, block_size=4, strategy="speculative", verifier="self",
+                           token_shift=True, fuse_draft=fuse) for fuse in (True, False)}
+    for result in runs.values():
+        assert result.sequences == expected.sequences and result.acceptance_rate == 1.0
+    np.testing.assert_array_equal(runs[True].row_forwards, runs[True].row_verifier_forwards + 1)
+    np.testing.assert_array_equal(runs[False].row_forwards, 2 * runs[False].row_verifier_forwards)
+    assert runs[True].shapes["fused"] and not runs[False].shapes["fused"]

@@ -28,7 +28,8 @@ from efficient_dlm.errors import UserError
 
 # name: (what it tests, {section.key: value} overrides of the recipe)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ar": ("AR continued training", {"diffusion.objective": "ar", "diffusion.confidence_weight": 0.0}),
+    "ar": ("AR continued training", {"diffusion.objective": "ar", "diffusion.confidence_weight": 0.0,
+                                     "diffusion.ar_weight": 0.0}),
     "bidirectional": ("full bidirectional (MDLM)", {"diffusion.objective": "bidirectional", "diffusion.masking": "uniform"}),
     "block": ("block, no clean context", {"diffusion.objective": "block"}),
     "block_clean": ("block + clean context", {}),
@@ -43,6 +44,8 @@ def variant_config(config: ConfigDict, name: str) -> ConfigDict:
     if name not in VARIANTS:
         raise UserError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}")
     c = ConfigDict(to_plain(config))
+    # The table compares training methods under the threshold decoder: no speculative settings.
+    c.demo.speculative, c.demo.default = "", ""
     for key, value in VARIANTS[name][1].items():
         section, field = key.split(".")
         c[section][field] = value

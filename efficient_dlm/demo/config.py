@@ -25,6 +25,10 @@ class DemoConfig(Section):
     speed_prompts: int = 48  # tokens/s at batch 1 is measured on the first this many held-out prompts (balanced)
     tokenizer_vocab: int = 3072  # BPE size when demo-data trains a tokenizer (the teacher recipe)
     thresholds: str = "0.7,0.8,0.9,0.95"  # dLM decoding thresholds evaluated
+    # lossless speculative settings evaluated beside the thresholds: "self" (the dLM's own causal mode
+    # verifies, fused drafting: needs a recipe with diffusion.ar_weight > 0) and "teacher" (the AR teacher verifies)
+    speculative: str = ""
+    default: str = ""  # the setting the summary line judges: "threshold_<t>" or "speculative_<v>"; "" = threshold_<sample.threshold>
     eval_batch: int = 64  # prompts per generate() call (AR and dLM alike)
     max_new_tokens: int = 32
     text_eval_batches: int = 8  # held-out text batches for NLL / ELBO
@@ -42,6 +46,12 @@ class DemoConfig(Section):
         for key in ("train_tasks", "eval_per_task", "tokenizer_vocab", "eval_batch", "max_new_tokens", "text_eval_batches"):
             if getattr(self, key) < 1:
                 raise UserError(f"demo.{key} must be >= 1, got {getattr(self, key)}")
+        bad = [v for v in self.speculative_verifiers() if v not in VERIFIERS]
+        if bad:
+            raise UserError(f"demo.speculative must list verifiers among {', '.join(VERIFIERS)}, got {self.speculative!r}")
+        names = self.setting_names()
+        if self.default and self.default not in names:
+            raise UserError(f"demo.default must name an evaluated setting ({', '.join(names)}), got {self.default!r}")
         if self.hf_samples < 0 or self.speed_prompts < 0:
             raise UserError(f"demo.hf_samples and demo.speed_prompts must be >= 0, got {self.hf_samples}, {self.speed_prompts}")
 
@@ -50,3 +60,13 @@ class DemoConfig(Section):
 
     def threshold_values(self) -> list[float]:
         return [float(t) for t in self.thresholds.split(",") if t.strip()]
+
+    def speculative_verifiers(self) -> list[str]:
+        return [v.strip() for v in self.speculative.split(",") if v.strip()]
+
+    def setting_names(self) -> list[str]:
+        """Names of the dLM settings the demo evaluates (report.setting_name of each result)."""
+        return [f"threshold_{t}" for t in self.threshold_values()] + [f"speculative_{v}" for v in self.speculative_verifiers()]
+
+
+VERIFIERS = ("self", "teacher")

@@ -42,7 +42,7 @@ def _decode_all(model, tokenizer, prompts: list[list[int]], batch_size: int, kwa
     batches = [b + [b[-1]] * (batch_size - len(b)) for b in batches]  # one batch shape: compile once
     generate(model, batches[0], **kwargs)  # warm-up (compilation), not timed
     predictions: list[str] = []
-    generated = forwards = 0
+    generated = forwards = verifier_forwards = 0
     seconds = 0.0
     stop_id = model.config.eos_token_id
     for batch, start in zip(batches, range(0, len(prompts), batch_size)):
@@ -51,8 +51,11 @@ def _decode_all(model, tokenizer, prompts: list[list[int]], batch_size: int, kwa
         seconds += out.program_seconds
         generated += int(out.lengths[:real].sum())
         forwards += int(out.row_forwards[:real].sum())
+        if out.row_verifier_forwards is not None:
+            verifier_forwards += int(out.row_verifier_forwards[:real].sum())
         predictions += [_decode(tokenizer, seq, stop_id) for seq in out.sequences[:real]]
-    return {"predictions": predictions, "generated": generated, "forwards": forwards, "seconds": seconds}
+    return {"predictions": predictions, "generated": generated, "forwards": forwards, "seconds": seconds,
+            "verifier_forwards": verifier_forwards}
 
 
 def task_eval(
@@ -67,9 +70,13 @@ def task_eval(
     batch_size: int = 64,
     max_new_tokens: int = 32,
     speed_prompts: int = 0,
+    verifier=None,
+    verifier_name: str | None = None,
 ) -> dict[str, Any]:
     """Greedy decoding of every held-out prompt; exact-match accuracy and decoding statistics.
     Settings left unset (threshold, block size, token shift) are the model's diffusion spec.
+    strategy "speculative": `verifier` ("self" or an AR model, named `verifier_name` in the results) checks
+    one-step drafts; tokens per forward counts drafter and verifier forwards alike.
 
     tokens/s is measured at `batch_size` over all prompts and, when `speed_prompts` > 0, at batch 1
     over the first `speed_prompts` of them (a latency-bound user's speed; `tok_s` maps batch size to it).
@@ -81,6 +88,7 @@ def task_eval(
         max_new_tokens=max_new_tokens, strategy=strategy, threshold=threshold, prompt_bucket=bucket,
         block_size=None if strategy == "ar" else block_size,
         token_shift=None if strategy == "ar" else token_shift,
+        **({"verifier": verifier, "draft_steps": 1} if strategy == "speculative" else {}),
     )
     run = _decode_all(model, tokenizer, prompts, batch_size, kwargs)
     predictions, generated, seconds = run["predictions"], run["generated"], run["seconds"]
@@ -94,6 +102,8 @@ def task_eval(
         "accuracy": tasks.accuracy(predictions, list(items)),
         "correct": [tasks.exact_match(p, inst.answer) for p, inst in zip(predictions, items)],
         "tokens_per_forward": generated / max(run["forwards"], 1),
+        **({"verifier": verifier_name or "model", "tokens_per_verifier_forward": generated / max(run["verifier_forwards"], 1)}
+           if strategy == "speculative" else {}),
         "tokens_per_second": tok_s[str(batch_size)],
         "tok_s": tok_s,
         "generated_tokens": generated,
@@ -130,10 +140,11 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     config = ConfigDict(to_plain(config))
     config.data.format, config.data.chat_template = "text", ""  # held-out documents, whatever the training data was
     config = typed(config)
-    # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with; no CAP term
-    # (an evaluation measures the bound itself; objective ar, the teacher's NLL, has none)
+    # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with; no CAP or
+    # joint AR term (an evaluation measures the bound itself; objective ar, the teacher's NLL, has none)
     diffusion = config.diffusion.replace(objective=objective, loss_weighting="elbo", masking="uniform",
-                                         complementary=False, rate_min=1e-6, rate_max=1.0, confidence_weight=0.0)
+                                         complementary=False, rate_min=1e-6, rate_max=1.0, confidence_weight=0.0,
+                                         ar_weight=0.0)
     spec = data_spec(config, model.config, config.init.tokenizer or config.init.hf_dir or None)
     data = take(build_dataset(config.data.eval_files, spec, train=False), batches)
     block = None if objective == "ar" else diffusion.block_size

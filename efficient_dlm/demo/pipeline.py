@@ -61,6 +61,11 @@ class DemoRun:
         return [float(t) for t in self.config.demo.thresholds.split(",") if t.strip()]
 
     @property
+    def speculative(self) -> list[str]:
+        """The verifiers of the speculative settings evaluated (demo.speculative)."""
+        return [v.strip() for v in self.config.demo.speculative.split(",") if v.strip()]
+
+    @property
     def task_names(self) -> list[str]:
         return [t.strip() for t in self.config.demo.tasks.split(",") if t.strip()]
 
@@ -172,7 +177,8 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     tok = load_tokenizer(run.teacher)
     items = demo_data.eval_tasks(os.path.join(run.data_dir, "tasks_eval.jsonl"))
     thresholds = [None] if objective == "ar" else run.thresholds
-    bar = tqdm(total=2 + len(thresholds), desc="evaluate", unit="setting")
+    speculative = run.speculative if objective != "ar" else []
+    bar = tqdm(total=2 + len(thresholds) + len(speculative), desc="evaluate", unit="setting")
     teacher_results = _teacher_eval(run, items, tok, config)
     bar.update()
     trained = checkpoints.load(run.path("train"))
@@ -186,6 +192,12 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
             dlm_tasks.append(task_eval(trained, tok, items, strategy="threshold", threshold=threshold,
                                        block_size=block or None, **common))  # the rest: the run's diffusion spec
         bar.update()
+    if objective != "ar":
+        for name in run.speculative:  # lossless: the dLM drafts, its causal mode or the teacher verifies
+            verifier = "self" if name == "self" else from_hf(run.teacher)
+            dlm_tasks.append(task_eval(trained, tok, items, strategy="speculative", verifier=verifier, verifier_name=name,
+                                       block_size=block or None, **common))
+            bar.update()
     for r in dlm_tasks:
         r["vs_teacher"] = paired_difference(r["correct"], teacher_results["tasks"]["correct"])
     elbo = text_eval(text_config(run), trained, d.text_eval_batches, objective=objective)["nll_per_token"]
@@ -195,6 +207,7 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
         "teacher": teacher_results["tasks"], "dlm": dlm_tasks,
         "text": {"teacher_nll": teacher_results["nll"], "dlm_elbo": elbo},
         "objective": objective, "block_size": block, "default_threshold": run.config.sample.threshold,
+        "default": d.default or (None if objective == "ar" else f"threshold_{run.config.sample.threshold}"),
         "num_prompts": len(items), "per_task": d.eval_per_task, "batch_size": d.eval_batch,
         "speed_prompts": d.speed_prompts,
     }

@@ -26,7 +26,24 @@ def _code(text: str) -> str:
 
 
 def setting_name(r: dict[str, Any]) -> str:
-    return "ar" if r["strategy"] == "ar" else f"{r['strategy']}_{r['threshold']}"
+    if r["strategy"] == "ar":
+        return "ar"
+    if r["strategy"] == "speculative":
+        return f"speculative_{r.get('verifier', 'model')}"
+    return f"{r['strategy']}_{r['threshold']}"
+
+
+def setting_label(r: dict[str, Any]) -> str:
+    """How the report's table names a dLM setting."""
+    if r["strategy"] == "speculative":
+        verifier = r.get("verifier")
+        return "self-speculative (fused)" if verifier == "self" else f"speculative, {verifier} verifies"
+    return f"{r['strategy']} {r['threshold']}"
+
+
+def _order(r: dict[str, Any]) -> tuple:
+    """Threshold settings by threshold, then the speculative ones."""
+    return (r["strategy"] == "speculative", r["threshold"] if r["threshold"] is not None else 0.0, setting_name(r))
 
 
 def _tok_s(r: dict[str, Any], batch: str) -> float | None:
@@ -38,9 +55,16 @@ def _batches(teacher: dict[str, Any]) -> list[str]:
     return sorted(teacher.get("tok_s", {}), key=int)
 
 
-def default_setting(dlm: list[dict[str, Any]], threshold: float | None) -> dict[str, Any] | None:
-    return next((r for r in dlm if threshold is not None and r["threshold"] is not None
-                 and abs(r["threshold"] - threshold) < 1e-9), None)
+def default_setting(dlm: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
+    """The dLM result named `name` (setting_name), if evaluated."""
+    return next((r for r in dlm if name is not None and setting_name(r) == name), None)
+
+
+def default_name(ev: dict[str, Any]) -> str | None:
+    """The evaluation's default setting (older results name only the default threshold)."""
+    if "default" in ev:
+        return ev["default"]
+    return None if ev.get("default_threshold") is None else f"threshold_{ev['default_threshold']}"
 
 
 def task_table(teacher: dict[str, Any], dlm: list[dict[str, Any]], task_names: list[str]) -> list[str]:
@@ -50,9 +74,7 @@ def task_table(teacher: dict[str, Any], dlm: list[dict[str, Any]], task_names: l
     head = ["model", "decoding", "accuracy", "vs teacher (95% CI)", *task_names, "tokens/forward",
             *(f"tok/s @{b}" for b in batches), *(f"x AR @{b}" for b in batches)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [("AR teacher", "ar (greedy)", teacher)] + [
-        ("dLM", f"threshold {r['threshold']}", r) for r in sorted(dlm, key=lambda r: r["threshold"])
-    ]
+    rows = [("AR teacher", "ar (greedy)", teacher)] + [("dLM", setting_label(r), r) for r in sorted(dlm, key=_order)]
     for name, decoding, r in rows:
         acc = r["accuracy"]
         pair = r.get("vs_teacher")
@@ -69,19 +91,19 @@ def _ratio(r: dict[str, Any], teacher: dict[str, Any], batch: str) -> float | No
     return mine / base if mine and base else None
 
 
-def verdict(teacher: dict[str, Any], dlm: list[dict[str, Any]], threshold: float = 0.9) -> str:
+def verdict(teacher: dict[str, Any], dlm: list[dict[str, Any]], default: str | None) -> str:
     """The issue's bar for the default decoding: within 1 point of the teacher at TPF >= 4 (stretch
     TPF >= 6), with the dLM / AR tokens-per-second ratio at each measured batch size."""
-    at = default_setting(dlm, threshold)
+    at = default_setting(dlm, default)
     if at is None:
-        return f"(no dLM evaluation at threshold {threshold})"
+        return f"(no dLM evaluation of the default setting {default})"
     gap = at["accuracy"]["all"] - teacher["accuracy"]["all"]
     tpf = at["tokens_per_forward"]
     met = "met" if gap >= -1.0 and tpf >= 4.0 else "NOT met"
     stretch = "met" if gap >= -1.0 and tpf >= 6.0 else "not met"
     speed = ", ".join(f"{_ratio(at, teacher, b):.2f}x at batch {b}" for b in _batches(teacher) if _ratio(at, teacher, b))
     return (
-        f"At threshold {threshold} (the default decoding) the dLM's accuracy is {gap:+.1f} points from the AR "
+        f"At {setting_label(at)} (the default decoding) the dLM's accuracy is {gap:+.1f} points from the AR "
         f"teacher's with {tpf:.2f} tokens per forward: bar (within 1 point, TPF >= 4) {met}; stretch (TPF >= 6) "
         f"{stretch}. Generated tokens/s against the teacher: {speed or 'not measured'}."
     )
@@ -95,12 +117,15 @@ def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(dlm, key=lambda r: r["tokens_per_forward"])
+    rows = sorted([r for r in dlm if r["strategy"] != "speculative"], key=lambda r: r["tokens_per_forward"])
+    spec = [r for r in dlm if r["strategy"] == "speculative"]
     acc = [r["accuracy"]["all"] for r in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     ax.plot([r["tokens_per_forward"] for r in rows], acc, "o-", label="dLM (threshold)")
     for r in rows:
         ax.annotate(f"{r['threshold']}", (r["tokens_per_forward"], r["accuracy"]["all"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for r in spec:
+        ax.plot([r["tokens_per_forward"]], [r["accuracy"]["all"]], "D", label=f"dLM, {setting_label(r)}")
     ax.plot([teacher["tokens_per_forward"]], [teacher["accuracy"]["all"]], "s", color="black", label="AR teacher")
     ax.set_xlabel("tokens per forward pass")
     ax.set_ylabel("held-out task accuracy (%)")
@@ -108,6 +133,9 @@ def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: s
         speeds = [_tok_s(r, batch) if batch else r["tokens_per_second"] for r in rows]
         base = _tok_s(teacher, batch) if batch else teacher["tokens_per_second"]
         line, = ax2.plot(speeds, acc, marker + "-", label=f"dLM, batch {batch}")
+        for r in spec:
+            ax2.plot([_tok_s(r, batch) if batch else r["tokens_per_second"]], [r["accuracy"]["all"]], "D",
+                     color=line.get_color(), label=f"dLM, {setting_label(r)}, batch {batch}")
         ax2.plot([base], [teacher["accuracy"]["all"]], "s", color=line.get_color(), markeredgecolor="black",
                  label=f"AR teacher, batch {batch}")
     ax2.set_xscale("log")
@@ -125,15 +153,16 @@ def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: s
 
 def _entry(r: dict[str, Any]) -> dict[str, Any]:
     acc = r["accuracy"]
+    extra = {k: r[k] for k in ("vs_teacher", "verifier", "tokens_per_verifier_forward") if k in r}
     return {"name": setting_name(r), "strategy": r["strategy"], "threshold": r["threshold"], "accuracy": acc["all"],
             "per_task": {k: v for k, v in acc.items() if k != "all"}, "tpf": r["tokens_per_forward"],
-            "tok_s": dict(r.get("tok_s", {})), **({"vs_teacher": r["vs_teacher"]} if "vs_teacher" in r else {})}
+            "tok_s": dict(r.get("tok_s", {})), **extra}
 
 
 def results_json(results: dict[str, Any]) -> dict[str, Any]:
     """DIR/results.json: the machine-readable summary (layout of issue #19; accuracies in percent)."""
     ev = results["evaluate"]
-    default = default_setting(ev["dlm"], ev.get("default_threshold"))
+    default = default_setting(ev["dlm"], default_name(ev))
     teacher = {**_entry(ev["teacher"]), "tpf": 1.0}
     teacher.pop("strategy"), teacher.pop("threshold")
     return {
@@ -166,7 +195,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *task_table(teacher, dlm, task_names),
         "",
-        verdict(teacher, dlm, ev.get("default_threshold", 0.9)),
+        verdict(teacher, dlm, default_name(ev)),
         "",
         f"![accuracy vs tokens per forward]({PLOT_NAME})",
         "",

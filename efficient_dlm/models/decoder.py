@@ -282,6 +282,49 @@ class Decoder(nnx.Module):
         return h, kv
 
 
+    def decode_pair(self, first: "Chunk", second: "Chunk") -> tuple[tuple[jax.Array, Any], tuple[jax.Array, Any]]:
+        """Two chunks, each against its own KV cache under its own attention mode, in ONE pass over the
+        weights: ((hidden, (k, v)) of `first`, (hidden, (k, v)) of `second`), each as `decode` returns it.
+
+        Why: fused self-speculation (sample/speculative.py) verifies a draft causally against the
+        verifier's cache and drafts the next block block-causally against the drafter's cache with the
+        same weights; every projection and MLP runs once on the concatenated tokens (one forward, as
+        memory-bound hardware counts it), and only attention is split. RoPE uses the first cache's
+        `rope_length` for both (the speculative program gives both caches the same one)."""
+        backend = self.config.attention_backend
+        split = first.tokens.shape[1]
+
+        def make_attend(window):
+            def attend(q, k, v, layer_cache):
+                outs = []
+                for chunk, cache_kv, part in ((first, layer_cache[:2], slice(None, split)), (second, layer_cache[2:], slice(split, None))):
+                    ck, cv = (quant_ops.kv_values(c, k.dtype) for c in cache_kv)
+                    outs.append(kernel_dispatch.cached_attention(
+                        q[:, part], k[:, part], v[:, part], ck, cv, chunk.cache.start, chunk.cache.length,
+                        chunk.positions, chunk.attention, chunk.block_size, backend, window))
+                return jnp.concatenate(outs, axis=1)
+
+            return attend
+
+        tokens = jnp.concatenate([first.tokens, second.tokens], axis=1)
+        positions = jnp.concatenate([first.positions, second.positions], axis=1)
+        caches = (first.cache.k, first.cache.v, second.cache.k, second.cache.v)
+        h, kv, _ = self._layers(self.embed(tokens), positions, make_attend, caches, first.cache.rope_length)
+        head, tail = (jax.tree.map(lambda a, part=part: a[:, :, part], kv) for part in (slice(None, split), slice(split, None)))
+        return (h[:, :split], head), (h[:, split:], tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One part of `Decoder.decode_pair`: tokens and positions [B, T], the cache it reads, its attention mode."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    cache: KVCache
+    attention: str
+    block_size: int | None = None
+
+
 def _real_length(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """[batch] longest real (non-padding: segment id != 0) position + 1: dynamic RoPE's per-row length."""
     if segment_ids is not None:

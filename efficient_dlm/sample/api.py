@@ -174,6 +174,7 @@ def prepare(
     stream: bool = False,
     verifier=None,
     draft_steps: int = 1,
+    fuse_draft: bool = True,
     quantize: str | None = None,
     quantize_activations: bool = False,
     quantize_lm_head: bool = True,
@@ -225,6 +226,7 @@ def prepare(
         program, head, prompt_lengths, shapes = prepare_speculative(
             model, verifier, rows, plan, block_size=int(block_size), draft_steps=draft_steps,
             token_shift=bool(token_shift), prompt_bucket=prompt_bucket, valid_vocab_size=valid_vocab_size,
+            fuse_draft=bool(fuse_draft),
         )
     elif strategy == "ar":
         lay = layout_lib.ar_layout(
@@ -284,6 +286,8 @@ def generate(
     threshold knob choosing the commits of all but the last), `verifier` (an AR model, or "self": the
     dLM's own weights in causal mode) checks the draft in one forward and keeps exactly what its own
     decoding (strategy="ar") would produce: the same tokens when greedy, the same distribution when sampled.
+    fuse_draft (default True; applies to verifier="self" with draft_steps=1): the verifier's forward also
+    drafts the next block, so a fully accepted block costs one forward (sample/speculative.py).
     quantize ("int8" | "fp8" | "none"; None: the model as it is): per-channel quantized weights (qwix,
     models/quantize.py), with quantize_activations (matmul inputs per token to the same type),
     quantize_lm_head and quantize_embed choosing those two tables; quantize_kv "int8": keys and values

@@ -40,6 +40,7 @@ class SampleConfig(Section):
     stop_tokens: tuple[int, ...] = ()  # token ids that end a row; () = model.eos_token_id
     prompt_bucket: int = 0  # prompt capacity of the cache in tokens; 0 = next power of two
     draft_steps: int = 1  # speculative (--verifier): dLM denoising steps per draft, the last commits the rest
+    fuse_draft: bool = True  # --verifier self with draft_steps 1: the next draft rides in the verifier's forward
     chat: bool = False  # edlm sample: text prompts as a user turn in the checkpoint's chat template (chat SFT)
     # Quantized inference (models/quantize.py, qwix): applied to every model the verb loads (the dLM, the AR
     # teacher, the verifier). "" = the model as stored (float, or a quantized checkpoint's own).
@@ -76,7 +77,7 @@ class SampleConfig(Section):
             threshold=self.threshold, tokens_per_step=self.tokens_per_step, factor=self.factor,
             entropy_bound=self.entropy_bound, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop_tokens=self.stop_tokens or None, prompt_bucket=self.prompt_bucket or None,
-            draft_steps=self.draft_steps,
+            draft_steps=self.draft_steps, fuse_draft=self.fuse_draft,
         )
 
 

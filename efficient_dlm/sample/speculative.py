@@ -26,6 +26,18 @@ order (the output is the verifier's argmax chain whatever the draft is).
 
 The prompt rides along in the first iteration of both models (no prefill forward), as in the
 block-diffusion and AR samplers.
+
+Fused self-speculation (verifier="self", one-step drafts; `fuse_draft`): the verifier's forward also
+drafts the next block. One pass over the weights (`Decoder.decode_pair`) runs [last final token ;
+drafts] causally against the verifier cache AND [the current block, drafts taken as final ; the next
+block, all [MASK]] block-causally against the drafter cache, the drafter's first step of the next
+block assuming the whole draft is accepted. When it is (and the row goes on), the next iteration
+starts from that draft, its first position replaced by the verifier's own token, with no drafter
+forward of its own, and the drafter cache keeps the block's clean keys from the same pass; when it is
+not, the pre-draft is dropped and the row drafts afresh. A fully accepted block then costs one forward
+for B tokens. The output is unchanged (what is kept is still decided by the verifier alone); only the
+forward count falls. A drafter forward runs in an iteration only if some row needs it, and counts
+(row_forwards) only for the rows that needed it.
 """
 from __future__ import annotations
 
@@ -40,6 +52,7 @@ from flax import nnx
 
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.cache import KVCache
+from efficient_dlm.models.decoder import Chunk
 from efficient_dlm.sample import layout as layout_lib
 from efficient_dlm.sample.choice import choose_tokens, filtered_logits
 from efficient_dlm.sample.diffusion import block_hidden, initial_canvas
@@ -55,6 +68,7 @@ class SpecPlan:
     verify: Plan  # the verifier's causal plan: the ids and sampling strategy="ar" would use
     draft_steps: int  # denoising steps per draft; the last commits every position still masked
     self_verify: bool  # the verifier is the drafter's own weights in causal mode
+    fused: bool = False  # self-verification with one-step drafts: the next draft rides in the verifier's forward
 
 
 class _Draft(NamedTuple):
@@ -80,6 +94,8 @@ class _Carry(NamedTuple):
     row_verify: jax.Array  # [batch] verifier forwards in which the row was still generating
     proposed: jax.Array  # [batch] draft tokens offered to the verifier (within max_new)
     accepted: jax.Array  # [batch] draft tokens it accepted
+    pre: _Draft | None = None  # fused: the draft of the row's current block made by the last forward
+    pre_valid: jax.Array | None = None  # fused: [batch] that draft applies (the last draft was fully accepted)
 
 
 class _Context(NamedTuple):
@@ -123,13 +139,14 @@ def _draft_step(ctx: _Context, drf: _Draft, forwards, tokens, positions, cache, 
     return draft_commit(ctx, drf._replace(before=before), forwards, hidden, last), kv
 
 
-def draft_commit(ctx: _Context, drf: _Draft, forwards, hidden, last) -> _Draft:
+def draft_commit(ctx: _Context, drf: _Draft, forwards, hidden, last, key=None) -> _Draft:
     """The commit of one draft step from the hidden states predicting the block [batch, B, E] (`last`: commit
-    every position still open). The serving engine (serve/speculative.py) runs it per row too."""
+    every position still open; `key`: the sampling key, default the forward's). The serving engine
+    (serve/speculative.py) runs it per row too."""
     plan = ctx.plan.draft
     sampled = _sampled(ctx.plan)
-    choice = choose_tokens(ctx.drafter, hidden, step_key(ctx.knobs, forwards), plan.sampling, ctx.knobs,
-                           plan.allowed(), sampled)
+    key = step_key(ctx.knobs, forwards) if key is None else key
+    choice = choose_tokens(ctx.drafter, hidden, key, plan.sampling, ctx.knobs, plan.allowed(), sampled)
     if sampled:  # left to right, chosen from the most likely token's probability (module docstring)
         z = filtered_logits(choice.logits, plan.sampling, ctx.knobs, plan.allowed())
         best = jnp.exp(jnp.max(z, axis=-1) - jax.nn.logsumexp(z, axis=-1))
@@ -182,6 +199,44 @@ def _draft(ctx: _Context, carry: _Carry, cur, offset, live, prefix) -> tuple[_Dr
     return drf, cache, steps
 
 
+def _reused(ctx: _Context, carry: _Carry, cur) -> _Draft:
+    """Fused: the pre-draft of canvas block `cur`, its first position (the verifier's token, final) in place."""
+    size = ctx.plan.draft.block_size
+    first = _row_slice(carry.canvas, cur * size, 1)
+    tokens = jnp.concatenate([first, carry.pre.tokens[:, 1:]], axis=1)
+    return carry.pre._replace(tokens=tokens, open=jnp.zeros_like(carry.pre.open))
+
+
+def _draft_fused(ctx: _Context, carry: _Carry, cur, offset, live) -> tuple[_Draft, KVCache, jax.Array, jax.Array]:
+    """Fused, after the first iteration: rows whose pre-draft applies reuse it; the others draft afresh, in
+    one drafter forward that runs only if some live row needs it. Returns (draft, cache, forwards, need)."""
+    reused = _reused(ctx, carry, cur)
+    need = live & ~carry.pre_valid
+
+    def fresh(_):
+        drf, cache, steps = _draft(ctx, carry, cur, offset, live, None)
+        keep = lambda a, b: jnp.where(carry.pre_valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+        return jax.tree.map(keep, reused, drf), cache, steps
+
+    def skip(_):
+        return reused, carry.draft_cache, jnp.int32(0)
+
+    drf, cache, steps = jax.lax.cond(need.any(), fresh, skip, None)
+    return drf, cache, steps, need
+
+
+def _pre_draft(ctx: _Context, hidden, key, live) -> _Draft:
+    """Fused: the drafter's one-step draft of the next block from the drafter half of the fused forward
+    ([current block ; next block] hidden states), as `_draft` would make it once the block is final."""
+    plan = ctx.plan.draft
+    batch, size = hidden.shape[0], plan.block_size
+    block, before = block_hidden(plan, hidden, None)
+    logits = jnp.zeros((batch, size, plan.vocab_size), jnp.float32) if _sampled(ctx.plan) else None
+    empty = _Draft(jnp.full((batch, size), plan.mask_id, jnp.int32), jnp.broadcast_to(live[:, None], (batch, size)),
+                   logits, before)
+    return draft_commit(ctx, empty, None, block, True, key=key)
+
+
 def accept(ctx: _Context, drafts, q_logits, n_drafts, hidden, key) -> tuple[jax.Array, jax.Array]:
     """(tokens [batch, B + 1], count [batch]): the accepted drafts followed by the verifier's own token."""
     plan = ctx.plan.verify
@@ -220,7 +275,12 @@ def _iterate(ctx: _Context, carry: _Carry, prefixes=None) -> _Carry:
     position = ctx.prompt_lengths + carry.generated  # of the next token
     canvas_index = ctx.first + carry.generated
     cur, offset = canvas_index // size, canvas_index % size
-    drf, draft_cache, steps = _draft(ctx, carry, cur, offset, live, None if prefixes is None else prefixes[0])
+    fused = ctx.plan.fused
+    if fused and prefixes is None:
+        drf, draft_cache, steps, need = _draft_fused(ctx, carry, cur, offset, live)
+    else:
+        drf, draft_cache, steps = _draft(ctx, carry, cur, offset, live, None if prefixes is None else prefixes[0])
+        need = live
     # The drafts: the block's positions from `offset` on, moved to the front.
     gather = jnp.minimum(offset[:, None] + jnp.arange(size)[None, :], size - 1)
     drafts = jnp.take_along_axis(drf.tokens, gather, axis=1)
@@ -235,9 +295,18 @@ def _iterate(ctx: _Context, carry: _Carry, prefixes=None) -> _Carry:
         tokens, positions = (jnp.concatenate(pair, axis=1) for pair in zip(prefixes[1], (tokens, positions)))
     offsets = ctx.verify_start + position - 1 - width
     cache = carry.verify_cache.replace(length=offsets)
-    hidden, (keys, values) = ctx.verifier.decode(tokens, positions, cache, attention="causal")
+    verify_key = step_key(ctx.knobs, verify_forward)
+    if fused:  # the next block's draft rides along: [block, drafts taken as final ; next block] (module docstring)
+        block_slot = ctx.prefix_len - size + cur * size  # drafter cache slot of canvas block `cur`
+        draft_tokens = jnp.concatenate([drf.tokens, jnp.full_like(drf.tokens, ctx.plan.draft.mask_id)], axis=1)
+        draft_chunk = Chunk(draft_tokens, _row_slice(ctx.positions, cur * size, 2 * size),
+                            draft_cache.replace(length=block_slot), "block", size)
+        (hidden, (keys, values)), (draft_hidden, draft_kv) = ctx.drafter.decode_pair(
+            Chunk(tokens, positions, cache, "causal"), draft_chunk)
+    else:
+        hidden, (keys, values) = ctx.verifier.decode(tokens, positions, cache, attention="causal")
     cache = cache.write_rows(keys, values, offsets)
-    new, accepted = accept(ctx, drafts, q_logits, n_drafts, hidden[:, -(size + 1):], step_key(ctx.knobs, verify_forward))
+    new, accepted = accept(ctx, drafts, q_logits, n_drafts, hidden[:, -(size + 1):], verify_key)
     # Keep the accepted run and the verifier's token, up to the first stop and within max_new_tokens.
     count = jnp.minimum(accepted + 1, max_new - carry.generated)
     slot = jnp.arange(size + 1)[None, :]
@@ -247,7 +316,17 @@ def _iterate(ctx: _Context, carry: _Carry, prefixes=None) -> _Carry:
     keep = slot < count[:, None]
     generated = carry.generated + count
     last = jnp.take_along_axis(new, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    done = carry.done | stops.any(axis=1) | (generated >= max_new)
+    fused_state = {}
+    if fused:  # keep the pre-draft and the block's clean keys where the whole draft was accepted
+        full = live & ~done & (accepted == n_drafts) & (count == n_drafts + 1)
+        clean = jax.tree.map(lambda a: a[:, :, :size], draft_kv)
+        draft_cache = draft_cache.write_rows(*clean, block_slot)
+        draft_cache = draft_cache.replace(length=jnp.where(full, block_slot + size, draft_cache.length))
+        pre = _pre_draft(ctx, draft_hidden, jax.random.fold_in(verify_key, 1), live)
+        fused_state = dict(pre=pre, pre_valid=full)
     return carry._replace(
+        **fused_state,
         draft_cache=draft_cache,
         verify_cache=cache.replace(length=offsets + width + count),
         canvas=_row_update(carry.canvas, canvas_index, new, keep),
@@ -255,11 +334,11 @@ def _iterate(ctx: _Context, carry: _Carry, prefixes=None) -> _Carry:
         out_step=_row_update(carry.out_step, carry.generated, jnp.broadcast_to(verify_forward, new.shape), keep),
         generated=generated,
         pending=jnp.where(count > 0, last, carry.pending),
-        done=carry.done | stops.any(axis=1) | (generated >= max_new),
+        done=done,
         forwards=verify_forward + 1,
         draft_forwards=carry.draft_forwards + steps,
         verify_forwards=carry.verify_forwards + 1,
-        row_forwards=carry.row_forwards + live * (steps + 1),
+        row_forwards=carry.row_forwards + need * steps + live,
         row_verify=carry.row_verify + live,
         proposed=carry.proposed + jnp.where(live, jnp.minimum(n_drafts, max_new - carry.generated), 0),
         accepted=carry.accepted + jnp.where(live, jnp.minimum(accepted, max_new - carry.generated), 0),
@@ -275,7 +354,7 @@ def speculative_program(draft_graphdef, verify_graphdef, plan: SpecPlan, draft_s
     dplan, size, max_new = plan.draft, plan.draft.block_size, plan.draft.max_new_tokens
     batch, prefix_len = inputs["prefix"].shape
     width = inputs["prompt"].shape[1]
-    canvas, positions = initial_canvas(dplan, inputs, dplan.num_blocks + 2)  # room for a window past the end
+    canvas, positions = initial_canvas(dplan, inputs, dplan.num_blocks + 3)  # room for windows past the end
     ctx = _Context(drafter, verifier, plan, knobs, positions, inputs["remainder"] + size, inputs["lengths"],
                    inputs["start"], prefix_len)
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -288,6 +367,11 @@ def speculative_program(draft_graphdef, verify_graphdef, plan: SpecPlan, draft_s
         canvas, out, jnp.full_like(out, -1), zeros, inputs["prompt"][:, -1], zeros.astype(bool),
         jnp.int32(0), jnp.int32(0), jnp.int32(0), zeros, zeros, zeros, zeros,
     )
+    if plan.fused:  # no pre-draft yet: the first iteration drafts (an empty draft of the right structure)
+        empty = jnp.zeros((batch, size), jnp.int32)
+        before = jnp.zeros((batch, drafter.config.hidden_size), drafter.config.compute_dtype) if dplan.token_shift else None
+        logits = jnp.zeros((batch, size, dplan.vocab_size), jnp.float32) if _sampled(plan) else None
+        carry = carry._replace(pre=_Draft(empty, empty.astype(bool), logits, before), pre_valid=zeros.astype(bool))
     draft_prefix = (inputs["prefix"][:, : prefix_len - size], inputs["prefix_positions"][:, : prefix_len - size])
     # Left padding rides along in the first chunk: its position must lie beyond every query of that chunk
     # (the layout's P is only beyond the prompt's), so causal attention hides it from the drafts too.
@@ -325,8 +409,9 @@ def check_verifier(model, verifier, draft_steps) -> None:
 
 
 def spec_plan(model, verifier, plan: Plan, *, block_size: int, num_blocks: int, draft_steps: int, token_shift: bool,
-              valid_vocab_size: int | None) -> SpecPlan:
-    """The drafter's and the verifier's plans from the call's `plan` (verifier: a model or "self")."""
+              valid_vocab_size: int | None, fuse_draft: bool = False) -> SpecPlan:
+    """The drafter's and the verifier's plans from the call's `plan` (verifier: a model or "self"). fuse_draft:
+    fused self-speculation where it applies (self-verification, draft_steps == 1; module docstring)."""
     self_verify = isinstance(verifier, str)
     verifier = model if self_verify else verifier
     vcfg, dcfg = verifier.config, model.config
@@ -343,14 +428,14 @@ def spec_plan(model, verifier, plan: Plan, *, block_size: int, num_blocks: int, 
         plan, block_size=block_size, num_blocks=num_blocks, mask_id=dcfg.mask_token_id, token_shift=token_shift,
         valid_vocab_size=limit,
     )
-    return SpecPlan(draft, verify, int(draft_steps), self_verify)
+    return SpecPlan(draft, verify, int(draft_steps), self_verify, bool(fuse_draft and self_verify and draft_steps == 1))
 
 
 def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, draft_steps: int, token_shift: bool,
-                        prompt_bucket: int | None, valid_vocab_size: int | None):
+                        prompt_bucket: int | None, valid_vocab_size: int | None, fuse_draft: bool = True):
     """(jitted program, its arguments without the knobs, prompt lengths, shapes) of one speculative call."""
     spec = spec_plan(model, verifier, plan, block_size=block_size, num_blocks=1, draft_steps=draft_steps,
-                     token_shift=token_shift, valid_vocab_size=valid_vocab_size)
+                     token_shift=token_shift, valid_vocab_size=valid_vocab_size, fuse_draft=fuse_draft)
     self_verify = spec.self_verify
     verifier = model if self_verify else verifier
     vcfg, dcfg = verifier.config, model.config
@@ -365,6 +450,6 @@ def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, d
     verify_graphdef, verify_state = (None, None) if self_verify else nnx.split(verifier)
     inputs = {name: jnp.asarray(value) for name, value in (lay.arrays() | ar.arrays()).items()}
     shapes = {"prompt_bucket": lay.prefix_len, "verifier_prompt_bucket": ar.prompt_len, "block_size": block_size,
-              "cache_size": lay.cache_size, "draft_steps": int(draft_steps)}
+              "cache_size": lay.cache_size, "draft_steps": int(draft_steps), "fused": spec.fused}
     args = (draft_graphdef, verify_graphdef, spec, draft_state, verify_state, inputs)
     return _speculative_jit, args, lay.prompt_lengths, shapes
