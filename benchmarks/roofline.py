@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from efficient_dlm.models.cache import KVCache  # noqa: E402
 from efficient_dlm.models.decoder import abstract_model  # noqa: E402
 from efficient_dlm.aot import compiler as aot  # noqa: E402
+from efficient_dlm.config import typed  # noqa: E402
 from efficient_dlm.parallel.topology import parse  # noqa: E402
 
 # TPU v5p per chip (Google Cloud's published figures): bfloat16 peak and HBM bandwidth.
@@ -38,7 +39,7 @@ def _recipe(path: str):
     spec = importlib.util.spec_from_file_location("recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return typed(module.get_config())
 
 
 def _step_program(cfg, batch: int, chunk: int, head: int, cache_size: int, attention: str, block_size, device):

@@ -100,11 +100,14 @@ def base_config() -> ConfigDict:
     return c
 
 
-def typed(config: ConfigDict | Mapping[str, Any]) -> Config:
+def typed(config: Config | ConfigDict | Mapping[str, Any]) -> Config:
     """The ConfigDict as typed sections (each validated by its package), then the checks across sections.
 
     The one place a ConfigDict becomes typed configs: an unknown or mistyped key, or an inconsistent
-    value, is one UserError line naming the key."""
+    value, is one UserError line naming the key. A Config is returned as it is (already checked), so
+    an entry point such as `train` takes either."""
+    if isinstance(config, Config):
+        return config
     unknown = sorted(set(config) - set(SECTIONS) - set(SCALARS))
     if unknown:
         raise UserError(f"unknown config section or key {unknown[0]!r} (see efficient_dlm/config.py)")
@@ -151,6 +154,30 @@ def validate(config: ConfigDict) -> ConfigDict:
     return config
 
 
-def to_plain(config: ConfigDict) -> dict[str, Any]:
-    """JSON-ready dict (for checkpoints and reports)."""
+def override(config: Config, values: Mapping[str, Any]) -> Config:
+    """`config` with {"section.key": value} (or top-level "seed" / "run_dir") changed, every changed
+    section re-validated and the checks across sections rerun: how library code derives a variant
+    (a demo run's paths, an ablation's variant) from the typed config without a ConfigDict."""
+    changes: dict[str, dict[str, Any]] = {}
+    scalars: dict[str, Any] = {}
+    for key, value in values.items():
+        name, _, field = key.partition(".")
+        if name in SCALARS and not field:
+            scalars[name] = value
+        elif name in SECTIONS and field in field_types(SECTIONS[name]):
+            changes.setdefault(name, {})[field] = value
+        else:
+            raise UserError(f"unknown config key {key!r} (see efficient_dlm/config.py)")
+    parts = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in changes.items()}
+    result = dataclasses.replace(config, **parts, **scalars)
+    check_across_sections(result)
+    return result
+
+
+def to_plain(config: Config | ConfigDict) -> dict[str, Any]:
+    """JSON-ready dict (for checkpoints and reports), the same shape from a Config as from its ConfigDict
+    (a run's recorded train_config reads back with `typed`)."""
+    if isinstance(config, Config):
+        plain: dict[str, Any] = {name: section(getattr(config, name)).to_dict() for name in SECTIONS}
+        return {**plain, **{name: getattr(config, name) for name in SCALARS}}
     return config.to_dict()

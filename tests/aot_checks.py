@@ -14,6 +14,7 @@ import sys
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from efficient_dlm import cli  # noqa: E402
+from efficient_dlm.config import typed  # noqa: E402
 
 
 def check_cli_report(out_dir: str) -> None:
@@ -82,6 +83,7 @@ def check_flops_per_shard_estimate(results) -> None:
 
     config = tiny.get_config()
     config.model.num_layers, config.mesh.fsdp, config.mesh.tensor = 3, 2, 2
+    config = typed(config)  # what `edlm aot` hands the compiler
     mesh = mesh_lib.make_mesh(config.mesh, aot.tpu_devices(parse("v5p-8")))
     got, method = aot.train_flops(config, mesh, mesh_lib.config_rules(config.mesh), per_shard=True)
     direct = results["train"]["xla_flops_per_chip"]
@@ -103,6 +105,7 @@ def check_speculative_sampler(results) -> None:
     config = tiny.get_config()
     config.model.num_layers, config.model.scan_layers, config.mesh.fsdp, config.mesh.tensor = 3, False, 2, 2
     config.sample.strategy = "speculative"
+    config = typed(config)  # what `edlm aot` hands the compiler
     target = parse("v5p-8")
     mesh = mesh_lib.make_mesh(config.mesh, aot.tpu_devices(target))
     program = aot.sample_program(config, mesh)
@@ -128,6 +131,7 @@ def check_does_not_fit(out_dir: str) -> None:
     config = tiny.get_config()
     config.model.num_layers = 1
     config.train.batch_size = 1 << 16
+    config = typed(config)  # what `edlm aot` hands the compiler
     target = parse("v5e-4")
     mesh = mesh_lib.make_mesh(config.mesh, aot.tpu_devices(target))
     program = aot.train_program(config, mesh)

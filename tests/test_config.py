@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import SECTIONS, Config, base_config, typed
+from efficient_dlm.config import SECTIONS, Config, base_config, override, to_plain, typed
 from efficient_dlm.errors import UserError
 
 
@@ -48,3 +48,21 @@ def test_typed_sections_are_frozen_and_hash_by_value():
         one.diffusion.block_size = 16
     with pytest.raises(UserError, match="diffusion.half_life must be positive, got 0.0"):
         one.diffusion.replace(half_life=0)  # a replaced section is checked again
+
+
+def test_a_typed_config_records_as_its_configdict_and_derives_checked_variants():
+    """Library code holds the typed Config only: what a run records from it (to_plain) is the ConfigDict's own
+    to_dict, which reads back to the same Config; `override` re-checks a changed section and the cross-section rules."""
+    config = base_config()
+    config.sample.threshold, config.mesh.rules.embed, config.train.steps = 0.5, "fsdp,tensor", 7
+    c = typed(config)
+    assert typed(c) is c  # an entry point takes either; a Config is already checked
+    assert to_plain(c) == config.to_dict() and typed(to_plain(c)) == c
+    v = override(c, {"train.steps": 9, "run_dir": "elsewhere"})
+    assert (v.train.steps, v.run_dir, c.train.steps) == (9, "elsewhere", 7) and v.diffusion is c.diffusion
+    for values, message in [({"train.steps": 0}, "train.steps must be positive, got 0"),
+                            ({"data.seq_len": 30}, "diffusion.block_size 32 does not divide data.seq_len 30"),
+                            ({"train.bogus": 1}, "unknown config key 'train.bogus' (see efficient_dlm/config.py)")]:
+        with pytest.raises(UserError) as err:
+            override(c, values)
+        assert str(err.value) == message

@@ -72,3 +72,13 @@ def test_a_spec_with_inference_capacity_routing_is_refused(tmp_path):
     is one UserError naming the field."""
     with pytest.raises(UserError, match=r"moe_capacity_factor must be null: MoE layers decode dropless, got 1.25"):
         DiffusionSpec(mask_token_id=63, moe_capacity_factor=1.25)
+
+
+def test_an_export_the_pytorch_side_would_decode_differently_is_refused_naming_the_setting(exported, tmp_path):
+    """to_hf refuses, before writing anything, a token shift contradicting the trained one: the exported
+    `generate` would decode the model wrongly."""
+    ours, _ = exported
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=r"^token_shift=False contradicts the model's diffusion spec \(trained with token_shift=True\)"):
+        edlm.to_hf(ours, str(out), tokenizer_dir=write_tokenizer(tmp_path / "tok", vocab=128), token_shift=False)
+    assert not out.exists()

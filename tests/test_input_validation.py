@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 import efficient_dlm as edlm
 from efficient_dlm import cli
-from efficient_dlm.config import base_config, validate
+from efficient_dlm.config import base_config, typed, validate
 from efficient_dlm.data.pipeline import DataSpec, build_dataset
 from efficient_dlm.errors import UserError
 from efficient_dlm.port.hf_config import read_config_json
@@ -79,9 +79,9 @@ def test_architecture_change_on_resume_is_refused():
     started = {"model": config.model.to_dict()}
     config.model.num_layers = 3
     with pytest.raises(UserError, match=r"model.num_layers is 3 but the run in R started with 2; the architecture cannot change"):
-        check_same_architecture(config, started, "R")
+        check_same_architecture(typed(config).model, started, "R")
     config.model.num_layers, config.model.dtype = 2, "bfloat16"  # numerics may change
-    check_same_architecture(config, started, "R")
+    check_same_architecture(typed(config).model, started, "R")
 
 
 def test_token_ids_are_checked_at_the_api_boundary(tiny_model, tmp_path):

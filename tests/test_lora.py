@@ -215,12 +215,12 @@ def test_opd_steps_train_only_the_adapters():
     c = opd_recipe({})
     c.opd.update(dict(block_size=BLOCK, steps_per_block=BLOCK, top_k=0))
     c.lora.update(rank=2, alpha=4.0, targets="q_proj,o_proj,down_proj")
-    lora = lora_config(c)
+    lora = lora_config(typed(c))
     teacher_params = split_model(peaked_model(seed=1))[1]  # a different model: the KL is not zero at the start
     student = peaked_model(seed=0)
     base = _leaves(split_model(student)[1])
     state = create_state(add_adapters(student, lora, seed=1), make_optimizer(c.train), 0, lora=lora)
-    step = make_opd_step(c, student.config, student.config, max_new_tokens=8, donate=False)
+    step = make_opd_step(typed(c), student.config, student.config, max_new_tokens=8, donate=False)
     kls = []
     for i in range(2):
         state, metrics = step(state, teacher_params, _batch(PROMPTS), jax.random.PRNGKey(i))

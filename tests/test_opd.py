@@ -12,7 +12,7 @@ import pytest
 from ml_collections import ConfigDict
 
 import efficient_dlm as edlm
-from efficient_dlm.config import base_config
+from efficient_dlm.config import base_config, typed
 from efficient_dlm.data.prompts import PromptEncoder, PromptSpec, build_prompt_dataset, layout_batch
 from efficient_dlm.diffusion.objectives import predict_hidden
 from efficient_dlm.diffusion.opd import choose_steps, distill_stats, kl_from_logits, student_example
@@ -124,6 +124,7 @@ def test_rebuilt_states_reproduce_the_samplers_logits_including_commits_after_a_
     positions that step committed, exactly the logits the sampler committed them with."""
     config = base_config()
     config.opd.update(dict(block_size=BLOCK, strategy="threshold", threshold=0.5))
+    config = typed(config)
     plan = opd_lib.rollout_plan(config, model.config, MAX_NEW)
     graphdef, params = split_model(model)
     roll = jax.jit(opd_lib.rollout, static_argnums=(0, 2))
@@ -195,7 +196,7 @@ def test_kl_is_zero_when_the_student_is_its_teacher_and_positive_otherwise(model
     config.opd.update(dict(block_size=1, steps_per_block=1, top_k=0, states="block"))
     teacher = variant(model, mask_token_id=None)
     teacher_params, params = split_model(teacher)[1], split_model(model)[1]
-    step = opd_lib.make_opd_eval_step(config, model.config, teacher.config, max_new_tokens=8)
+    step = opd_lib.make_opd_eval_step(typed(config), model.config, teacher.config, max_new_tokens=8)
     batch = _batch(PROMPTS, block=1)
     same = jax.device_get(step(params, teacher_params, batch, jax.random.PRNGKey(0)))
     assert same["count"] == 3 * 8  # block 1: every generated token is trained in its only state
@@ -222,7 +223,7 @@ def test_opd_steps_of_a_moe_student_move_its_selection_bias_and_log_expert_load(
     student = init_model(model_config(c), seed=0)
     state = create_state(student, make_optimizer(c.train), seed=0)
     teacher_params = jax.tree.map(jnp.copy, state.params)  # the student's initial weights, frozen
-    step = opd_lib.make_opd_step(c, student.config, student.config, max_new_tokens=8, donate=False)
+    step = opd_lib.make_opd_step(typed(c), student.config, student.config, max_new_tokens=8, donate=False)
     bias = lambda s: np.asarray(dict(nnx.to_flat_state(s.params))[BIAS_PATH][...])  # noqa: E731
     rate, batch = c.model.router_bias_update_rate, _batch(PROMPTS)
     for i in range(2):
@@ -290,7 +291,7 @@ def test_opd_training_lowers_held_out_kl_keeps_the_teacher_and_resumes_exactly(m
     overrides, tmp = opd_setup
     config = _config(overrides, tmp / "run")
     result = train(config)
-    run = opd_loop.OPDRun(config, result.model_config, None)
+    run = opd_loop.OPDRun(typed(config), result.model_config, None)
     initial = run.evaluate(split_model(model)[1], 0, jax.device_put)  # the student starts as the teacher's weights
     final = result.evals[-1]
     assert [e["step"] for e in result.evals] == [12, 24]

@@ -187,16 +187,16 @@ def test_aot_tiny_config_on_tpu_topology(tmp_path):
 
 def test_aot_advice_names_capacity_routing_for_dropless_expert_parallelism():
     """The one line `edlm aot` prints when a program does not fit names the fix that fits the 100B MoE."""
-    from efficient_dlm.config import sibling_recipe
+    from efficient_dlm.config import sibling_recipe, typed
     from efficient_dlm.aot.compiler import Program, advice
 
     config = sibling_recipe(os.path.join(os.path.dirname(__file__), "..", "configs", "moe_100b.py"), "moe_100b")
     step = Program("train_step", None, (), (), notes={})
     config.mesh.expert = 16
-    assert "capacity" not in advice(step, config)  # the recipe already routes both halves with capacity
+    assert "capacity" not in advice(step, typed(config))  # the recipe already routes both halves with capacity
     config.model.capacity_factor = None
-    assert "--config.model.capacity_factor=1.25" in advice(step, config)
+    assert "--config.model.capacity_factor=1.25" in advice(step, typed(config))
     config.model.clean_routing = "dropless"
-    assert "--config.model.clean_routing=capacity" in advice(step, config)
+    assert "--config.model.clean_routing=capacity" in advice(step, typed(config))
     config.mesh.expert = 1  # no expert axis: nothing is padded to the worst case
-    assert "capacity" not in advice(step, config)
+    assert "capacity" not in advice(step, typed(config))

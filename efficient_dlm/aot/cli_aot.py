@@ -14,6 +14,7 @@ import time
 
 from absl import flags
 
+from efficient_dlm.config import typed
 from efficient_dlm.errors import UserError
 from efficient_dlm.extras import require
 from efficient_dlm.outputs import check_output_file
@@ -39,10 +40,10 @@ MULTI_HOST = False
 
 
 def run(config, FLAGS) -> int:
-
     if not FLAGS.topology:
         raise UserError("--topology is required (e.g. --topology=v5p-256)")
     set_quantize_flag(config, FLAGS.quantize)
+    config = typed(config)  # the CLI's ConfigDict, typed once here
     require("libtpu", "tpu", "edlm aot (compiling for a TPU topology)")
     if FLAGS.json_out:
         check_output_file(FLAGS.json_out, "--json_out")

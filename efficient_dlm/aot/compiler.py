@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import ConfigDict
 
-from efficient_dlm.config import to_plain, typed
+from efficient_dlm.config import Config, override, to_plain
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.config import ModelConfig
@@ -80,10 +79,9 @@ class Program:
             return jitted.lower(*self.args).compile()
 
 
-def target_model_config(config: ConfigDict) -> ModelConfig:
+def target_model_config(config: Config) -> ModelConfig:
     """The model config the recipe trains, as it runs on TPU: 'auto' attention means the TPU kernels
     there (this host is a CPU, where 'auto' would resolve to the XLA reference)."""
-
     cfg = trained_config(config)
     return cfg.replace(attention_backend="splash") if cfg.attention_backend == "auto" else cfg
 
@@ -94,15 +92,14 @@ def _batch_args(mesh: Mesh, batch: int, length: int) -> dict[str, jax.ShapeDtype
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k in ("tokens", "segment_ids", "positions")}
 
 
-def train_program(config: ConfigDict, mesh: Mesh) -> Program:
+def train_program(config: Config, mesh: Mesh) -> Program:
     """The training step of `edlm train` (efficient_dlm.train.step) with abstract state and batch."""
-
     cfg = target_model_config(config)
-    diffusion, train = (sections := typed(config)).diffusion, sections.train
+    diffusion, train = config.diffusion, config.train
     if diffusion.objective != "ar" and diffusion.mask_token == "append":
         diffusion = diffusion.replace(valid_vocab_size=cfg.mask_token_id + 1)  # as the trainer records it
     tx = make_optimizer(train)
-    lora = sections.lora.adapters()  # LoRA: adapters trained, the base frozen (TrainState.frozen)
+    lora = config.lora.adapters()  # LoRA: adapters trained, the base frozen (TrainState.frozen)
     shardings = state_shardings(cfg, tx, mesh, lora)
     state = sharding.abstract_arrays(abstract_state(cfg, tx, config.seed, lora), shardings)
     batch, length = config.train.batch_size, config.data.seq_len
@@ -123,16 +120,15 @@ def train_program(config: ConfigDict, mesh: Mesh) -> Program:
     )
 
 
-def sample_program(config: ConfigDict, mesh: Mesh, batch: int = 8, prompt_len: int | None = None) -> Program:
+def sample_program(config: Config, mesh: Mesh, batch: int = 8, prompt_len: int | None = None) -> Program:
     """The sampler of `edlm sample` (efficient_dlm.sample: the whole generation program, block loop,
     denoising steps and exact KV cache, or the AR baseline per sample.strategy) for `batch` prompts of
     `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens, weights and inputs sharded."""
-
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
     model = quantize_model(model, **quantization_kwargs(config.sample))  # sample.quantize / --quantize: abstract too
-    kwargs = typed(config).sample.generate_kwargs()
+    kwargs = config.sample.generate_kwargs()
     # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
     # weights in the program (the worst case; verifier="self" holds one set).
     speculative = kwargs["strategy"] == "speculative"
@@ -173,17 +169,16 @@ def _abstract_cache(cfg: ModelConfig, mesh: Mesh, slots: int, size: int) -> KVCa
                          start=rows(cache.start), length=rows(cache.length), rope_length=rows(cache.rope_length))
 
 
-def serve_program(config: ConfigDict, mesh: Mesh, slots: int = 8, prompt_len: int | None = None) -> Program:
+def serve_program(config: Config, mesh: Mesh, slots: int = 8, prompt_len: int | None = None) -> Program:
     """The block-step program of `edlm serve` (efficient_dlm/serve: one call advances every slot by one
     block, one AR token, or one draft + verify iteration per sample.strategy) for `slots` slots holding
     prompts of up to `prompt_len` tokens (default data.seq_len / 2) and sample.max_new_tokens. Compiled at
     its widest chunk (every slot admitting a longest prompt) with sampling on: the largest variant the
     server warms up. Slots shard over the data axes, weights by their rules, the caches are donated."""
-
     cfg = target_model_config(config)
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))
-    kwargs = typed(config).sample.generate_kwargs()
+    kwargs = config.sample.generate_kwargs()
     speculative = kwargs["strategy"] == "speculative"
     verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if speculative else None
     layout = engine_layout(model, EngineConfig(
@@ -221,17 +216,16 @@ def serve_program(config: ConfigDict, mesh: Mesh, slots: int = 8, prompt_len: in
 PROGRAMS: dict[str, Callable[..., Program]] = {"train": train_program, "sample": sample_program, "serve": serve_program}
 
 
-def advice(program: Program, config: ConfigDict, state_fraction: float | None = None) -> str:
+def advice(program: Program, config: Config, state_fraction: float | None = None) -> str:
     """What to change when `program` does not fit; `state_fraction`: arguments / HBM, when known."""
     tips = []
     if state_fraction is None or state_fraction > 0.4:
         tips.append("shard over more chips (larger mesh.fsdp, mesh.tensor, or a bigger topology)")
-    m = config.model
-    if m.get("num_experts") and m.get("capacity_factor") is None and config.mesh.get("expert", 1) not in (0, 1):
+    m, expert_parallel = config.model, config.mesh.expert not in (0, 1)
+    if m.num_experts and m.capacity_factor is None and expert_parallel:
         # Dropless expert parallelism sends static worst-case buffers: ep x the local tokens.
         tips.append("--config.model.capacity_factor=1.25 (dropless expert parallelism sizes its buffers for the worst case)")
-    if (m.get("num_experts") and program.name == "train_step" and m.get("clean_routing", "dropless") == "dropless"
-            and config.mesh.get("expert", 1) not in (0, 1)):
+    if m.num_experts and program.name == "train_step" and m.clean_routing == "dropless" and expert_parallel:
         # The clean x_0 half, dropless in training by default, pads the same way (docs/METHOD.md section 7).
         tips.append("--config.model.clean_routing=capacity (the x_0 half's dropless exchange is sized for the worst case)")
     if program.name == "train_step":
@@ -249,9 +243,8 @@ def advice(program: Program, config: ConfigDict, state_fraction: float | None = 
     return "; ".join(tips)
 
 
-def compile_or_explain(program: Program, mesh: Mesh, rules, config: ConfigDict, target: TpuSlice):
+def compile_or_explain(program: Program, mesh: Mesh, rules, config: Config, target: TpuSlice):
     """Compiles; an out-of-memory compile error becomes one line saying what to change."""
-
     try:
         return program.compile(mesh, rules)
     except jax.errors.JaxRuntimeError as err:
@@ -276,7 +269,7 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) -> tuple[float, str]:
+def train_flops(config: Config, mesh: Mesh, rules, per_shard: bool = False) -> tuple[float, str]:
     """(FLOPs per chip of the training step at the config's full depth and batch, how they were counted).
 
     XLA's cost analysis counts the body of a loop once, so loops are taken out of the counted programs:
@@ -291,17 +284,17 @@ def train_flops(config: ConfigDict, mesh: Mesh, rules, per_shard: bool = False) 
     parameters, where a parameter's update costs ~10 FLOPs against ~6 per token it sees).
     tests/aot_checks.py checks both against XLA's count for the unrolled program.
     """
-    first, layers = config.model.get("first_k_dense", 0) or 0, config.model.num_layers
+    first, layers = config.model.first_k_dense or 0, config.model.num_layers
     batch, length = config.train.batch_size, config.data.seq_len
 
     def at_depth(rows: int) -> float:
         counts = []
         for depth in (first + 1, first + 2):
-            variant = config.copy_and_resolve_references()
-            variant.model.num_layers, variant.model.scan_layers = depth, False
             # Per-layer index lists do not fit the shallow variants; the extrapolation counts MoE layers.
-            variant.model.mlp_only_layers, variant.model.full_attention_layers = (), ()
-            variant.train.grad_accum, variant.train.loss_chunk, variant.train.batch_size = 1, 0, rows
+            variant = override(config, {
+                "model.num_layers": depth, "model.scan_layers": False, "model.mlp_only_layers": (),
+                "model.full_attention_layers": (), "train.grad_accum": 1, "train.loss_chunk": 0, "train.batch_size": rows,
+            })
             counts.append(_flops(train_program(variant, mesh).compile(mesh, rules)))
         return counts[0] + (layers - first - 1) * (counts[1] - counts[0])
 

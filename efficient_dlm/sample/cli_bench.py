@@ -54,7 +54,8 @@ def _write_json(path: str, payload) -> None:
 
 def run(config, FLAGS) -> int:
     set_quantize_flag(config, FLAGS.quantize)
-    sample, b = (section := typed(config)).sample, section.bench
+    config = typed(config)  # the CLI's ConfigDict, typed once here
+    sample, b = config.sample, config.bench
     out_dir = FLAGS.out or os.path.join(config.run_dir, "bench")
     check_output_dir(out_dir, "--out" if FLAGS.out else "run_dir/bench")  # before any model loads
     dlm = load_source(FLAGS.ckpt, config)

@@ -71,6 +71,7 @@ def exact_matches(records: list[dict]) -> str:
 
 def run(config, FLAGS) -> int:
     set_quantize_flag(config, FLAGS.quantize)
+    config = typed(config)  # the CLI's ConfigDict, typed once here
     if not FLAGS.prompt and not FLAGS.prompts_jsonl:
         raise UserError("give --prompt TEXT (repeatable) or --prompts_jsonl FILE")
     if FLAGS.batch_size < 1:
@@ -87,7 +88,7 @@ def run(config, FLAGS) -> int:
     end_of_turn = encode_chat(prompts, source, config.data.chat_template) if chat else None
     encode(prompts, source.tokenizer)
     check_ids(prompts, source.model.config.vocab_size)
-    kwargs = typed(config).sample.generate_kwargs()
+    kwargs = config.sample.generate_kwargs()
     if chat and kwargs["stop_tokens"] is None:  # the reply ends at the template's end-of-turn token (or EOS)
         eos = source.model.config.eos_token_id
         kwargs["stop_tokens"] = tuple(dict.fromkeys(t for t in (eos, end_of_turn) if t is not None)) or None

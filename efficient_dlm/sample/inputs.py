@@ -10,10 +10,10 @@ import dataclasses
 import json
 import os
 
-from ml_collections import ConfigDict
+from tokenizers import Tokenizer
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import model_config, to_plain
+from efficient_dlm.config import Config, to_plain
 from efficient_dlm.data.chat import ChatEncoder
 from efficient_dlm.data.sources import check_regular_file
 from efficient_dlm.diffusion.spec import spec_from_recipe, with_spec
@@ -39,8 +39,6 @@ def _tokenizer(directory: str | None):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         raise UserFileNotFoundError(f"{directory}: no tokenizer.json")
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(path)
 
 
@@ -52,7 +50,7 @@ class Source:
     tokenizer_dir: str | None = None  # where the tokenizer (and its chat template) lives
 
 
-def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
+def load_source(ckpt: str | None, config: Config, step: int | None = None) -> Source:
     """--ckpt, else config.init.checkpoint, else config.init.hf_dir, else random weights from config.model,
     quantized as the sample section asks (sample.quantize, ...; unset: as stored).
     step: the step of a training run directory (default: the newest).
@@ -68,7 +66,7 @@ def load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -
     return source
 
 
-def _load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) -> Source:
+def _load_source(ckpt: str | None, config: Config, step: int | None = None) -> Source:
     ckpt = ckpt or config.init.checkpoint
     if step is not None and not ckpt:
         raise UserError("--step needs --ckpt (a training run directory)")
@@ -87,12 +85,12 @@ def _load_source(ckpt: str | None, config: ConfigDict, step: int | None = None) 
         if tokenizer_dir is None and os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")):
             tokenizer_dir = config.init.hf_dir
         return Source(model, _tokenizer(tokenizer_dir), os.path.abspath(config.init.hf_dir), tokenizer_dir)
-    model = init_model(model_config(config), seed=config.init.seed)
+    model = init_model(config.model, seed=config.init.seed)
     with_spec(model, spec_from_recipe(to_plain(config), model.config))
     return Source(model, _tokenizer(tokenizer_dir), f"random weights (config.model, seed {config.init.seed})", tokenizer_dir)
 
 
-def load_verifier(ckpt: str, config: ConfigDict):
+def load_verifier(ckpt: str, config: Config):
     """The verifier of speculative decoding: 'self' (the dLM's own weights in causal mode) or an AR checkpoint."""
     if ckpt == "self":
         return "self"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 
+from efficient_dlm.config import typed
 from efficient_dlm.errors import UserError
 from efficient_dlm.parallel.mesh import run_mesh
 from efficient_dlm.train.loop import NonFiniteError, train
@@ -16,7 +17,7 @@ DEFAULT_CONFIG = "configs/tiny_train.py"
 
 
 def run(config, FLAGS) -> int:
-
+    config = typed(config)  # the CLI's ConfigDict, typed once here
     try:
         result = train(config, mesh=run_mesh(config.mesh))
     except NonFiniteError as err:

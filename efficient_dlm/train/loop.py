@@ -111,24 +111,24 @@ def _build_data(config: Config, spec: DataSpec, train: bool):
     )
 
 
-def _numerics(config: ConfigDict) -> dict[str, Any]:
-    return {name: config.model[name] for name in model_init.NUMERIC_FIELDS}
+def _numerics(model: ModelConfig) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in model_init.NUMERIC_FIELDS}
 
 
 class _Run:
     """Mutable pieces of one train() call, so the loop body stays short.
 
-    `typed` holds the typed sections the steps are built from; `config` (the ConfigDict) is what the
-    run records and what the OPD side still reads."""
+    `config` is the typed Config the steps are built from and the run records (model_config.json's
+    train_config); only diffusion.valid_vocab_size changes, once the model decides it."""
 
-    def __init__(self, config: ConfigDict, mesh, batch_transform: BatchTransform | None):
-        self.config, self.typed, self.mesh, self.batch_transform = config, typed(config), mesh, batch_transform
-        self.t = self.typed.train
+    def __init__(self, config: Config, mesh, batch_transform: BatchTransform | None):
+        self.config, self.mesh, self.batch_transform = config, mesh, batch_transform
+        self.t = config.train
         self.run_dir = os.path.abspath(config.run_dir)
         self.tx = make_optimizer(self.t)
-        self.lora = self.typed.lora.adapters()  # None: full fine-tuning
+        self.lora = config.lora.adapters()  # None: full fine-tuning
         self.frozen = None  # LoRA: the frozen base state (TrainState.frozen)
-        self.schedule = self.typed.diffusion.block_sizes()
+        self.schedule = config.diffusion.block_sizes()
         self.step_fns: dict[int | None, Callable] = {}
         self.eval_fns: dict[int | None, Callable] = {}
         self.history: list[dict[str, float]] = []
@@ -149,13 +149,13 @@ class _Run:
         latest = self.ckpt.latest_step()
         if latest is not None and not self.t.resume:
             raise UserError(f"{self.run_dir} already holds checkpoints; set train.resume=True or a new run_dir")
-        if self.typed.opd.enabled(self.typed.diffusion.objective):
-            opd_loop.check_inputs(self.config)
+        if self.config.opd.enabled(self.config.diffusion.objective):
+            opd_loop.check_inputs(self.config.opd)
         tokenizer = self._resume(latest) if latest is not None else self._start()
-        spec = data_spec(self.typed, self.cfg, tokenizer)
+        spec = data_spec(self.config, self.cfg, tokenizer)
         if latest is not None and self.text:
-            self.data_iter = iter(_build_data(self.typed, spec, True))
-        if self.typed.opd.enabled(self.typed.diffusion.objective):
+            self.data_iter = iter(_build_data(self.config, spec, True))
+        if self.config.opd.enabled(self.config.diffusion.objective):
             self.opd = opd_loop.OPDRun(self.config, self.cfg, tokenizer, self.mesh)
         if latest is not None:
             if self.ckpt.verify(latest):
@@ -165,13 +165,13 @@ class _Run:
         if self.t.max_param_norm_ratio:
             self.initial_norm = float(jax.jit(optax.tree.norm)(self.state.params))
         text_eval = self.text and self.config.data.eval_files  # OPD alone evaluates on opd.eval_files
-        self.eval_batches = take(_build_data(self.typed, spec, False), self.t.eval_batches) if text_eval else []
+        self.eval_batches = take(_build_data(self.config, spec, False), self.t.eval_batches) if text_eval else []
 
     def _resume(self, latest: int) -> str | None:
         """Reads the run's model config (architecture fixed at its start); returns the tokenizer path."""
         cfg, extra = checkpoints.read_model_config(self.run_dir)
-        check_same_architecture(self.config, extra.get("train_config") or {}, self.run_dir)
-        self.cfg = cfg.replace(**_numerics(self.config))
+        check_same_architecture(self.config.model, extra.get("train_config") or {}, self.run_dir)
+        self.cfg = cfg.replace(**_numerics(self.config.model))
         self._set_valid_vocab(extra.get("valid_vocab_size"))
         if self.lora is not None or extra.get("lora"):
             self.frozen = self._lora_base(extra.get("lora"))
@@ -181,19 +181,19 @@ class _Run:
         """A new run: opens the data first (a bad path or tokenizer fails before any weights load),
         loads the model, records model_config.json and the tokenizer, builds the initial state."""
         if self.lora is not None:
-            require_base(self.config)
+            require_base(self.config.init)
         source_cfg = model_init.source_config(self.config)
-        model_init.check_mask_token(self.config, source_cfg)
+        model_init.check_mask_token(self.config.diffusion, source_cfg)
         tokenizer = self.config.init.tokenizer or self._source_tokenizer()
         if self.text:
-            self.data_iter = iter(_build_data(self.typed, data_spec(self.typed, source_cfg, tokenizer), True))
+            self.data_iter = iter(_build_data(self.config, data_spec(self.config, source_cfg, tokenizer), True))
         init = model_init.prepare_model(self.config, self.mesh)
         self.cfg = init.model.config
         self._set_valid_vocab(init.valid_vocab_size)
         extra = {"valid_vocab_size": init.valid_vocab_size, "source": init.source, "train_config": to_plain(self.config)}
         if self.lora is not None:  # adapters on the frozen base; the run records which base
             add_adapters(init.model, self.lora, self.config.seed)
-            extra["lora"] = run_record(self.lora, self.config)
+            extra["lora"] = run_record(self.lora, self.config.init)
         checkpoints.write_model_config(self.run_dir, self.cfg, extra)
         spec = spec_from_recipe(extra["train_config"], self.cfg, init.valid_vocab_size)
         if spec is not None:  # what load / generate / export read: the run decodes as it trains
@@ -213,13 +213,12 @@ class _Run:
         if started is None or now is None or {**started, "targets": list(started["targets"])} != now:
             raise UserError(f"lora is {now} but the run in {self.run_dir} started with {started}; the adapters "
                             "cannot change on resume (use a new run_dir)")
-        base = checkpoints.lora_base(record["base"], self.mesh, self.run_dir, **model_init.numeric_overrides(self.config))
+        base = checkpoints.lora_base(record["base"], self.mesh, self.run_dir, **model_init.numeric_overrides(self.config.model))
         return cast_base(split_model(base)[1], self.lora)
 
     def _set_valid_vocab(self, size: int | None) -> None:
-        """diffusion.valid_vocab_size as the model decides it (an appended [MASK] row), in both views."""
-        self.config.diffusion.valid_vocab_size = size
-        self.typed = dataclasses.replace(self.typed, diffusion=self.typed.diffusion.replace(valid_vocab_size=size))
+        """diffusion.valid_vocab_size as the model decides it (an appended [MASK] row)."""
+        self.config = dataclasses.replace(self.config, diffusion=self.config.diffusion.replace(valid_vocab_size=size))
 
     def iterators(self) -> dict[str, Any]:
         """The run's data iterators by checkpoint item name (text batches, OPD prompts)."""
@@ -243,12 +242,12 @@ class _Run:
 
     def block_size(self, step: int) -> int | None:
         """The block size in force at `step`; None for objectives without blocks (ar, bidirectional)."""
-        return block_size_at(self.schedule, step) if self.typed.diffusion.has_blocks else None
+        return block_size_at(self.schedule, step) if self.config.diffusion.has_blocks else None
 
     def step_fn(self, block_size):
         if block_size not in self.step_fns:
             self.step_fns[block_size] = cached_step(
-                make_train_step, self.typed.diffusion, self.t, self.cfg, block_size, self.lora)
+                make_train_step, self.config.diffusion, self.t, self.cfg, block_size, self.lora)
         return self.step_fns[block_size]
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -273,7 +272,7 @@ class _Run:
     def evaluate_text(self, block_size) -> dict[str, float]:
         if block_size not in self.eval_fns:
             self.eval_fns[block_size] = cached_step(
-                make_eval_step, self.typed.diffusion, self.t, self.cfg, block_size, self.lora)
+                make_eval_step, self.config.diffusion, self.t, self.cfg, block_size, self.lora)
         fn, key = self.eval_fns[block_size], jax.random.PRNGKey(self.config.seed + 1)
         totals = None
         for j, batch in enumerate(self.eval_batches):
@@ -310,11 +309,11 @@ def _tokenizer_folder(path: str | None) -> str | None:
     return os.path.dirname(path) if path and os.path.isfile(path) else path
 
 
-def check_same_architecture(config: ConfigDict, started: dict, run_dir: str) -> None:
+def check_same_architecture(model: ModelConfig, started: dict, run_dir: str) -> None:
     """A resumed run keeps the architecture it started with: a model key that differs from the run's
     recorded start config is an error, not silently ignored (numerics may change)."""
     before = started.get("model") or {}
-    for key, value in config.model.items():
+    for key, value in model.to_dict().items():
         if key in model_init.NUMERIC_FIELDS or key not in before:
             continue
         if value != before[key] and not (isinstance(value, (list, tuple)) and list(value) == before[key]):
@@ -324,16 +323,16 @@ def check_same_architecture(config: ConfigDict, started: dict, run_dir: str) -> 
             )
 
 
-def train(config: ConfigDict, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
+def train(config: Config | ConfigDict, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
     """Runs (or resumes) the training described by `config` until train.steps; returns the final state.
 
+    config: the typed Config, or the CLI's ConfigDict (converted here, once, by `typed`).
     mesh: a jax.sharding.Mesh to shard state and batches over (None: default device).
     batch_transform(step, batch) -> batch: applied to each host batch before it goes to the device.
     SIGINT / SIGTERM (main thread) end the loop after the current step with a checkpoint; the result
     says which signal (`stopped_by`).
     """
-    typed(config)  # every section checked before the run directory is locked
-    config = ConfigDict(to_plain(config))
+    config = typed(config)  # every section checked before the run directory is locked
     lock = RunLock(os.path.abspath(config.run_dir))
     if is_main():
         lock.acquire()

@@ -11,27 +11,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ml_collections import ConfigDict
-
 from efficient_dlm import checkpoints
-from efficient_dlm.config import typed
+from efficient_dlm.config import Config
 from efficient_dlm.errors import UserError
 from efficient_dlm.models.lora import LoraConfig
+from efficient_dlm.train.config import InitConfig
 
 
-def lora_config(config: ConfigDict) -> LoraConfig | None:
+def lora_config(config: Config) -> LoraConfig | None:
     """The section's LoraConfig (train/config.py LoraSection.adapters), None when lora.rank is 0."""
-    return typed(config).lora.adapters()
+    return config.lora.adapters()
 
 
-def require_base(config: ConfigDict) -> None:
+def require_base(init: InitConfig) -> None:
     """A new LoRA run needs its base as a checkpoint. Checked when a run starts, not in validate:
     `edlm aot` plans a LoRA step from the recipe's model section, without weights."""
-    if not config.init.checkpoint:
+    if not init.checkpoint:
         raise UserError("lora.rank > 0 trains adapters on a saved base: set init.checkpoint (an `edlm import-hf`, "
                         "`edlm train` or save output)")
 
 
-def run_record(lora: LoraConfig, config: ConfigDict) -> dict[str, Any]:
+def run_record(lora: LoraConfig, init: InitConfig) -> dict[str, Any]:
     """extra["lora"] of a new run's model_config.json: the adapter settings and the base reference."""
-    return {**dataclasses.asdict(lora), "base": checkpoints.base_reference(config.init.checkpoint)}
+    return {**dataclasses.asdict(lora), "base": checkpoints.base_reference(init.checkpoint)}

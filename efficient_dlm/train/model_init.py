@@ -15,11 +15,12 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import model_config
+from efficient_dlm.config import Config
+from efficient_dlm.diffusion.config import DiffusionConfig
 from efficient_dlm.errors import UserError
+from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.decoder import MODEL_STATE, abstract_model, init_model
 from efficient_dlm.models.quantize import Quantization
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
@@ -36,18 +37,19 @@ class InitialModel:
     source: str
 
 
-def numeric_overrides(config: ConfigDict) -> dict:
-    values = {name: config.model[name] for name in NUMERIC_FIELDS}
-    if config.model.mask_token_id is not None:
-        values["mask_token_id"] = config.model.mask_token_id
+def numeric_overrides(model: ModelConfig) -> dict:
+    """The recipe's numerics (and its [MASK] id, when set) from its `model` section, applied to any source."""
+    values = {name: getattr(model, name) for name in NUMERIC_FIELDS}
+    if model.mask_token_id is not None:
+        values["mask_token_id"] = model.mask_token_id
     return values
 
 
-def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
+def load_source_model(config: Config, mesh=None) -> InitialModel:
     """The model named by config.init (hf_dir / checkpoint) or a random init from config.model."""
     tokenizer = config.init.tokenizer or None
     if config.init.checkpoint:
-        model = checkpoints.load(config.init.checkpoint, mesh=mesh, **numeric_overrides(config))
+        model = checkpoints.load(config.init.checkpoint, mesh=mesh, **numeric_overrides(config.model))
         if Quantization.of(model.config).active:
             raise UserError(f"init.checkpoint {config.init.checkpoint}: a quantized checkpoint "
                             f"({Quantization.of(model.config).describe()}) is for inference; train from the float one")
@@ -56,15 +58,14 @@ def load_source_model(config: ConfigDict, mesh=None) -> InitialModel:
         valid = spec.valid_vocab_size if spec is not None else None
         return InitialModel(model, tokenizer, valid, os.path.abspath(config.init.checkpoint))
     if config.init.hf_dir:
-
-        overrides = numeric_overrides(config)
+        overrides = numeric_overrides(config.model)
         compute_dtype = overrides.pop("dtype")  # from_hf's own `dtype` argument is the parameter dtype
         model = from_hf(config.init.hf_dir, dtype=overrides.pop("param_dtype"), mesh=mesh, **overrides)
         if compute_dtype != model.config.dtype:
             model = checkpoints._with_config(model, model.config.replace(dtype=compute_dtype))
         hf_tok = config.init.hf_dir if os.path.exists(os.path.join(config.init.hf_dir, "tokenizer.json")) else None
         return InitialModel(model, tokenizer or hf_tok, None, os.path.abspath(config.init.hf_dir))
-    return InitialModel(init_model(model_config(config), seed=config.init.seed), tokenizer, None, "random init")
+    return InitialModel(init_model(config.model, seed=config.init.seed), tokenizer, None, "random init")
 
 
 def _pad_rows(table: jax.Array, rows: int) -> jax.Array:
@@ -99,24 +100,24 @@ def append_mask_token(model: nnx.Module, multiple: int) -> tuple[nnx.Module, int
     return grown, old + 1
 
 
-def prepare_model(config: ConfigDict, mesh=None) -> InitialModel:
+def prepare_model(config: Config, mesh=None) -> InitialModel:
     """The source model, with a [MASK] token appended when the recipe asks for one."""
     init = load_source_model(config, mesh)
     needs_mask = config.diffusion.objective != "ar"
     if needs_mask and config.diffusion.mask_token == "append":
         model, valid = append_mask_token(init.model, config.diffusion.vocab_multiple)
         return dataclasses.replace(init, model=model, valid_vocab_size=valid)
-    check_mask_token(config, init.model.config)
+    check_mask_token(config.diffusion, init.model.config)
     return init
 
 
-def check_mask_token(config: ConfigDict, cfg) -> None:
+def check_mask_token(diffusion: DiffusionConfig, cfg: ModelConfig) -> None:
     """A diffusion objective needs a [MASK] id: the model's, unless one is appended."""
-    if config.diffusion.objective != "ar" and config.diffusion.mask_token == "model" and cfg.mask_token_id is None:
+    if diffusion.objective != "ar" and diffusion.mask_token == "model" and cfg.mask_token_id is None:
         raise UserError("no [MASK] token: set model.mask_token_id or diffusion.mask_token='append'")
 
 
-def trained_config(config: ConfigDict):
+def trained_config(config: Config) -> ModelConfig:
     """The ModelConfig the trainer trains: the source's, grown by the appended [MASK] row when asked
     (for AOT compilation and other planning that must not load weights)."""
     cfg = source_config(config)
@@ -125,11 +126,10 @@ def trained_config(config: ConfigDict):
     return cfg
 
 
-def source_config(config: ConfigDict):
+def source_config(config: Config) -> ModelConfig:
     """The ModelConfig `load_source_model` will produce, read without loading weights (fail fast)."""
     if config.init.checkpoint:
-        return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**numeric_overrides(config))
+        return checkpoints.read_model_config(config.init.checkpoint)[0].replace(**numeric_overrides(config.model))
     if config.init.hf_dir:
-
-        return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**numeric_overrides(config))
-    return model_config(config)
+        return model_config_from_hf(read_config_json(config.init.hf_dir)).replace(**numeric_overrides(config.model))
+    return config.model

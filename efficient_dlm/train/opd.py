@@ -1,6 +1,7 @@
 """The on-policy distillation step: rollout, state choice, teacher, KL and update in one jitted program.
 
-`make_opd_step(config, model_cfg, teacher_cfg, max_new_tokens=...)` returns
+`make_opd_step(config, model_cfg, teacher_cfg, max_new_tokens=...)` (config: the typed `Config`, whose
+opd, diffusion, train and lora sections shape the step) returns
 `step(state, teacher_params, batch, rng) -> (state, metrics)` (opd.target="teacher", the default):
   1. the student decodes the batch's prompts with the sampler's compiled block-diffusion program
      (efficient_dlm.sample.diffusion; current parameters under stop_gradient: on-policy, and no
@@ -33,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 
+from efficient_dlm.config import Config, to_plain
 from efficient_dlm.diffusion.losses import confidence_sum, token_stats
 from efficient_dlm.diffusion.objectives import Objective, aux_losses, predict_hidden
 from efficient_dlm.diffusion.opd import (
@@ -43,10 +44,10 @@ from efficient_dlm.diffusion.opd import (
 from efficient_dlm.diffusion.spec import DiffusionSpec, spec_from_recipe
 from efficient_dlm.models.config import ModelConfig
 from efficient_dlm.models.quantize import quantize_params, quantized_config
+from efficient_dlm.train.config import OpdConfig
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.diffusion import diffusion_program
 from efficient_dlm.sample.program import Plan, stop_id_array
-from efficient_dlm.train.config import OpdConfig
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.lora import lora_config
 from efficient_dlm.train.state import TrainState, graphdef_for
@@ -65,14 +66,14 @@ def num_blocks(block_size: int, max_new_tokens: int) -> int:
     return -(-(block_size - 1 + max_new_tokens) // block_size)
 
 
-def rollout_plan(config: ConfigDict, cfg: ModelConfig, max_new_tokens: int) -> Plan:
+def rollout_plan(config: Config, cfg: ModelConfig, max_new_tokens: int) -> Plan:
     """The sampler's static plan for the student's rollouts (block size, strategy, greedy or sampled).
 
     Token shift and vocabulary padding come from the student's DiffusionSpec (what its checkpoint
     records), so rollouts decode the student exactly as `generate` would.
     """
     o = config.opd
-    spec = spec_from_recipe(config.to_dict(), cfg) or DiffusionSpec(mask_token_id=cfg.mask_token_id)
+    spec = spec_from_recipe(to_plain(config), cfg) or DiffusionSpec(mask_token_id=cfg.mask_token_id)
     pad_id = next((t for t in (cfg.pad_token_id, cfg.eos_token_id) if t is not None), 0)
     return Plan(
         strategy=o.strategy, max_new_tokens=max_new_tokens, sampling=Sampling(greedy=o.temperature == 0),
@@ -84,7 +85,7 @@ def rollout_plan(config: ConfigDict, cfg: ModelConfig, max_new_tokens: int) -> P
     )
 
 
-def rollout_knobs(o: ConfigDict, cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
+def rollout_knobs(o: OpdConfig, cfg: ModelConfig, key: jax.Array) -> dict[str, jax.Array]:
     """The sampler's traced settings; the sampling seed comes from the step's key."""
     stops = () if cfg.eos_token_id is None else (cfg.eos_token_id,)
     return {
@@ -120,10 +121,10 @@ def rollout(graphdef, params, plan: Plan, batch: dict[str, jax.Array], knobs: di
     return trajectory(batch, out, plan.block_size, plan.mask_id), stats
 
 
-def rollout_config(config: ConfigDict, cfg: ModelConfig) -> ModelConfig:
+def rollout_config(config: Config, cfg: ModelConfig) -> ModelConfig:
     """The student's architecture as its rollouts decode it: quantized per opd.quantize / opd.quantize_kv
     (models/quantize.py), or `cfg` itself."""
-    q = OpdConfig.from_mapping(config.opd.to_dict()).rollout_quantization()
+    q = config.opd.rollout_quantization()
     return quantized_config(cfg, q) if q.active else cfg
 
 
@@ -147,14 +148,14 @@ class Roller:
         return rollout(self.graphdef, rollout_params(params, self.cfg), self.plan, batch, knobs)
 
 
-def make_roller(config: ConfigDict, cfg: ModelConfig, student: nnx.GraphDef, max_new_tokens: int) -> Roller:
+def make_roller(config: Config, cfg: ModelConfig, student: nnx.GraphDef, max_new_tokens: int) -> Roller:
     """The Roller of student `cfg` (graph `student`) for rollouts of max_new_tokens."""
     rollout_cfg = rollout_config(config, cfg)
     graphdef = student if rollout_cfg == cfg else graphdef_for(rollout_cfg)  # (LoRA refuses quantized rollouts)
     return Roller(rollout_plan(config, cfg, max_new_tokens), graphdef, rollout_cfg)
 
 
-def student_objective(config: ConfigDict, cfg: ModelConfig) -> Objective:
+def student_objective(config: Config, cfg: ModelConfig) -> Objective:
     """The clean-context pattern at the rollout's block size: how the sampler's KV cache decodes."""
     return Objective(kind="block_diffusion", block_size=config.opd.block_size, token_shift=config.diffusion.token_shift,
                      mask_token_id=cfg.mask_token_id)
@@ -164,7 +165,7 @@ def student_objective(config: ConfigDict, cfg: ModelConfig) -> Objective:
 class _Parts:
     """What an OPD program closes over, built once outside any trace (graph definitions, plan)."""
 
-    config: ConfigDict
+    config: Config
     cfg: ModelConfig
     roller: Roller
     student: nnx.GraphDef
@@ -176,7 +177,7 @@ class _Parts:
         return self.roller.plan
 
 
-def _parts(config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int) -> _Parts:
+def _parts(config: Config, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int) -> _Parts:
     student = graphdef_for(cfg, lora_config(config))  # LoRA: adapters on the frozen base, without dropout
     teacher = None if config.opd.target == SELF_TARGET else graphdef_for(teacher_cfg)
     return _Parts(config, cfg, make_roller(config, cfg, student, max_new_tokens), student, teacher,
@@ -276,7 +277,7 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_opd_step(
-    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int,
+    config: Config, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int,
     tx: optax.GradientTransformation | None = None, jit: bool = True, donate: bool = True,
 ) -> Callable[[TrainState, nnx.State, dict, jax.Array], tuple[TrainState, dict[str, Any]]]:
     """The OPD train step for student `cfg` (see the module docstring). batch: the prompt pipeline's
@@ -300,7 +301,7 @@ def make_opd_step(
 
 
 def make_opd_eval_step(
-    config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int, jit: bool = True
+    config: Config, cfg: ModelConfig, teacher_cfg: ModelConfig | None, *, max_new_tokens: int, jit: bool = True
 ):
     """eval_step(params, teacher_params, batch, rng, frozen=None) -> summed statistics (kl and agree, or ce
     and correct for the self target; count, generated, row_forwards, tokens) of one held-out prompt batch;

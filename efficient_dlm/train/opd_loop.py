@@ -9,28 +9,27 @@ and owns everything OPD adds to it; the loop itself stays objective-agnostic. Wi
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 import jax
-from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import typed
+from efficient_dlm.config import Config
 from efficient_dlm.data.pipeline import take
 from efficient_dlm.data.prompts import PromptSpec, build_prompt_dataset
 from efficient_dlm.diffusion.opd import OBJECTIVE, SELF_TARGET
 from efficient_dlm.diffusion.schedule import block_size_at
 from efficient_dlm.errors import UserError, UserFileNotFoundError
 from efficient_dlm.models.config import ModelConfig
+from efficient_dlm.train.config import OpdConfig
 from efficient_dlm.train.opd import Teacher, make_opd_eval_step, make_opd_step, summarize
 from efficient_dlm.train.state import split_model
-from efficient_dlm.train.step import STEP_TRAIN_KEYS
+from efficient_dlm.train.step import step_settings
 from efficient_dlm.port.hf_import import from_hf
 
 
-def is_opd_step(config: ConfigDict, step: int) -> bool:
+def is_opd_step(config: Config, step: int) -> bool:
     """Whether step `step` (0-based) is an OPD step (module docstring)."""
     o = config.opd
     if config.diffusion.objective == OBJECTIVE:
@@ -38,7 +37,7 @@ def is_opd_step(config: ConfigDict, step: int) -> bool:
     return 0 <= o.start_step <= step and (step - o.start_step) % o.every == 0
 
 
-def load_teacher(config: ConfigDict, mesh=None) -> Teacher:
+def load_teacher(config: Config, mesh=None) -> Teacher:
     """The frozen AR teacher from opd.teacher (orbax checkpoint or HF directory), in opd.teacher_dtype,
     sharded over `mesh` by the same logical-axis rules as the student."""
     path, dtype = config.opd.teacher, config.opd.teacher_dtype
@@ -47,7 +46,6 @@ def load_teacher(config: ConfigDict, mesh=None) -> Teacher:
     if os.path.exists(os.path.join(path, checkpoints.CONFIG_NAME)):
         model = checkpoints.load(path, mesh=mesh, dtype=dtype, **overrides)
     else:
-
         model = from_hf(path, dtype=dtype, mesh=mesh, **overrides)
     return Teacher(model.config, split_model(model)[1])
 
@@ -69,14 +67,13 @@ STEP_OPD_KEYS = ("block_size", "strategy", "steps_per_block", "threshold", "temp
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _cached(factory, config: ConfigDict, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int):
+def _cached(factory, config: Config, cfg: ModelConfig, teacher_cfg: ModelConfig | None, max_new_tokens: int):
     """One compiled step per (settings, architectures, rollout length), reused across runs in a process
     (a resumed run, or OPD steps inside a mixed recipe, do not recompile)."""
     d = config.diffusion
-    settings = [{k: config.opd[k] for k in STEP_OPD_KEYS}, {k: config.train[k] for k in STEP_TRAIN_KEYS},
-                d.token_shift, d.valid_vocab_size, d.confidence_weight, d.confidence_temperature,
-                config.lora.to_dict() if "lora" in config else None]
-    key = (factory.__name__, json.dumps(settings, sort_keys=True), cfg, teacher_cfg, max_new_tokens)
+    settings = (tuple(getattr(config.opd, k) for k in STEP_OPD_KEYS), step_settings(config.train),
+                d.token_shift, d.valid_vocab_size, d.confidence_weight, d.confidence_temperature, config.lora)
+    key = (factory.__name__, settings, cfg, teacher_cfg, max_new_tokens)
     if key not in _COMPILED:
         _COMPILED[key] = factory(config, cfg, teacher_cfg, max_new_tokens=max_new_tokens)
     return _COMPILED[key]
@@ -87,10 +84,10 @@ class OPDRun:
 
     ITERATOR_NAME = "prompts"  # its name in the run's checkpoints (beside the text pipeline's "data")
 
-    def __init__(self, config: ConfigDict, cfg: ModelConfig, tokenizer: str | None, mesh=None):
+    def __init__(self, config: Config, cfg: ModelConfig, tokenizer: str | None, mesh=None):
         o = config.opd
         self.config, self.cfg = config, cfg
-        self.schedule = typed(config).opd.rollout_schedule()
+        self.schedule = o.rollout_schedule()
         longest = o.max_prompt_len + max(n for _, n in self.schedule) + o.block_size
         if longest > cfg.max_position_embeddings:
             raise UserError(
@@ -147,11 +144,9 @@ class OPDRun:
         return {"loss": out["kl"] if self.teacher is not None else out["trajectory_nll"], **out}
 
 
-
-def check_inputs(config: ConfigDict) -> None:
+def check_inputs(o: OpdConfig) -> None:
     """The teacher (unless opd.target=self) and prompt paths, checked when a run starts, before any weights load (recipes leave
     them to the command line, so `validate` does not require them)."""
-    o = config.opd
     if o.target != SELF_TARGET:  # trajectory self-distillation reads no teacher
         if not o.teacher:
             raise UserError("opd.teacher is not set: give the AR model's Hugging Face directory or orbax checkpoint "
