@@ -172,6 +172,7 @@ def test_quantized_rollouts_decode_as_generate_of_the_quantized_student(model):
     config = base_config()
     config.opd.update(dict(block_size=BLOCK, strategy="threshold", threshold=0.5, quantize="fp8", quantize_kv="int8"))
     graphdef, params = split_model(model)
+    config = typed(config)
     roller = opd_lib.make_roller(config, model.config, graphdef, MAX_NEW)
     knobs = opd_lib.rollout_knobs(config.opd, model.config, jax.random.PRNGKey(0))
     traj, stats = jax.jit(roller)(params, _batch(PROMPTS), knobs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import base_config
+from efficient_dlm.config import base_config, typed
 from efficient_dlm.diffusion.objectives import Objective, predict_hidden
 from efficient_dlm.diffusion.opd import Trajectory, student_example
 from efficient_dlm.train import opd as opd_lib
@@ -89,8 +89,8 @@ def test_opd_losses_self_ce_and_teacher_kl_each_plus_cap_match_numpy(model):
     teacher = variant(model, mask_token_id=None)
     self_config = ConfigDict(config.to_dict())
     self_config.opd.target = "self"
-    teacher_parts = opd_lib._parts(config, model.config, teacher.config, 8)
-    self_parts = opd_lib._parts(self_config, model.config, None, 8)
+    teacher_parts = opd_lib._parts(typed(config), model.config, teacher.config, 8)
+    self_parts = opd_lib._parts(typed(self_config), model.config, None, 8)
     params, teacher_params = split_model(model)[1], split_model(teacher)[1]
 
     @jax.jit
