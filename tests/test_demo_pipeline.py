@@ -132,14 +132,14 @@ def test_missing_teacher_is_one_clear_error(tmp_path, capsys):
 
 def test_opd_in_the_recipe_distills_from_the_demo_teacher_on_its_task_prompts(tmp_path):
     """A mixed recipe (opd.start_step >= 0) gets the run's teacher, train prompts and held-out prompts."""
-    from efficient_dlm.config import sibling_recipe
+    from efficient_dlm.config import sibling_recipe, typed
     from efficient_dlm.demo.pipeline import DemoRun, training_config
 
     config = sibling_recipe(os.path.join(cli.REPO_ROOT, "configs", "demo.py"), "demo")
-    plain = training_config(DemoRun(config, str(tmp_path)))
+    plain = training_config(DemoRun(typed(config), str(tmp_path)))
     assert plain.opd.teacher == "" and plain.opd.prompt_files == ""
     config.opd.start_step = 300
-    c = training_config(DemoRun(config, str(tmp_path)))
+    c = training_config(DemoRun(typed(config), str(tmp_path)))
     assert c.opd.teacher == c.init.hf_dir and os.path.isdir(c.opd.teacher)
     assert c.opd.prompt_files == str(tmp_path / "data" / "tasks_prompts.jsonl")
     assert c.opd.eval_files == str(tmp_path / "data" / "tasks_eval.jsonl")

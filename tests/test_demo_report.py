@@ -83,19 +83,18 @@ def test_markdown_results_json_and_plot(tmp_path):
 
 
 def test_ablation_variants_change_only_what_they_name():
-    from efficient_dlm.config import base_config
+    from efficient_dlm.config import base_config, override, typed
 
     c = base_config()
     c.diffusion.objective, c.diffusion.block_size = "block_diffusion", 16
-    assert ablate.variant_config(c, "block_clean").to_dict() == c.to_dict()
+    c = typed(c)
+    assert ablate.variant_config(c, "block_clean") == c
     v = ablate.variant_config(c, "block8")
     assert (v.diffusion.block_size, v.sample.block_size, v.diffusion.objective) == (8, 8, "block_diffusion")
     assert ablate.variant_config(c, "uniform").diffusion.masking == "uniform"
     mdlm = ablate.variant_config(c, "bidirectional").diffusion  # MDLM: full attention AND uniform masking
     assert (mdlm.objective, mdlm.masking) == ("bidirectional", "uniform")
     assert c.diffusion.block_size == 16  # the recipe itself is untouched
-    c.demo.variants = "ar, block32"
-    assert ablate.selected(c) == ["ar", "block32"]
-    c.demo.variants = "ar,causal"
+    assert ablate.selected(override(c, {"demo.variants": "ar, block32"})) == ["ar", "block32"]
     with pytest.raises(ValueError, match="unknown ablation variant 'causal'"):
-        ablate.selected(c)
+        ablate.selected(override(c, {"demo.variants": "ar,causal"}))

@@ -22,7 +22,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from efficient_dlm.config import to_plain
+from efficient_dlm.config import Config, override, typed
 from efficient_dlm.demo import pipeline
 from efficient_dlm.errors import UserError
 
@@ -40,28 +40,24 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def variant_config(config: ConfigDict, name: str) -> ConfigDict:
+def variant_config(config: Config, name: str) -> Config:
     if name not in VARIANTS:
         raise UserError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}")
-    c = ConfigDict(to_plain(config))
     # The table compares training methods under the threshold decoder: no speculative settings.
-    c.demo.speculative, c.demo.default = "", ""
-    for key, value in VARIANTS[name][1].items():
-        section, field = key.split(".")
-        c[section][field] = value
-    return c
+    return override(config, {"demo.speculative": "", "demo.default": "", **VARIANTS[name][1]})
 
 
-def selected(config: ConfigDict) -> list[str]:
+def selected(config: Config) -> list[str]:
     names = [n.strip() for n in config.demo.variants.split(",") if n.strip()] or list(VARIANTS)
     for name in names:
         variant_config(config, name)  # validates the name
     return names
 
 
-def run_ablation(config: ConfigDict, out: str, *, command: str = "edlm ablate") -> dict[str, Any]:
-    """Trains and evaluates every selected variant (resumable); writes DIR/results.md and the plot."""
-    out = os.path.abspath(out)
+def run_ablation(config: Config | ConfigDict, out: str, *, command: str = "edlm ablate") -> dict[str, Any]:
+    """Trains and evaluates every selected variant (resumable); writes DIR/results.md and the plot.
+    config: the typed Config, or the CLI's ConfigDict (typed here, once)."""
+    config, out = typed(config), os.path.abspath(out)
     names = selected(config)
     data_dir = os.path.join(out, "data")
     rows: dict[str, Any] = {}

@@ -17,8 +17,6 @@ flags.DEFINE_string("out", "runs/ablation", "output directory (one subdirectory 
 
 
 def run(config, FLAGS) -> int:
-
-
     result = run_ablation(config, FLAGS.out, command=invocation())
     print("\n".join(result["table"]))
     print(f"plot: {result['plot']}")

@@ -6,6 +6,8 @@ time: rerunning the same command continues where it stopped.
 """
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from efficient_dlm.cli import invocation
@@ -18,10 +20,6 @@ flags.DEFINE_string("out", "runs/demo", "output directory (data, checkpoints, ex
 
 
 def run(config, FLAGS) -> int:
-
-    import os
-
-
     if FLAGS.out:
         check_output_dir(FLAGS.out)
     results = run_demo(config, FLAGS.out, command=invocation())

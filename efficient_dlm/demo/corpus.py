@@ -11,6 +11,7 @@ entirely in one split (no near-duplicate leakage between train and held-out text
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import sysconfig
@@ -98,8 +99,6 @@ def sources(directory: str | None = None) -> list[tuple[str, str]]:
 
 def _doc_topics(directory: str) -> list[tuple[str, str]]:
     """pydoc's reference-manual topics (plain text), read as data, never imported."""
-    import ast
-
     path = os.path.join(directory, "pydoc_data", "topics.py")
     if not os.path.exists(path):
         return []

@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
+from efficient_dlm.config import Config, override
 from efficient_dlm.demo import tasks
 from efficient_dlm.diffusion.spec import spec_of
-from ml_collections import ConfigDict
-
-from efficient_dlm.config import to_plain, typed
 from efficient_dlm.data.pipeline import build_dataset, take
 from efficient_dlm.sample.api import generate
 from efficient_dlm.train.loop import data_spec
@@ -125,7 +124,7 @@ def paired_difference(correct: Sequence[bool], reference: Sequence[bool]) -> dic
     return {"diff": float(d.mean()), "low": float(d.mean()) - half, "high": float(d.mean()) + half}
 
 
-def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float]:
+def text_eval(config: Config, model, batches: int, *, objective: str) -> dict[str, float]:
     """The trainer's evaluation step over the first `batches` batches of config.data.eval_files.
 
     objective "ar" gives the next-token NLL; "block_diffusion" (or another diffusion objective of
@@ -135,11 +134,7 @@ def text_eval(config, model, batches: int, *, objective: str) -> dict[str, float
     NLL, whatever masking the recipe trained with) and a fixed key, so it is reproducible run to
     run. Both are in nats per token.
     """
-    import jax
-
-    config = ConfigDict(to_plain(config))
-    config.data.format, config.data.chat_template = "text", ""  # held-out documents, whatever the training data was
-    config = typed(config)
+    config = override(config, {"data.format": "text", "data.chat_template": ""})  # held-out documents, whatever it trained on
     # the bound needs the ELBO weight under uniform masking, whatever the recipe trained with; no CAP or
     # joint AR term (an evaluation measures the bound itself; objective ar, the teacher's NLL, has none)
     diffusion = config.diffusion.replace(objective=objective, loss_weighting="elbo", masking="uniform",

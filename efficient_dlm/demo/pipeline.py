@@ -22,8 +22,9 @@ import time
 from typing import Any, Callable
 
 from ml_collections import ConfigDict
+from tqdm.auto import tqdm
 
-from efficient_dlm.config import to_plain
+from efficient_dlm.config import Config, override, to_plain, typed
 from efficient_dlm.demo import data as demo_data
 from efficient_dlm.demo import report, teacher
 from efficient_dlm.errors import UserError
@@ -40,7 +41,7 @@ STAGES = ("data", "convert", "evaluate", "export", "report")
 
 @dataclasses.dataclass
 class DemoRun:
-    config: ConfigDict
+    config: Config
     out: str
     command: str = "edlm demo"
     data_dir: str = ""  # default <out>/data; the ablation shares one between variants
@@ -83,31 +84,25 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def training_config(run: DemoRun) -> ConfigDict:
+def training_config(run: DemoRun) -> Config:
     """The recipe with this run's paths filled in: teacher weights, data files, run directory."""
-    c = ConfigDict(to_plain(run.config))
-    c.init.hf_dir = run.teacher
-    c.init.tokenizer = ""
-    d = run.data_dir
+    c, d = run.config, run.data_dir
+    paths: dict[str, Any] = {"init.hf_dir": run.teacher, "init.tokenizer": "", "run_dir": run.path("train")}
     if c.data.format == "chat":  # prompt-clean: the tasks as prompt/response records, only answers masked
-        c.data.train_files, c.data.train_weights = f"{d}/{demo_data.CHAT_TRAIN}", ""
-        c.data.eval_files = ""  # held-out text is evaluated after training (text_eval, text format)
+        paths.update({"data.train_files": f"{d}/{demo_data.CHAT_TRAIN}", "data.train_weights": "",
+                      "data.eval_files": ""})  # held-out text is evaluated after training (text_eval, text format)
     else:
-        c.data.train_files = f"{d}/tasks_train.jsonl,{d}/text_train.jsonl"
-        c.data.eval_files = f"{d}/text_eval.jsonl"
-    if c.diffusion.objective == "opd" or c.opd.start_step >= 0:  # on-policy distillation from the same teacher
-        c.opd.teacher = run.teacher
-        c.opd.prompt_files = f"{d}/tasks_prompts.jsonl"
-        c.opd.eval_files = f"{d}/tasks_eval.jsonl"
-    c.run_dir = run.path("train")
-    return c
+        paths.update({"data.train_files": f"{d}/tasks_train.jsonl,{d}/text_train.jsonl",
+                      "data.eval_files": f"{d}/text_eval.jsonl"})
+    if c.opd.enabled(c.diffusion.objective):  # on-policy distillation from the same teacher
+        paths.update({"opd.teacher": run.teacher, "opd.prompt_files": f"{d}/tasks_prompts.jsonl",
+                      "opd.eval_files": f"{d}/tasks_eval.jsonl"})
+    return override(c, paths)
 
 
-def text_config(run: DemoRun) -> ConfigDict:
+def text_config(run: DemoRun) -> Config:
     """The recipe for held-out text evaluation: its eval files are the text documents, whatever it trained on."""
-    c = training_config(run)
-    c.data.eval_files = f"{run.data_dir}/text_eval.jsonl"
-    return c
+    return override(training_config(run), {"data.eval_files": f"{run.data_dir}/text_eval.jsonl"})
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -133,7 +128,6 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_convert(run: DemoRun) -> dict[str, Any]:
-
     config = training_config(run)
     started = time.perf_counter()
     result = train(config)
@@ -149,9 +143,8 @@ def stage_convert(run: DemoRun) -> dict[str, Any]:
     }
 
 
-def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any]:
+def _teacher_eval(run: DemoRun, items, tok, config: Config) -> dict[str, Any]:
     """The AR teacher's task and text results, cached in the data directory (shared by variants)."""
-
     d = run.config.demo
     key = {"teacher": run.teacher, "batch": d.eval_batch, "max_new_tokens": d.max_new_tokens,
            "text_batches": d.text_eval_batches, "seq_len": config.data.seq_len, "speed_prompts": d.speed_prompts}
@@ -169,9 +162,6 @@ def _teacher_eval(run: DemoRun, items, tok, config: ConfigDict) -> dict[str, Any
 
 
 def stage_evaluate(run: DemoRun) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-
     d, config = run.config.demo, training_config(run)
     objective = config.diffusion.objective
     tok = load_tokenizer(run.teacher)
@@ -214,7 +204,6 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
 
 
 def stage_export(run: DemoRun) -> dict[str, Any]:
-
     hf_dir = run.path("hf")
     to_hf(run.path("train"), hf_dir, tokenizer_dir=run.teacher, overwrite=True)  # decoding: the run's diffusion spec
     items = demo_data.eval_tasks(os.path.join(run.data_dir, "tasks_eval.jsonl"))
@@ -255,10 +244,12 @@ def _check_config(run: DemoRun) -> None:
 
 
 def run_demo(
-    config: ConfigDict, out: str, *, command: str = "edlm demo", stages: tuple[str, ...] = STAGES, data_dir: str = ""
+    config: Config | ConfigDict, out: str, *, command: str = "edlm demo", stages: tuple[str, ...] = STAGES,
+    data_dir: str = "",
 ) -> dict[str, Any]:
-    """Runs (or resumes) the stages; returns {stage: results} plus timing."""
-    run = DemoRun(config, os.path.abspath(out), command, data_dir)
+    """Runs (or resumes) the stages; returns {stage: results} plus timing. config: the typed Config, or
+    the CLI's ConfigDict (typed here, once)."""
+    run = DemoRun(typed(config), os.path.abspath(out), command, data_dir)
     run.teacher  # fail fast on a missing teacher
     os.makedirs(run.out, exist_ok=True)
     _check_config(run)
