@@ -51,6 +51,10 @@ class Config:
     run_dir: str = "runs/default"
 
 
+# What an entry point (train, run_demo, run_ablation) accepts: the typed Config, or the CLI's ConfigDict
+# (or its plain dict) that `typed` converts once; library code below the entry points takes Config only.
+ConfigLike = Config | ConfigDict | Mapping[str, Any]
+
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
 SCALARS = {f.name: f.default for f in dataclasses.fields(Config) if f.name not in SECTIONS}
 
@@ -100,7 +104,7 @@ def base_config() -> ConfigDict:
     return c
 
 
-def typed(config: Config | ConfigDict | Mapping[str, Any]) -> Config:
+def typed(config: ConfigLike) -> Config:
     """The ConfigDict as typed sections (each validated by its package), then the checks across sections.
 
     The one place a ConfigDict becomes typed configs: an unknown or mistyped key, or an inconsistent

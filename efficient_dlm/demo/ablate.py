@@ -20,9 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ml_collections import ConfigDict
-
-from efficient_dlm.config import Config, override, typed
+from efficient_dlm.config import Config, ConfigLike, override, typed
 from efficient_dlm.demo import pipeline
 from efficient_dlm.errors import UserError
 
@@ -54,7 +52,7 @@ def selected(config: Config) -> list[str]:
     return names
 
 
-def run_ablation(config: Config | ConfigDict, out: str, *, command: str = "edlm ablate") -> dict[str, Any]:
+def run_ablation(config: ConfigLike, out: str, *, command: str = "edlm ablate") -> dict[str, Any]:
     """Trains and evaluates every selected variant (resumable); writes DIR/results.md and the plot.
     config: the typed Config, or the CLI's ConfigDict (typed here, once)."""
     config, out = typed(config), os.path.abspath(out)

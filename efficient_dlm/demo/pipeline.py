@@ -21,10 +21,9 @@ import platform
 import time
 from typing import Any, Callable
 
-from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from efficient_dlm.config import Config, override, to_plain, typed
+from efficient_dlm.config import Config, ConfigLike, override, to_plain, typed
 from efficient_dlm.demo import data as demo_data
 from efficient_dlm.demo import report, teacher
 from efficient_dlm.errors import UserError
@@ -244,7 +243,7 @@ def _check_config(run: DemoRun) -> None:
 
 
 def run_demo(
-    config: Config | ConfigDict, out: str, *, command: str = "edlm demo", stages: tuple[str, ...] = STAGES,
+    config: ConfigLike, out: str, *, command: str = "edlm demo", stages: tuple[str, ...] = STAGES,
     data_dir: str = "",
 ) -> dict[str, Any]:
     """Runs (or resumes) the stages; returns {stage: results} plus timing. config: the typed Config, or

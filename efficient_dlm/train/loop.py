@@ -21,10 +21,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
-from ml_collections import ConfigDict
 
 from efficient_dlm import checkpoints
-from efficient_dlm.config import Config, to_plain, typed
+from efficient_dlm.config import Config, ConfigLike, to_plain, typed
 from efficient_dlm.data.chat import ChatEncoder, install_template
 from efficient_dlm.data.pipeline import DataSpec, build_dataset, take
 from efficient_dlm.diffusion.config import DiffusionConfig
@@ -323,7 +322,7 @@ def check_same_architecture(model: ModelConfig, started: dict, run_dir: str) -> 
             )
 
 
-def train(config: Config | ConfigDict, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
+def train(config: ConfigLike, *, mesh=None, batch_transform: BatchTransform | None = None) -> TrainResult:
     """Runs (or resumes) the training described by `config` until train.steps; returns the final state.
 
     config: the typed Config, or the CLI's ConfigDict (converted here, once, by `typed`).
