@@ -35,8 +35,9 @@ def test_a_user_error_and_a_bad_key_are_one_line(monkeypatch, capsys):
     ("--config.train.steps=0", "train.steps must be positive, got 0"),
     ("--config.diffusion.block_size=-4", "diffusion.block_size must be positive, got -4"),
     ("--config.diffusion.masking=random", "unknown diffusion.masking 'random'; choose one of position, uniform"),
+    ("--config.diffusion.bogus=1", "unknown config key 'diffusion.bogus' (not in the recipe's schema; see efficient_dlm/config.py)"),
 ])
-def test_every_verb_rejects_the_same_bad_value_in_a_shared_section(capsys, override, message):
+def test_every_verb_rejects_the_same_bad_key_or_value_in_a_shared_section(capsys, override, message):
     """Validation is composed explicitly (config.typed: each package's typed section, then the checks across
     sections), not registered by whatever a verb imports."""
     for verb in cli.VERBS:
