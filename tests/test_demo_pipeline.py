@@ -51,7 +51,14 @@ def demo_dir(tmp_path_factory, args):
 
 def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     ev = _json(os.path.join(demo_dir, "stages", "evaluate.json"))["results"]
-    assert [r["threshold"] for r in ev["dlm"]] == [0.5, 0.9, 0.95] and ev["num_prompts"] == len(DemoConfig().task_names())
+    thresholds = [r for r in ev["dlm"] if r["strategy"] == "threshold"]
+    assert [r["threshold"] for r in thresholds] == [0.5, 0.9, 0.95] and ev["num_prompts"] == len(DemoConfig().task_names())
+    spec = {r["verifier"]: r for r in ev["dlm"] if r["strategy"] == "speculative"}
+    assert set(spec) == {"self", "teacher"}  # the recipe's demo.speculative
+    # Lossless: with the teacher verifying, every answer is the teacher's own.
+    assert spec["teacher"]["correct"] == ev["teacher"]["correct"]
+    for r in spec.values():
+        assert r["tokens_per_verifier_forward"] >= r["tokens_per_forward"] > 0
     for r in [ev["teacher"], *ev["dlm"]]:
         # Every sampler step commits at least one token (the prompt rides along in the first step).
         assert r["generated_tokens"] > 0 and 0 < r["tokens_per_forward"] <= ev["block_size"]
@@ -73,7 +80,8 @@ def test_demo_runs_every_stage_and_reports_its_numbers(demo_dir):
     # the per-prompt ones.
     out = _json(os.path.join(demo_dir, "results.json"))
     assert out["prompts"] == ev["num_prompts"] and out["report_batch"] == 7 and out["hf_dir"] == export["hf_dir"]
-    assert out["default"] == "threshold_0.95" and out["teacher"]["accuracy"] == ev["teacher"]["accuracy"]["all"]
+    assert out["default"] == "speculative_self" and out["teacher"]["accuracy"] == ev["teacher"]["accuracy"]["all"]
+    assert "At self-speculative (fused) (the default decoding)" in report
     assert set(out["teacher"]["tok_s"]) == {"1", "7"}
     for row, r in zip(out["dlm"], ev["dlm"]):
         diff = sum(a - b for a, b in zip(r["correct"], ev["teacher"]["correct"])) * 100.0 / ev["num_prompts"]
