@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import types
 
 import pytest
 
@@ -151,3 +153,16 @@ def test_opd_in_the_recipe_distills_from_the_demo_teacher_on_its_task_prompts(tm
     assert c.opd.teacher == c.init.hf_dir and os.path.isdir(c.opd.teacher)
     assert c.opd.prompt_files == str(tmp_path / "data" / "tasks_prompts.jsonl")
     assert c.opd.eval_files == str(tmp_path / "data" / "tasks_eval.jsonl")
+
+
+def test_a_signal_during_conversion_stops_the_demo_before_evaluating(tmp_path, args, monkeypatch, capsys):
+    """A SIGTERM'd conversion returns early from train(); the demo must not evaluate that half-trained model
+    or mark the stage done (the rerun resumes from the trainer's checkpoint)."""
+    from efficient_dlm.demo import pipeline
+
+    monkeypatch.setattr(pipeline, "train", lambda config: types.SimpleNamespace(stopped_by="SIGTERM"))
+    out = str(tmp_path / "run")
+    assert cli.main(["edlm", "demo", f"--out={out}", *args]) == 128 + signal.SIGTERM
+    assert "SIGTERM: the convert stage stopped early" in capsys.readouterr().out
+    for stage in ("convert", "evaluate"):
+        assert not os.path.exists(os.path.join(out, "stages", f"{stage}.json"))

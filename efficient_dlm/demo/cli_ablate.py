@@ -10,6 +10,7 @@ from absl import flags
 
 from efficient_dlm.cli import invocation
 from efficient_dlm.demo.ablate import run_ablation
+from efficient_dlm.demo.pipeline import Interrupted
 
 DEFAULT_CONFIG = "configs/demo_ablation.py"
 
@@ -17,7 +18,11 @@ flags.DEFINE_string("out", "runs/ablation", "output directory (one subdirectory 
 
 
 def run(config, FLAGS) -> int:
-    result = run_ablation(config, FLAGS.out, command=invocation())
+    try:
+        result = run_ablation(config, FLAGS.out, command=invocation())
+    except Interrupted as stopped:
+        print(stopped)
+        return stopped.exit_code
     print("\n".join(result["table"]))
     print(f"plot: {result['plot']}")
     return 0

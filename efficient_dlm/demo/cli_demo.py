@@ -11,7 +11,7 @@ import os
 from absl import flags
 
 from efficient_dlm.cli import invocation
-from efficient_dlm.demo.pipeline import run_demo
+from efficient_dlm.demo.pipeline import Interrupted, run_demo
 from efficient_dlm.outputs import check_output_dir
 
 DEFAULT_CONFIG = "configs/demo.py"
@@ -22,12 +22,16 @@ flags.DEFINE_string("out", "runs/demo", "output directory (data, checkpoints, ex
 def run(config, FLAGS) -> int:
     if FLAGS.out:
         check_output_dir(FLAGS.out)
-    results = run_demo(config, FLAGS.out, command=invocation())
+    try:
+        results = run_demo(config, FLAGS.out, command=invocation())
+    except Interrupted as stopped:
+        print(stopped)
+        return stopped.exit_code
     report = results["report"]["report"]
     print(f"\nreport: {report}\nplot:   {results['report']['plot']}\nresults: {results['report']['results']}\n"
           f"total:  {results['total_seconds']:.0f} s")
     with open(report) as f:
-        verdict = next((line for line in f if line.startswith("At threshold")), "")
+        verdict = next((line for line in f if line.startswith("At ") and "(the default decoding)" in line), "")
     if verdict:
         print(verdict.strip())
     return 0 if os.path.exists(report) else 1

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import time
 from typing import Any, Callable
 
@@ -126,10 +127,25 @@ def stage_data(run: DemoRun) -> dict[str, Any]:
     return manifest
 
 
+class Interrupted(Exception):
+    """A signal (SIGINT / SIGTERM) stopped a stage: its marker is not written and no later stage runs, so
+    the same command resumes it (the trainer saved its checkpoint) instead of evaluating a half-trained model."""
+
+    def __init__(self, signal_name: str, stage: str):
+        super().__init__(f"{signal_name}: the {stage} stage stopped early; run the same command to resume it")
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(signal.Signals[self.signal_name])
+
+
 def stage_convert(run: DemoRun) -> dict[str, Any]:
     config = training_config(run)
     started = time.perf_counter()
     result = train(config)
+    if result.stopped_by:
+        raise Interrupted(result.stopped_by, "convert")
     losses = [h["loss"] for h in result.history]
     return {
         "steps": int(result.state.step),
