@@ -124,8 +124,9 @@ def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: s
     ax.plot([r["tokens_per_forward"] for r in rows], acc, "o-", label="dLM (threshold)")
     for r in rows:
         ax.annotate(f"{r['threshold']}", (r["tokens_per_forward"], r["accuracy"]["all"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    marks = {setting_name(r): m for r, m in zip(spec, "DPX*")}  # one marker per speculative setting, both panels
     for r in spec:
-        ax.plot([r["tokens_per_forward"]], [r["accuracy"]["all"]], "D", label=f"dLM, {setting_label(r)}")
+        ax.plot([r["tokens_per_forward"]], [r["accuracy"]["all"]], marks[setting_name(r)], label=f"dLM, {setting_label(r)}")
     ax.plot([teacher["tokens_per_forward"]], [teacher["accuracy"]["all"]], "s", color="black", label="AR teacher")
     ax.set_xlabel("tokens per forward pass")
     ax.set_ylabel("held-out task accuracy (%)")
@@ -134,15 +135,15 @@ def plot(teacher: dict[str, Any], dlm: list[dict[str, Any]], path: str, title: s
         base = _tok_s(teacher, batch) if batch else teacher["tokens_per_second"]
         line, = ax2.plot(speeds, acc, marker + "-", label=f"dLM, batch {batch}")
         for r in spec:
-            ax2.plot([_tok_s(r, batch) if batch else r["tokens_per_second"]], [r["accuracy"]["all"]], "D",
-                     color=line.get_color(), label=f"dLM, {setting_label(r)}, batch {batch}")
+            ax2.plot([_tok_s(r, batch) if batch else r["tokens_per_second"]], [r["accuracy"]["all"]],
+                     marks[setting_name(r)], color=line.get_color(), label=f"dLM, {setting_label(r)}, batch {batch}")
         ax2.plot([base], [teacher["accuracy"]["all"]], "s", color=line.get_color(), markeredgecolor="black",
                  label=f"AR teacher, batch {batch}")
     ax2.set_xscale("log")
     ax2.set_xlabel("generated tokens per second (log)")
     for a in (ax, ax2):
         a.grid(alpha=0.3)
-        a.legend(loc="lower left", fontsize=7)
+        a.legend(loc="best", fontsize=6)
     fig.suptitle(title or "Accuracy vs tokens per forward and tokens/s")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
