@@ -8,8 +8,9 @@
     edlm sample --config=configs/demo_sft.py --ckpt runs/demo_sft --batch_size 64 \
         --prompts_jsonl runs/demo_chat/chat_eval.jsonl --out runs/demo_sft/answers.jsonl
 
-The objective and decoding are the demo conversion's (configs/demo.py: clean-context block diffusion,
-block 16, position-dependent masking, token shift, ELBO weighting, CAP weight 1, threshold 0.95). The
+The objective is the demo conversion's (configs/demo.py: clean-context block diffusion, block 16,
+position-dependent masking, token shift, ELBO weighting, CAP weight 1, the joint AR term ar_weight 4),
+decoding its threshold 0.95 (`--verifier self` for the demo's default self-speculative decoding). The
 demo already converts on the tasks as prompt / response records with the "plain" template (prompt
 clean, answers supervised); this recipe renders the same tasks with the builtin chat template instead
 ("<|role|>" + content + EOS per turn, generation prompt "<|assistant|>", since the demo tokenizer ships
