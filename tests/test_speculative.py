@@ -30,9 +30,9 @@ CASES = {
     "teacher": (peaked_model, lambda d: peaked_model(seed=1, mask_token_id=None), dict(draft_steps=1)),
     "agreeing": (lambda: _context_free(0.0), lambda d: d, dict(draft_steps=4, token_shift=True, threshold=0.5)),
     "self": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=2, token_shift=True, threshold=0.5)),
-    # fused self-speculation (one-step drafts: the next block's draft rides in the verifier's forward)
+    # fused self-speculation (one-step drafts: the next block's draft rides in the verifier's forward); the
+    # unfused one-step path is checked against causal decoding in the forward-count test below
     "self_fused": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=1, token_shift=True)),
-    "self_unfused": (lambda: _context_free(1.0), lambda d: "self", dict(draft_steps=1, token_shift=True, fuse_draft=False)),
 }
 
 
