@@ -98,6 +98,17 @@ class _Carry(NamedTuple):
     pre_valid: jax.Array | None = None  # fused: [batch] that draft applies (the last draft was fully accepted)
 
 
+def _start_draft(plan: SpecPlan, drafter, tokens, open_, before=None) -> _Draft:
+    """A draft before its first commit: the block's tokens and open positions, zero drafter logits (sampled
+    mode) and the state before the block (token shift: `before`, or zeros until a forward gives it)."""
+    batch, size = tokens.shape
+    dplan, cfg = plan.draft, drafter.config
+    logits = jnp.zeros((batch, size, dplan.vocab_size), jnp.float32) if _sampled(plan) else None
+    if dplan.token_shift and before is None:
+        before = jnp.zeros((batch, cfg.hidden_size), cfg.compute_dtype)
+    return _Draft(tokens, open_, logits, before if dplan.token_shift else None)
+
+
 class _Context(NamedTuple):
     drafter: nnx.Module
     verifier: nnx.Module
@@ -165,14 +176,11 @@ def _draft(ctx: _Context, carry: _Carry, cur, offset, live, prefix) -> tuple[_Dr
     (canvas block `cur`, of which `offset` tokens are final). Returns (draft, drafter cache, forwards)."""
     plan = ctx.plan.draft
     size = plan.block_size
-    batch = carry.canvas.shape[0]
     chunk = _row_slice(carry.canvas, (cur - 1) * size, 2 * size)
     chunk_positions = _row_slice(ctx.positions, (cur - 1) * size, 2 * size)
     index = cur[:, None] * size + jnp.arange(size)[None, :]
     open_ = (index >= (cur * size + offset)[:, None]) & live[:, None]
-    logits = jnp.zeros((batch, size, plan.vocab_size), jnp.float32) if _sampled(ctx.plan) else None
-    before = jnp.zeros((batch, ctx.drafter.config.hidden_size), ctx.drafter.config.compute_dtype) if plan.token_shift else None
-    drf = _Draft(chunk[:, size:], open_, logits, before)
+    drf = _start_draft(ctx.plan, ctx.drafter, chunk[:, size:], open_)
     width = 0
     if prefix is not None:  # the prompt's full blocks before canvas block 0 (first iteration only)
         width = prefix[0].shape[1]
@@ -231,9 +239,8 @@ def _pre_draft(ctx: _Context, hidden, key, live) -> _Draft:
     plan = ctx.plan.draft
     batch, size = hidden.shape[0], plan.block_size
     block, before = block_hidden(plan, hidden, None)
-    logits = jnp.zeros((batch, size, plan.vocab_size), jnp.float32) if _sampled(ctx.plan) else None
-    empty = _Draft(jnp.full((batch, size), plan.mask_id, jnp.int32), jnp.broadcast_to(live[:, None], (batch, size)),
-                   logits, before)
+    empty = _start_draft(ctx.plan, ctx.drafter, jnp.full((batch, size), plan.mask_id, jnp.int32),
+                         jnp.broadcast_to(live[:, None], (batch, size)), before)
     return draft_commit(ctx, empty, None, block, True, key=key)
 
 
@@ -369,9 +376,7 @@ def speculative_program(draft_graphdef, verify_graphdef, plan: SpecPlan, draft_s
     )
     if plan.fused:  # no pre-draft yet: the first iteration drafts (an empty draft of the right structure)
         empty = jnp.zeros((batch, size), jnp.int32)
-        before = jnp.zeros((batch, drafter.config.hidden_size), drafter.config.compute_dtype) if dplan.token_shift else None
-        logits = jnp.zeros((batch, size, dplan.vocab_size), jnp.float32) if _sampled(plan) else None
-        carry = carry._replace(pre=_Draft(empty, empty.astype(bool), logits, before), pre_valid=zeros.astype(bool))
+        carry = carry._replace(pre=_start_draft(plan, drafter, empty, empty.astype(bool)), pre_valid=zeros.astype(bool))
     draft_prefix = (inputs["prefix"][:, : prefix_len - size], inputs["prefix_positions"][:, : prefix_len - size])
     # Left padding rides along in the first chunk: its position must lie beyond every query of that chunk
     # (the layout's P is only beyond the prompt's), so causal attention hides it from the drafts too.
