@@ -61,7 +61,10 @@ def get_config():
     t.eval_batches = 2
     t.log_every = 10
     s = c.sample
-    s.strategy = "threshold"
+    # The default decoding travels with the model (its DiffusionSpec, the export's config): self-speculation,
+    # so `generate(load(run))`, `edlm sample`, `edlm serve` and the exported PyTorch `generate` all decode as the
+    # demo's summary line judges. The threshold is the draft-commit knob (and the threshold rows' default).
+    s.strategy = "self_speculative"
     s.threshold = 0.95
     s.block_size = 16
     c.demo.thresholds = "0.9,0.95,0.99"

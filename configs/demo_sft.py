@@ -10,7 +10,7 @@
 
 The objective is the demo conversion's (configs/demo.py: clean-context block diffusion, block 16,
 position-dependent masking, token shift, ELBO weighting, CAP weight 1, the joint AR term ar_weight 4),
-decoding its threshold 0.95 (`--verifier self` for the demo's default self-speculative decoding). The
+decoding its default, self-speculation (`--config.sample.strategy=threshold` for threshold 0.95). The
 demo already converts on the tasks as prompt / response records with the "plain" template (prompt
 clean, answers supervised); this recipe renders the same tasks with the builtin chat template instead
 ("<|role|>" + content + EOS per turn, generation prompt "<|assistant|>", since the demo tokenizer ships

@@ -14,7 +14,7 @@ import sys
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 from efficient_dlm import cli  # noqa: E402
-from efficient_dlm.config import typed  # noqa: E402
+from efficient_dlm.config import override, typed  # noqa: E402
 
 
 def check_cli_report(out_dir: str) -> None:
@@ -114,6 +114,12 @@ def check_speculative_sampler(results) -> None:
     plain = results["sample"]["memory"]  # its arguments: one model's weights plus small inputs
     assert result["memory"]["arguments"] > 1.8 * plain["arguments"], (result["memory"], plain)
     assert program.notes["strategy"] == "speculative" and 0 < result["hbm_fraction"] < 0.9, program.notes
+    # Self-verification (the recipe's default decoding, recorded in its spec): one set of weights.
+    config = override(config, {"sample.strategy": "self_speculative"})
+    program = aot.sample_program(config, mesh)
+    compiled = aot.compile_or_explain(program, mesh, mesh_lib.config_rules(config.mesh), config, target)
+    single = aot.report(compiled, target, program, None)["memory"]["arguments"]
+    assert program.notes["strategy"] == "speculative" and single < 1.3 * plain["arguments"], (single, plain)
     print("ok speculative_sampler")
 
 

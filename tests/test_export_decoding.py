@@ -82,3 +82,47 @@ def test_an_export_the_pytorch_side_would_decode_differently_is_refused_naming_t
     with pytest.raises(UserError, match=r"^token_shift=False contradicts the model's diffusion spec \(trained with token_shift=True\)"):
         edlm.to_hf(ours, str(out), tokenizer_dir=write_tokenizer(tmp_path / "tok", vocab=128), token_shift=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_exported_self_speculative_generate_is_the_models_causal_greedy_decoding(exported, stop):
+    """strategy="self_speculative" (the dLM drafts, its causal mode verifies) keeps exactly what the same
+    weights decoding causally choose: the exported generate and efficient_dlm.generate both equal
+    efficient_dlm.generate(strategy="ar"), on ragged prompts, with a row stopping early."""
+    ours, hf = exported
+    ref = edlm.generate(ours, PROMPTS, max_new_tokens=MAX_NEW, strategy="ar")
+    stops, stop_tokens = {}, None
+    if stop:
+        stops, stop_tokens = dict(eos_token_id=ref.sequences[1][3]), [ref.sequences[1][3]]
+        ref = edlm.generate(ours, PROMPTS, max_new_tokens=MAX_NEW, strategy="ar", stop_tokens=stop_tokens)
+        assert len(ref.sequences[1]) <= 4
+    ids, mask = _torch_batch()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True,
+                      strategy="self_speculative", **stops)
+    assert out["new_tokens"] == ref.sequences
+    ours_spec = edlm.generate(ours, PROMPTS, max_new_tokens=MAX_NEW, strategy="self_speculative", stop_tokens=stop_tokens)
+    assert ours_spec.sequences == ref.sequences
+    lengths = [len(row) for row in ref.sequences]
+    assert all(v <= n for v, n in zip(out["verifier_forwards"], lengths))  # one verify keeps >= 1 token
+    assert out["row_forwards"] == [2 * v for v in out["verifier_forwards"]]  # one draft + one verify per iteration
+    assert sum(out["verifier_forwards"]) < sum(lengths)  # some drafts were accepted: the accept path ran
+
+
+def test_a_self_speculative_default_travels_with_the_model(exported, tmp_path):
+    """A spec whose default decoding is self_speculative: efficient_dlm.generate without a strategy is
+    generate(strategy="speculative", verifier="self"), and the export's generate without one decodes
+    self-speculatively too (its result counts verifier forwards) with the same tokens."""
+    ours, _ = exported
+    model = with_spec(ours, SPEC.replace(strategy="self_speculative"))
+    default = edlm.generate(model, PROMPTS, max_new_tokens=MAX_NEW)
+    explicit = edlm.generate(model, PROMPTS, max_new_tokens=MAX_NEW, strategy="speculative", verifier="self")
+    assert default.sequences == explicit.sequences and default.verifier_forwards == explicit.verifier_forwards
+    out = str(tmp_path / "hf")
+    edlm.to_hf(model, out, tokenizer_dir=write_tokenizer(tmp_path / "tok", vocab=128))
+    assert edlm.from_hf(out).spec.strategy == "self_speculative"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    ids, mask = _torch_batch()
+    result = hf.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True)
+    assert result["new_tokens"] == default.sequences and "verifier_forwards" in result
+    with pytest.raises(UserError, match=r"strategy='self_speculative' verifies with the dLM itself"):
+        edlm.generate(model, PROMPTS, max_new_tokens=MAX_NEW, strategy="self_speculative", verifier=ours)

@@ -131,8 +131,9 @@ def sample_program(config: Config, mesh: Mesh, batch: int = 8, prompt_len: int |
     kwargs = config.sample.generate_kwargs()
     # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
     # weights in the program (the worst case; verifier="self" holds one set).
-    speculative = kwargs["strategy"] == "speculative"
-    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if speculative else None
+    strategy = kwargs["strategy"] or getattr(model.spec, "strategy", None)  # unset: the recipe's spec default
+    speculative = strategy in ("speculative", "self_speculative")
+    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if strategy == "speculative" else None
     prep = prepare(model, np.zeros((batch, prompt_len), np.int32), verifier=verifier, **kwargs)
     if speculative:
         draft_graphdef, verify_graphdef, plan, draft_state, verify_state, inputs, knobs = prep.args
@@ -150,7 +151,7 @@ def sample_program(config: Config, mesh: Mesh, batch: int = 8, prompt_len: int |
     }
     knobs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in knobs.items()}
     shard = lambda s: sharding.abstract_arrays(s, sharding.state_shardings(s, mesh))  # noqa: E731
-    state = tuple(shard(s) for s in state) if speculative else shard(state)
+    state = tuple(None if s is None else shard(s) for s in state) if speculative else shard(state)
     return Program(
         "sampler", run, (state, inputs, knobs), ("params", "inputs", "knobs"),
         notes=dict(**notes, prompt_len=prompt_len, **prep.shapes, attention=cfg.attention_backend,
@@ -179,8 +180,8 @@ def serve_program(config: Config, mesh: Mesh, slots: int = 8, prompt_len: int | 
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))
     kwargs = config.sample.generate_kwargs()
-    speculative = kwargs["strategy"] == "speculative"
-    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if speculative else None
+    strategy = kwargs["strategy"] or getattr(model.spec, "strategy", None)  # unset: the recipe's spec default
+    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if strategy == "speculative" else None
     layout = engine_layout(model, EngineConfig(
         slots=slots, max_prompt_tokens=prompt_len, max_new_tokens=kwargs["max_new_tokens"], strategy=kwargs["strategy"],
         block_size=kwargs["block_size"], draft_steps=kwargs["draft_steps"]), verifier)
@@ -191,15 +192,17 @@ def serve_program(config: Config, mesh: Mesh, slots: int = 8, prompt_len: int | 
     shard = lambda m: sharding.abstract_arrays(nnx.state(m), sharding.state_shardings(nnx.state(m), mesh))  # noqa: E731
     notes = dict(strategy=layout.strategy, slots=slots, batch=slots, max_prompt_tokens=prompt_len,
                  max_new_tokens=kwargs["max_new_tokens"], block_size=layout.geometry.block_size)
-    if speculative:
+    if layout.kind == "speculative":  # self-verification (self_speculative) holds one set of weights
         geo, plan = layout.spec_geometry, dataclasses.replace(layout.spec, sampled=True)
         widths = max(geo.all_widths())
-        draft_graphdef, verify_graphdef = nnx.graphdef(model), nnx.graphdef(verifier)
+        self_verify = plan.spec.self_verify
+        draft_graphdef, verify_graphdef = nnx.graphdef(model), None if self_verify else nnx.graphdef(verifier)
         caches = (_abstract_cache(cfg, mesh, slots, geo.draft.cache_size),
-                  _abstract_cache(verifier.config, mesh, slots, geo.verify_cache_size))
+                  _abstract_cache((model if self_verify else verifier).config, mesh, slots, geo.verify_cache_size))
         run = lambda params, caches, inputs, knobs: spec_lib.spec_step(  # noqa: E731
             draft_graphdef, verify_graphdef, plan, *params, *caches, inputs, knobs)
-        args = ((shard(model), shard(verifier)), caches, rows(spec_lib.empty_inputs(geo, widths)), knobs)
+        args = ((shard(model), None if self_verify else shard(verifier)), caches, rows(spec_lib.empty_inputs(geo, widths)),
+                knobs)
         notes.update(chunk_widths=widths, cache_size=geo.draft.cache_size, verifier_cache_size=geo.verify_cache_size)
     else:
         geo, plan = layout.geometry, dataclasses.replace(layout.plan, sampled=True)

@@ -25,7 +25,9 @@ SPEC_NAME = "diffusion_spec.json"
 # The training attention pattern (METHOD.md section 1). Decoding is block-causal with the exact prefix
 # cache for all three; "block_diffusion" (clean context) and "block" were trained at block_size.
 ATTENTION_PATTERNS = ("block_diffusion", "block", "bidirectional")
-DECODING_STRATEGIES = ("threshold", "topk", "factor", "entropy")
+# self_speculative: the dLM drafts, its own causal mode verifies (lossless w.r.t. that mode; docs/METHOD.md
+# section 6) -- the one speculative decoding a model can default to, as it needs no other model.
+DECODING_STRATEGIES = ("threshold", "topk", "factor", "entropy", "self_speculative")
 DECODING_FIELDS = ("strategy", "threshold", "tokens_per_step", "factor", "entropy_bound")
 
 

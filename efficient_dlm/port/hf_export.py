@@ -37,7 +37,7 @@ log = logging.getLogger("efficient_dlm")
 
 FORMATS = ("auto", "dlm", "ar")
 MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling")
-MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py", "moe_edlm.py", "decoding_edlm.py")
+MODELING_FILES = ("configuration_edlm.py", "modeling_edlm.py", "moe_edlm.py", "decoding_edlm.py", "speculative_edlm.py")
 # A tokenizer directory must hold one of these to be loadable by AutoTokenizer.
 TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model")
 METRICS_FILE = "metrics.jsonl"  # written by the trainer (train/metrics.py) in a run directory

@@ -50,6 +50,8 @@ def recipe_rows(extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decoding(spec: DiffusionSpec) -> str:
+    if spec.strategy == "self_speculative":
+        return "self_speculative (the dLM drafts each block, its own causal mode verifies: lossless w.r.t. that mode)"
     knob = {"threshold": "threshold", "topk": "tokens_per_step", "factor": "factor", "entropy": "entropy_bound"}[spec.strategy]
     return f"{spec.strategy}, {knob} {getattr(spec, knob)}"
 

@@ -27,7 +27,10 @@ from efficient_dlm.sample.program import Plan, stop_id_array, streaming
 from efficient_dlm.sample.speculative import check_verifier, prepare_speculative
 from efficient_dlm.sample.strategies import STRATEGIES
 
-ALL_STRATEGIES = ("ar", *STRATEGIES, "speculative")
+# self_speculative: strategy="speculative" with verifier="self" (the dLM's own causal mode verifies). A complete
+# decoding that needs no other model, so a DiffusionSpec can name it as the model's default.
+SELF_SPECULATIVE = "self_speculative"
+ALL_STRATEGIES = ("ar", *STRATEGIES, "speculative", SELF_SPECULATIVE)
 
 _diffusion_jit = jax.jit(diffusion_program, static_argnums=(0, 1))
 _ar_jit = jax.jit(ar_program, static_argnums=(0, 1))
@@ -103,6 +106,16 @@ def check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_s
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if not _is_int(top_k) or top_k < 0:
         raise UserError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+
+
+def self_verified(strategy: str, verifier):
+    """(strategy, verifier) with "self_speculative" spelled out as "speculative" verified by "self"."""
+    if strategy != SELF_SPECULATIVE:
+        return strategy, verifier
+    if verifier not in (None, "self"):
+        raise UserError("strategy='self_speculative' verifies with the dLM itself; give strategy='speculative' "
+                        "with verifier= to verify with another model")
+    return "speculative", "self"
 
 
 def _is_int(value) -> bool:
@@ -193,6 +206,7 @@ def prepare(
     strategy, threshold, tokens_per_step, factor, entropy_bound = (
         d["strategy"], d["threshold"], d["tokens_per_step"], d["factor"], d["entropy_bound"])
     block_size, valid_vocab_size, token_shift = d["block_size"], d["valid_vocab_size"], d["token_shift"]
+    strategy, verifier = self_verified(strategy, verifier)
     check_settings(strategy, max_new_tokens, block_size, threshold, tokens_per_step, temperature, top_p, top_k)
     for name, value in (("factor", factor), ("entropy_bound", entropy_bound)):
         if not (math.isfinite(value) and value > 0):
@@ -288,6 +302,8 @@ def generate(
     decoding (strategy="ar") would produce: the same tokens when greedy, the same distribution when sampled.
     fuse_draft (default True; applies to verifier="self" with draft_steps=1): the verifier's forward also
     drafts the next block, so a fully accepted block costs one forward (sample/speculative.py).
+    strategy "self_speculative" is "speculative" with verifier="self": a decoding that needs no other
+    model, so a recipe can make it the model's default (sample.strategy, recorded in its DiffusionSpec).
     quantize ("int8" | "fp8" | "none"; None: the model as it is): per-channel quantized weights (qwix,
     models/quantize.py), with quantize_activations (matmul inputs per token to the same type),
     quantize_lm_head and quantize_embed choosing those two tables; quantize_kv "int8": keys and values

@@ -97,7 +97,7 @@ def run(config, FLAGS) -> int:
         kwargs.update(strategy=strategy, verifier=load_verifier(FLAGS.verifier, config))
     elif kwargs["strategy"] == "speculative":
         raise UserError("sample.strategy=speculative needs --verifier CKPT (an AR checkpoint) or --verifier self")
-    if FLAGS.stream and kwargs["strategy"] == "speculative":
+    if FLAGS.stream and strategy in ("speculative", "self_speculative"):
         raise UserError("--stream is not supported with --verifier (speculative decoding)")
     records, tokens, forwards, seconds = [], 0, 0, 0.0
     for i in range(0, len(prompts), FLAGS.batch_size):

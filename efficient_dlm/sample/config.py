@@ -17,7 +17,7 @@ from efficient_dlm.sample.api import ALL_STRATEGIES, check_settings
 from efficient_dlm.section import Section
 
 _SPEC_DEFAULTS = DiffusionSpec(mask_token_id=0)  # what an unset key means when the model records no spec
-BENCH_STRATEGIES = (*ALL_STRATEGIES, "self_speculative")
+BENCH_STRATEGIES = ALL_STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,7 @@ class SampleConfig(Section):
     SECTION = "sample"
 
     strategy: str = ""  # threshold | topk | factor | entropy (block diffusion) | ar (causal baseline) | speculative
+    # (--verifier) | self_speculative (the dLM verifies itself: a model default the DiffusionSpec records)
     threshold: float | None = None  # threshold: commit every masked position with confidence >= this
     tokens_per_step: int | None = None  # topk: positions committed per step
     factor: float | None = None  # factor (Fast-dLLM): commit n while the n-th confidence >= 1 - f / (n + 1)

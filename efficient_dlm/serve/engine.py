@@ -26,7 +26,7 @@ import numpy as np
 
 from efficient_dlm.diffusion.spec import resolve_decoding, spec_of
 from efficient_dlm.errors import UserError
-from efficient_dlm.sample.api import check_model
+from efficient_dlm.sample.api import check_model, self_verified
 from efficient_dlm.sample.layout import position_limit
 from efficient_dlm.sample.choice import Sampling
 from efficient_dlm.sample.program import MAX_STOP_TOKENS, Plan
@@ -107,7 +107,7 @@ def engine_layout(model, config: EngineConfig, verifier=None) -> Layout:
     cfg, spec = model.config, spec_of(model)
     default = "speculative" if verifier is not None else (
         "ar" if cfg.mask_token_id is None else (spec.strategy if spec else "threshold"))
-    strategy = config.strategy or default
+    strategy, verifier = self_verified(config.strategy or default, verifier)
     if strategy not in ("ar", "speculative", *STRATEGIES):
         raise UserError(f"serve: strategy must be ar, speculative or one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "speculative":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 STRATEGIES = ("threshold", "topk", "factor", "entropy")
+SELF_SPECULATIVE = "self_speculative"  # the dLM drafts, its causal mode verifies (speculative_edlm.py)
 # generate arguments that tokenizers and pipelines pass and that do not change greedy decoding, and
 # the values of standard arguments that agree with it; anything else is refused, not ignored.
 IGNORED_GENERATE_ARGS = ("token_type_ids", "use_cache", "generation_config")
@@ -81,14 +82,15 @@ def settings(cfg, kwargs: dict, given: dict) -> dict:
     )
     if unsupported:
         raise ValueError(f"generate does not support {', '.join(unsupported)} (greedy decoding only)")
-    if out["strategy"] not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {out['strategy']!r}")
+    if out["strategy"] not in (*STRATEGIES, SELF_SPECULATIVE):
+        raise ValueError(f"strategy must be one of {', '.join((*STRATEGIES, SELF_SPECULATIVE))}, got {out['strategy']!r}")
     if int(out["block_size"]) <= 0 or int(out["tokens_per_step"]) < 1 or not 0.0 <= float(out["threshold"]) <= 1.0:
         raise ValueError(f"need block_size > 0, tokens_per_step >= 1 and threshold in [0, 1], got {out}")
     return out
 
 
-def _allowed(cfg, mask_id: int, device) -> torch.Tensor:
+def allowed_ids(cfg, mask_id: int, device) -> torch.Tensor:
+    """[vocab] bool: the ids decoding may choose (never [MASK], never vocabulary padding)."""
     allowed = torch.ones(cfg.vocab_size, dtype=torch.bool, device=device)
     allowed[mask_id] = False
     if getattr(cfg, "valid_vocab_size", None):
@@ -102,7 +104,7 @@ def diffusion_generate(model, prompts: list, max_new_tokens: int, knobs: dict, m
     cfg, size, strategy = model.config, int(knobs["block_size"]), knobs["strategy"]
     batch, device = len(prompts), prompts[0].device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    allowed = _allowed(cfg, mask_id, device)
+    allowed = allowed_ids(cfg, mask_id, device)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     rope_length = lengths + max_new_tokens  # one dynamic-RoPE scale for the whole generation (rope_tables)
     cache, last_logits, _ = model._prefill(prompts, size, pad, rope_length)

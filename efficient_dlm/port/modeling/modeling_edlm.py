@@ -7,7 +7,9 @@ run, as the model was trained (docs/METHOD.md of efficient_dlm):
   (`attention="causal"` and `"bidirectional"` are available too);
 - `generate` decodes block by block (decoding_edlm.py): a block starts as [MASK] tokens and each step
   commits the masked positions the strategy picks (threshold, topk, factor or entropy, as
-  efficient_dlm.generate), with an exact prefix KV cache: a block's keys and values are cached once final.
+  efficient_dlm.generate), with an exact prefix KV cache: a block's keys and values are cached once final;
+  or, strategy "self_speculative" (speculative_edlm.py), drafts each block in one step and keeps what the
+  same weights decoding causally would say (lossless with respect to that causal mode).
 This file is tested on every efficient_dlm commit against the JAX model: logits within 1e-4 (float32)
 and `generate` token for token.
 """
@@ -23,9 +25,10 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_edlm import EdlmConfig
-from .decoding_edlm import diffusion_generate
+from .decoding_edlm import SELF_SPECULATIVE, allowed_ids, diffusion_generate
 from .decoding_edlm import settings as decoding_settings
 from .moe_edlm import EdlmRouter, feed_forward
+from .speculative_edlm import self_speculative_generate
 
 ATTENTION_PATTERNS = ("block", "causal", "bidirectional")
 
@@ -175,6 +178,11 @@ class EdlmPrefixCache:
         values = [torch.cat([old, new], dim=1) for old, (_, new) in zip(self.values, chunk_kv)]
         valid, positions = torch.cat([self.valid, valid], 1), torch.cat([self.positions, positions], 1)
         return EdlmPrefixCache(keys, values, valid, positions, self.rope_length)
+
+    def truncated(self, length: int) -> "EdlmPrefixCache":
+        """The first `length` slots (speculative decoding keeps the keys of the accepted tokens only)."""
+        return EdlmPrefixCache([k[:, :length] for k in self.keys], [v[:, :length] for v in self.values],
+                               self.valid[:, :length], self.positions[:, :length], self.rope_length)
 
     @classmethod
     def from_chunk(cls, chunk_kv, valid: torch.Tensor, positions: torch.Tensor, rope_length: torch.Tensor) -> "EdlmPrefixCache":
@@ -445,7 +453,9 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
     ):
         """Greedy block-diffusion decoding with an exact prefix KV cache, as efficient_dlm.generate
         (decoding_edlm.py: the strategies threshold, topk, factor, entropy and their knobs, with the
-        same names; each defaults to the exported config, i.e. the model's diffusion spec).
+        same names; each defaults to the exported config, i.e. the model's diffusion spec), or
+        self-speculative decoding (strategy="self_speculative", speculative_edlm.py: the output is the
+        model's own greedy causal decoding; the result dict adds `verifier_forwards` per row).
 
         input_ids [batch, length] with attention_mask marking real tokens (left or right padding).
         Row b's prompt of n tokens occupies positions 0..n-1 and blocks are aligned to multiples of
@@ -480,7 +490,14 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         prompts = [row[keep] for row, keep in zip(input_ids, real)]
         if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
-        new_tokens, end, row_forwards, steps = diffusion_generate(self, prompts, max_new_tokens, knobs, mask_id, stops, pad)
+        extra = {}
+        if knobs["strategy"] == SELF_SPECULATIVE:
+            allowed = allowed_ids(cfg, mask_id, input_ids.device)
+            new_tokens, end, row_forwards, verifies = self_speculative_generate(
+                self, prompts, max_new_tokens, int(knobs["block_size"]), mask_id, stops, pad, allowed)
+            steps, extra = int(row_forwards.sum()), {"verifier_forwards": verifies.tolist()}
+        else:
+            new_tokens, end, row_forwards, steps = diffusion_generate(self, prompts, max_new_tokens, knobs, mask_id, stops, pad)
         sequences = torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)
         if not return_dict_in_generate:
             return sequences
@@ -490,4 +507,5 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
             "row_forwards": row_forwards.tolist(),
             "forward_passes": steps,
             "tokens_per_forward": int(end.sum()) / max(int(row_forwards.sum()), 1),
+            **extra,
         }
