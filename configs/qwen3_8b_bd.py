@@ -31,8 +31,10 @@ def get_config():
     #   checkpoint decodes AR, by diffusion, and self-speculatively): on the demo, ar_weight 4 kept the
     #   causal mode within 0.4 points of the teacher (98.8 vs 99.2%) while fused self-speculation
     #   committed 4.7 tokens per forward, and it lifted threshold decoding too; ar_weight 0 left the
-    #   causal mode at 70%. Decode with `--verifier self` (lossless w.r.t. the causal mode). The weight is
-    #   the demo's (Nemotron-Labs does not publish one); it costs one causal forward per step (~1.5x).
+    #   causal mode at 70%. The weight is the demo's (Nemotron-Labs does not publish one); it costs one
+    #   causal forward per step (~1.5x). So the default decoding, recorded in the checkpoint's spec, is
+    #   self-speculation (sample.strategy below; lossless w.r.t. the causal mode; `edlm aot --programs=sample`
+    #   compiles it with one set of weights; `--config.sample.strategy=threshold` for the diffusion decoder).
     d.block_size_schedule = "0:4,1000:8,2000:16,4000:32"
     d.confidence_weight = 1.0
     d.ar_weight = 4.0
@@ -59,5 +61,6 @@ def get_config():
     t.eval_every = 500
     t.eval_batches = 16
     t.log_every = 10
+    c.sample.strategy = "self_speculative"
     c.run_dir = "runs/qwen3_8b_bd"
     return c
