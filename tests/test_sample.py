@@ -132,7 +132,7 @@ def test_ar_baseline_equals_naive_argmax_loop(model):
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
         (dict(prompt_bucket=8), "prompt 0 has 9 tokens, longer than the cache's prompt capacity prompt_bucket=8"),
         (dict(max_new_tokens=125), "beyond the model's max_position_embeddings=128"),
-        (dict(strategy="greedy"), "strategy must be one of ar, threshold, topk, factor, entropy, speculative, got 'greedy'"),
+        (dict(strategy="greedy"), "strategy must be one of ar, threshold, topk, factor, entropy, speculative, self_speculative, got 'greedy'"),
         (dict(threshold=1.5), "threshold must be in [0, 1], got 1.5"),
         (dict(prompts=[[3], []]), "prompt 1 is empty"),
         (dict(prompts=[[3, 96]]), "prompt 0 holds token id 96 outside the vocabulary (size 96)"),
