@@ -132,6 +132,13 @@ def test_ablation_variants_share_the_demo_data(demo_dir, args):
     ar = _json(os.path.join(out, "ar", "stages", "evaluate.json"))["results"]
     assert ar["dlm"][0]["strategy"] == "ar" and ar["dlm"][0]["tokens_per_forward"] == pytest.approx(1.0)
     assert open(os.path.join(out, "ablation.png"), "rb").read(4) == b"\x89PNG"
+    # A later selection resumes the same variant directories (nothing retrains) and tables them alone.
+    marker = os.path.join(out, "block8", "stages", "convert.json")
+    trained = os.path.getmtime(marker)
+    assert cli.main([*argv[:-2], "--config.demo.variants=block8", "--config.demo.thresholds=0.9"]) == 0
+    assert os.path.getmtime(marker) == trained
+    assert "| block8 |" in open(os.path.join(out, "results.md")).read()
+    assert "| ar |" not in open(os.path.join(out, "results.md")).read()
 
 
 def test_missing_teacher_is_one_clear_error(tmp_path, capsys):

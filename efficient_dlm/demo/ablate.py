@@ -41,8 +41,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def variant_config(config: Config, name: str) -> Config:
     if name not in VARIANTS:
         raise UserError(f"unknown ablation variant {name!r}; choose from {', '.join(VARIANTS)}")
-    # The table compares training methods under the threshold decoder: no speculative settings.
-    return override(config, {"demo.speculative": "", "demo.default": "", **VARIANTS[name][1]})
+    # The table compares training methods under the threshold decoder: no speculative settings. The
+    # selection (demo.variants) is not part of a variant's recipe: variants run one at a time and later
+    # together resume the same directories.
+    return override(config, {"demo.speculative": "", "demo.default": "", "demo.variants": "", **VARIANTS[name][1]})
 
 
 def selected(config: Config) -> list[str]:
