@@ -14,8 +14,8 @@ decoding its default, self-speculation (`--config.sample.strategy=threshold` for
 demo already converts on the tasks as prompt / response records with the "plain" template (prompt
 clean, answers supervised); this recipe renders the same tasks with the builtin chat template instead
 ("<|role|>" + content + EOS per turn, generation prompt "<|assistant|>", since the demo tokenizer ships
-none), so the dLM learns to answer a user turn, at the conversion's rate (below). The held-out prompts are the demo's (same seed and tasks). `edlm sample` with references
-reports exact-match accuracy and tokens per forward (docs/BENCHMARKS.md, "Chat SFT on the demo").
+none), so the dLM learns to answer a user turn, at the conversion's rate (below). The held-out prompts
+are the demo's (same seed and tasks). `edlm sample` with references reports exact-match accuracy and tokens per forward (docs/BENCHMARKS.md, "Chat SFT on the demo").
 """
 from efficient_dlm.config import sibling_recipe
 

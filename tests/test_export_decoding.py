@@ -113,7 +113,13 @@ def test_a_self_speculative_default_travels_with_the_model(exported, tmp_path):
     generate(strategy="speculative", verifier="self"), and the export's generate without one decodes
     self-speculatively too (its result counts verifier forwards) with the same tokens."""
     ours, _ = exported
-    model = with_spec(ours, SPEC.replace(strategy="self_speculative"))
+    try:
+        _self_speculative_default(with_spec(ours, SPEC.replace(strategy="self_speculative")), ours, tmp_path)
+    finally:
+        with_spec(ours, SPEC)  # the module's model is shared: give it back its own spec
+
+
+def _self_speculative_default(model, ours, tmp_path):
     default = edlm.generate(model, PROMPTS, max_new_tokens=MAX_NEW)
     explicit = edlm.generate(model, PROMPTS, max_new_tokens=MAX_NEW, strategy="speculative", verifier="self")
     assert default.sequences == explicit.sequences and default.verifier_forwards == explicit.verifier_forwards

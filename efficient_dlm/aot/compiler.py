@@ -129,12 +129,8 @@ def sample_program(config: Config, mesh: Mesh, batch: int = 8, prompt_len: int |
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))  # as the trainer records it
     model = quantize_model(model, **quantization_kwargs(config.sample))  # sample.quantize / --quantize: abstract too
     kwargs = config.sample.generate_kwargs()
-    # Speculative: the dLM drafts and an AR teacher of the same architecture verifies, both models'
-    # weights in the program (the worst case; verifier="self" holds one set).
-    strategy = kwargs["strategy"] or getattr(model.spec, "strategy", None)  # unset: the recipe's spec default
-    speculative = strategy in ("speculative", "self_speculative")
-    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if strategy == "speculative" else None
-    prep = prepare(model, np.zeros((batch, prompt_len), np.int32), verifier=verifier, **kwargs)
+    prep = prepare(model, np.zeros((batch, prompt_len), np.int32), verifier=_teacher_verifier(cfg, kwargs), **kwargs)
+    speculative = "draft_steps" in prep.shapes  # what prepare resolved (self_speculative included)
     if speculative:
         draft_graphdef, verify_graphdef, plan, draft_state, verify_state, inputs, knobs = prep.args
         state = (draft_state, verify_state)
@@ -170,6 +166,13 @@ def _abstract_cache(cfg: ModelConfig, mesh: Mesh, slots: int, size: int) -> KVCa
                          start=rows(cache.start), length=rows(cache.length), rope_length=rows(cache.rope_length))
 
 
+def _teacher_verifier(cfg: ModelConfig, kwargs: dict):
+    """sample.strategy "speculative": the dLM drafts and an AR teacher of the same architecture verifies,
+    both models' weights in the program (the worst case); None otherwise (a spec never records
+    "speculative"; its self_speculative verifies with the dLM's own weights: one set)."""
+    return abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if kwargs["strategy"] == "speculative" else None
+
+
 def serve_program(config: Config, mesh: Mesh, slots: int = 8, prompt_len: int | None = None) -> Program:
     """The block-step program of `edlm serve` (efficient_dlm/serve: one call advances every slot by one
     block, one AR token, or one draft + verify iteration per sample.strategy) for `slots` slots holding
@@ -180,8 +183,7 @@ def serve_program(config: Config, mesh: Mesh, slots: int = 8, prompt_len: int | 
     prompt_len = prompt_len or config.data.seq_len // 2
     model = with_spec(abstract_model(cfg), spec_from_recipe(to_plain(config), cfg))
     kwargs = config.sample.generate_kwargs()
-    strategy = kwargs["strategy"] or getattr(model.spec, "strategy", None)  # unset: the recipe's spec default
-    verifier = abstract_model(dataclasses.replace(cfg, mask_token_id=None)) if strategy == "speculative" else None
+    verifier = _teacher_verifier(cfg, kwargs)
     layout = engine_layout(model, EngineConfig(
         slots=slots, max_prompt_tokens=prompt_len, max_new_tokens=kwargs["max_new_tokens"], strategy=kwargs["strategy"],
         block_size=kwargs["block_size"], draft_steps=kwargs["draft_steps"]), verifier)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_edlm import EdlmConfig
-from .decoding_edlm import SELF_SPECULATIVE, allowed_ids, diffusion_generate
+from .decoding_edlm import SELF_SPECULATIVE, diffusion_generate
 from .decoding_edlm import settings as decoding_settings
 from .moe_edlm import EdlmRouter, feed_forward
 from .speculative_edlm import self_speculative_generate
@@ -491,10 +491,9 @@ class EdlmForDiffusionLM(EdlmPreTrainedModel):
         if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
         extra = {}
-        if knobs["strategy"] == SELF_SPECULATIVE:
-            allowed = allowed_ids(cfg, mask_id, input_ids.device)
+        if knobs["strategy"] == SELF_SPECULATIVE:  # rows one at a time: each row forward is a forward
             new_tokens, end, row_forwards, verifies = self_speculative_generate(
-                self, prompts, max_new_tokens, int(knobs["block_size"]), mask_id, stops, pad, allowed)
+                self, prompts, max_new_tokens, knobs, mask_id, stops, pad)
             steps, extra = int(row_forwards.sum()), {"verifier_forwards": verifies.tolist()}
         else:
             new_tokens, end, row_forwards, steps = diffusion_generate(self, prompts, max_new_tokens, knobs, mask_id, stops, pad)

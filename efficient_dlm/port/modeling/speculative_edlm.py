@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .decoding_edlm import allowed_ids
+
 
 def _argmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.float().masked_fill(~allowed, float("-inf")).argmax(dim=-1)
@@ -43,8 +45,8 @@ def _draft(model, block, positions, final: int, cache, last_logits, rope_length,
 
 
 def _verify(model, pending: int, drafts, position: int, cache, rope_length, allowed):
-    """(kept tokens, accepted drafts, cache with the kept tokens' keys): one causal forward of
-    [last final token ; drafts] at positions position - 1, position, ..."""
+    """(kept tokens, cache with the kept tokens' keys): one causal forward of [last final token ; drafts]
+    at positions position - 1, position, ..."""
     device = drafts.device
     tokens = torch.cat([torch.tensor([pending], device=device), drafts])[None]
     positions = torch.arange(position - 1, position - 1 + tokens.shape[1], device=device)[None]
@@ -54,7 +56,7 @@ def _verify(model, pending: int, drafts, position: int, cache, rope_length, allo
     agree = (drafts == choice[: len(drafts)]).long()
     accepted = int(torch.cumprod(agree, dim=0).sum())
     cached = (0 if cache is None else cache.get_seq_length()) + 1 + accepted  # pending + accepted drafts
-    return choice[: accepted + 1], accepted, out.past_key_values.truncated(cached)
+    return choice[: accepted + 1], out.past_key_values.truncated(cached)
 
 
 def self_speculative_row(model, prompt: torch.Tensor, max_new_tokens: int, block_size: int, mask_id: int,
@@ -72,7 +74,7 @@ def self_speculative_row(model, prompt: torch.Tensor, max_new_tokens: int, block
         positions = torch.arange(start, start + size, device=device)
         block = torch.tensor(tokens[start:] + [mask_id] * (size - final), device=device)
         drafts = _draft(model, block, positions, final, draft_cache, last_logits, rope_length, allowed)
-        kept, _, verify_cache = _verify(model, pending, drafts, len(tokens), verify_cache, rope_length, allowed)
+        kept, verify_cache = _verify(model, pending, drafts, len(tokens), verify_cache, rope_length, allowed)
         forwards, verifies = forwards + 2, verifies + 1
         kept = kept.tolist()[: max_new_tokens - (len(tokens) - n)]
         stop = next((i for i, t in enumerate(kept) if t in stops), None)
@@ -90,12 +92,13 @@ def self_speculative_row(model, prompt: torch.Tensor, max_new_tokens: int, block
     return out, len(new), forwards, verifies
 
 
-def self_speculative_generate(model, prompts: list, max_new_tokens: int, block_size: int, mask_id: int, stops: list,
-                              pad: int, allowed: torch.Tensor):
-    """Every row in turn; returns (new tokens [batch, max_new_tokens], end per row, row forwards, verifier
-    forwards per row)."""
-    rows = [self_speculative_row(model, p, max_new_tokens, block_size, mask_id, stops, pad, allowed) for p in prompts]
+def self_speculative_generate(model, prompts: list, max_new_tokens: int, knobs: dict, mask_id: int, stops: list, pad: int):
+    """Every row in turn (arguments as decoding_edlm.diffusion_generate's); returns (new tokens [batch,
+    max_new_tokens], end per row, row forwards, verifier forwards per row)."""
     device = prompts[0].device
+    allowed = allowed_ids(model.config, mask_id, device)
+    size = int(knobs["block_size"])
+    rows = [self_speculative_row(model, p, max_new_tokens, size, mask_id, stops, pad, allowed) for p in prompts]
     new_tokens = torch.stack([r[0] for r in rows])
     end, row_forwards, verifies = (torch.tensor([r[i] for r in rows], device=device) for i in (1, 2, 3))
     return new_tokens, end, row_forwards, verifies
