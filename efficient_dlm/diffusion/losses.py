@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from efficient_dlm.models.reductions import argmax
+
 
 class TokenStats(NamedTuple):
     """Per-token results, each [B, L]: cross-entropy, log-partition (for z-loss), argmax == target, and
@@ -57,7 +59,7 @@ def _stats_from_logits(logits: jax.Array, targets: jax.Array, valid_vocab: int |
     logits = mask_padded_vocab(logits, valid_vocab)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (argmax(logits) == targets).astype(jnp.float32)
     entropy = None if entropy_temperature is None else entropy_from_logits(logits, entropy_temperature)
     return TokenStats(lse - target_logit, lse, correct, entropy)
 

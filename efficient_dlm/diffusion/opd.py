@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from efficient_dlm.diffusion.losses import entropy_from_logits, mask_padded_vocab
 from efficient_dlm.diffusion.objectives import Example, Objective
+from efficient_dlm.models.reductions import argmax
 
 OBJECTIVE = "opd"
 STATE_MODES = ("sequence", "block")
@@ -158,7 +159,7 @@ def kl_from_logits(
         log_p = jax.nn.log_softmax(teacher, axis=-1)
         log_q_at = log_q[..., : teacher.shape[-1]]
     kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q_at), axis=-1)
-    agree = jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)
+    agree = argmax(student) == argmax(teacher)
     entropy = None if entropy_temperature is None else entropy_from_logits(student, entropy_temperature)
     return DistillStats(kl, agree.astype(jnp.float32), entropy)
 

@@ -27,6 +27,7 @@ from flax import nnx
 from efficient_dlm.diffusion import corruption
 from efficient_dlm.diffusion.losses import token_stats
 from efficient_dlm.diffusion.objectives import Objective, corrupt, predict_hidden
+from efficient_dlm.models.reductions import argmax
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
@@ -73,7 +74,7 @@ def _ar_program(graphdef, state, tokens, targets, weights):
     logits = model(tokens)
     logp = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    hit = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
+    hit = (argmax(logits) == targets) | (weights == 0)
     return jnp.sum(weights * target_logp, axis=1), jnp.all(hit, axis=1)
 
 

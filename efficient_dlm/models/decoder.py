@@ -64,13 +64,31 @@ def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, count: int, make=make_layer
 
 
 def _grouped(tree, start: int, repeats: int, per_group: int):
-    """Leading-axis entries start .. start + repeats * per_group of `tree`, as [repeats, per_group, ...]."""
+    """Leading-axis entries start .. start + repeats * per_group of `tree`, as [repeats, per_group, ...], or as
+    [repeats, ...] when per_group is 1 (every layer its own group: the common case). Why no unit axis: inside
+    the sampler's loops the weights and caches are loop-carried buffers, and XLA:CPU gave the [repeats, 1, ...]
+    reshape a layout of its own and copied every weight and cache into it on every forward (6 MB per
+    denoising step on the demo model, the whole measured sampler overhead; docs/BENCHMARKS.md)."""
+    if per_group == 1:
+        return jax.tree.map(lambda a: a[start : start + repeats], tree)
     return jax.tree.map(lambda a: a[start : start + repeats * per_group].reshape(repeats, per_group, *a.shape[1:]), tree)
 
 
-def _flat(tree):
-    """[repeats, per_group, ...] -> [repeats * per_group, ...]."""
-    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+def _member(tree, i: int, per_group: int):
+    """Entry i of one group of `_grouped` (the group itself when it has one member)."""
+    return tree if per_group == 1 else jax.tree.map(lambda a: a[i], tree)
+
+
+def _stacked(items: list, per_group: int):
+    """Per-member outputs of one group, stacked as `_grouped` holds them (no axis for one member)."""
+    if not items:
+        return {}
+    return items[0] if per_group == 1 else jax.tree.map(lambda *a: jnp.stack(a), *items)
+
+
+def _flat(tree, per_group: int):
+    """[repeats, per_group, ...] (or [repeats, ...] for one member) -> [repeats * per_group, ...]."""
+    return tree if per_group == 1 else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
 
 
 def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches, remat_policy: str, scan: bool = True,
@@ -82,10 +100,10 @@ def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches
     """
     names = sorted({kind.stack for kind in segment.group})
     split = {name: nnx.split(stacks[name]) for name in names}
-    states = {
-        name: _grouped(split[name][1], segment.offsets[name], segment.repeats, segment.per_group(name)) for name in names
-    }
+    members = {name: segment.per_group(name) for name in names}
+    states = {name: _grouped(split[name][1], segment.offsets[name], segment.repeats, members[name]) for name in names}
     width = len(segment.group)
+    routed = sum(kind.stack != DENSE_STACK for kind in segment.group)
     caches = _grouped(caches, segment.first, segment.repeats, width)
 
     def body(x, xs):
@@ -94,15 +112,14 @@ def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches
         kvs, stats = [], []
         for j, kind in enumerate(segment.group):
             graphdef = split[kind.stack][0]
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[used[kind.stack]], group_states[kind.stack]))
+            layer = nnx.merge(graphdef, _member(group_states[kind.stack], used[kind.stack], members[kind.stack]))
             used[kind.stack] += 1
             extra = () if routing is None or kind.stack == DENSE_STACK else (routing,)
-            x, kv, aux = layer(x, cos, sin, make_attend(kind.window), jax.tree.map(lambda a: a[j], group_cache), *extra)
+            x, kv, aux = layer(x, cos, sin, make_attend(kind.window), _member(group_cache, j, width), *extra)
             kvs.append(kv)
             if kind.stack != DENSE_STACK:
                 stats.append(aux)
-        stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items) if items else {}  # noqa: E731
-        return x, (stack(kvs), stack(stats))
+        return x, (_stacked(kvs, width), _stacked(stats, routed))
 
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
@@ -114,7 +131,7 @@ def run_segment(stacks: dict, segment: Segment, h, cos, sin, make_attend, caches
             h, out = body(h, jax.tree.map(lambda a: a[i], (states, caches)))
             outs.append(out)
         kv, aux = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    return h, _flat(kv), _flat(aux)
+    return h, _flat(kv, width), _flat(aux, routed)
 
 
 class Decoder(nnx.Module):

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_dlm.models.cache import KVCache
+from efficient_dlm.models.reductions import argmax
 from efficient_dlm.sample.api import GenerateResult, generate
 from efficient_dlm.sample.config import SampleConfig
 from efficient_dlm.sample.inputs import Prompt, decode
@@ -103,7 +104,7 @@ def _bare_loop(model, batch: int, chunk: int, head: int, cache_size: int, attent
 
         def body(_, tokens):
             hidden, _ = model.decode(tokens, positions, cache, attention=attention, block_size=block_size)
-            chosen = jnp.argmax(model.logits(hidden[:, chunk - head :]), axis=-1).astype(jnp.int32)
+            chosen = argmax(model.logits(hidden[:, chunk - head :]))
             return tokens.at[:, chunk - head :].set(chosen)
 
         return jax.lax.fori_loop(0, iterations, body, tokens)

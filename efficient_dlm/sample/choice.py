@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_dlm.models import kernel_dispatch
+from efficient_dlm.models.reductions import argmax, max_and_argmax
 
 _NEG_INF = -jnp.inf
 
@@ -98,12 +99,11 @@ def choose_tokens(
     logits = jnp.where(jnp.asarray(allowed), raw, _NEG_INF)
     if sampling.greedy and not sampling.entropy:
         # The argmax's probability is 1 / sum(exp(z - max z)): one pass of exponentials, no gather.
-        top = jnp.max(logits, axis=-1, keepdims=True)
+        top, token = max_and_argmax(logits)
         confidence = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return Choice(token, confidence, jnp.zeros_like(confidence), raw)
     if sampling.greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = argmax(logits)
     else:
         logits = filtered_logits(raw, sampling, knobs, allowed)
         token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
