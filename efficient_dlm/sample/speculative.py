@@ -453,7 +453,7 @@ def prepare_speculative(model, verifier, rows, plan: Plan, *, block_size: int, d
     spec = dataclasses.replace(spec, draft=dataclasses.replace(spec.draft, num_blocks=lay.num_blocks))
     draft_graphdef, draft_state = nnx.split(model)
     verify_graphdef, verify_state = (None, None) if self_verify else nnx.split(verifier)
-    inputs = {name: jnp.asarray(value) for name, value in (lay.arrays() | ar.arrays()).items()}
+    inputs = lay.arrays() | ar.arrays()  # host numpy: jit transfers them (api.prepare)
     shapes = {"prompt_bucket": lay.prefix_len, "verifier_prompt_bucket": ar.prompt_len, "block_size": block_size,
               "cache_size": lay.cache_size, "draft_steps": int(draft_steps), "fused": spec.fused}
     args = (draft_graphdef, verify_graphdef, spec, draft_state, verify_state, inputs)
