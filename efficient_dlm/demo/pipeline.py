@@ -159,21 +159,16 @@ def stage_convert(run: DemoRun) -> dict[str, Any]:
 
 
 def _teacher_eval(run: DemoRun, items, tok, config: Config) -> dict[str, Any]:
-    """The AR teacher's task and text results, cached in the data directory (shared by variants)."""
+    """The AR teacher's task and text results, measured in this evaluate stage. Not cached across stages or
+    variants (it takes seconds): its tokens/s is the denominator of every "x AR" column, so it must come from
+    the same code and the same machine state as the dLM's, not from an earlier run of an older sampler."""
     d = run.config.demo
-    key = {"teacher": run.teacher, "batch": d.eval_batch, "max_new_tokens": d.max_new_tokens,
-           "text_batches": d.text_eval_batches, "seq_len": config.data.seq_len, "speed_prompts": d.speed_prompts}
-    cache = os.path.join(run.data_dir, "teacher_eval.json")
-    if os.path.exists(cache) and _read_json(cache)["key"] == key:
-        return _read_json(cache)["results"]
     model = from_hf(run.teacher)
-    results = {
+    return {
         "tasks": task_eval(model, tok, items, strategy="ar", batch_size=d.eval_batch, max_new_tokens=d.max_new_tokens,
                            speed_prompts=d.speed_prompts),
         "nll": text_eval(text_config(run), model, d.text_eval_batches, objective="ar")["nll_per_token"],
     }
-    _write_json(cache, {"key": key, "results": results})
-    return results
 
 
 def stage_evaluate(run: DemoRun) -> dict[str, Any]:
