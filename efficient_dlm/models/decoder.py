@@ -67,8 +67,8 @@ def _grouped(tree, start: int, repeats: int, per_group: int):
     """Leading-axis entries start .. start + repeats * per_group of `tree`, as [repeats, per_group, ...], or as
     [repeats, ...] when per_group is 1 (every layer its own group: the common case). Why no unit axis: inside
     the sampler's loops the weights and caches are loop-carried buffers, and XLA:CPU gave the [repeats, 1, ...]
-    reshape a layout of its own and copied every weight and cache into it on every forward (6 MB per
-    denoising step on the demo model, the whole measured sampler overhead; docs/BENCHMARKS.md)."""
+    reshape a layout of its own and copied every weight and cache into it on every forward (~6 MB, 54 copies
+    per denoising step on the demo model, the AR baseline's steps too; docs/BENCHMARKS.md, session 9)."""
     if per_group == 1:
         return jax.tree.map(lambda a: a[start : start + repeats], tree)
     return jax.tree.map(lambda a: a[start : start + repeats * per_group].reshape(repeats, per_group, *a.shape[1:]), tree)
