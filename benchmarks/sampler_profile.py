@@ -1,0 +1,98 @@
+"""Where a sampler step's time goes on XLA:CPU: overhead at a fixed forward count, and per-op time (docs/BENCHMARKS.md,
+"Session 9: where the sampler's excess went").
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/sampler_profile.py [--batch 1,8] [--threshold 1.0,0.0] \
+        [--repeats 9] [--profile] [--hlo OUT.txt]
+
+The model is the shipped demo teacher (architecture and weights of the demo's dLM; the weights do not change
+what a step costs). Threshold 1.0 commits one token per step (32 new tokens: a fixed number of forwards, no
+stop token), threshold 0.0 a whole block per step (per-block costs). For each setting it prints the best
+program time of `--repeats` calls against the same forwards as bare jitted forwards (sample/bench.py
+`bare_seconds`, what `edlm bench` reports as the sampler overhead). `--profile` adds a jax.profiler trace of
+3 calls at the first setting, summed per XLA:CPU thunk (the fusions, copies and loops of the compiled
+program, named as in its HLO: `--hlo` writes that HLO), the largest first.
+Why a script of its own: `edlm bench` needs trained checkpoints and measures whole decodings, whose forward
+counts depend on the weights; this isolates the program's per-step work.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import tempfile
+
+import jax
+import numpy as np
+
+import efficient_dlm as edlm
+from efficient_dlm.sample import bench
+from efficient_dlm.sample.api import prepare
+
+TEACHER = "efficient_dlm/assets/demo_teacher"
+
+
+def _settings(batch: int, threshold: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(5, 3000, size=int(n)).tolist() for n in rng.integers(12, 30, size=batch)]
+    kwargs = dict(strategy="threshold", threshold=threshold, block_size=16, max_new_tokens=32, stop_tokens=[],
+                  token_shift=True)
+    return prompts, kwargs
+
+
+def overhead(model, batch: int, threshold: float, repeats: int) -> str:
+    prompts, kwargs = _settings(batch, threshold)
+    results = [edlm.generate(model, prompts, **kwargs) for _ in range(repeats + 1)][1:]  # the first compiles
+    program = min(r.program_seconds for r in results)
+    bare = min(bench.bare_seconds(model, results[0], "threshold", 20)[0] for _ in range(repeats))
+    forwards = results[0].forward_passes
+    return (f"batch {batch} threshold {threshold}: {forwards} forwards, program {program * 1e3:.2f} ms, bare "
+            f"{bare * 1e3:.2f} ms, overhead {program / bare:.3f}, {program / forwards * 1e3:.3f} ms per forward")
+
+
+def profile(model, batch: int, threshold: float, top: int = 40) -> str:
+    from jax._src.lib import _profile_data  # jaxlib's reader of the trace's xplane
+
+    prompts, kwargs = _settings(batch, threshold)
+    for _ in range(2):
+        edlm.generate(model, prompts, **kwargs)
+    out = tempfile.mkdtemp(prefix="sampler_profile_")
+    jax.profiler.start_trace(out)
+    for _ in range(3):
+        edlm.generate(model, prompts, **kwargs)
+    jax.profiler.stop_trace()
+    data = _profile_data.ProfileData.from_file(sorted(glob.glob(f"{out}/**/*.xplane.pb", recursive=True))[-1])
+    total, count = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # the XLA:CPU worker threads
+                continue
+            for event in line.events:
+                if not event.name.startswith(("end:", "ThunkExecutor", "SlinkyThreadPool")):
+                    total[event.name] += event.duration_ns
+                    count[event.name] += 1
+    rows = [f"{ns / 3e3:10.1f} us per call {count[name] // 3:5d}x  {name}" for name, ns in total.most_common(top)]
+    return "\n".join([f"per XLA:CPU thunk, batch {batch} threshold {threshold} (3 calls):"] + rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--threshold", default="1.0,0.0")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--hlo", default=None, help="write the compiled HLO of the first setting here")
+    args = parser.parse_args()
+    model = edlm.from_hf(TEACHER)
+    settings = [(int(b), float(t)) for b in args.batch.split(",") for t in args.threshold.split(",")]
+    for batch, threshold in settings:
+        print(overhead(model, batch, threshold, args.repeats), flush=True)
+    if args.hlo:
+        prep = prepare(model, *_settings(*settings[0])[:1], **_settings(*settings[0])[1])
+        with open(args.hlo, "w") as f:
+            f.write(prep.program.lower(*prep.args).compile().as_text())
+    if args.profile:
+        print(profile(model, *settings[0]))
+
+
+if __name__ == "__main__":
+    main()
