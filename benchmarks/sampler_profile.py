@@ -87,7 +87,8 @@ def main() -> None:
     for batch, threshold in settings:
         print(overhead(model, batch, threshold, args.repeats), flush=True)
     if args.hlo:
-        prep = prepare(model, *_settings(*settings[0])[:1], **_settings(*settings[0])[1])
+        prompts, kwargs = _settings(*settings[0])
+        prep = prepare(model, prompts, **kwargs)
         with open(args.hlo, "w") as f:
             f.write(prep.program.lower(*prep.args).compile().as_text())
     if args.profile:

@@ -158,7 +158,7 @@ def stage_convert(run: DemoRun) -> dict[str, Any]:
     }
 
 
-def _teacher_eval(run: DemoRun, items, tok, config: Config) -> dict[str, Any]:
+def _teacher_eval(run: DemoRun, items, tok) -> dict[str, Any]:
     """The AR teacher's task and text results, measured in this evaluate stage. Not cached across stages or
     variants (it takes seconds): its tokens/s is the denominator of every "x AR" column, so it must come from
     the same code and the same machine state as the dLM's, not from an earlier run of an older sampler."""
@@ -179,7 +179,7 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     thresholds = [None] if objective == "ar" else run.thresholds
     speculative = run.speculative if objective != "ar" else []
     bar = tqdm(total=2 + len(thresholds) + len(speculative), desc="evaluate", unit="setting")
-    teacher_results = _teacher_eval(run, items, tok, config)
+    teacher_results = _teacher_eval(run, items, tok)
     bar.update()
     trained = checkpoints.load(run.path("train"))
     block = run.config.sample.block_size or trained.spec.block_size
