@@ -20,6 +20,7 @@ import argparse
 import collections
 import glob
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -47,6 +48,56 @@ def overhead(model, batch: int, threshold: float, repeats: int) -> str:
     forwards = results[0].forward_passes
     return (f"batch {batch} threshold {threshold}: {forwards} forwards, program {program * 1e3:.2f} ms, bare "
             f"{bare * 1e3:.2f} ms, overhead {program / bare:.3f}, {program / forwards * 1e3:.3f} ms per forward")
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def per_call(model, batch: int, threshold: float, repeats: int) -> str:
+    """Where one call's time goes around the compiled program, best of `repeats` each: `prepare` (host
+    layout), the jitted call as `generate` times it (dispatch: static-argument hashing, flattening and
+    transferring the arguments; the run; fetching the outputs), the same without the fetch, and the
+    compiled executable on arguments already on the device (the run alone)."""
+    prompts, kwargs = _settings(batch, threshold)
+    prep = prepare(model, prompts, **kwargs)
+    program, args = prep.program, prep.args
+    jax.block_until_ready(program(*args))
+    static = (0, 1, 2) if len(args) == 7 else (0, 1)  # speculative_program: two graphdefs and the plan
+    dynamic = jax.device_put([a for i, a in enumerate(args) if i not in static])
+    compiled = program.lower(*args).compile()
+    leaves = len(jax.tree.leaves(dynamic))
+    times = {
+        "prepare": _best(lambda: prepare(model, prompts, **kwargs), repeats),
+        "call + fetch": _best(lambda: jax.device_get(program(*args)), repeats),
+        "call": _best(lambda: jax.block_until_ready(program(*args)), repeats),
+        "compiled, device args": _best(lambda: jax.block_until_ready(compiled(*dynamic)), repeats),
+    }
+    rows = [f"  {name:24s} {t * 1e3:8.3f} ms" for name, t in times.items()]
+    return "\n".join([f"per call, batch {batch} threshold {threshold} ({leaves} argument leaves):"] + rows)
+
+
+def alternatives(model, batch: int, repeats: int, size: int = 16, cache: int = 80, filled: int = 48) -> str:
+    """The two costs issue 20 asked about, as bare forwards (sample/bench.py) of the demo's shapes: a block's
+    first step as one [clean block ; block] chunk (block-causal, what the sampler runs) against the block
+    alone plus a separate forward that caches the clean block; and a denoising step's attention over the
+    whole static cache (`cache` slots, what the sampler runs) against one bounded by the filled length
+    (`filled`: the demo's mean over a generation)."""
+    def ms(chunk, head, attention, slots):
+        return 1e3 * min(bench.bare_forward_seconds(model, batch, chunk, head, slots, attention, size, 20)[0]
+                         for _ in range(repeats))
+
+    first = ms(2 * size, size, "block", cache)
+    split = ms(size, size, "bidirectional", cache) + ms(size, 1, "block", cache)
+    whole, bounded = ms(size, size, "bidirectional", cache), ms(size, size, "bidirectional", filled)
+    return (f"batch {batch}: first step [clean ; block] {first:.3f} ms vs block + separate cache write {split:.3f} ms"
+            f" ({split / first:.2f}x); step over {cache} cache slots {whole:.3f} ms vs {filled} filled {bounded:.3f} ms"
+            f" ({whole / bounded:.3f}x)")
 
 
 def profile(model, batch: int, threshold: float, top: int = 40) -> str:
@@ -80,6 +131,8 @@ def main() -> None:
     parser.add_argument("--threshold", default="1.0,0.0")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--per_call", action="store_true", help="time a call's parts around the program")
+    parser.add_argument("--alternatives", action="store_true", help="first-step and attention-span alternatives")
     parser.add_argument("--hlo", default=None, help="write the compiled HLO of the first setting here")
     args = parser.parse_args()
     model = edlm.from_hf(TEACHER)
@@ -91,6 +144,12 @@ def main() -> None:
         prep = prepare(model, prompts, **kwargs)
         with open(args.hlo, "w") as f:
             f.write(prep.program.lower(*prep.args).compile().as_text())
+    if args.alternatives:
+        for batch in sorted({b for b, _ in settings}):
+            print(alternatives(model, batch, args.repeats), flush=True)
+    if args.per_call:
+        for batch, threshold in settings:
+            print(per_call(model, batch, threshold, args.repeats), flush=True)
     if args.profile:
         print(profile(model, *settings[0]))
 

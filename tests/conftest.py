@@ -1,12 +1,16 @@
-"""Test setup: CPU only, float32 matmuls exact enough for 1e-4 parity, no network."""
+"""Test setup: CPU only (cheap code generation: tests/devices.py), float32 matmuls exact enough for 1e-4 parity,
+no network."""
 import os
 
 import pytest
+
+from tests.devices import CHEAP_CODEGEN, with_flags
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["XLA_FLAGS"] = with_flags(os.environ.get("XLA_FLAGS", ""), CHEAP_CODEGEN)  # tests/devices.py: why
 
 import jax  # noqa: E402
 

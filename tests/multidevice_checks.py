@@ -8,12 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
-# Cheap CPU code generation: halves compile time; every check compares programs compiled alike.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-)
-os.environ["JAX_PLATFORMS"] = "cpu"
+from tests.devices import subprocess_env
+
+os.environ.update(subprocess_env(devices=8))  # 8 fake devices, the suite's cheap code generation
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

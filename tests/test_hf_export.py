@@ -20,6 +20,7 @@ from efficient_dlm.models.decoder import MODEL_STATE, abstract_model
 from efficient_dlm.port.hub import check_push_args
 from efficient_dlm.port.hf_config import model_config_from_hf, read_config_json
 from efficient_dlm.port.safetensors_io import SafetensorsCheckpoint
+from tests.devices import subprocess_env
 from tests.hf_factory import make_hf_model
 from tests.hf_moe_factory import MOE_FAMILIES, make_moe_hf_model
 
@@ -303,7 +304,7 @@ def test_moe_dlm_export_logits_match_jax(family, moe_source, tmp_path):
 def test_export_of_a_sharded_model_gathers_exact_tensors(moe_source, tmp_path):
     """Experts split over an expert axis, matrices over fsdp: the export still holds the source's tensors."""
     src, out = moe_source("qwen2_moe_shared_gate"), str(tmp_path / "out")
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(devices=8)
     script = os.path.join(REPO, "tests", "export_sharded_check.py")
     proc = subprocess.run([sys.executable, script, src, out], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -1,22 +1,22 @@
 """Kernels under a mesh: sharded numerics on 8 fake CPU devices and TPU AOT lowering, one subprocess."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.devices import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sharded_kernels_match_xla_and_compile_for_tpu():
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = subprocess_env(
+        devices=8,
         TPU_ACCELERATOR_TYPE="v5p-8",
         TPU_WORKER_HOSTNAMES="localhost",
         ALLOW_MULTIPLE_LIBTPU_LOAD="1",  # AOT only: several test processes may load libtpu at once
     )
+    del env["JAX_PLATFORMS"]  # the script picks its platforms itself (CPU devices, a TPU topology for AOT)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.kernels_multidevice"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )

@@ -32,6 +32,7 @@ from efficient_dlm.train.loop import train
 from efficient_dlm.train.optim import make_optimizer
 from efficient_dlm.train.state import create_state, split_model, state_shardings
 from efficient_dlm.train.step import make_train_step
+from tests.devices import subprocess_env
 from tests.sample_reference import peaked_model
 from tests.test_chat_sft import _conversations, _write
 from tests.test_moe_configs import _recipe
@@ -251,7 +252,7 @@ def test_sharded_lora_training_on_8_devices_matches_one_device(tmp_path):
     norms and adapter updates equal one device's, the base stays bitwise, adapters and moments shard
     by the base weights' rules."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = subprocess_env(devices=8)
     done = subprocess.run([sys.executable, os.path.join(root, "tests", "lora_multidevice.py"), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+from tests.devices import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sharded_moe_forward_and_gradient_equal_single_device():
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(devices=8)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "moe_sharded_check.py")],
         env=env, capture_output=True, text=True, timeout=600,

@@ -17,6 +17,7 @@ from efficient_dlm.config import typed
 from efficient_dlm.train.loop import NonFiniteError, cached_step, train
 from efficient_dlm.train.step import make_train_step
 from tests.corpus import documents, write_jsonl
+from tests.devices import subprocess_env
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_train.py")
 SMALL_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -224,7 +225,7 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = subprocess_env(devices=8)
     done = subprocess.run([sys.executable, os.path.join(root, "tests", "train_multidevice.py"), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-3000:]
