@@ -2,7 +2,7 @@
 "Session 9: where the sampler's excess went").
 
     JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/sampler_profile.py [--batch 1,8] [--threshold 1.0,0.0] \
-        [--repeats 9] [--profile] [--hlo OUT.txt]
+        [--repeats 9] [--profile] [--hlo OUT.txt] [--per_call] [--fit] [--alternatives] [--required_tpf]
 
 The model is the shipped demo teacher (architecture and weights of the demo's dLM; the weights do not change
 what a step costs). Threshold 1.0 commits one token per step (32 new tokens: a fixed number of forwards, no
@@ -10,7 +10,10 @@ stop token), threshold 0.0 a whole block per step (per-block costs). For each se
 program time of `--repeats` calls against the same forwards as bare jitted forwards (sample/bench.py
 `bare_seconds`, what `edlm bench` reports as the sampler overhead). `--profile` adds a jax.profiler trace of
 3 calls at the first setting, summed per XLA:CPU thunk (the fusions, copies and loops of the compiled
-program, named as in its HLO: `--hlo` writes that HLO), the largest first.
+program, named as in its HLO: `--hlo` writes that HLO), the largest first. `--per_call`, `--fit` and
+`--alternatives` (docs/BENCHMARKS.md, "Session 10") split a call's time around the program, separate the
+per-call and per-forward parts of the overhead, and time the first-step and attention-span alternatives;
+`--required_tpf` gives the tokens per forward the CPU bar of issue 20 needs, from bare forward costs.
 Why a script of its own: `edlm bench` needs trained checkpoints and measures whole decodings, whose forward
 counts depend on the weights; this isolates the program's per-step work.
 """
@@ -23,6 +26,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import efficient_dlm as edlm
@@ -62,8 +66,9 @@ def _best(fn, repeats: int) -> float:
 def per_call(model, batch: int, threshold: float, repeats: int) -> str:
     """Where one call's time goes around the compiled program, best of `repeats` each: `prepare` (host
     layout), the jitted call as `generate` times it (dispatch: static-argument hashing, flattening and
-    transferring the arguments; the run; fetching the outputs), the same without the fetch, and the
-    compiled executable on arguments already on the device (the run alone)."""
+    transferring the arguments; the run; fetching the outputs), the same without the fetch, the
+    compiled executable on arguments already on the device (the run alone), and a program taking the same
+    arguments and returning the same outputs with no work (what dispatch, transfers and fetch cost)."""
     prompts, kwargs = _settings(batch, threshold)
     prep = prepare(model, prompts, **kwargs)
     program, args = prep.program, prep.args
@@ -72,14 +77,44 @@ def per_call(model, batch: int, threshold: float, repeats: int) -> str:
     dynamic = jax.device_put([a for i, a in enumerate(args) if i not in static])
     compiled = program.lower(*args).compile()
     leaves = len(jax.tree.leaves(dynamic))
+    def trivial(graphdef, plan, state, inputs, knobs):  # the same arguments and outputs, (almost) no work
+        tokens = jnp.zeros((batch, 16), jnp.int32) + inputs["prefix"][:, :1] + knobs["seed"].astype(jnp.int32)
+        total = sum(jnp.sum(leaf) for leaf in jax.tree.leaves(state)).astype(jnp.int32)
+        return dict(tokens=tokens, commit_step=tokens, lengths=tokens[:, 0], row_forwards=tokens[:, 0],
+                    forwards=total, blocks=total)
+
+    empty = jax.jit(trivial, static_argnums=(0, 1))
+    jax.device_get(empty(*args))
     times = {
         "prepare": _best(lambda: prepare(model, prompts, **kwargs), repeats),
+        "trivial program": _best(lambda: jax.device_get(empty(*args)), repeats),
         "call + fetch": _best(lambda: jax.device_get(program(*args)), repeats),
         "call": _best(lambda: jax.block_until_ready(program(*args)), repeats),
         "compiled, device args": _best(lambda: jax.block_until_ready(compiled(*dynamic)), repeats),
     }
     rows = [f"  {name:24s} {t * 1e3:8.3f} ms" for name, t in times.items()]
     return "\n".join([f"per call, batch {batch} threshold {threshold} ({leaves} argument leaves):"] + rows)
+
+
+def fit(model, threshold: float, repeats: int, lengths=(16, 32, 64, 128)) -> str:
+    """Per-call and per-forward parts of the overhead at batch 1: one 20-token prompt, max_new_tokens in
+    `lengths` (no stop token: the forward count grows with it), program and bare times (best of `repeats`)
+    and a least-squares line through each: the slopes' ratio is the sampler's cost per forward against a
+    bare forward, the intercepts' difference what a call costs beyond its forwards."""
+    prompt = [np.random.default_rng(0).integers(5, 3000, size=20).tolist()]
+    rows = []
+    for n in lengths:
+        kwargs = dict(strategy="threshold", threshold=threshold, block_size=16, max_new_tokens=n, stop_tokens=[],
+                      token_shift=True)
+        results = [edlm.generate(model, prompt, **kwargs) for _ in range(repeats + 1)][1:]
+        program = min(r.program_seconds for r in results)
+        bare = min(bench.bare_seconds(model, results[0], "threshold", 20)[0] for _ in range(repeats))
+        rows.append((results[0].forward_passes, 1e3 * program, 1e3 * bare))
+    f = np.array(rows)
+    (ps, pi), (bs, bi) = np.polyfit(f[:, 0], f[:, 1], 1), np.polyfit(f[:, 0], f[:, 2], 1)
+    cells = " ".join(f"[{int(n)} forwards {p:.2f} / {b:.2f} ms = {p / b:.3f}]" for n, p, b in rows)
+    return (f"batch 1 threshold {threshold}: {cells}\n  program = {pi:.2f} + {ps:.3f} ms per forward, bare = "
+            f"{bi:.2f} + {bs:.3f} ms per forward: per-forward ratio {ps / bs:.3f}")
 
 
 def alternatives(model, batch: int, repeats: int, size: int = 16, cache: int = 80, filled: int = 48) -> str:
@@ -98,6 +133,22 @@ def alternatives(model, batch: int, repeats: int, size: int = 16, cache: int = 8
     return (f"batch {batch}: first step [clean ; block] {first:.3f} ms vs block + separate cache write {split:.3f} ms"
             f" ({split / first:.2f}x); step over {cache} cache slots {whole:.3f} ms vs {filled} filled {bounded:.3f} ms"
             f" ({whole / bounded:.3f}x)")
+
+
+def required_tpf(model, batch: int, target: float, repeats: int, size: int = 16, cache: int = 80) -> str:
+    """Issue 20's CPU bar as arithmetic: bare forwards (sample/bench.py) of an AR step (1 position), a
+    denoising step (the block) and fused self-speculation's forward (3B + 1 positions, timed as one causal
+    chunk with the LM head on 2B + 1), and the tokens per forward each dLM decoding would need to make
+    `target` times the AR tokens/s at this batch (its forward's cost over the AR step's, times target; a
+    threshold decoding's first steps cost more than its other steps, so its figure is a lower bound)."""
+    def ms(chunk, head, attention):
+        return 1e3 * min(bench.bare_forward_seconds(model, batch, chunk, head, cache, attention, size, 20)[0]
+                         for _ in range(repeats))
+
+    ar, step, fused = ms(1, 1, "causal"), ms(size, size, "bidirectional"), ms(3 * size + 1, 2 * size + 1, "causal")
+    return (f"batch {batch}: AR step {ar:.3f} ms, denoising step {step:.3f} ms, fused forward {fused:.3f} ms; for "
+            f"{target:g}x AR: threshold decoding needs TPF >= {target * step / ar:.1f}, fused self-speculation "
+            f">= {target * fused / ar:.1f} (a block commits at most {size + 1})")
 
 
 def profile(model, batch: int, threshold: float, top: int = 40) -> str:
@@ -133,6 +184,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--per_call", action="store_true", help="time a call's parts around the program")
     parser.add_argument("--alternatives", action="store_true", help="first-step and attention-span alternatives")
+    parser.add_argument("--fit", action="store_true", help="batch 1: per-call and per-forward parts of the overhead")
+    parser.add_argument("--required_tpf", action="store_true", help="the TPF issue 20's bar needs (batch 1 and 64)")
     parser.add_argument("--hlo", default=None, help="write the compiled HLO of the first setting here")
     args = parser.parse_args()
     model = edlm.from_hf(TEACHER)
@@ -144,6 +197,12 @@ def main() -> None:
         prep = prepare(model, prompts, **kwargs)
         with open(args.hlo, "w") as f:
             f.write(prep.program.lower(*prep.args).compile().as_text())
+    if args.required_tpf:
+        for batch, target in ((1, 2.0), (64, 1.0)):
+            print(required_tpf(model, batch, target, args.repeats), flush=True)
+    if args.fit:
+        for threshold in sorted({t for _, t in settings}):
+            print(fit(model, threshold, args.repeats), flush=True)
     if args.alternatives:
         for batch in sorted({b for b, _ in settings}):
             print(alternatives(model, batch, args.repeats), flush=True)
