@@ -73,10 +73,10 @@ def per_call(model, batch: int, threshold: float, repeats: int) -> str:
     prep = prepare(model, prompts, **kwargs)
     program, args = prep.program, prep.args
     jax.block_until_ready(program(*args))
-    static = (0, 1, 2) if len(args) == 7 else (0, 1)  # speculative_program: two graphdefs and the plan
-    dynamic = jax.device_put([a for i, a in enumerate(args) if i not in static])
+    dynamic = jax.device_put(args[2:])  # (state, inputs, knobs): graphdef and plan are static
     compiled = program.lower(*args).compile()
     leaves = len(jax.tree.leaves(dynamic))
+
     def trivial(graphdef, plan, state, inputs, knobs):  # the same arguments and outputs, (almost) no work
         tokens = jnp.zeros((batch, 16), jnp.int32) + inputs["prefix"][:, :1] + knobs["seed"].astype(jnp.int32)
         total = sum(jnp.sum(leaf) for leaf in jax.tree.leaves(state)).astype(jnp.int32)
@@ -117,19 +117,24 @@ def fit(model, threshold: float, repeats: int, lengths=(16, 32, 64, 128)) -> str
             f"{bi:.2f} + {bs:.3f} ms per forward: per-forward ratio {ps / bs:.3f}")
 
 
+def _bare_ms(model, batch: int, chunk: int, head: int, slots: int, attention: str, size: int, repeats: int) -> float:
+    """Milliseconds per bare forward of this shape (sample/bench.py), the best of `repeats` timed loops."""
+    return 1e3 * min(bench.bare_forward_seconds(model, batch, chunk, head, slots, attention, size, 20)[0]
+                     for _ in range(repeats))
+
+
 def alternatives(model, batch: int, repeats: int, size: int = 16, cache: int = 80, filled: int = 48) -> str:
     """The two costs issue 20 asked about, as bare forwards (sample/bench.py) of the demo's shapes: a block's
     first step as one [clean block ; block] chunk (block-causal, what the sampler runs) against the block
     alone plus a separate forward that caches the clean block; and a denoising step's attention over the
     whole static cache (`cache` slots, what the sampler runs) against one bounded by the filled length
     (`filled`: the demo's mean over a generation)."""
-    def ms(chunk, head, attention, slots):
-        return 1e3 * min(bench.bare_forward_seconds(model, batch, chunk, head, slots, attention, size, 20)[0]
-                         for _ in range(repeats))
+    def ms(chunk, head, attention, slots=cache):
+        return _bare_ms(model, batch, chunk, head, slots, attention, size, repeats)
 
-    first = ms(2 * size, size, "block", cache)
-    split = ms(size, size, "bidirectional", cache) + ms(size, 1, "block", cache)
-    whole, bounded = ms(size, size, "bidirectional", cache), ms(size, size, "bidirectional", filled)
+    first = ms(2 * size, size, "block")
+    split = ms(size, size, "bidirectional") + ms(size, 1, "block")
+    whole, bounded = ms(size, size, "bidirectional"), ms(size, size, "bidirectional", filled)
     return (f"batch {batch}: first step [clean ; block] {first:.3f} ms vs block + separate cache write {split:.3f} ms"
             f" ({split / first:.2f}x); step over {cache} cache slots {whole:.3f} ms vs {filled} filled {bounded:.3f} ms"
             f" ({whole / bounded:.3f}x)")
@@ -142,8 +147,7 @@ def required_tpf(model, batch: int, target: float, repeats: int, size: int = 16,
     `target` times the AR tokens/s at this batch (its forward's cost over the AR step's, times target; a
     threshold decoding's first steps cost more than its other steps, so its figure is a lower bound)."""
     def ms(chunk, head, attention):
-        return 1e3 * min(bench.bare_forward_seconds(model, batch, chunk, head, cache, attention, size, 20)[0]
-                         for _ in range(repeats))
+        return _bare_ms(model, batch, chunk, head, cache, attention, size, repeats)
 
     ar, step, fused = ms(1, 1, "causal"), ms(size, size, "bidirectional"), ms(3 * size + 1, 2 * size + 1, "causal")
     return (f"batch {batch}: AR step {ar:.3f} ms, denoising step {step:.3f} ms, fused forward {fused:.3f} ms; for "
